@@ -1,0 +1,338 @@
+"""Training and evaluation glue for DMAD: config -> data -> model -> loop -> evaluator -> outputs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from task.anomaly.unsupervised.data.mvtec import AnomalyDataset, scan_split
+from task.anomaly.unsupervised.data.synthetic import make_demo_dataset
+from task.anomaly.unsupervised.inference import Predictions, autocast, predict_loader
+from task.common.config import Config
+from task.common.errors import UserError
+from task.common.io import load_checkpoint, save_checkpoint, write_json, write_text
+from task.common.metrics import compute_metrics
+from task.common.runtime import DistributedContext, select_device, set_seed
+from task.registry import register_trainer
+
+from .checkpoint import CHECKPOINT_FORMAT, COMPATIBILITY_KEYS, is_official, load_any_checkpoint, read_checkpoint
+from .config import SCHEMA, deform_weight
+from .loss import DMADLoss
+from .torch_model import DMADModel
+
+log = logging.getLogger("dmad")
+
+CHECKPOINT_VERSION = 1
+
+
+def build_model(cfg: Config, pretrained: bool | None = None) -> DMADModel:
+    m = cfg.MODEL
+    height, width = cfg.DATASET.resize
+    if height % 32 or width % 32 or height < 64 or width < 64:
+        raise UserError(f"DATASET.resize must be two multiples of 32, at least 64 (got {[height, width]}); e.g. [256, 256]")
+    return DMADModel(
+        backbone=m.backbone,
+        pretrained=m.pretrained if pretrained is None else pretrained,
+        backbone_weights=m.backbone_weights,
+        vq=m.vq,
+        num_embeddings=m.vq_num_embeddings,
+        vq_beta=m.vq_beta,
+        coarse_shift=m.coarse_shift,
+        fine_shift=m.fine_shift,
+        sigma=m.sigma,
+        deform_weight=deform_weight(cfg),
+    )
+
+
+def run_dir_for(cfg: Config) -> Path:
+    path = Path(cfg.RESULT.savedir) / "dmad" / cfg.DATASET.target
+    return path / cfg.RESULT.exp_name if cfg.RESULT.exp_name else path
+
+
+def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The shuffled batches of one epoch, a pure function of (seed, epoch) so a resumed run sees the same order."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+@register_trainer("anomaly", "unsupervised", "dmad")
+class DMADTrainer:
+    """Runs one category: ``train`` (then evaluate), ``test`` and the other modes dispatched from main.py."""
+
+    schema = SCHEMA
+
+    def __init__(self, cfg: Config, checkpoint: str | None = None) -> None:
+        self.cfg = cfg
+        self.dist = DistributedContext.from_env()
+        self.device = select_device(self.dist)
+        self.run_dir = run_dir_for(cfg)
+        self.checkpoint_arg = checkpoint
+        self.amp = cfg.TRAIN.amp
+        if self.amp == "fp16" and self.device.type != "cuda":
+            raise UserError("TRAIN.amp=fp16 needs a CUDA device; use TRAIN.amp=bf16 on CPU")
+        set_seed(cfg.SEED)
+
+    # ------------------------------------------------------------------ data
+    def _prepare_data(self) -> None:
+        ds = self.cfg.DATASET
+        if ds.demo:
+            height = ds.resize[0]
+            make_demo_dataset(ds.datadir, ds.target, size=max(128, height))
+
+    def dataset(self, split: str) -> AnomalyDataset:
+        ds = self.cfg.DATASET
+        samples = scan_split(ds.datadir, ds.target, split)
+        return AnomalyDataset(samples, tuple(ds.resize), cache=ds.cache, skip_bad_images=ds.skip_bad_images)
+
+    def eval_loader(self, dataset: AnomalyDataset) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.cfg.TEST.batch_size, shuffle=False,
+            num_workers=self.cfg.DATALOADER.num_workers, pin_memory=self.cfg.DATALOADER.pin_memory,
+        )
+
+    # ------------------------------------------------------------------ model state
+    def _model_to_device(self, model: DMADModel) -> DMADModel:
+        model = model.to(self.device)
+        if self.cfg.TRAIN.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def checkpoint_payload(self, model: DMADModel, thresholds: dict[str, float] | None) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "config": self.cfg.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "thresholds": thresholds or {},
+        }
+
+    def load_model(self, path: str | Path) -> tuple[DMADModel, dict[str, float], bool]:
+        """A model from one of our checkpoints (or an official DMAD-PPDM one), ready for inference.
+
+        Returns (model, thresholds, calibrated). Our checkpoints carry the encoder; official ones take it from
+        MODEL.pretrained / MODEL.backbone_weights.
+        """
+        state = read_checkpoint(path)
+        model = build_model(self.cfg, pretrained=None if is_official(state) else False)
+        thresholds, calibrated = load_any_checkpoint(model, state, path, self.cfg)
+        return self._model_to_device(model).eval(), thresholds, calibrated
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg
+        self._prepare_data()
+        train_set = self.dataset("train")
+        test_set = self.dataset("test")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._setup_log_file()
+        write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+        model = self._model_to_device(build_model(cfg))
+        train_model = self.dist.wrap(model)
+        criterion = DMADLoss(cfg.MODEL.gamma)
+        params = model.trainable_parameters()
+        opt_cls = torch.optim.AdamW if cfg.OPTIMIZER.name == "adamw" else torch.optim.Adam
+        optimizer = opt_cls(params, lr=cfg.OPTIMIZER.lr, betas=tuple(cfg.OPTIMIZER.betas), weight_decay=cfg.OPTIMIZER.weight_decay)
+
+        batch_size = cfg.DATALOADER.batch_size
+        steps_per_epoch = math.ceil(len(train_set) / batch_size)
+        total_steps = cfg.TRAIN.epochs * steps_per_epoch
+        if cfg.TRAIN.num_training_steps is not None:
+            total_steps = min(total_steps, cfg.TRAIN.num_training_steps)
+        epochs = math.ceil(total_steps / steps_per_epoch)
+        scheduler = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+            if cfg.SCHEDULER.name == "cosine" else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        )
+        step = self._maybe_resume(model, optimizer, scheduler)
+        log.info("run directory: %s", self.run_dir)
+        log.info("%d training images, %d test images, %d steps (%d per epoch) on %s", len(train_set), len(test_set), total_steps, steps_per_epoch, self.device)
+
+        eval_interval = cfg.LOG.eval_interval
+        metrics: dict[str, float] = {}
+        progress = tqdm(total=total_steps, initial=step, desc=f"train {cfg.DATASET.target}", dynamic_ncols=True, disable=not self.dist.is_main)
+        while step < total_steps:
+            epoch, offset = divmod(step, steps_per_epoch)
+            batches = _epoch_batches(len(train_set), batch_size, cfg.SEED, epoch)[offset:]
+            loader = DataLoader(
+                train_set, batch_sampler=[self.dist.shard(b) for b in batches],
+                num_workers=cfg.DATALOADER.num_workers, pin_memory=cfg.DATALOADER.pin_memory,
+            )
+            model.train()
+            for batch in loader:
+                images = batch["image"].to(self.device, non_blocking=True)
+                if cfg.TRAIN.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with autocast(self.device, self.amp):
+                    out = train_model(images)
+                    loss, terms = criterion(images, out.encoder_features, out.decoder_features, out.deformation, out.vq_loss)
+                self._check_finite(step + 1, loss, terms)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                progress.update(1)
+                if step % steps_per_epoch == 0 or step == total_steps:
+                    scheduler.step()
+                if step % cfg.LOG.log_interval == 0 or step == total_steps:
+                    values = {k: float(v.detach()) for k, v in terms.items()} | {"loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"]}
+                    progress.set_postfix({k: f"{v:.4f}" for k, v in values.items() if k != "lr"})
+                    self.on_train_log(step, values)
+                if step % cfg.TRAIN.save_interval == 0 and step < total_steps:
+                    self._save_training_state(model, optimizer, scheduler, step)
+                if eval_interval and step % eval_interval == 0 and step < total_steps:
+                    metrics = self.evaluate(model, train_set, test_set, step=step)
+                if step >= total_steps:
+                    break
+        progress.close()
+        self._save_training_state(model, optimizer, scheduler, step)
+        metrics = self.evaluate(model, train_set, test_set, step=step, final=True)
+        self.dist.barrier()
+        return metrics
+
+    def on_train_log(self, step: int, values: dict[str, float]) -> None:
+        log.debug("step %d %s", step, " ".join(f"{k}={v:.5f}" for k, v in values.items()))
+
+    def _check_finite(self, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        if torch.isfinite(loss):
+            return
+        bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
+        last = self.run_dir / "last.pt"
+        kept = f"; the last good checkpoint is {last}" if last.exists() else ""
+        raise UserError(f"training stopped at step {step}: the {', '.join(bad)} loss is not finite ({float(loss)}){kept}; lower OPTIMIZER.lr or check the data")
+
+    def _save_training_state(self, model: DMADModel, optimizer, scheduler, step: int) -> None:
+        if not self.dist.is_main:
+            return
+        payload = self.checkpoint_payload(model, None)
+        payload.update(
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            step=step,
+            rng_torch=torch.get_rng_state(),
+        )
+        save_checkpoint(payload, self.run_dir / "last.pt")
+
+    def _maybe_resume(self, model: DMADModel, optimizer, scheduler) -> int:
+        cfg = self.cfg
+        path = Path(cfg.RESUME.checkpoint) if cfg.RESUME.checkpoint else self.run_dir / "last.pt"
+        if not cfg.RESUME.option or not path.exists():
+            return 0
+        state = load_checkpoint(path, "resume checkpoint")
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "optimizer" not in state:
+            raise UserError(f"{path} is not a resumable DMAD training state; delete it or set RESUME.option=false")
+        saved = Config(state["config"])
+        changed = [k for k in COMPATIBILITY_KEYS if saved.get(k) != cfg.get(k)]
+        if changed:
+            raise UserError(
+                f"{path} was trained with different {', '.join(changed)}; set RESUME.option=false or RESULT.exp_name to start a new run"
+            )
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_torch"])
+        log.info("resumed from %s at step %d", path, state["step"])
+        return int(state["step"])
+
+    # ------------------------------------------------------------------ evaluation
+    def calibrate(self, model: DMADModel, train_set: AnomalyDataset) -> None:
+        """Score normalisation from the normal training images (never from the test set)."""
+        preds = predict_loader(model, self.eval_loader(train_set), self.device, self.amp, desc="calibrate", channels_last=self.cfg.TRAIN.channels_last)
+        model.set_score_stats(preds.anomaly_max, preds.deformation_max)
+
+    def evaluate(self, model: DMADModel, train_set: AnomalyDataset | None, test_set: AnomalyDataset, step: int | None = None, final: bool = False) -> dict[str, float]:
+        """Calibrate (if a training set is given), predict the test set, compute metrics, write outputs (rank 0)."""
+        if not self.dist.is_main:
+            return {}
+        eval_model = model
+        if train_set is not None:
+            self.calibrate(eval_model, train_set)
+        start = time.perf_counter()
+        preds = predict_loader(eval_model, self.eval_loader(test_set), self.device, self.amp, desc="test", channels_last=self.cfg.TRAIN.channels_last)
+        metrics = compute_metrics(preds.scores, preds.labels, preds.anomaly_maps, preds.masks)
+        log.info(
+            "%s%s: %s (%.1fs)", self.cfg.DATASET.target, f" step {step}" if step is not None else "",
+            " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), time.perf_counter() - start,
+        )
+        thresholds = {"image": metrics["image_threshold"], "pixel": metrics["pixel_threshold"]}
+        self.on_eval(step, metrics)
+        if final:
+            self.write_outputs(model, preds, metrics, thresholds)
+        return metrics
+
+    def on_eval(self, step: int | None, metrics: dict[str, float]) -> None:
+        pass
+
+    def write_outputs(self, model: DMADModel, preds: Predictions, metrics: dict[str, float], thresholds: dict[str, float]) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(self.checkpoint_payload(model, thresholds), self.run_dir / "model.pt")
+        write_json(self.run_dir / "metrics.json", {k: _json_number(v) for k, v in metrics.items()})
+        write_text(self.run_dir / "predictions.csv", predictions_csv(preds, thresholds["image"]))
+        if self.cfg.TEST.save_maps:
+            save_maps(preds, self.run_dir / "maps")
+        log.info("outputs written to %s", self.run_dir)
+
+    # ------------------------------------------------------------------ modes (main.py calls mode_<name>(args))
+    def mode_train(self, args=None) -> dict[str, float]:
+        return self.train()
+
+    def mode_test(self, args=None) -> dict[str, float]:
+        return self.test()
+
+    def test(self) -> dict[str, float]:
+        path = self.checkpoint_arg or self.run_dir / "model.pt"
+        if not Path(path).exists():
+            raise UserError(f"checkpoint not found: {path}; train first (--mode train) or pass --checkpoint PATH")
+        self._prepare_data()
+        test_set = self.dataset("test")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._setup_log_file()
+        model, _, calibrated = self.load_model(path)
+        train_set = None if calibrated else self.dataset("train")
+        return self.evaluate(model, train_set, test_set, final=True)
+
+    def _setup_log_file(self) -> None:
+        if not self.dist.is_main:
+            return
+        path = self.run_dir / "train.log"
+        root = logging.getLogger()
+        if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers):
+            handler = logging.FileHandler(path)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            handler.setLevel(logging.DEBUG)
+            root.addHandler(handler)
+
+
+def _json_number(v: float) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def predictions_csv(preds: Predictions, image_threshold: float) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "label", "score", "prediction"])
+    for path, label, score in zip(preds.paths, preds.labels.tolist(), preds.scores.tolist()):
+        writer.writerow([path, label, f"{score:.6f}", int(score >= image_threshold)])
+    return buffer.getvalue()
+
+
+def save_maps(preds: Predictions, folder: Path) -> None:
+    """maps/<defect>/<name>.npz with float32 ``anomaly_map`` and ``deformation_map`` at the input resolution."""
+    import numpy as np
+
+    for i, (path, defect) in enumerate(zip(preds.paths, preds.defects)):
+        target = folder / defect / (Path(path).stem + ".npz")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(target, anomaly_map=preds.anomaly_maps[i].numpy().astype("float32"), deformation_map=preds.deformation_maps[i].numpy().astype("float32"))
+

@@ -1,0 +1,318 @@
+"""Tests for task.common.metrics against sklearn and a slow AUPRO reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+from task.common.metrics import _region_ids, aupro, auroc, compute_metrics, f1_max
+
+METRIC_KEYS = {
+    "image_auroc",
+    "pixel_auroc",
+    "pixel_f1",
+    "image_f1",
+    "pixel_aupro",
+    "image_threshold",
+    "pixel_threshold",
+}
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+
+def _tied_scores(rng: np.random.Generator, n: int, levels: int, dtype: torch.dtype) -> torch.Tensor:
+    """Scores on a coarse grid (many ties), spanning negative and positive values."""
+    return torch.tensor(rng.integers(0, levels, size=n) / (levels / 4.0) - 2.0).to(dtype)
+
+
+def _sklearn_f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    return float(f1.max())
+
+
+def _f1_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> float:
+    pred = scores >= threshold
+    tp = np.sum(pred & labels)
+    return 2 * tp / (pred.sum() + labels.sum())
+
+
+def _blob_masks(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """[n, size, size] bool masks of irregular blobs; the last image stays normal."""
+    masks = np.zeros((n, size, size), dtype=bool)
+    for i in range(n - 1):
+        noise = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma=2.0)
+        masks[i] = noise > np.quantile(noise, 0.85)
+    return masks
+
+
+def _reference_aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> float:
+    """Slow, direct AUPRO: one threshold at a time, numpy only.
+
+    Regions: scipy.ndimage.label with a 3x3 structure (8-connectivity), as in
+    the official MVTec AD evaluation.  Thresholds: every distinct score.
+    """
+    regions = []
+    for i in range(masks.shape[0]):
+        labeled, n = ndimage.label(masks[i], structure=np.ones((3, 3)))
+        regions += [(i, labeled == k) for k in range(1, n + 1)]
+    normal = ~masks
+    fprs, pros = [0.0], [0.0]
+    for t in np.unique(maps)[::-1]:
+        pred = maps >= t
+        fprs.append(pred[normal].mean())
+        pros.append(np.mean([pred[i][region].mean() for i, region in regions]))
+    fprs.append(1.0)
+    pros.append(1.0)
+
+    # Trapezoids segment by segment, the last one cut at fpr_limit by linear
+    # interpolation.
+    area = 0.0
+    for x0, x1, y0, y1 in zip(fprs[:-1], fprs[1:], pros[:-1], pros[1:]):
+        if x1 <= fpr_limit:
+            area += 0.5 * (y0 + y1) * (x1 - x0)
+        else:
+            if x0 < fpr_limit:
+                y_cut = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
+                area += 0.5 * (y0 + y_cut) * (fpr_limit - x0)
+            break
+    return area / fpr_limit
+
+
+# --------------------------------------------------------------------------
+# auroc
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_matches_sklearn_with_ties(dtype: torch.dtype, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 3000))
+    scores = _tied_scores(rng, n, levels=int(rng.integers(2, 40)), dtype=dtype)
+    labels = torch.tensor(rng.random(n) < rng.uniform(0.05, 0.6))
+    labels[0], labels[1] = True, False  # both classes present
+    expected = roc_auc_score(labels.numpy(), scores.double().numpy())
+    assert auroc(scores, labels) == pytest.approx(expected, abs=1e-12)
+
+
+def test_auroc_continuous_scores_and_shapes() -> None:
+    rng = np.random.default_rng(11)
+    scores = torch.rand(4, 16, 16)
+    labels = torch.tensor(rng.random((4, 16, 16)) < 0.2).long()
+    expected = roc_auc_score(labels.numpy().ravel(), scores.numpy().ravel())
+    assert auroc(scores, labels) == pytest.approx(expected, abs=1e-12)
+    assert auroc(scores.reshape(-1), labels.float().reshape(-1)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_auroc_special_values() -> None:
+    # +-inf, and -0.0 / +0.0 must form one tie (they compare equal).
+    scores = torch.tensor([-math.inf, -0.0, 0.0, 0.0, -0.0, 1.5, math.inf, math.inf, -3.0, 2.0])
+    labels = torch.tensor([0, 1, 0, 1, 0, 1, 1, 0, 0, 1])
+    # sklearn rejects inf; huge finite stand-ins keep the same order.
+    expected = roc_auc_score(labels.numpy(), scores.double().clamp(-1e30, 1e30).numpy())
+    for dtype in (torch.float32, torch.float64):
+        assert auroc(scores.to(dtype), labels) == pytest.approx(expected, abs=1e-12)
+
+
+def test_auroc_extremes() -> None:
+    labels = torch.tensor([0, 0, 1, 1])
+    assert auroc(torch.tensor([0.1, 0.2, 0.3, 0.4]), labels) == 1.0
+    assert auroc(torch.tensor([0.4, 0.3, 0.2, 0.1]), labels) == 0.0
+    assert auroc(torch.ones(4), labels) == 0.5
+
+
+@pytest.mark.parametrize("labels", [torch.zeros(5), torch.ones(5), torch.zeros(0)])
+def test_auroc_one_class_raises(labels: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="one class"):
+        auroc(torch.rand(labels.numel()), labels)
+
+
+def test_auroc_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        auroc(torch.tensor([0.1, math.nan]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="binary"):
+        auroc(torch.tensor([0.1, 0.2]), torch.tensor([0, 255]))
+    with pytest.raises(ValueError, match="must match"):
+        auroc(torch.rand(3), torch.tensor([0, 1]))
+
+
+# --------------------------------------------------------------------------
+# f1_max
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(6))
+def test_f1_max_matches_sklearn(dtype: torch.dtype, seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(10, 3000))
+    if seed % 2:
+        scores = _tied_scores(rng, n, levels=int(rng.integers(2, 30)), dtype=dtype)
+    else:
+        scores = torch.tensor(rng.standard_normal(n)).to(dtype)
+    labels = torch.tensor(rng.random(n) < rng.uniform(0.05, 0.6))
+    labels[0] = True
+    s, y = scores.double().numpy(), labels.numpy()
+
+    f1, threshold = f1_max(scores, labels)
+    assert f1 == pytest.approx(_sklearn_f1_max(s, y), abs=1e-12)
+    # The threshold is a score value that actually achieves the maximum.
+    assert threshold in set(s.tolist())
+    assert _f1_at(s, y, threshold) == pytest.approx(f1, abs=1e-12)
+
+
+def test_f1_max_threshold_simple() -> None:
+    scores = torch.tensor([0.1, 0.3, 0.35, 0.8, 0.7, 0.2])
+    labels = torch.tensor([0, 0, 1, 1, 1, 0])
+    f1, threshold = f1_max(scores, labels)
+    assert f1 == pytest.approx(1.0)
+    assert threshold == pytest.approx(0.35)
+
+
+def test_f1_max_tie_returns_lowest_threshold() -> None:
+    # F1 = 2/3 both at 0.9 (TP 1, FP 0) and at 0.6 (TP 2, FP 2): the lower wins,
+    # as argmax over an ascending threshold list (anomalib) picks it.
+    f1, threshold = f1_max(torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([1, 0, 0, 1]))
+    assert f1 == pytest.approx(2 / 3) and threshold == pytest.approx(0.6)
+
+
+def test_f1_max_all_positive_and_no_positive() -> None:
+    f1, threshold = f1_max(torch.tensor([0.3, 0.1, 0.2]), torch.ones(3))
+    assert f1 == 1.0 and threshold == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="positive"):
+        f1_max(torch.rand(4), torch.zeros(4))
+
+
+# --------------------------------------------------------------------------
+# aupro
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("fpr_limit", [0.3, 0.05, 1.0])
+def test_aupro_matches_slow_reference(seed: int, fpr_limit: float) -> None:
+    rng = np.random.default_rng(200 + seed)
+    masks = _blob_masks(rng, n=4, size=32)
+    # Informative but imperfect maps: anomalies score higher on average.
+    maps = (rng.random(masks.shape) + 0.6 * masks).astype(np.float32)
+    if seed % 2:
+        maps = np.round(maps * 20) / 20  # coarse grid: many tied scores
+    expected = _reference_aupro(maps, masks, fpr_limit)
+    got = aupro(torch.from_numpy(maps), torch.from_numpy(masks), fpr_limit=fpr_limit)
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_aupro_float64_and_channel_axis() -> None:
+    rng = np.random.default_rng(7)
+    masks = _blob_masks(rng, n=3, size=24)
+    maps = rng.random(masks.shape) + 0.3 * masks
+    expected = _reference_aupro(maps, masks, 0.3)
+    got = aupro(torch.from_numpy(maps)[:, None], torch.from_numpy(masks).long()[:, None])
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_aupro_perfect_detector_is_one() -> None:
+    rng = np.random.default_rng(3)
+    masks = _blob_masks(rng, n=4, size=32)
+    maps = torch.from_numpy(rng.random(masks.shape) * 0.5 + masks)  # anomalies all above normals
+    assert aupro(maps, torch.from_numpy(masks)) == pytest.approx(1.0, abs=1e-12)
+    assert aupro(maps, torch.from_numpy(masks), fpr_limit=1.0) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_aupro_worst_detector_is_zero() -> None:
+    rng = np.random.default_rng(4)
+    masks = _blob_masks(rng, n=3, size=16)
+    maps = torch.from_numpy(rng.random(masks.shape) * 0.5 + (~masks))  # anomalies all below normals
+    assert aupro(maps, torch.from_numpy(masks)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_aupro_without_regions_is_nan() -> None:
+    assert math.isnan(aupro(torch.rand(2, 8, 8), torch.zeros(2, 8, 8)))
+
+
+def test_aupro_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="fpr_limit"):
+        aupro(torch.rand(1, 4, 4), torch.ones(1, 4, 4), fpr_limit=0.0)
+    with pytest.raises(ValueError, match=r"\[N, H, W\]"):
+        aupro(torch.rand(1, 4, 4), torch.ones(1, 4, 5))
+
+
+def test_regions_use_8_connectivity() -> None:
+    masks = np.zeros((2, 6, 6), dtype=bool)
+    masks[0, 0, 0] = masks[0, 1, 1] = masks[0, 2, 2] = True  # one diagonal region
+    masks[0, 4, 4] = True  # a second region
+    masks[1, 0, 5] = masks[1, 5, 0] = True  # two more in the next image
+    ids, n_regions = _region_ids(masks)
+    assert n_regions == 4
+    assert ids[0, 0, 0] == ids[0, 1, 1] == ids[0, 2, 2] != ids[0, 4, 4]
+    assert len({ids[0, 0, 0], ids[0, 4, 4], ids[1, 0, 5], ids[1, 5, 0]}) == 4
+    assert (ids[~masks] == 0).all() and (ids[masks] > 0).all()
+
+
+# --------------------------------------------------------------------------
+# compute_metrics
+# --------------------------------------------------------------------------
+
+
+def _dataset(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    masks = _blob_masks(rng, n=6, size=32)
+    masks[3] = False  # a second good image
+    maps = torch.from_numpy((rng.random(masks.shape) + 0.5 * masks).astype(np.float32))
+    labels = torch.from_numpy(masks.reshape(len(masks), -1).any(1)).long()
+    image_scores = maps.flatten(1).amax(1)
+    return image_scores, labels, maps, torch.from_numpy(masks)
+
+
+def test_compute_metrics_keys_and_values() -> None:
+    image_scores, labels, maps, masks = _dataset(5)
+    out = compute_metrics(image_scores, labels, maps, masks)
+    assert set(out) == METRIC_KEYS
+    assert all(type(v) is float and math.isfinite(v) for v in out.values())
+
+    assert out["image_auroc"] == pytest.approx(auroc(image_scores, labels), abs=1e-12)
+    assert out["pixel_auroc"] == pytest.approx(auroc(maps, masks), abs=1e-12)
+    assert (out["image_f1"], out["image_threshold"]) == pytest.approx(f1_max(image_scores, labels))
+    assert (out["pixel_f1"], out["pixel_threshold"]) == pytest.approx(f1_max(maps, masks))
+    assert out["pixel_aupro"] == pytest.approx(aupro(maps, masks), abs=1e-12)
+    assert out["pixel_aupro"] == pytest.approx(_reference_aupro(maps.numpy(), masks.numpy(), 0.3), abs=1e-6)
+    assert out["pixel_auroc"] == pytest.approx(
+        roc_auc_score(masks.numpy().ravel(), maps.numpy().ravel()), abs=1e-12
+    )
+
+
+def test_compute_metrics_all_good_is_nan() -> None:
+    maps = torch.rand(3, 8, 8)
+    out = compute_metrics(maps.flatten(1).amax(1), torch.zeros(3), maps, torch.zeros(3, 8, 8))
+    assert set(out) == METRIC_KEYS
+    assert all(type(v) is float and math.isnan(v) for v in out.values())
+
+
+def test_compute_metrics_all_defective() -> None:
+    # No good image: image AUROC undefined, image F1 defined; pixels still mixed.
+    image_scores, _, maps, masks = _dataset(6)
+    keep = masks.flatten(1).any(1)
+    out = compute_metrics(image_scores[keep], torch.ones(int(keep.sum())), maps[keep], masks[keep])
+    assert math.isnan(out["image_auroc"])
+    assert out["image_f1"] == 1.0
+    assert out["image_threshold"] == pytest.approx(float(image_scores[keep].min()))
+    for key in ("pixel_auroc", "pixel_f1", "pixel_aupro", "pixel_threshold"):
+        assert math.isfinite(out[key])
+
+
+def test_compute_metrics_fully_anomalous_pixels() -> None:
+    # Every pixel anomalous: pixel AUROC and AUPRO undefined (no normal pixel).
+    maps = torch.rand(2, 4, 4)
+    out = compute_metrics(torch.rand(2), torch.tensor([0, 1]), maps, torch.ones(2, 4, 4))
+    assert math.isnan(out["pixel_auroc"]) and math.isnan(out["pixel_aupro"])
+    assert out["pixel_f1"] == 1.0
