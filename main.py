@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -23,18 +24,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--yaml_config", required=True, help="YAML file, e.g. configs/anomaly/unsupervised/dmad/bottle.yaml")
     parser.add_argument("--mode", default="train", choices=MODES, help="train (then evaluate), test a checkpoint, or another mode")
     parser.add_argument("--checkpoint", default=None, help="checkpoint for test/gif/export/predict (default: the run's model.pt)")
-    parser.add_argument("--input", default=None, help="--mode predict: an image or a folder of images")
+    parser.add_argument("--input", default=None, help="--mode predict: an image or a folder of images (--mode export: images for the ONNX check)")
     parser.add_argument("--backend", default="torch", choices=("torch", "onnx"), help="--mode predict: run with PyTorch or the exported ONNX model")
+    parser.add_argument("--output", default=None, help="--mode predict: output folder (default: predict/ next to the checkpoint)")
     parser.add_argument("--update-readme", dest="update_readme", action="store_true", help="--mode report: rewrite the tables in README.md")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. TRAIN.num_training_steps=50")
-    return parser.parse_args(argv)
+    # Intermixed: KEY=VALUE overrides may come before, between or after the options.
+    return parser.parse_intermixed_args(argv)
 
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     logging.getLogger().handlers[0].setLevel(logging.INFO)
     logging.getLogger().setLevel(logging.DEBUG)
-    for noisy in ("PIL", "matplotlib", "urllib3", "wandb"):
+    for noisy in ("PIL", "matplotlib", "urllib3", "wandb", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
@@ -58,6 +61,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def close_progress_bars() -> None:
+    """Close tqdm bars left open by an exception, so the error starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def one_line(exc: Exception) -> str:
+    """The error message on one line.
+
+    A UserError raised inside a DataLoader worker is re-raised by torch with the worker's traceback as its
+    message; the original message is the traceback's last line (``<module>.UserError: <message>``).
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        match = re.match(r"^[\w.]+: (.*)$", lines[-1])
+        return match.group(1) if match else lines[-1]
+    return " ".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
@@ -66,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        close_progress_bars()
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        close_progress_bars()
         print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,11 @@ from task.common.errors import UserError
 
 @dataclass(frozen=True)
 class Field:
-    """A config leaf: allowed types, default, optional choices and length for lists."""
+    """A config leaf: allowed types, default, optional choices, length for lists, and a numeric range.
+
+    ``min``/``max`` (inclusive unless ``min_exclusive``/``max_exclusive``) and ``multiple_of`` apply to a number,
+    or to every item of a list. Floats must be finite.
+    """
 
     types: tuple[type, ...]
     default: Any
@@ -27,6 +32,11 @@ class Field:
     nullable: bool = False
     length: int | None = None
     item_type: type | None = None
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: bool = False
+    max_exclusive: bool = False
+    multiple_of: int | None = None
     help: str = ""
 
     def check(self, key: str, value: Any) -> Any:
@@ -34,8 +44,8 @@ class Field:
             if self.nullable:
                 return None
             raise UserError(f"config key {key} must not be null; default is {self.default!r}")
-        if float in self.types and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+        if float in self.types and str not in self.types:
+            value = _as_float(value)
         if isinstance(value, bool) and bool not in self.types:
             raise UserError(f"config key {key} expects {self.type_names()}, got {value!r}")
         if not isinstance(value, self.types):
@@ -46,14 +56,51 @@ class Field:
             if self.length is not None and len(value) != self.length:
                 raise UserError(f"config key {key} expects a list of {self.length} items, got {value!r}")
             if self.item_type is not None:
-                value = [float(v) if self.item_type is float and isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+                value = [_as_float(v) for v in value] if self.item_type is float else value
                 if not all(isinstance(v, self.item_type) and not isinstance(v, bool) for v in value):
                     raise UserError(f"config key {key} expects a list of {self.item_type.__name__}, got {value!r}")
+        for number in value if isinstance(value, list) else [value]:
+            self._check_range(key, number)
         return value
+
+    def _check_range(self, key: str, number: Any) -> None:
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            return
+        if isinstance(number, float) and not math.isfinite(number):
+            raise UserError(f"config key {key} must be a finite number, got {number!r}; default is {self.default!r}")
+        low = self.min is not None and (number <= self.min if self.min_exclusive else number < self.min)
+        high = self.max is not None and (number >= self.max if self.max_exclusive else number > self.max)
+        if low or high or (self.multiple_of is not None and number % self.multiple_of):
+            raise UserError(f"config key {key} must be {self.range_text()}, got {number!r}; default is {self.default!r}")
+
+    def range_text(self) -> str:
+        """E.g. '> 0', '>= 1', 'in [0, 1)', 'a multiple of 32 and >= 64'."""
+        parts = []
+        if self.multiple_of is not None:
+            parts.append(f"a multiple of {self.multiple_of}")
+        if self.min is not None and self.max is not None:
+            parts.append(f"in {'(' if self.min_exclusive else '['}{self.min:g}, {self.max:g}{')' if self.max_exclusive else ']'}")
+        elif self.min is not None:
+            parts.append(f"{'>' if self.min_exclusive else '>='} {self.min:g}")
+        elif self.max is not None:
+            parts.append(f"{'<' if self.max_exclusive else '<='} {self.max:g}")
+        return " and ".join(parts)
 
     def type_names(self) -> str:
         names = [t.__name__ for t in self.types] + (["null"] if self.nullable else [])
         return " or ".join(names)
+
+
+def _as_float(value: Any) -> Any:
+    """ints and numeric strings as float: YAML 1.1 reads ``1e-4`` (no dot) as a string; other values unchanged."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def F(types: type | tuple[type, ...], default: Any, **kwargs: Any) -> Field:

@@ -102,7 +102,7 @@ def _check_category_name(category: str, datadir: Path) -> Path:
         bad = target == root or root not in target.parents
     if bad:
         raise UserError(
-            f"invalid DATASET.category {category!r}: it must be a plain folder name inside {datadir} "
+            f"invalid DATASET.target {category!r}: it must be a plain folder name inside {datadir} "
             f"(no path separators or '..'); set it to one of the category folders, e.g. 'bottle'"
         )
     return datadir / category
@@ -124,7 +124,7 @@ def scan_split(datadir: str | Path, category: str, split: str) -> list[Sample]:
         available = [p.name for p in _list_dirs(datadir)]
         listing = ", ".join(available) if available else "none"
         raise UserError(
-            f"category folder {catdir} not found; set DATASET.category to one of the available categories: {listing}"
+            f"category folder {catdir} not found; set DATASET.target to one of the available categories: {listing}"
         )
     if split not in ("train", "test"):
         raise UserError(f"unknown split {split!r}; use 'train' or 'test'")

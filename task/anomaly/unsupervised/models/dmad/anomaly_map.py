@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,11 +38,15 @@ class AnomalyMapGenerator(nn.Module):
         self, encoder_features: list[Tensor], decoder_features: list[Tensor], deformation: Deformation
     ) -> tuple[Tensor, Tensor]:
         size = tuple(deformation.warped.shape[-2:])
-        # Maps are computed in float32 even under autocast: smoothing and warps are cheap and precision-sensitive.
-        enc = [f.float() for f in encoder_features]
-        dec = [f.float() for f in decoder_features]
-        anomaly = deformation.unwarp(feature_discrepancy(enc, dec, size))
-        return gaussian_blur2d(anomaly, self.sigma), gaussian_blur2d(deformation.magnitude_map(), self.sigma)
+        # Maps are computed in float32 even under autocast: smoothing and warps are cheap and precision-sensitive
+        # (autocast would run the smoothing convolutions in bf16/fp16 and quantise the maps into many tied values).
+        device_type = deformation.warped.device.type
+        float32 = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
+        with float32:
+            enc = [f.float() for f in encoder_features]
+            dec = [f.float() for f in decoder_features]
+            anomaly = deformation.unwarp(feature_discrepancy(enc, dec, size))
+            return gaussian_blur2d(anomaly, self.sigma), gaussian_blur2d(deformation.magnitude_map(), self.sigma)
 
 
 def fuse_scores(anomaly_max: Tensor, deformation_max: Tensor, stats: Tensor, weight: Tensor) -> Tensor:

@@ -10,13 +10,13 @@ import logging
 import re
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from task.common.config import Config
 from task.common.errors import UserError
 from task.common.io import load_checkpoint
 
+from .encoder import BACKBONES
 from .torch_model import DMADModel
 
 log = logging.getLogger("dmad")
@@ -26,11 +26,16 @@ OFFICIAL_KEYS = {"offset", "bn", "decoder"}
 # Keys whose mismatch makes a checkpoint unusable with the current config.
 COMPATIBILITY_KEYS = ("MODEL.backbone", "MODEL.vq", "MODEL.vq_num_embeddings", "DATASET.resize")
 
-# (official pattern, our replacement) per official sub-dict; None = present in the file but unused upstream.
-_OFFICIAL_RULES: dict[str, list[tuple[str, str | None]]] = {
+# Official parameters that exist in the file but that no official forward ever reads: (part, pattern, why).
+_OFFICIAL_UNUSED: list[tuple[str, str, str]] = [
+    # conv_offset1.0 and .3 are CoordConv2d, a Conv2d subclass whose forward runs its inner .conv; indices 1 and
+    # 4 are BatchNorms whose weight/bias are used, so only 0 and 3 may be dropped.
+    ("offset", r"^conv_offset1\.[03]\.(weight|bias)$", "CoordConv2d's inherited Conv2d weight/bias (its forward uses .conv)"),
+    ("bn", r"^(conv4|bn4)\.", "conv4/bn4 are built in BN_layer but never called in its forward"),
+]
+# (official pattern, our replacement) per official sub-dict.
+_OFFICIAL_RULES: dict[str, list[tuple[str, str]]] = {
     "offset": [
-        # CoordConv2d subclasses Conv2d, so it owns a weight/bias its forward never uses (it uses .conv).
-        (r"^conv_offset1\.(\d+)\.(weight|bias)$", None),
         (r"^conv_offset1\.", "stem."),
         (r"^conv_offset2\.0\.convs\.", "refine.0.body."),
         (r"^conv_offset2\.1\.", "refine.1."),
@@ -40,8 +45,6 @@ _OFFICIAL_RULES: dict[str, list[tuple[str, str | None]]] = {
         (r"^conv_offset4\.", "coarse_head."),
     ],
     "bn": [
-        # conv4/bn4 are built in the VQ bottleneck but never called in its forward.
-        (r"^(conv4|bn4)\.", None),
         (r"^conv([123])_r\.", "reduce.{0}.0."),
         (r"^bn([123])_r\.", "reduce.{0}.1."),
         (r"^conv1\.", "down1.0.0."),
@@ -55,35 +58,84 @@ _OFFICIAL_RULES: dict[str, list[tuple[str, str | None]]] = {
     ],
     "decoder": [(r"^", "")],
 }
+# The official code's fixed settings; other values change what an official checkpoint computes.
+OFFICIAL_SETTINGS = {"DATASET.resize": [256, 256], "MODEL.coarse_shift": 8 / 256, "MODEL.fine_shift": 3 / 256, "MODEL.sigma": 4.0}
 _OUR_PREFIX = {"offset": "deformation.", "bn": "bottleneck.", "decoder": "decoder."}
 
 
-def _rename(part: str, key: str) -> str | None:
+def _unused_reason(part: str, key: str) -> str | None:
+    return next((why for p, pattern, why in _OFFICIAL_UNUSED if p == part and re.match(pattern, key)), None)
+
+
+def _rename(part: str, key: str) -> str:
     for pattern, replacement in _OFFICIAL_RULES[part]:
         match = re.match(pattern, key)
         if match:
-            if replacement is None:
-                return None
             if "{0}" in replacement:
                 replacement = replacement.format(int(match.group(1)) - 1)
             return _OUR_PREFIX[part] + replacement + key[match.end() :]
     return _OUR_PREFIX[part] + key
 
 
-def convert_official(state: dict[str, dict[str, Tensor]]) -> tuple[dict[str, Tensor], list[str]]:
-    """Official {offset, bn, decoder} -> (our state-dict entries, ignored official keys)."""
+def _official_part(state: dict, part: str) -> dict[str, Tensor]:
+    """One official sub-dict with a DataParallel ``module.`` prefix removed."""
+    return {k.removeprefix("module."): v for k, v in state[part].items()}
+
+
+def convert_official(state: dict[str, dict[str, Tensor]]) -> tuple[dict[str, Tensor], list[tuple[str, str]]]:
+    """Official {offset, bn, decoder} -> (our state-dict entries, [(ignored official key, why), ...])."""
     converted: dict[str, Tensor] = {}
-    ignored: list[str] = []
+    ignored: list[tuple[str, str]] = []
     for part in ("offset", "bn", "decoder"):
-        for key, value in state[part].items():
-            if key.startswith("module."):
-                key = key[len("module.") :]
-            new = _rename(part, key)
-            if new is None:
-                ignored.append(f"{part}.{key}")
+        for key, value in _official_part(state, part).items():
+            why = _unused_reason(part, key)
+            if why is not None:
+                ignored.append((f"{part}.{key}", why))
             else:
-                converted[new] = value
+                converted[_rename(part, key)] = value
     return converted, ignored
+
+
+def describe_official(state: dict) -> dict[str, object]:
+    """The config an official checkpoint needs, read from its tensors: {MODEL.backbone, MODEL.vq, MODEL.vq_num_embeddings}.
+
+    The backbone is recognised from the decoder's layer3 (block count and bottleneck width); None if unknown.
+    """
+    bn, decoder = _official_part(state, "bn"), _official_part(state, "decoder")
+    codebook = bn.get("vq3.embedding.weight")
+    blocks = len({k.split(".")[1] for k in decoder if k.startswith("layer3.")})
+    conv1 = decoder.get("layer3.0.conv1.weight")
+    width = conv1.shape[0] if "layer3.0.conv3.weight" in decoder and isinstance(conv1, Tensor) else None
+    backbone = next(
+        (name for name, spec in BACKBONES.items() if spec.expansion == 4 and spec.layers[2] == blocks and spec.width_per_group == width),
+        None,
+    )
+    described: dict[str, object] = {"MODEL.backbone": backbone, "MODEL.vq": isinstance(codebook, Tensor)}
+    if isinstance(codebook, Tensor):
+        described["MODEL.vq_num_embeddings"] = int(codebook.shape[0])
+    return described
+
+
+def _override(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_compatible(state: dict, path: str | Path, cfg: Config) -> None:
+    """Raise a one-line UserError when ``state`` cannot fill the model that ``cfg`` describes (before building it)."""
+    if state.get("format") == CHECKPOINT_FORMAT:
+        saved = Config(state["config"])
+        changed = [f"{k}={saved.get(k)!r} (config: {cfg.get(k)!r})" for k in COMPATIBILITY_KEYS if saved.get(k) != cfg.get(k)]
+        if changed:
+            raise UserError(f"checkpoint {path} was trained with {', '.join(changed)}; pass matching KEY=VALUE overrides")
+    elif is_official(state):
+        needed = {k: v for k, v in describe_official(state).items() if v is not None}
+        changed = {k: v for k, v in needed.items() if cfg.get(k) != v}
+        if changed:
+            found = ", ".join(f"{k}={_override(cfg.get(k))}" for k in changed)
+            fix = " ".join(f"{k}={_override(v)}" for k, v in changed.items())
+            raise UserError(f"official checkpoint {path} needs {fix} but the config has {found}; pass {fix}")
+    else:
+        raise UserError(f"{path} is neither a DMAD checkpoint of this toolkit nor an official DMAD-PPDM one (keys: {sorted(state)[:5]})")
 
 
 def _load_strict(model: DMADModel, entries: dict[str, Tensor], source: str, expect_all_except: tuple[str, ...] = ()) -> None:
@@ -105,6 +157,10 @@ def read_checkpoint(path: str | Path) -> dict:
     state = load_checkpoint(path, "checkpoint")
     if not isinstance(state, dict):
         raise UserError(f"{path} is not a DMAD checkpoint (it holds a {type(state).__name__})")
+    if state.get("format") == CHECKPOINT_FORMAT:
+        weights = state.get("state_dict")
+        if not isinstance(state.get("config"), dict) or not isinstance(weights, dict) or not all(isinstance(v, Tensor) for v in weights.values()):
+            raise UserError(f"{path} claims to be a DMAD checkpoint but lacks its config or state_dict; re-create it by training or pass another file")
     return state
 
 
@@ -112,22 +168,34 @@ def is_official(state: dict) -> bool:
     return state.get("format") != CHECKPOINT_FORMAT and OFFICIAL_KEYS <= set(state) and all(isinstance(state[k], dict) for k in OFFICIAL_KEYS)
 
 
+def _log_official_load(path: str | Path, cfg: Config, entries: dict[str, Tensor], ignored: list[tuple[str, str]], state: dict) -> None:
+    described = describe_official(state)
+    counts = {prefix.rstrip("."): sum(k.startswith(prefix) for k in entries) for prefix in _OUR_PREFIX.values()}
+    encoder = cfg.MODEL.backbone_weights or ("torchvision IMAGENET1K_V1 weights (as the official code)" if cfg.MODEL.pretrained else "random init (MODEL.pretrained=false)")
+    log.info(
+        "loaded official DMAD-PPDM checkpoint %s (%s): %d tensors into %s; encoder from %s",
+        path, ", ".join(f"{k}={_override(v)}" for k, v in described.items()), len(entries),
+        ", ".join(f"{k} ({n})" for k, n in counts.items()), encoder,
+    )
+    by_reason: dict[str, list[str]] = {}
+    for key, why in ignored:
+        by_reason.setdefault(why, []).append(key)
+    for why, keys in by_reason.items():
+        log.info("ignored %d official tensors, %s: %s", len(keys), why, ", ".join(keys))
+    log.info("official checkpoints hold no score statistics; they are measured on the training images")
+    differ = [f"{k}={_override(cfg.get(k))} (official: {_override(v)})" for k, v in OFFICIAL_SETTINGS.items() if cfg.get(k) != v]
+    if differ:
+        log.warning("settings differ from the official evaluation, so results are not comparable with the published ones: %s", ", ".join(differ))
+
+
 def load_any_checkpoint(model: DMADModel, state: dict, path: str | Path, cfg: Config) -> tuple[dict[str, float], bool]:
     """Load a checkpoint's ``state`` into ``model``. Returns (thresholds, whether score statistics came with it)."""
+    check_compatible(state, path, cfg)
     if state.get("format") == CHECKPOINT_FORMAT:
-        saved = Config(state["config"])
-        changed = [f"{k}={saved.get(k)!r} (config: {cfg.get(k)!r})" for k in COMPATIBILITY_KEYS if saved.get(k) != cfg.get(k)]
-        if changed:
-            raise UserError(f"checkpoint {path} was trained with {', '.join(changed)}; pass matching KEY=VALUE overrides")
         _load_strict(model, state["state_dict"], f"checkpoint {path}")
         return dict(state.get("thresholds") or {}), bool(state.get("thresholds"))
-    if is_official(state):
-        entries, ignored = convert_official(state)
-        # The official file holds no encoder (it is torchvision's ImageNet model) and no score statistics.
-        _load_strict(model, entries, f"official checkpoint {path}", expect_all_except=("encoder.", "score_stats", "deform_weight"))
-        log.info("loaded official DMAD-PPDM checkpoint %s: %d tensors (offset, bn, decoder); encoder from %s",
-                 path, len(entries), cfg.MODEL.backbone_weights or ("torchvision ImageNet weights" if cfg.MODEL.pretrained else "random init"))
-        if ignored:
-            log.info("ignored %d tensors the official forward never uses: %s", len(ignored), ", ".join(ignored))
-        return {}, False
-    raise UserError(f"{path} is neither a DMAD checkpoint of this toolkit nor an official DMAD-PPDM one (keys: {sorted(state)[:5]})")
+    entries, ignored = convert_official(state)
+    # The official file holds no encoder (it is torchvision's ImageNet model) and no score statistics.
+    _load_strict(model, entries, f"official checkpoint {path}", expect_all_except=("encoder.", "score_stats", "deform_weight"))
+    _log_official_load(path, cfg, entries, ignored, state)
+    return {}, False

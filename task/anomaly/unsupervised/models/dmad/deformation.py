@@ -157,15 +157,31 @@ class PyramidDeformation(nn.Module):
         batch, _, height, width = x.shape
         stem = self.stem(x)
         features = torch.cat([self.refine(stem), stem], dim=1)
+        heads = (self.coarse_head, self.fine_head, self.coarse_inverse_head, self.fine_inverse_head)
+        scales = (self.coarse_scale, self.fine_scale, self.coarse_scale, self.fine_scale)
+        # All four heads open with a stride-2 conv over the same full-resolution features. One conv with their
+        # stacked weights reads (and back-propagates into) those features once instead of four times; each output
+        # channel is the same sum as before, so only float rounding can differ.
+        openers = [head[0] for head in heads]
+        opened = F.conv2d(
+            features, torch.cat([c.weight for c in openers]), torch.cat([c.bias for c in openers]),
+            stride=openers[0].stride, padding=openers[0].padding,
+        )
 
-        def field(head: nn.Module, scale: float) -> Tensor:
-            out = F.interpolate(head(features) * scale, (height, width), mode="bilinear", align_corners=True)
-            return out.permute(0, 2, 3, 1)
+        def field(head: nn.Sequential, opened_part: Tensor, scale: float) -> Tensor:
+            out = opened_part
+            for layer in list(head)[1:]:
+                out = layer(out)
+            # Fields and grids stay float32 under autocast: a bf16 grid coordinate near the border is only good
+            # to about one pixel at 256x256.
+            out = F.interpolate(out.float() * scale, (height, width), mode="bilinear", align_corners=True)
+            # Stored [B, H, W, 2] contiguous: the per-pixel norms over the last dim are then ~20x faster than on
+            # the permuted view.
+            return out.permute(0, 2, 3, 1).contiguous()
 
-        coarse = field(self.coarse_head, self.coarse_scale)
-        fine = field(self.fine_head, self.fine_scale)
-        coarse_inverse = field(self.coarse_inverse_head, self.coarse_scale)
-        fine_inverse = field(self.fine_inverse_head, self.fine_scale)
+        coarse, fine, coarse_inverse, fine_inverse = (
+            field(head, part, scale) for head, part, scale in zip(heads, opened.chunk(len(heads), dim=1), scales)
+        )
         base = identity_grid(batch, height, width, x.device, coarse.dtype)
         grids = [torch.clamp(base + f, -1, 1) for f in (coarse, fine, coarse_inverse, fine_inverse)]
         warped = warp(warp(x, grids[0]), grids[1])

@@ -1,0 +1,80 @@
+"""DistributedDataParallel training on CPU (gloo): two processes, one set of outputs, a checkpoint that loads alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from task.anomaly.unsupervised.data.synthetic import make_demo_dataset
+from task.common.runtime import DistributedContext
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "anomaly" / "unsupervised" / "dmad" / "demo.yaml"
+
+
+def test_shards_cover_the_batch_and_are_never_empty() -> None:
+    ranks = [DistributedContext(rank=r, world_size=2) for r in range(2)]
+    assert [ctx.shard([4, 7, 1, 9, 3]) for ctx in ranks] == [[4, 1, 3], [7, 9]]
+    # An epoch's last batch smaller than the world: every process still gets an image (DDP needs every rank).
+    assert [ctx.shard([5]) for ctx in ranks] == [[5], [5]]
+    assert DistributedContext().shard([2, 0, 1]) == [2, 0, 1]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], subprocess.CompletedProcess]:
+    """3 steps of resnet18 at 64x64 on 2 CPU processes; 5 training images in batches of 4 leave a 1-image batch."""
+    root = tmp_path_factory.mktemp("ddp")
+    make_demo_dataset(root / "data", "demo", n_train=5, n_test_good=2, n_test_defect=2, size=64)
+    overrides = [
+        f"DATASET.datadir={root / 'data'}", "DATASET.demo=false", "DATASET.resize=[64,64]", "DATALOADER.batch_size=4",
+        "TRAIN.num_training_steps=3", "TEST.save_images=false", f"RESULT.savedir={root / 'runs'}", "RESULT.assets_dir=null",
+    ]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "main.py"),
+        "--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(CONFIG), *overrides,
+    ]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600, env={**_env(), "OMP_NUM_THREADS": "1"})
+    return root, overrides, result
+
+
+def _env() -> dict[str, str]:
+    """This environment without torchrun's variables (should pytest itself run under torchrun)."""
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+
+
+def test_two_process_training_writes_one_set_of_outputs(ddp_run) -> None:
+    root, _, result = ddp_run
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = root / "runs" / "dmad" / "demo"
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []  # no temporary files left over
+    for name in ("model.pt", "last.pt", "metrics.json", "predictions.csv", "config.yaml", "train.log"):
+        assert (run_dir / name).is_file(), name
+    # Only rank 0 logs and evaluates.
+    assert result.stdout.count("outputs written to") == 1, result.stdout
+    assert result.stdout.count("metrics: ") == 1, result.stdout
+    assert len((run_dir / "predictions.csv").read_text().splitlines()) == 1 + 4
+    last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    assert last["step"] == 3
+    assert not any(k.startswith("module.") for k in last["state_dict"])  # saved from the unwrapped model
+
+
+def test_ddp_checkpoint_loads_in_a_single_process(ddp_run) -> None:
+    root, overrides, result = ddp_run
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = root / "runs" / "dmad" / "demo"
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    single = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), "--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(CONFIG),
+         "--mode", "test", *overrides],
+        cwd=root, capture_output=True, text=True, timeout=600, env=_env(),
+    )
+    assert single.returncode == 0, single.stderr[-4000:]
+    tested = json.loads((run_dir / "metrics.json").read_text())
+    for key, value in trained.items():
+        assert tested[key] == pytest.approx(value, abs=1e-6, nan_ok=True), key

@@ -1,0 +1,164 @@
+"""The fast paths keep the maths: frozen encoder without gradients, fused optimiser and PDM heads, bf16 autocast,
+channels_last, and ``--mode benchmark``'s JSON. No timing assertions.
+
+(Cached vs uncached dataset equivalence is covered by tests/test_data.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from task.anomaly.unsupervised.benchmark import random_test_batches
+from task.anomaly.unsupervised.inference import Predictions, predict_loader
+from task.anomaly.unsupervised.models.dmad.config import SCHEMA
+from task.anomaly.unsupervised.models.dmad.deformation import PyramidDeformation
+from task.anomaly.unsupervised.models.dmad.trainer import DMADTrainer, build_model
+from task.anomaly.unsupervised.models.dmad.torch_model import DMADModel
+from task.common.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["MODEL.backbone=resnet18", "MODEL.pretrained=false", "DATASET.resize=[64,64]", "DATALOADER.batch_size=2", "TEST.batch_size=4"]
+CPU = torch.device("cpu")
+
+
+def make_trainer(*overrides: str) -> DMADTrainer:
+    return DMADTrainer(load_config(SCHEMA, None, [*TINY, *overrides]))
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[DMADTrainer, DMADModel, torch.optim.Optimizer]:
+    """A tiny model after three float32 training steps through the trainer's own step."""
+    trainer = make_trainer()
+    torch.manual_seed(0)
+    model = build_model(trainer.cfg)
+    criterion, optimizer = trainer.make_criterion(), trainer.make_optimizer(model)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for step in range(1, 4):
+        trainer.train_step(model, criterion, optimizer, torch.randn(2, 3, 64, 64, generator=generator), step)
+    return trainer, model, optimizer
+
+
+@pytest.fixture(scope="module")
+def test_batches() -> list[dict[str, torch.Tensor]]:
+    return random_test_batches(6, (64, 64), 4, torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def float32_preds(trained, test_batches) -> Predictions:
+    _, model, _ = trained
+    return predict_loader(model, test_batches, CPU)
+
+
+def test_frozen_encoder_holds_no_gradients_or_optimizer_state(trained) -> None:
+    _, model, optimizer = trained
+    encoder_params = list(model.encoder.parameters())
+    assert encoder_params and all(not p.requires_grad and p.grad is None for p in encoder_params)
+    trainable = model.trainable_parameters()
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in trainable}
+    assert not in_optimizer & {id(p) for p in encoder_params}
+    # Every trainable parameter received gradients (Adam's moments moved); they are freed after the step.
+    assert all(float(optimizer.state[p]["exp_avg_sq"].abs().sum()) > 0 for p in trainable)
+    assert all(p.grad is None for p in trainable)
+
+
+def test_fused_optimizer_step_matches_the_plain_one() -> None:
+    trainer = make_trainer()
+    torch.manual_seed(0)
+    model = build_model(trainer.cfg)
+    fused = trainer.make_optimizer(model)
+    assert fused.param_groups[0]["fused"]
+    params = model.trainable_parameters()
+    plain_params = [p.detach().clone().requires_grad_() for p in params]
+    plain = torch.optim.AdamW(plain_params, lr=0.005, betas=(0.5, 0.999), weight_decay=0.01)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        for p, q in zip(params, plain_params):
+            p.grad = torch.randn(p.shape, generator=generator) * 1e-2
+            q.grad = p.grad.clone()
+        fused.step()
+        plain.step()
+    for p, q in zip(params, plain_params):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_stacked_opening_conv_equals_each_head_on_its_own() -> None:
+    torch.manual_seed(0)
+    pdm = PyramidDeformation().eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        out = pdm(x)
+        stem = pdm.stem(x)
+        features = torch.cat([pdm.refine(stem), stem], dim=1)
+        for head, scale, field in (
+            (pdm.coarse_head, pdm.coarse_scale, out.coarse), (pdm.fine_head, pdm.fine_scale, out.fine),
+            (pdm.coarse_inverse_head, pdm.coarse_scale, out.coarse_inverse), (pdm.fine_inverse_head, pdm.fine_scale, out.fine_inverse),
+        ):
+            expected = F.interpolate(head(features) * scale, (64, 96), mode="bilinear", align_corners=True).permute(0, 2, 3, 1)
+            torch.testing.assert_close(field, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_training_step_runs_on_cpu() -> None:
+    trainer = make_trainer("TRAIN.amp=bf16")
+    torch.manual_seed(0)
+    model = build_model(trainer.cfg)
+    model.train()
+    loss, terms = trainer.train_step(model, trainer.make_criterion(), trainer.make_optimizer(model), torch.randn(2, 3, 64, 64), 1)
+    assert torch.isfinite(loss) and set(terms) == {"distillation", "deformation", "vq"}
+    # The deformation fields and grids stay float32 under autocast.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.deformation(torch.randn(1, 3, 64, 64)).grid_coarse.dtype == torch.float32
+
+
+def test_bf16_evaluation_gives_float32_maps_close_to_float32(trained, test_batches, float32_preds) -> None:
+    _, model, _ = trained
+    bf16 = predict_loader(model, test_batches, CPU, amp="bf16")
+    assert bf16.anomaly_maps.dtype == torch.float32
+    scale = float32_preds.anomaly_maps.abs().max()
+    assert (bf16.anomaly_maps - float32_preds.anomaly_maps).abs().max() <= 0.02 * scale
+    assert (bf16.deformation_maps - float32_preds.deformation_maps).abs().max() <= 0.02 * float32_preds.deformation_maps.abs().max()
+    torch.testing.assert_close(bf16.scores, float32_preds.scores, rtol=0.02, atol=0.02)
+    # Smoothing runs in float32: the maps are not quantised to bf16's 256 steps per octave.
+    assert bf16.anomaly_maps.unique().numel() > 0.5 * float32_preds.anomaly_maps.unique().numel()
+
+
+def test_channels_last_gives_the_same_maps(trained, test_batches, float32_preds) -> None:
+    _, model, _ = trained
+    trainer = make_trainer("TRAIN.channels_last=true")
+    fresh = build_model(trainer.cfg)
+    fresh.load_state_dict(model.state_dict())
+    fresh = trainer._model_to_device(fresh)
+    assert fresh.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    preds = predict_loader(fresh, test_batches, CPU, channels_last=True)
+    torch.testing.assert_close(preds.anomaly_maps, float32_preds.anomaly_maps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(preds.deformation_maps, float32_preds.deformation_maps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(preds.scores, float32_preds.scores, rtol=0, atol=1e-5)
+
+
+def test_benchmark_mode_prints_one_json_object(tmp_path: Path) -> None:
+    args = [
+        sys.executable, str(REPO / "main.py"), "--task_type", "anomaly", "--model_name", "dmad",
+        "--yaml_config", str(REPO / "configs/anomaly/unsupervised/dmad/demo.yaml"), "--mode", "benchmark",
+        *TINY, f"DATASET.datadir={tmp_path / 'absent'}", "DATASET.demo=false", f"RESULT.savedir={tmp_path / 'runs'}",
+        "BENCHMARK.train_steps=2", "BENCHMARK.warmup=1", "BENCHMARK.eval_images=4",
+    ]
+    result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    objects = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(objects) == 1, result.stdout
+    report = json.loads(objects[0])
+    for key in ("train_s_per_step", "train_images_per_s", "eval_images_per_s", "metrics_s", "peak_rss_mb"):
+        assert isinstance(report[key], float) and report[key] > 0, key
+    assert report["peak_cuda_mb"] is None and report["device"] == "cpu" and report["dtype"] == "float32"
+    assert report["batch_size"] == 2 and report["image_size"] == [64, 64] and report["backbone"] == "resnet18"
+    assert report["train_steps"] == 2 and report["eval_images"] == 4 and report["data"] == "random"
+    assert "metrics:" not in result.stdout  # benchmark returns no metrics dict
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "absent").exists()  # nothing written
