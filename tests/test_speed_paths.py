@@ -108,8 +108,9 @@ def test_stacked_opening_conv_equals_each_head_on_its_own() -> None:
 
 def test_bf16_training_step_runs_on_cpu() -> None:
     trainer = make_trainer("TRAIN.amp=bf16")
+    assert trainer.channels_last  # implied on CPU, where oneDNN's bf16 kernels want NHWC
     torch.manual_seed(0)
-    model = build_model(trainer.cfg)
+    model = trainer._model_to_device(build_model(trainer.cfg))
     model.train()
     loss, terms = trainer.train_step(model, trainer.make_criterion(), trainer.make_optimizer(model), torch.randn(2, 3, 64, 64), 1)
     assert torch.isfinite(loss) and set(terms) == {"distillation", "deformation", "vq"}

@@ -63,7 +63,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _training_batches(trainer: "DMADTrainer", count: int, use_data: bool) -> Iterable[Tensor]:
-    """``count`` global batches [B, 3, H, W] of this process's share (cycling through the training set)."""
+    """This process's share [b, 3, H, W] of ``count`` global batches (cycling through the training set if any)."""
     cfg = trainer.cfg
     batch_size = cfg.DATALOADER.batch_size
     if use_data:
@@ -79,7 +79,7 @@ def _training_batches(trainer: "DMADTrainer", count: int, use_data: bool) -> Ite
 
 
 def _test_batches(trainer: "DMADTrainer", use_data: bool) -> tuple[Any, int]:
-    """(loader or list of batches, number of images) for the evaluation pass."""
+    """(loader or list of batches, number of images) for the evaluation pass; 16 random images when unlimited."""
     cfg = trainer.cfg
     limit = cfg.BENCHMARK.eval_images
     if use_data:
@@ -125,10 +125,10 @@ def run_benchmark(trainer: "DMADTrainer", model: torch.nn.Module) -> dict[str, A
     batches, count = _test_batches(trainer, use_data)
     first = next(iter(batches))
     # One untimed batch: first-call costs (allocator, oneDNN primitive creation, compilation) are not throughput.
-    predict_loader(model, [first], device, trainer.amp, desc="warm-up", channels_last=cfg.TRAIN.channels_last)
+    predict_loader(model, [first], device, trainer.amp, desc="warm-up", channels_last=trainer.channels_last)
     _synchronize(device)
     start = time.perf_counter()
-    preds = predict_loader(model, batches, device, trainer.amp, desc="benchmark", channels_last=cfg.TRAIN.channels_last)
+    preds = predict_loader(model, batches, device, trainer.amp, desc="benchmark", channels_last=trainer.channels_last)
     _synchronize(device)
     eval_s = time.perf_counter() - start
     masks = preds.masks if preds.masks is not None else torch.zeros_like(preds.anomaly_maps, dtype=torch.uint8)
@@ -152,7 +152,7 @@ def run_benchmark(trainer: "DMADTrainer", model: torch.nn.Module) -> dict[str, A
         "eval_batch_size": cfg.TEST.batch_size,
         "eval_images": count,
         "train_steps": len(times),
-        "channels_last": cfg.TRAIN.channels_last,
+        "channels_last": trainer.channels_last,
         "compile": cfg.TRAIN.compile,
         "world_size": trainer.dist.world_size,
         "threads": torch.get_num_threads(),

@@ -37,9 +37,9 @@ SCHEMA: Schema = {
         "epochs": F(int, 400, min=1),
         "num_training_steps": F(int, None, nullable=True, min=1, help="cap on optimiser steps (null: epochs x steps per epoch)"),
         "save_interval": F(int, 200, min=1, help="steps between resumable checkpoints"),
-        "amp": F(str, "none", choices=("none", "bf16", "fp16")),
-        "channels_last": F(bool, False),
-        "compile": F(bool, False),
+        "amp": F(str, "none", choices=("none", "bf16", "fp16"), help="autocast dtype for training and evaluation (fp16: CUDA only); maps and scores stay float32"),
+        "channels_last": F(bool, False, help="NHWC memory layout for the model and inputs (implied by amp=bf16 on CPU)"),
+        "compile": F(bool, False, help="torch.compile the model's forward (first steps compile; falls back to eager on failure)"),
     },
     "TEST": {
         "batch_size": F(int, 8, min=1),

@@ -64,9 +64,14 @@ class CoordConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         batch, _, height, width = x.shape
         key = (height, width, x.device, x.dtype)
-        if key not in self._coords:  # constant per size; built once, not per step
-            self._coords[key] = coordinate_channels(height, width).to(device=x.device, dtype=x.dtype)
-        coords = self._coords[key].expand(batch, -1, -1, -1)
+        if torch.compiler.is_compiling():
+            # Traced into the graph as a constant; filling the cache here would make torch.compile recompile.
+            coords = coordinate_channels(height, width).to(device=x.device, dtype=x.dtype)
+        else:
+            if key not in self._coords:  # constant per size; built once, not per step
+                self._coords[key] = coordinate_channels(height, width).to(device=x.device, dtype=x.dtype)
+            coords = self._coords[key]
+        coords = coords.expand(batch, -1, -1, -1)
         return self.conv(torch.cat([x, coords], dim=1))
 
 
