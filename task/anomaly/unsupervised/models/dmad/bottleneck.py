@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .encoder import BackboneSpec
+from .encoder import BackboneSpec, init_resnet_weights
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
@@ -77,12 +77,7 @@ class Bottleneck(nn.Module):
         blocks = [block(fused, planes, 2, downsample, base_width=spec.width_per_group)]
         blocks += [block(out, planes, base_width=spec.width_per_group) for _ in range(spec.layers[3] - 1)]
         self.fuse = nn.Sequential(*blocks)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_resnet_weights(self)
 
     def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
         """features: [f1, f2, f3] -> (embedding [B, 512e, H/32, W/32], VQ loss (0 without vq))."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import Tensor
 
-from .encoder import BackboneSpec
+from .encoder import BackboneSpec, init_resnet_weights
 
 
 def _upsample_or_conv(in_channels: int, out_channels: int, stride: int) -> nn.Module:
@@ -74,12 +74,7 @@ class ReverseDecoder(nn.Module):
         self.layer1 = self._make_layer(block, 256, spec.layers[0], spec.width_per_group)
         self.layer2 = self._make_layer(block, 128, spec.layers[1], spec.width_per_group)
         self.layer3 = self._make_layer(block, 64, spec.layers[2], spec.width_per_group)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_resnet_weights(self)
 
     def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, base_width: int) -> nn.Sequential:
         out = planes * block.expansion

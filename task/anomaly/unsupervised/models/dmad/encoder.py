@@ -96,6 +96,19 @@ class ResNetEncoder(nn.Module):
         return [f1, f2, f3]
 
 
+def init_resnet_weights(root: nn.Module) -> None:
+    """torchvision's ResNet initialisation (Kaiming-normal convs, unit BatchNorm), as the official DMAD layers use.
+
+    Transposed convolutions are not ``nn.Conv2d`` and keep PyTorch's default initialisation, as upstream.
+    """
+    for module in root.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
 def load_backbone_state(net: nn.Module, state: dict[str, Tensor], name: str, source: str) -> None:
     """Load a torchvision-format state dict; layer4/fc may be absent (they are unused)."""
     state = {k.removeprefix("module."): v for k, v in state.items()}
