@@ -555,7 +555,7 @@ def _calls(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             func = node.func
-            if isinstance(func, ast.Name):  # a builtin or imported function: eval(...)
+            if isinstance(func, ast.Name):  # a builtin or imported function called by name
                 yield node, None, func.id
             elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):  # module.function(...)
                 yield node, func.value.id, func.attr

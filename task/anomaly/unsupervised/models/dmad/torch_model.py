@@ -34,7 +34,7 @@ class DMADModel(nn.Module):
     """Diversity-Measurable Anomaly Detection (PPDM variant) for images.
 
     Input: ImageNet-normalised images [B, 3, H, W], H and W multiples of 32.
-    In ``train()`` mode ``forward`` returns ``TrainOutput``; in ``eval()`` mode ``InferenceOutput``.
+    In ``train()`` mode ``forward`` returns ``TrainOutput``; after ``model.eval()`` it returns ``InferenceOutput``.
     """
 
     def __init__(
