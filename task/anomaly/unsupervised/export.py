@@ -50,7 +50,6 @@ from task.anomaly.unsupervised.predict import (
     file_sha256,
     list_images,
     load_inference_model,
-    resolve_checkpoint,
 )
 from task.common.config import Config
 from task.common.errors import UserError
@@ -178,7 +177,7 @@ def compare(onnx_model: OnnxModel, inputs: np.ndarray, reference: dict[str, Tens
 def export_run(trainer: DMADTrainer, input_path: str | None) -> Path:
     """Export the run's checkpoint to ``model.onnx`` beside it, after checking the graph against PyTorch."""
     opset = trainer.cfg.EXPORT.opset  # the schema keeps it >= 16 (GridSample)
-    checkpoint = resolve_checkpoint(trainer)
+    checkpoint = trainer.checkpoint_path()
     if checkpoint.suffix.lower() == ".onnx":
         raise UserError(f"--checkpoint {checkpoint} is already an ONNX file; export from a model.pt")
     model, thresholds, cfg = load_inference_model(trainer, checkpoint)

@@ -64,15 +64,6 @@ MAX_PICTURE_SIDE = 1024
 # --------------------------------------------------------------------------- checkpoints
 
 
-def resolve_checkpoint(trainer: DMADTrainer) -> Path:
-    """``--checkpoint`` or the run's ``model.pt`` (from the YAML's RESULT/DATASET keys); it must exist."""
-    path = Path(trainer.checkpoint_arg) if trainer.checkpoint_arg else trainer.run_dir / "model.pt"
-    if not path.is_file():
-        hint = "check the path" if trainer.checkpoint_arg else "train first (--mode train) or pass --checkpoint PATH"
-        raise UserError(f"checkpoint not found: {path}; {hint}")
-    return path
-
-
 def checkpoint_config(cfg: Config, state: dict) -> Config:
     """``cfg`` with the model settings one of our checkpoints was trained with (MODEL, DATASET.resize/target).
 
@@ -282,7 +273,7 @@ def predict_run(trainer: DMADTrainer, input_path: str | None, backend: str, outp
     if backend == "onnx":
         source, paired_checkpoint = onnx_source(trainer)
     else:
-        source = resolve_checkpoint(trainer)
+        source = trainer.checkpoint_path()
         if source.suffix.lower() == ".onnx":
             raise UserError(f"--checkpoint {source} is an ONNX file; add --backend onnx")
     out_dir = Path(output) if output else source.parent / "predict"

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 from torchvision import models

@@ -154,6 +154,14 @@ class DMADTrainer:
             "thresholds": thresholds or {},
         }
 
+    def checkpoint_path(self) -> Path:
+        """``--checkpoint`` or the run's ``model.pt`` (the one place test, gif, export and predict find it); must exist."""
+        path = Path(self.checkpoint_arg) if self.checkpoint_arg else self.run_dir / "model.pt"
+        if not path.is_file():
+            hint = "check the path" if self.checkpoint_arg else "train first (--mode train) or pass --checkpoint PATH"
+            raise UserError(f"checkpoint not found: {path}; {hint}")
+        return path
+
     def load_model(self, path: str | Path, cfg: Config | None = None) -> tuple[DMADModel, dict[str, float], bool]:
         """A model from one of our checkpoints (or an official DMAD-PPDM one), ready for inference.
 
@@ -426,9 +434,7 @@ class DMADTrainer:
 
     def mode_gif(self, args=None) -> None:
         """Rebuild the result GIF from a saved checkpoint (--checkpoint or the run's model.pt), no training."""
-        path = self.checkpoint_arg or self.run_dir / "model.pt"
-        if not Path(path).exists():
-            raise UserError(f"checkpoint not found: {path}; train first (--mode train) or pass --checkpoint PATH")
+        path = self.checkpoint_path()
         self._prepare_data()
         test_set = self.dataset("test")
         model, thresholds, calibrated = self.load_model(path)
@@ -484,9 +490,7 @@ class DMADTrainer:
         self.dist.barrier()
 
     def test(self) -> dict[str, float]:
-        path = self.checkpoint_arg or self.run_dir / "model.pt"
-        if not Path(path).exists():
-            raise UserError(f"checkpoint not found: {path}; train first (--mode train) or pass --checkpoint PATH")
+        path = self.checkpoint_path()
         self._prepare_data()
         test_set = self.dataset("test")
         ensure_dir(self.run_dir)
