@@ -1,4 +1,4 @@
-"""Command-line entry point: CLI -> config -> registry -> trainer.
+"""Command-line entry point: CLI -> config -> registry -> engine -> method.
 
     python main.py --task_type anomaly --model_name dmad --yaml_config configs/anomaly/unsupervised/dmad/bottle.yaml
     python main.py ... --mode test --checkpoint runs/dmad/bottle/model.pt DATASET.datadir=/data/mvtec
@@ -12,7 +12,7 @@ import re
 import sys
 import warnings
 
-MODES = ("train", "test", "gif", "report", "export", "predict", "benchmark")
+MODES = ("train", "test", "gif", "report", "export", "predict", "benchmark", "score")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -23,7 +23,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--yaml_config", required=True, help="YAML file, e.g. configs/anomaly/unsupervised/dmad/bottle.yaml")
     parser.add_argument("--mode", default="train", choices=MODES, help="train (then evaluate), test a checkpoint, or another mode")
     parser.add_argument("--checkpoint", default=None, help="checkpoint for test/gif/export/predict (default: the run's model.pt)")
-    parser.add_argument("--input", default=None, help="--mode predict: an image or a folder of images (--mode export: images for the ONNX check)")
+    parser.add_argument("--input", default=None, help="--mode predict: an image or a folder of images, or a video/frame folder (--mode export: images for the ONNX check; --mode score: a scores.npz)")
     parser.add_argument("--backend", default="torch", choices=("torch", "onnx"), help="--mode predict: run with PyTorch or the exported ONNX model")
     parser.add_argument("--output", default=None, help="--mode predict: output folder (default: predict/ next to the checkpoint)")
     parser.add_argument("--update-readme", dest="update_readme", action="store_true", help="--mode report: rewrite the tables in README.md")
@@ -41,22 +41,40 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 
-def run(args: argparse.Namespace) -> int:
-    from task.common.config import load_config
-    from task.common.errors import UserError
-    from task.registry import get_trainer
-    import task.trainers  # noqa: F401  (registers the trainers)
+def modality_of(yaml_path: str, overrides: list[str]) -> str:
+    """"video" when the run's DATASET.format is video (YAML or override), else "image": it picks the method variant."""
+    from task.common.config import parse_override, read_yaml
 
-    trainer_cls = get_trainer(args.task_type, args.model_type, args.model_name)
-    cfg = load_config(trainer_cls.schema, args.yaml_config, args.overrides)
-    trainer = trainer_cls(cfg, checkpoint=args.checkpoint)
-    handler = getattr(trainer, f"mode_{args.mode}", None)
-    if handler is None:
-        raise UserError(f"--mode {args.mode} is not supported by {args.model_name}")
-    metrics = handler(args)
+    dataset = read_yaml(yaml_path).get("DATASET")
+    fmt = dataset.get("format") if isinstance(dataset, dict) else None
+    for text in overrides:
+        key, value = parse_override(text)
+        if key == "DATASET.format":
+            fmt = value
+    return "video" if fmt == "video" else "image"
+
+
+def run(args: argparse.Namespace) -> int:
+    import task.methods  # noqa: F401  (registers the methods)
+    from task.anomaly.unsupervised.engine import Engine
+    from task.anomaly.unsupervised.modes import ModeOptions, modes_for
+    from task.anomaly.unsupervised.schema import run_schema
+    from task.common.config import load_config, parse_override
+    from task.common.errors import UserError
+    from task.registry import get_method
+
+    method = get_method(args.task_type, args.model_type, args.model_name, modality_of(args.yaml_config, args.overrides))
+    cfg = load_config(run_schema(method.model_schema, method.extra_sections), args.yaml_config, args.overrides)
+    overridden = frozenset(parse_override(text)[0] for text in args.overrides)
+    modes = modes_for(method.modality)
+    if args.mode not in modes:
+        raise UserError(f"--mode {args.mode} is not available for {method.modality} runs; use one of {', '.join(modes)}")
+    engine = Engine(method, cfg, overridden)
+    options = ModeOptions(checkpoint=args.checkpoint, input=args.input, backend=args.backend, output=args.output, update_readme=args.update_readme)
+    metrics = modes[args.mode](engine, options)
     if metrics:
-        print("metrics: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        print(f"run directory: {trainer.run_dir}")
+        print("metrics: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float))))
+        print(f"run directory: {engine.run_dir}")
     return 0
 
 

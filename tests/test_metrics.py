@@ -1,16 +1,23 @@
-"""Tests for task.common.metrics against sklearn and a slow AUPRO reference."""
+"""Tests for task.common.metrics against sklearn, torchmetrics and a slow AUPRO reference."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
+from torchmetrics.functional.classification import binary_auroc
 
-from task.common.metrics import _region_ids, aupro, auroc, compute_metrics, f1_max
+import task.common.metrics as metrics_module
+from task.common.metrics import _label_regions, aupro, auroc, compute_metrics, f1_max
 
 METRIC_KEYS = {
     "image_auroc",
@@ -21,6 +28,7 @@ METRIC_KEYS = {
     "image_threshold",
     "pixel_threshold",
 }
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------
@@ -236,8 +244,9 @@ def test_aupro_worst_detector_is_zero() -> None:
     assert aupro(maps, torch.from_numpy(masks)) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_aupro_without_regions_is_nan() -> None:
-    assert math.isnan(aupro(torch.rand(2, 8, 8), torch.zeros(2, 8, 8)))
+def test_aupro_without_regions_is_none() -> None:
+    assert aupro(torch.rand(2, 8, 8), torch.zeros(2, 8, 8)) is None
+    assert aupro(torch.rand(2, 8, 8), torch.ones(2, 8, 8)) is None  # no normal pixel
 
 
 def test_aupro_rejects_bad_input() -> None:
@@ -252,11 +261,13 @@ def test_regions_use_8_connectivity() -> None:
     masks[0, 0, 0] = masks[0, 1, 1] = masks[0, 2, 2] = True  # one diagonal region
     masks[0, 4, 4] = True  # a second region
     masks[1, 0, 5] = masks[1, 5, 0] = True  # two more in the next image
-    ids, n_regions = _region_ids(masks)
-    assert n_regions == 4
-    assert ids[0, 0, 0] == ids[0, 1, 1] == ids[0, 2, 2] != ids[0, 4, 4]
-    assert len({ids[0, 0, 0], ids[0, 4, 4], ids[1, 0, 5], ids[1, 5, 0]}) == 4
-    assert (ids[~masks] == 0).all() and (ids[masks] > 0).all()
+    (n0, ids0), (n1, ids1) = _label_regions(masks[0]), _label_regions(masks[1])
+    assert (n0, n1) == (2, 2)
+    assert ids0[0, 0] == ids0[1, 1] == ids0[2, 2] != ids0[4, 4]
+    assert ids1[0, 5] != ids1[5, 0]
+    for m, ids in ((masks[0], ids0), (masks[1], ids1)):
+        assert (ids[~m] == 0).all() and (ids[m] > 0).all()
+    assert _label_regions(np.zeros((3, 3), dtype=bool))[0] == 0
 
 
 # --------------------------------------------------------------------------
@@ -291,28 +302,106 @@ def test_compute_metrics_keys_and_values() -> None:
     )
 
 
-def test_compute_metrics_all_good_is_nan() -> None:
+def test_compute_metrics_all_good_is_none(caplog: pytest.LogCaptureFixture) -> None:
     maps = torch.rand(3, 8, 8)
-    out = compute_metrics(maps.flatten(1).amax(1), torch.zeros(3), maps, torch.zeros(3, 8, 8))
+    with caplog.at_level(logging.WARNING, logger="anomaly.metrics"):
+        out = compute_metrics(maps.flatten(1).amax(1), torch.zeros(3), maps, torch.zeros(3, 8, 8))
     assert set(out) == METRIC_KEYS
-    assert all(type(v) is float and math.isnan(v) for v in out.values())
+    assert all(v is None for v in out.values())
+    # One line per reason: no defective image, all masks empty.
+    messages = [r.getMessage() for r in caplog.records if r.name == "anomaly.metrics"]
+    assert len(messages) == 2
+    assert "no defective test image" in messages[0] and "masks are empty" in messages[1]
 
 
-def test_compute_metrics_all_defective() -> None:
+def test_compute_metrics_without_masks(caplog: pytest.LogCaptureFixture) -> None:
+    image_scores, labels, maps, _ = _dataset(8)
+    with caplog.at_level(logging.WARNING, logger="anomaly.metrics"):
+        out = compute_metrics(image_scores, labels, maps, None)
+    assert set(out) == METRIC_KEYS
+    assert out["image_auroc"] == pytest.approx(roc_auc_score(labels.numpy(), image_scores.numpy()), abs=1e-12)
+    assert all(out[k] is None for k in ("pixel_auroc", "pixel_f1", "pixel_aupro", "pixel_threshold"))
+    assert [r.getMessage() for r in caplog.records] == ["no ground-truth masks: pixel metrics are null"]
+
+
+def test_compute_metrics_all_defective(caplog: pytest.LogCaptureFixture) -> None:
     # No good image: image AUROC undefined, image F1 defined; pixels still mixed.
     image_scores, _, maps, masks = _dataset(6)
     keep = masks.flatten(1).any(1)
-    out = compute_metrics(image_scores[keep], torch.ones(int(keep.sum())), maps[keep], masks[keep])
-    assert math.isnan(out["image_auroc"])
+    with caplog.at_level(logging.WARNING, logger="anomaly.metrics"):
+        out = compute_metrics(image_scores[keep], torch.ones(int(keep.sum())), maps[keep], masks[keep])
+    assert out["image_auroc"] is None
     assert out["image_f1"] == 1.0
     assert out["image_threshold"] == pytest.approx(float(image_scores[keep].min()))
     for key in ("pixel_auroc", "pixel_f1", "pixel_aupro", "pixel_threshold"):
-        assert math.isfinite(out[key])
+        assert type(out[key]) is float and math.isfinite(out[key])
+    assert [r.getMessage() for r in caplog.records] == ["no good test image: image_auroc is null"]
 
 
 def test_compute_metrics_fully_anomalous_pixels() -> None:
     # Every pixel anomalous: pixel AUROC and AUPRO undefined (no normal pixel).
     maps = torch.rand(2, 4, 4)
     out = compute_metrics(torch.rand(2), torch.tensor([0, 1]), maps, torch.ones(2, 4, 4))
-    assert math.isnan(out["pixel_auroc"]) and math.isnan(out["pixel_aupro"])
+    assert out["pixel_auroc"] is None and out["pixel_aupro"] is None
     assert out["pixel_f1"] == 1.0
+
+
+# --------------------------------------------------------------------------
+# Bounded-memory streaming: exact against full-sort references
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+def test_streaming_pixel_metrics_are_exact(monkeypatch: pytest.MonkeyPatch, coarse: bool) -> None:
+    """Tiny chunks force many streamed chunks; every metric must equal a one-shot full-sort reference.
+
+    The references sort all pixels at once (sklearn) or try every threshold (slow AUPRO; the continuous
+    case is covered against it by test_aupro_matches_slow_reference), so agreement shows the
+    positive-table decomposition loses nothing.  AUROC and F1 come from integer counts (one
+    final rounding each: 1e-12 is generous); AUPRO sums 1/area in a different order than the reference
+    (float64 rounding ~1e-15 per term, far below 1e-9).
+    """
+    rng = np.random.default_rng(42)
+    masks = _blob_masks(rng, n=40, size=24)
+    masks[::3] = False  # good images too
+    maps = (rng.random(masks.shape) + 0.4 * masks).astype(np.float32)
+    if coarse:
+        maps = np.round(maps * 10) / 10  # ties within and across chunks, between normal and anomalous pixels
+    maps_t, masks_t = torch.from_numpy(maps), torch.from_numpy(masks)
+    labels = masks_t.flatten(1).any(1).long()
+    one_chunk = compute_metrics(maps_t.flatten(1).amax(1), labels, maps_t, masks_t)
+    monkeypatch.setattr(metrics_module, "_CHUNK", 1000)  # 40 maps of 24x24 -> 40 chunks of one map
+    out = compute_metrics(maps_t.flatten(1).amax(1), labels, maps_t, masks_t)
+    assert out == pytest.approx(one_chunk, abs=1e-12)
+
+    y, s = masks.ravel(), maps.ravel().astype(np.float64)
+    assert out["pixel_auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert out["pixel_f1"] == pytest.approx(_sklearn_f1_max(s, y), abs=1e-12)
+    assert _f1_at(s, y, out["pixel_threshold"]) == pytest.approx(out["pixel_f1"], abs=1e-12)
+    if coarse:  # the slow reference tries every distinct score: affordable with 11 of them
+        assert out["pixel_aupro"] == pytest.approx(_reference_aupro(maps, masks, 0.3), abs=1e-9)
+    # Independent AUROC implementation (torchmetrics, float32 internally: its trapezoids on float
+    # rates carry ~1e-7 relative rounding, hence 1e-6).
+    assert out["pixel_auroc"] == pytest.approx(float(binary_auroc(maps_t.ravel(), masks_t.ravel().long())), abs=1e-6)
+
+
+def test_auroc_matches_torchmetrics() -> None:
+    rng = np.random.default_rng(9)
+    scores = torch.from_numpy(rng.standard_normal(5000).astype(np.float32))
+    labels = torch.from_numpy(rng.random(5000) < 0.3)
+    scores[labels] += 0.5
+    # torchmetrics computes in float32 (see above): agreement to 1e-6.
+    assert auroc(scores, labels) == pytest.approx(float(binary_auroc(scores, labels.long())), abs=1e-6)
+
+
+def test_memory_script_reports_json() -> None:
+    """The peak-memory probe runs end to end on a small set (the 1,000 x 512 x 512 run is in the README)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "metrics_memory.py"), "--images", "6", "--size", "64"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["images"] == 6 and result["size"] == 64
+    assert result["peak_rss_mb"] >= result["baseline_rss_mb"] > 0
+    assert 0.5 < result["metrics"]["pixel_auroc"] <= 1.0

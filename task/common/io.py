@@ -1,57 +1,218 @@
-"""Safe, atomic file I/O for checkpoints, weights and small JSON/CSV outputs."""
+"""Safe, atomic file I/O for checkpoints, weights and small JSON/CSV outputs.
+
+Every write goes through ``atomic_write_bytes``: a temporary file ``.<name>.<host>-<pid>.<random>.tmp`` in the
+target's folder, fsync, rename. A failure of the operating system (disk full, quota, read-only folder, I/O error;
+torch reports some of these as a RuntimeError around the OSError) becomes a one-line ``UserError`` naming the path
+and a fix; the previous file is untouched and the temporary file removed. SIGTERM during a write (in the main
+thread, while SIGTERM has its default action) removes the temporary file before the process ends as SIGTERM would.
+Temporary files of writers that died by SIGKILL or power loss are removed by ``remove_stale_temps``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import pickle
 import pickletools
 import re
+import shutil
+import signal
+import socket
 import tempfile
+import threading
 import warnings
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
-from task.common.errors import UserError
+from task.common.errors import UserError, short_text
+
+# ``.<name>.<host>-<pid>.<8 random chars from mkstemp>.tmp``: the host and pid say whose temp file it is.
+_TEMP_NAME = re.compile(r"^\..+\.(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)\.[a-z0-9_]{8}\.tmp$")
+_OUTPUT_FIX = "choose another RESULT.savedir (or --output for --mode predict)"
+# How torch's zip writer reports a failed write when the OSError itself is not chained to its RuntimeError.
+_TORCH_WRITE_FAILURE = re.compile(r"file write failed|unexpected pos|No space left on device|Disk quota exceeded")
 
 
-def atomic_write_bytes(path: str | Path, write) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename: readers never see a partial file."""
+def _host_tag() -> str:
+    """8 hex digits naming this machine in temp names (run folders on network disks are shared between hosts)."""
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+def _shown(path: str | Path) -> str:
+    return short_text(str(path), 160)
+
+
+def _check_path(path: Path, what: str) -> None:
+    """A NUL byte makes every OS call raise ValueError (not OSError): refuse it with a message instead."""
+    if "\0" in str(path):
+        raise UserError(f"{what} {_shown(path)} contains a NUL byte; pass a plain path")
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free there"
+    except OSError:
+        return "free space unknown"
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, one in its cause/context chain, or one described by torch's writer message."""
+    seen: set[int] = set()
+    node: BaseException | None = exc
+    while node is not None and id(node) not in seen:
+        if isinstance(node, OSError):
+            return node
+        seen.add(id(node))
+        node = node.__cause__ or node.__context__
+    if isinstance(exc, RuntimeError) and _TORCH_WRITE_FAILURE.search(str(exc)):
+        code = errno.ENOSPC if "No space left" in str(exc) else errno.EDQUOT if "quota" in str(exc) else errno.EIO
+        return OSError(code, os.strerror(code))
+    return None
+
+
+def _write_error(path: Path, exc: OSError) -> UserError:
+    """One line: what could not be written, the operating system's reason, and the fix that reason calls for."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free disk space ({_free_space(path.parent)}) or {_OUTPUT_FIX}"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"check the folder's permissions or {_OUTPUT_FIX}"
+    else:
+        fix = f"check the disk and the path, or {_OUTPUT_FIX}"
+    return UserError(f"cannot write {_shown(path)} ({reason}); {fix}")
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler inside a write: unwinds it (removing the temp file) like KeyboardInterrupt."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While the body runs, SIGTERM raises ``_Terminated``; once the body has cleaned up, the process ends by SIGTERM.
+
+    Only in the main thread (Python runs signal handlers there alone) and only while SIGTERM has its default
+    action: a handler installed by someone else (e.g. a graceful stop) stays in charge, and an ignored SIGTERM
+    stays ignored. The previous handler is always restored.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, previous)
+        signal.raise_signal(signal.SIGTERM)  # the default action: the process ends, killed by SIGTERM
+        raise SystemExit(128 + signal.SIGTERM) from None  # reached only if this thread blocks SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def atomic_write_bytes(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename: readers never see a partial file.
+
+    ``write(handle)`` writes the content to a binary file handle. OS-level failures raise a one-line UserError.
+    """
     path = Path(path)
+    _check_path(path, "output path")
+    with _sigterm_unwinds():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            prefix = f".{path.name[:128]}.{_host_tag()}-{os.getpid()}."  # cut long names: the temp name must stay under 255 bytes
+            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+        except OSError as exc:
+            raise _write_error(path, exc) from None
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions a plain open() would
+            os.replace(tmp, path)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink(missing_ok=True)  # the previous file at ``path``, if any, is untouched
+            os_error = _os_error_in(exc) if isinstance(exc, Exception) else None
+            if os_error is not None:  # disk full, quota, I/O error: the user's environment, not a bug
+                raise _write_error(path, os_error) from None
+            raise
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temp files ``atomic_write_bytes`` left in ``folder`` when its writer died; returns those removed.
+
+    Only names of our pattern written on this host by a process that no longer exists are removed, so the temp
+    file of a live writer (another run, a rank of this one) is never touched. Call at run start, before writing.
+    """
+    folder = Path(folder)
+    host = _host_tag()
+    removed: list[Path] = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise UserError(f"cannot write to {path.parent} ({exc.strerror}); choose a writable RESULT.savedir") from None
+        entries = list(os.scandir(folder))
+    except (OSError, ValueError):  # no folder yet (nothing to clean), or unreadable: writes will report it
+        return removed
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if match is None or match["host"] != host or not entry.is_file(follow_symlinks=False) or _pid_alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (signal 0 checks without sending anything)."""
+    if pid <= 0:
+        return True  # 0 and negatives name process groups, never a writer: treat as alive, i.e. keep the file
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions a plain open() would
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)  # the previous file at ``path``, if any, is untouched
-        if isinstance(exc, OSError):  # disk full, quota, I/O error: the user's environment, not a bug
-            raise UserError(f"cannot write {path} ({exc.strerror or exc}); free disk space or choose another output folder") from None
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except OverflowError:  # larger than any pid
+        return False
+    return True
+
+
+def csv_cell(text: str) -> str:
+    """``text`` safe for a CSV cell opened in a spreadsheet: a leading ``= + - @``, tab or CR would start a formula.
+
+    Such cells get a leading single quote (OWASP's advice). Use it for text cells (paths, names), not numbers.
+    """
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def ensure_dir(path: str | Path) -> Path:
-    """Create ``path`` (and parents); a UserError naming it when that is impossible (e.g. a parent is a file)."""
+    """Create ``path`` (and parents) and check that it is writable; a one-line UserError naming it otherwise."""
     path = Path(path)
+    _check_path(path, "output folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"cannot create output folder {_shown(path)}: a file of that name exists; {_OUTPUT_FIX}") from None
     except OSError as exc:
-        raise UserError(f"cannot create output folder {path} ({exc.strerror or type(exc).__name__}); choose a writable RESULT.savedir") from None
+        raise UserError(f"cannot create output folder {_shown(path)} ({exc.strerror or type(exc).__name__}); {_OUTPUT_FIX}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {_shown(path)} is not writable (permission denied); fix its permissions or {_OUTPUT_FIX}")
     return path
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` through ``atomic_write_bytes``."""
     atomic_write_bytes(path, lambda handle: torch.save(obj, handle))
 
 
@@ -85,7 +246,7 @@ def _refusal_reason(exc: pickle.UnpicklingError, path: Path) -> str:
     match = re.search(r"GLOBAL (\S+)", str(exc))
     name = match.group(1) if match else _pickle_import(path)
     if name:
-        return f"it would import {name}"
+        return f"it would import {short_text(name)}"
     lines = [line.strip() for line in str(exc).splitlines() if line.strip().startswith("Unsupported")]
     return f"it holds unsupported pickle content ({lines[0][:80]})" if lines else "it holds unsupported pickle content"
 
@@ -93,29 +254,33 @@ def _refusal_reason(exc: pickle.UnpicklingError, path: Path) -> str:
 def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
     """``torch.load(weights_only=True)``: tensors and plain containers only; anything that would run code is refused."""
     path = Path(path)
+    _check_path(path, what)
+    shown = _shown(path)
+    if path.is_dir():
+        raise UserError(f"{what} {shown} is a directory; pass the .pt file inside it")
     if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
+        raise UserError(f"{what} not found: {shown}")
     try:
         with open(path, "rb") as handle:
             head = handle.read(4)
     except OSError as exc:
-        raise UserError(f"cannot read {what} {path} ({exc.strerror}); check the path and its permissions") from None
+        raise UserError(f"cannot read {what} {shown} ({exc.strerror}); check the path and its permissions") from None
     if not head:
-        raise UserError(f"{what} {path} is empty (0 bytes); re-create it or pass another file")
+        raise UserError(f"{what} {shown} is empty (0 bytes); re-create it or pass another file")
     # torch.save writes a zip archive (PK..); old torch versions wrote a bare pickle (protocol byte 0x80).
     if not head.startswith(b"PK") and head[0] != 0x80:
-        raise UserError(f"{what} {path} is not a PyTorch checkpoint (neither a zip archive nor a pickle); pass a .pt file written by this toolkit")
+        raise UserError(f"{what} {shown} is not a PyTorch checkpoint (neither a zip archive nor a pickle); pass a .pt file written by this toolkit")
     try:
         with warnings.catch_warnings():  # e.g. torch's note on pickle protocols: noise next to the one-line error
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UserError(
-            f"refusing to load {what} {path}: {_refusal_reason(exc, path)}, and only tensors and plain data are accepted; "
+            f"refusing to load {what} {shown}: {_refusal_reason(exc, path)}, and only tensors and plain data are accepted; "
             "if you trust the file, re-save it as a plain state dict"
         ) from None
     except Exception as exc:  # damaged zip, truncated pickle, wrong record types: all mean the file is unusable
-        raise UserError(f"{what} {path} is damaged or truncated ({type(exc).__name__}); re-create it or pass another file") from None
+        raise UserError(f"{what} {shown} is damaged or truncated ({type(exc).__name__}); re-create it or pass another file") from None
 
 
 def load_tensor_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
@@ -127,5 +292,5 @@ def load_tensor_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{what} {path} is not a state dict of tensors")
+        raise UserError(f"{what} {_shown(path)} is not a state dict of tensors")
     return obj

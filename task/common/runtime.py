@@ -1,4 +1,30 @@
-"""Device selection, seeding and the (optional) torch.distributed context."""
+"""Device selection, seeding, the numeric precision policy and the (optional) torch.distributed context.
+
+Precision policy (``apply_precision_policy``, called once by the engine after ``select_device``):
+
+==============================================  =====================================  =============================
+Computation                                     Precision                              Why
+==============================================  =====================================  =============================
+Frozen encoder (backbone convolutions)          TRAIN.amp autocast (bf16/fp16);        throughput; features are
+                                                float32 convs may use TF32 on CUDA     compared, not thresholded
+Decoder, bottleneck convs, PDM heads, losses    TRAIN.amp autocast; TF32 convs         as above; the optimiser and
+                                                allowed (cuDNN)                        master weights stay float32
+Matrix products (VQ codebook distances,         float32, TF32 off                      nearest-code argmin must not
+affine maps, any ``@`` / ``linear``)            (``matmul.allow_tf32 = False``)        flip on 10-bit mantissas
+Warps (``grid_sample``) and coordinate grids    float32 (autocast off in the model)    a bf16 coordinate is off by
+                                                                                       up to half a pixel at 256
+Feature discrepancy and Gaussian smoothing      float32, no cuDNN, no TF32             maps must be CPU/CUDA equal
+(``gaussian_blur2d``)                           (elementwise multiply-adds)            and free of bf16 ties
+Score fusion, calibration statistics            float32                                thresholds are compared to
+                                                                                       these values
+Metrics (``task.common.metrics``)               exact: float32 scores, int64 counts,   reported to 4 decimals;
+                                                float64 region weights (numpy, CPU)    must not depend on device
+==============================================  =====================================  =============================
+
+cuDNN autotuning (``cudnn.benchmark``) is on: training and evaluation run at one fixed image size, so the
+one-off search per shape pays for itself; ``fixed_size=False`` turns it off for variable-size inputs.
+On CPU only the matmul setting applies (oneDNN has no TF32; bf16 autocast is the CPU fast path).
+"""
 
 from __future__ import annotations
 
@@ -96,11 +122,51 @@ def keep_freed_memory_for_reuse() -> bool:
 
 
 def select_device(ctx: DistributedContext | None = None) -> torch.device:
-    """CUDA when available (one GPU per process under torchrun), else CPU."""
-    if torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
-        return torch.device("cuda", ctx.local_rank if ctx else 0)
-    return torch.device("cpu")
+    """CUDA when available (one GPU per process under torchrun), else CPU.
+
+    Also applies the precision policy for the chosen device (see the module docstring).
+    """
+    device = torch.device("cuda", ctx.local_rank if ctx else 0) if torch.cuda.is_available() else torch.device("cpu")
+    apply_precision_policy(device)
+    return device
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """The global backend flags the policy sets (see the module docstring for the per-computation table)."""
+
+    cudnn_allow_tf32: bool
+    matmul_allow_tf32: bool
+    cudnn_benchmark: bool
+    float32_matmul_precision: str
+
+
+def apply_precision_policy(device: torch.device, fixed_size: bool = True) -> PrecisionPolicy:
+    """Set the process-wide numeric flags of the precision policy for ``device``; idempotent.
+
+    Args:
+        device: the training / evaluation device.
+        fixed_size: every batch has the same image size (cuDNN autotuning pays off).
+
+    Returns:
+        The flags now in effect.
+    """
+    # Convolutions (encoder, decoder) may use TF32 tensor cores: ~1e-3 relative error is below what their
+    # features need, and amp=bf16/fp16 rounds far more anyway.
+    torch.backends.cudnn.allow_tf32 = True
+    # Matrix products stay true float32: the VQ codebook's nearest-neighbour argmin and the affine grids
+    # are decisions and coordinates, not features.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.benchmark = device.type == "cuda" and fixed_size
+    policy = PrecisionPolicy(
+        cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+        matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+        cudnn_benchmark=torch.backends.cudnn.benchmark,
+        float32_matmul_precision=torch.get_float32_matmul_precision(),
+    )
+    log.debug("precision policy on %s: %s", device, policy)
+    return policy
 
 
 def _destroy_process_group() -> None:

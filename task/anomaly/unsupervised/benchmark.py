@@ -1,7 +1,7 @@
 """``--mode benchmark``: time training steps and one evaluation pass with the configured settings.
 
-The trainer supplies the model (built, moved, optionally compiled), its optimiser and its own ``train_step``, so
-the numbers are those of a real run. Without a dataset on disk the inputs are random tensors of the configured
+The engine supplies the model (built, moved, optionally compiled) and the same ``Stepper`` training uses, so the
+numbers are those of a real run. Without a dataset on disk the inputs are random tensors of the configured
 size (and random rectangular masks for the metrics); nothing is written to disk.
 """
 
@@ -11,17 +11,17 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import Subset
 
+from task.anomaly.unsupervised.engine import Engine
 from task.anomaly.unsupervised.inference import predict_loader
+from task.anomaly.unsupervised.training import Stepper
 from task.common.metrics import compute_metrics
-
-if TYPE_CHECKING:
-    from task.anomaly.unsupervised.models.dmad.trainer import DMADTrainer
 
 DTYPE_NAMES = {"none": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -62,78 +62,74 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _training_batches(trainer: "DMADTrainer", count: int, use_data: bool) -> Iterable[Tensor]:
-    """This process's share [b, 3, H, W] of ``count`` global batches (cycling through the training set if any)."""
-    cfg = trainer.cfg
+def _training_batches(engine: Engine, count: int, use_data: bool) -> Iterable[dict[str, Tensor]]:
+    """This process's share {"image": [b, 3, H, W]} of ``count`` global batches (cycling through the training set)."""
+    cfg = engine.cfg
     batch_size = cfg.DATALOADER.batch_size
     if use_data:
-        train_set = trainer.dataset("train")
+        train_set = engine.dataset("train")
         for step in range(count):
             batch = [(step * batch_size + j) % len(train_set) for j in range(batch_size)]
-            yield torch.stack([train_set[i]["image"] for i in trainer.dist.shard(batch)])
+            yield {"image": torch.stack([train_set[i]["image"] for i in engine.dist.shard(batch)])}
     else:
         generator = torch.Generator().manual_seed(cfg.SEED)
         for _ in range(count):
             images = random_images(batch_size, tuple(cfg.DATASET.resize), generator)
-            yield images[trainer.dist.shard(list(range(batch_size)))]
+            yield {"image": images[engine.dist.shard(list(range(batch_size)))]}
 
 
-def _test_batches(trainer: "DMADTrainer", use_data: bool) -> tuple[Any, int]:
+def _test_batches(engine: Engine, use_data: bool) -> tuple[Any, int]:
     """(loader or list of batches, number of images) for the evaluation pass; 16 random images when unlimited."""
-    cfg = trainer.cfg
+    cfg = engine.cfg
     limit = cfg.BENCHMARK.eval_images
     if use_data:
-        test_set = trainer.dataset("test")
+        test_set = engine.dataset("test")
         count = len(test_set) if limit is None else min(limit, len(test_set))
-        return trainer.eval_loader(Subset(test_set, range(count))), count
+        return engine.eval_loader(Subset(test_set, range(count))), count
     generator = torch.Generator().manual_seed(cfg.SEED + 1)
     count = 16 if limit is None else limit
     return random_test_batches(count, tuple(cfg.DATASET.resize), cfg.TEST.batch_size, generator), count
 
 
-def run_benchmark(trainer: "DMADTrainer", model: torch.nn.Module) -> dict[str, Any]:
+def run_benchmark(engine: Engine, model: torch.nn.Module, stepper: Stepper) -> dict[str, Any]:
     """Warm-up + timed training steps, then one timed evaluation pass (maps, scores) and the metrics.
 
-    ``model`` is on ``trainer.device`` (and compiled when TRAIN.compile is set). Evaluation and the result are
-    rank 0's; other ranks only train. Returns the JSON-ready result (``{}`` on ranks other than 0).
+    ``model`` is on ``engine.device`` (and compiled when TRAIN.compile is set); ``stepper`` trains it. Evaluation and
+    the result are rank 0's; other ranks only train. Returns the JSON-ready result (``{}`` on ranks other than 0).
     """
-    cfg = trainer.cfg
-    device = trainer.device
+    cfg = engine.cfg
+    device = engine.device
     bench = cfg.BENCHMARK
     data_root = Path(cfg.DATASET.datadir) / cfg.DATASET.target
     use_data = data_root.is_dir()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    train_model = trainer.dist.wrap(model)
-    criterion = trainer.make_criterion()
-    optimizer = trainer.make_optimizer(model)
     model.train()
     times: list[float] = []
-    for step, images in enumerate(_training_batches(trainer, bench.warmup + bench.train_steps, use_data), start=1):
+    for step, batch in enumerate(_training_batches(engine, bench.warmup + bench.train_steps, use_data), start=1):
         _synchronize(device)
         start = time.perf_counter()
-        trainer.train_step(train_model, criterion, optimizer, images, step)
+        stepper(batch, step)
         _synchronize(device)
         if step > bench.warmup:
             times.append(time.perf_counter() - start)
     train_s = sum(times) / len(times)
     peak_train_mb = peak_rss_mb()
-    if not trainer.dist.is_main:
+    if not engine.dist.is_main:
         return {}
 
-    batches, count = _test_batches(trainer, use_data)
+    batches, count = _test_batches(engine, use_data)
     first = next(iter(batches))
     # One untimed batch: first-call costs (allocator, oneDNN primitive creation, compilation) are not throughput.
-    predict_loader(model, [first], device, trainer.amp, desc="warm-up", channels_last=trainer.channels_last)
+    predict_loader(model, [first], device, engine.amp, desc="warm-up", channels_last=engine.channels_last)
     _synchronize(device)
     start = time.perf_counter()
-    preds = predict_loader(model, batches, device, trainer.amp, desc="benchmark", channels_last=trainer.channels_last)
+    preds = predict_loader(model, batches, device, engine.amp, desc="benchmark", channels_last=engine.channels_last)
     _synchronize(device)
     eval_s = time.perf_counter() - start
-    masks = preds.masks if preds.masks is not None else torch.zeros_like(preds.anomaly_maps, dtype=torch.uint8)
     start = time.perf_counter()
-    compute_metrics(preds.scores, preds.labels, preds.anomaly_maps, masks)
+    compute_metrics(preds.scores, preds.labels, preds.anomaly_maps, preds.masks)
     metrics_s = time.perf_counter() - start
 
     return {
@@ -145,16 +141,17 @@ def run_benchmark(trainer: "DMADTrainer", model: torch.nn.Module) -> dict[str, A
         "peak_rss_train_mb": peak_train_mb,
         "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "device": str(device),
-        "dtype": DTYPE_NAMES[trainer.amp],
+        "dtype": DTYPE_NAMES[engine.amp],
         "batch_size": cfg.DATALOADER.batch_size,
         "image_size": list(cfg.DATASET.resize),
-        "backbone": cfg.MODEL.backbone,
+        "method": engine.method.name,
+        **engine.method.describe(cfg),
         "eval_batch_size": cfg.TEST.batch_size,
         "eval_images": count,
         "train_steps": len(times),
-        "channels_last": trainer.channels_last,
+        "channels_last": engine.channels_last,
         "compile": cfg.TRAIN.compile,
-        "world_size": trainer.dist.world_size,
+        "world_size": engine.dist.world_size,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "data": str(data_root) if use_data else "random",

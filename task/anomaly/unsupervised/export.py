@@ -1,9 +1,10 @@
-"""``--mode export``: the whole DMAD inference path as one ONNX graph, checked against PyTorch on real images.
+"""``--mode export``: an image method's whole inference path as one ONNX graph, checked against PyTorch on real images.
 
 The graph maps a float32 image batch [B, 3, H, W] (dynamic B, H and W fixed to ``DATASET.resize`` of the checkpoint)
-to ``anomaly_map`` [B, 1, H, W], ``score`` [B] and ``deformation_map`` [B, 1, H, W]: PDM warps (GridSample), frozen
-encoder, bottleneck with the VQ nearest-prototype lookup, decoder, feature discrepancy, unwarping, the scipy-exact
-Gaussian smoothing and the score fusion with the calibration statistics stored in the checkpoint. The input is raw
+to ``anomaly_map`` [B, 1, H, W], ``score`` [B] and the method's extra maps (DMAD: ``deformation_map`` [B, 1, H, W]),
+i.e. everything the model's eval forward does; for DMAD: PDM warps (GridSample), frozen encoder, bottleneck with the
+VQ nearest-prototype lookup, decoder, feature discrepancy, unwarping, the scipy-exact Gaussian smoothing and the score
+fusion with the calibration statistics stored in the checkpoint. The input is raw
 RGB in [0, 1] with the ImageNet normalisation inside the graph (``EXPORT.input=raw``, the default) or an already
 normalised batch (``EXPORT.input=imagenet``). Metadata (``metadata_props``) records the input format, image size,
 thresholds, category, backbone and the sha256 of the source checkpoint; ``predict.OnnxModel`` reads it.
@@ -33,61 +34,50 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from task.anomaly.unsupervised.data.mvtec import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_image, resize_image, scan_split, to_tensor
-from task.anomaly.unsupervised.models.dmad.torch_model import DMADModel
-from task.anomaly.unsupervised.predict import (
-    ONNX_FILENAME,
-    ONNX_FORMAT,
-    ONNX_INPUT,
-    ONNX_OUTPUTS,
-    OnnxModel,
-    file_sha256,
-    list_images,
-    load_inference_model,
-)
+from task.anomaly.unsupervised.data.formats import scan_dataset
+from task.anomaly.unsupervised.data.preprocess import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_image, resize_image, to_tensor
+from task.anomaly.unsupervised.engine import LoadedModel
+from task.anomaly.unsupervised.predict import ONNX_FILENAME, ONNX_FORMAT, ONNX_INPUT, OnnxModel, file_sha256, list_images
 from task.common.config import Config
 from task.common.errors import UserError
 from task.common.io import atomic_write_bytes
 
-if TYPE_CHECKING:  # the trainer imports this module lazily; a runtime import would be circular
-    from task.anomaly.unsupervised.models.dmad.trainer import DMADTrainer
-
-log = logging.getLogger("dmad")
+log = logging.getLogger("anomaly")
 
 CHECK_IMAGES = 4
 TOLERANCE = 1e-3
 
 
 class ExportModule(nn.Module):
-    """``DMADModel``'s eval forward as a plain tuple-returning module for ``torch.onnx.export``.
+    """An image model's eval forward as a plain tuple-returning module for ``torch.onnx.export``.
 
     images [B, 3, H, W] float32 (RGB in [0, 1] if ``normalize``, else ImageNet-normalised) ->
-    (anomaly_map [B, 1, H, W], score [B], deformation_map [B, 1, H, W]).
+    (anomaly_map [B, 1, H, W], score [B], *extras [B, 1, H, W] in the order of ``extra_names``).
     """
 
-    def __init__(self, model: DMADModel, normalize: bool) -> None:
+    def __init__(self, model: nn.Module, normalize: bool, extra_names: tuple[str, ...]) -> None:
         super().__init__()
         self.model = model.eval()
         self.normalize = normalize
+        self.extra_names = extra_names
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1))
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         # Same operations as to_tensor (subtract, then divide), so raw and normalised inputs agree to rounding.
         x = (images - self.mean) / self.std if self.normalize else images
         out = self.model(x)
-        return out.anomaly_map, out.score, out.deformation_map
+        return (out.anomaly_map, out.score, *(out.extras[name] for name in self.extra_names))
 
 
-def export_onnx(model: DMADModel, example: Tensor, normalize: bool, opset: int) -> bytes:
-    """Trace ``ExportModule(model, normalize)`` on ``example`` [B, 3, H, W] (CPU) into ONNX bytes with a dynamic batch."""
-    module = ExportModule(model, normalize).eval()
+def export_onnx(module: ExportModule, example: Tensor, opset: int) -> bytes:
+    """Trace ``module`` on ``example`` [B, 3, H, W] (CPU) into ONNX bytes with a dynamic batch."""
+    names = ("anomaly_map", "score", *module.extra_names)
     kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
@@ -97,8 +87,8 @@ def export_onnx(model: DMADModel, example: Tensor, normalize: bool, opset: int) 
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"torch\.nn\.functional")
         torch.onnx.export(
             module, (example,), buffer,
-            input_names=[ONNX_INPUT], output_names=list(ONNX_OUTPUTS),
-            dynamic_axes={name: {0: "batch"} for name in (ONNX_INPUT, *ONNX_OUTPUTS)},
+            input_names=[ONNX_INPUT], output_names=list(names),
+            dynamic_axes={name: {0: "batch"} for name in (ONNX_INPUT, *names)},
             opset_version=opset, do_constant_folding=True, **kwargs,
         )
     return buffer.getvalue()
@@ -128,7 +118,7 @@ def check_image_paths(cfg: Config, input_path: str | None) -> list[Path]:
             raise UserError(f"no images in {input_path} for the ONNX check; pass a folder with {', '.join(IMAGE_EXTENSIONS)} files")
         return _spread(paths, CHECK_IMAGES)
     try:
-        samples = scan_split(cfg.DATASET.datadir, cfg.DATASET.target, "test")
+        samples = scan_dataset(cfg.DATASET, "test", cfg.SEED)
     except UserError as exc:
         raise UserError(f"the ONNX check needs a few real images: pass --input IMAGE_OR_FOLDER, or point DATASET.datadir at the dataset ({exc})") from None
     return [Path(s.path) for s in _spread(samples, CHECK_IMAGES)]
@@ -163,7 +153,7 @@ def compare(onnx_model: OnnxModel, inputs: np.ndarray, reference: dict[str, Tens
     full = onnx_model.run(inputs)
     single = onnx_model.run(inputs[:1])
     differences = []
-    for name in ONNX_OUTPUTS:
+    for name in reference:
         expected = reference[name].numpy()
         worst = max(float(np.abs(full[name] - expected).max()), float(np.abs(single[name] - expected[:1]).max()))
         if name == "score":
@@ -174,29 +164,25 @@ def compare(onnx_model: OnnxModel, inputs: np.ndarray, reference: dict[str, Tens
     return differences
 
 
-def export_run(trainer: DMADTrainer, input_path: str | None) -> Path:
-    """Export the run's checkpoint to ``model.onnx`` beside it, after checking the graph against PyTorch."""
-    opset = trainer.cfg.EXPORT.opset  # the schema keeps it >= 16 (GridSample)
-    checkpoint = trainer.checkpoint_path()
-    if checkpoint.suffix.lower() == ".onnx":
-        raise UserError(f"--checkpoint {checkpoint} is already an ONNX file; export from a model.pt")
-    model, thresholds, cfg = load_inference_model(trainer, checkpoint)
-    model = model.float().cpu().to(memory_format=torch.contiguous_format).eval()
+def export_run(loaded: LoadedModel, paths: list[Path], extra_names: tuple[str, ...], input_format: str, opset: int) -> Path:
+    """Export ``loaded`` to ``model.onnx`` beside its checkpoint, after checking the graph against PyTorch on ``paths``."""
+    checkpoint, cfg, thresholds = loaded.path, loaded.cfg, loaded.thresholds
+    model = loaded.model.float().cpu().to(memory_format=torch.contiguous_format).eval()
     size = tuple(cfg.DATASET.resize)
-    normalize = trainer.cfg.EXPORT.input == "raw"
+    normalize = input_format == "raw"
+    module = ExportModule(model, normalize, extra_names).eval()
 
-    paths = check_image_paths(cfg, input_path)
     normalized, raw = preprocess(paths, size)
     inputs = raw if normalize else normalized
     with torch.no_grad():  # the PyTorch reference; it also fills the CoordConv caches, so they trace as constants
-        out = model(normalized)
-    reference = {"anomaly_map": out.anomaly_map, "score": out.score, "deformation_map": out.deformation_map}
+        outputs = module(inputs)
+    reference = dict(zip(("anomaly_map", "score", *extra_names), outputs))
 
-    log.info("exporting %s (%s, %dx%d, %s input, opset %d)", checkpoint, cfg.MODEL.backbone, size[0], size[1], trainer.cfg.EXPORT.input, opset)
+    log.info("exporting %s (%dx%d, %s input, opset %d)", checkpoint, size[0], size[1], input_format, opset)
     example = inputs[:2] if len(inputs) >= 2 else inputs.repeat(2, 1, 1, 1)
     metadata = {
         "format": ONNX_FORMAT,
-        "input": trainer.cfg.EXPORT.input,
+        "input": input_format,
         "input_description": (
             "float32 [B, 3, H, W] RGB in [0, 1] (ImageNet normalisation is inside the graph)" if normalize
             else "float32 [B, 3, H, W] ImageNet-normalised RGB: (x / 255 - mean) / std"
@@ -206,13 +192,11 @@ def export_run(trainer: DMADTrainer, input_path: str | None) -> Path:
         "image_size": json.dumps(list(size)),
         "thresholds": json.dumps({k: float(v) for k, v in thresholds.items()}),
         "category": str(cfg.DATASET.target),
-        "backbone": str(cfg.MODEL.backbone),
-        "score_stats": json.dumps([float(v) for v in model.score_stats.tolist()]),
-        "deform_weight": str(float(model.deform_weight)),
-        "outputs": "anomaly_map [B, 1, H, W], score [B], deformation_map [B, 1, H, W]",
+        "model": json.dumps({k: v for k, v in cfg.to_dict()["MODEL"].items() if k not in ("pretrained", "backbone_weights")}),
+        "outputs": ", ".join(["anomaly_map [B, 1, H, W]", "score [B]", *(f"{n} [B, 1, H, W]" for n in extra_names)]),
         "checkpoint_sha256": file_sha256(checkpoint),
     }
-    data = with_metadata(export_onnx(model, example, normalize, opset), metadata)
+    data = with_metadata(export_onnx(module, example, opset), metadata)
 
     differences = compare(OnnxModel(data, "the exported graph"), inputs.numpy(), reference)
     summary = "; ".join(str(d) for d in differences)

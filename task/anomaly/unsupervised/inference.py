@@ -1,4 +1,10 @@
-"""One inference path for evaluation, pictures, prediction and export checks: batches in, maps and scores out."""
+"""The one inference record and the one inference path: batches in, maps and scores out.
+
+Every image method's eval-mode ``forward`` returns ``InferenceOutput``; ``predict_loader`` gathers a whole pass into
+``Predictions``. Evaluation, calibration, pictures, the GIF, predict, benchmark and the ONNX check all read these two
+records, so none of them knows which method produced the maps. Method-specific maps (DMAD: ``deformation_map``) travel
+in ``extras`` by name; a method without them (e.g. DMAD with ``MODEL.pdm=false``) simply leaves them out.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 
@@ -20,33 +25,49 @@ def autocast(device: torch.device, amp: str):
 
 
 @dataclass
+class InferenceOutput:
+    """One batch of eval-mode outputs."""
+
+    anomaly_map: Tensor  # [B, 1, H, W] float32
+    score: Tensor  # [B] image score (meaningful once the method's score calibration is set)
+    extras: dict[str, Tensor] = field(default_factory=dict)  # named extra maps [B, 1, H, W]
+
+
+@dataclass
 class Predictions:
     """Per-image outputs of a pass over a dataset (CPU tensors)."""
 
     anomaly_maps: Tensor  # [N, H, W] float32
-    deformation_maps: Tensor  # [N, H, W] float32
-    scores: Tensor  # [N] fused image scores
+    scores: Tensor  # [N] image scores
     labels: Tensor  # [N] int64 (0 when unknown)
-    masks: Tensor | None  # [N, H, W] uint8 {0, 1}, None when the loader has no masks
+    masks: Tensor | None  # [N, H, W] uint8 {0, 1}; None when the data has no masks
     paths: list[str] = field(default_factory=list)
     defects: list[str] = field(default_factory=list)
+    extras: dict[str, Tensor] = field(default_factory=dict)  # name -> [N, H, W] float32
 
     @property
     def anomaly_max(self) -> Tensor:
+        """[N] per-image maximum of the anomaly map."""
         return self.anomaly_maps.flatten(1).amax(1)
 
-    @property
-    def deformation_max(self) -> Tensor:
-        return self.deformation_maps.flatten(1).amax(1)
+    def extra_max(self, name: str) -> Tensor:
+        """[N] per-image maximum of the extra map ``name``."""
+        return self.extras[name].flatten(1).amax(1)
 
 
 @torch.no_grad()
 def predict_loader(
-    model: torch.nn.Module, loader: DataLoader, device: torch.device, amp: str = "none", desc: str = "eval", channels_last: bool = False
+    model: torch.nn.Module, loader, device: torch.device, amp: str = "none", desc: str = "eval", channels_last: bool = False
 ) -> Predictions:
-    """Run ``model`` (eval mode, returning ``InferenceOutput``) over ``loader`` batches of dicts with an ``image`` key."""
+    """Run ``model`` (eval mode, returning ``InferenceOutput``) over batches of dicts with an ``image`` key.
+
+    Optional batch keys: ``label``, ``mask`` ([B, 1, H, W]), ``path``, ``defect``. ``masks`` is None unless every batch
+    carries masks.
+    """
     model.eval()
-    maps, deforms, scores, labels, masks, paths, defects = [], [], [], [], [], [], []
+    maps, scores, labels, masks, paths, defects = [], [], [], [], [], []
+    extras: dict[str, list[Tensor]] = {}
+    with_masks = True
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         images = batch["image"].to(device, non_blocking=True)
         if channels_last:
@@ -54,13 +75,22 @@ def predict_loader(
         with autocast(device, amp):
             out = model(images)
         maps.append(out.anomaly_map[:, 0].float().cpu())
-        deforms.append(out.deformation_map[:, 0].float().cpu())
         scores.append(out.score.float().cpu())
+        for name, value in out.extras.items():
+            extras.setdefault(name, []).append(value[:, 0].float().cpu())
         labels.append(batch["label"].long() if "label" in batch else torch.zeros(len(images), dtype=torch.long))
         if "mask" in batch:
             masks.append(batch["mask"][:, 0].to(torch.uint8))
+        else:
+            with_masks = False
         paths += list(batch.get("path", []))
         defects += list(batch.get("defect", []))
     return Predictions(
-        torch.cat(maps), torch.cat(deforms), torch.cat(scores), torch.cat(labels), torch.cat(masks) if masks else None, paths, defects
+        anomaly_maps=torch.cat(maps),
+        scores=torch.cat(scores),
+        labels=torch.cat(labels),
+        masks=torch.cat(masks) if with_masks and masks else None,
+        paths=paths,
+        defects=defects,
+        extras={name: torch.cat(values) for name, values in extras.items()},
     )

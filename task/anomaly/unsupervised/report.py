@@ -1,6 +1,6 @@
 """Results report: every run's metrics.json under a save directory -> MVTec AD markdown tables.
 
-Each run directory (``<savedir>/dmad/<category>[/<exp>]``) holds ``metrics.json`` and ``run.json`` (category,
+Each run directory (``<savedir>/<model_name>/<category>[/<exp>]``) holds ``metrics.json`` and ``run.json`` (category,
 backbone, image size, steps, device). Values are shown as percentages with one decimal; the newest run of each
 category is used when there are several.
 """
@@ -17,7 +17,7 @@ from typing import Any
 from task.common.errors import UserError
 from task.common.io import write_text
 
-log = logging.getLogger("dmad")
+log = logging.getLogger("anomaly")
 
 __all__ = ["MVTEC_CATEGORIES", "TABLES", "RunRecord", "collect_runs", "latest_runs", "format_report", "replace_results", "write_report"]
 
@@ -46,11 +46,9 @@ class RunRecord:
 
 
 def _category_from_path(run_dir: Path, savedir: Path) -> str:
-    """``<savedir>/dmad/<category>[/<exp>]`` -> category; otherwise the run folder's own name."""
+    """``<savedir>/<model_name>/<category>[/<exp>]`` -> category (for runs whose run.json does not say)."""
     parts = run_dir.relative_to(savedir).parts
-    if "dmad" in parts[:-1]:
-        return parts[parts.index("dmad") + 1]
-    return run_dir.name
+    return parts[1] if len(parts) >= 2 else run_dir.name
 
 
 def _number(value: Any) -> float | None:
@@ -74,6 +72,8 @@ def collect_runs(savedir: str | Path) -> list[RunRecord]:
         raise UserError(f"RESULT.savedir {savedir} does not exist; train a model first or set RESULT.savedir to the folder holding the runs")
     records = []
     for path in sorted(savedir.rglob("metrics.json")):
+        if "tests" in path.relative_to(savedir).parts[2:-1]:  # a foreign checkpoint tested inside a run: not the run's result
+            continue
         metrics = _read_json(path)
         if not isinstance(metrics, dict):
             continue

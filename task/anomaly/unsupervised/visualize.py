@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
-from task.anomaly.unsupervised.data.mvtec import IMAGENET_MEAN, IMAGENET_STD, AnomalyDataset
+from task.anomaly.unsupervised.data.dataset import AnomalyDataset
+from task.anomaly.unsupervised.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from task.anomaly.unsupervised.inference import Predictions
 from task.common.io import atomic_write_bytes
 
@@ -208,13 +209,14 @@ def _png_bytes(rgb: np.ndarray) -> bytes:
 def save_result_images(
     preds: Predictions, dataset: AnomalyDataset, thresholds: dict[str, float], folder: str | Path
 ) -> list[Path]:
-    """Write ``<folder>/<defect>/<stem>.png`` for every prediction; returns the paths in prediction order."""
+    """Write ``<folder>/<defect>/<file name>.png`` for every prediction (``a.jpg`` -> ``a.jpg.png``, so ``a.png`` and
+    ``a.jpg`` never share a picture); returns the paths in prediction order."""
     folder = Path(folder)
     bounds = display_bounds(preds.anomaly_maps, thresholds["pixel"])
     written = []
     for i in range(len(preds.scores)):
         defect = preds.defects[i] if preds.defects else "images"
-        target = folder / defect / (Path(preds.paths[i]).stem + ".png")
+        target = folder / defect / (Path(preds.paths[i]).name + ".png")
         data = _png_bytes(render_prediction(preds, dataset, i, thresholds, bounds))
         atomic_write_bytes(target, lambda handle, data=data: handle.write(data))
         written.append(target)

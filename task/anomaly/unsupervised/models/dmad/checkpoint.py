@@ -1,7 +1,7 @@
-"""Loading DMAD weights: this toolkit's checkpoints and the official DMAD-PPDM release ({offset, bn, decoder}).
+"""Importing the official DMAD-PPDM release ({offset, bn, decoder}), read with ``torch.load(weights_only=True)``.
 
-Both load with ``torch.load(weights_only=True)``. Official parameter names are mapped onto our modules; the
-official layers carry a few parameters their forward never uses, which are reported and ignored.
+Official parameter names are mapped onto our modules; the official layers carry a few parameters their forward never
+uses, which are reported and ignored. This toolkit's own checkpoints are the engine's business (checkpoints.py).
 """
 
 from __future__ import annotations
@@ -14,17 +14,12 @@ from torch import Tensor
 
 from task.common.config import Config
 from task.common.errors import UserError
-from task.common.io import load_checkpoint
 
 from .encoder import BACKBONES
-from .torch_model import DMADModel
 
 log = logging.getLogger("dmad")
 
-CHECKPOINT_FORMAT = "tnvision-dmad"
 OFFICIAL_KEYS = {"offset", "bn", "decoder"}
-# Keys whose mismatch makes a checkpoint unusable with the current config.
-COMPATIBILITY_KEYS = ("MODEL.backbone", "MODEL.vq", "MODEL.vq_num_embeddings", "DATASET.resize")
 
 # Official parameters that exist in the file but that no official forward ever reads: (part, pattern, why).
 _OFFICIAL_UNUSED: list[tuple[str, str, str]] = [
@@ -120,55 +115,21 @@ def _override(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def check_compatible(state: dict, path: str | Path, cfg: Config) -> None:
-    """Raise a one-line UserError when ``state`` cannot fill the model that ``cfg`` describes (before building it)."""
-    if state.get("format") == CHECKPOINT_FORMAT:
-        saved = Config(state["config"])
-        changed = [f"{k}={saved.get(k)!r} (config: {cfg.get(k)!r})" for k in COMPATIBILITY_KEYS if saved.get(k) != cfg.get(k)]
-        if changed:
-            raise UserError(f"checkpoint {path} was trained with {', '.join(changed)}; pass matching KEY=VALUE overrides")
-    elif is_official(state):
-        needed = {k: v for k, v in describe_official(state).items() if v is not None}
-        changed = {k: v for k, v in needed.items() if cfg.get(k) != v}
-        if changed:
-            found = ", ".join(f"{k}={_override(cfg.get(k))}" for k in changed)
-            fix = " ".join(f"{k}={_override(v)}" for k, v in changed.items())
-            raise UserError(f"official checkpoint {path} needs {fix} but the config has {found}; pass {fix}")
-    else:
-        raise UserError(f"{path} is neither a DMAD checkpoint of this toolkit nor an official DMAD-PPDM one (keys: {sorted(state)[:5]})")
-
-
-def _load_strict(model: DMADModel, entries: dict[str, Tensor], source: str, expect_all_except: tuple[str, ...] = ()) -> None:
-    own = model.state_dict()
-    unexpected = [k for k in entries if k not in own]
-    wrong = [k for k in entries if k in own and tuple(entries[k].shape) != tuple(own[k].shape)]
-    missing = [k for k in own if k not in entries and not k.startswith(expect_all_except)]
-    if unexpected or wrong or missing:
-        detail = (
-            f"shape mismatch at {wrong[0]} ({tuple(entries[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})" if wrong
-            else f"unexpected {unexpected[:2]}" if unexpected else f"missing {missing[:2]}"
-        )
-        raise UserError(f"{source} does not fit the configured model ({detail}); check MODEL.backbone and MODEL.vq")
-    model.load_state_dict(entries, strict=False)
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint's content (weights_only); a file that is not a dict is a UserError."""
-    state = load_checkpoint(path, "checkpoint")
-    if not isinstance(state, dict):
-        raise UserError(f"{path} is not a DMAD checkpoint (it holds a {type(state).__name__})")
-    if state.get("format") == CHECKPOINT_FORMAT:
-        weights = state.get("state_dict")
-        if not isinstance(state.get("config"), dict) or not isinstance(weights, dict) or not all(isinstance(v, Tensor) for v in weights.values()):
-            raise UserError(f"{path} claims to be a DMAD checkpoint but lacks its config or state_dict; re-create it by training or pass another file")
-    return state
+def check_official(state: dict, path: str | Path, cfg: Config) -> None:
+    """Raise a one-line UserError when the official ``state`` needs other settings than ``cfg`` (before building)."""
+    needed = {k: v for k, v in describe_official(state).items() if v is not None}
+    changed = {k: v for k, v in needed.items() if cfg.get(k) != v}
+    if changed:
+        found = ", ".join(f"{k}={_override(cfg.get(k))}" for k in changed)
+        fix = " ".join(f"{k}={_override(v)}" for k, v in changed.items())
+        raise UserError(f"official checkpoint {path} needs {fix} but the config has {found}; pass {fix}")
 
 
 def is_official(state: dict) -> bool:
-    return state.get("format") != CHECKPOINT_FORMAT and OFFICIAL_KEYS <= set(state) and all(isinstance(state[k], dict) for k in OFFICIAL_KEYS)
+    return "format" not in state and OFFICIAL_KEYS <= set(state) and all(isinstance(state[k], dict) for k in OFFICIAL_KEYS)
 
 
-def _log_official_load(path: str | Path, cfg: Config, entries: dict[str, Tensor], ignored: list[tuple[str, str]], state: dict) -> None:
+def log_official_load(path: str | Path, cfg: Config, entries: dict[str, Tensor], ignored: list[tuple[str, str]], state: dict) -> None:
     described = describe_official(state)
     counts = {prefix.rstrip("."): sum(k.startswith(prefix) for k in entries) for prefix in _OUR_PREFIX.values()}
     encoder = cfg.MODEL.backbone_weights or ("torchvision IMAGENET1K_V1 weights (as the official code)" if cfg.MODEL.pretrained else "random init (MODEL.pretrained=false)")
@@ -186,16 +147,3 @@ def _log_official_load(path: str | Path, cfg: Config, entries: dict[str, Tensor]
     differ = [f"{k}={_override(cfg.get(k))} (official: {_override(v)})" for k, v in OFFICIAL_SETTINGS.items() if cfg.get(k) != v]
     if differ:
         log.warning("settings differ from the official evaluation, so results are not comparable with the published ones: %s", ", ".join(differ))
-
-
-def load_any_checkpoint(model: DMADModel, state: dict, path: str | Path, cfg: Config) -> tuple[dict[str, float], bool]:
-    """Load a checkpoint's ``state`` into ``model``. Returns (thresholds, whether score statistics came with it)."""
-    check_compatible(state, path, cfg)
-    if state.get("format") == CHECKPOINT_FORMAT:
-        _load_strict(model, state["state_dict"], f"checkpoint {path}")
-        return dict(state.get("thresholds") or {}), bool(state.get("thresholds"))
-    entries, ignored = convert_official(state)
-    # The official file holds no encoder (it is torchvision's ImageNet model) and no score statistics.
-    _load_strict(model, entries, f"official checkpoint {path}", expect_all_except=("encoder.", "score_stats", "deform_weight"))
-    _log_official_load(path, cfg, entries, ignored, state)
-    return {}, False

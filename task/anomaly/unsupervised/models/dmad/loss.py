@@ -48,11 +48,11 @@ class DMADLoss(nn.Module):
         self.gamma = gamma
 
     def forward(
-        self, x: Tensor, encoder_features: list[Tensor], decoder_features: list[Tensor], deformation: Deformation, vq_loss: Tensor
+        self, x: Tensor, encoder_features: list[Tensor], decoder_features: list[Tensor], deformation: Deformation | None, vq_loss: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        terms = {
-            "distillation": distillation_loss(encoder_features, decoder_features),
-            "deformation": deformation_loss(x, deformation, self.gamma),
-            "vq": vq_loss,
-        }
-        return terms["distillation"] + terms["deformation"] + terms["vq"], terms
+        """Terms ``distillation``, ``deformation`` (only with a PDM) and ``vq`` (zero without a codebook)."""
+        terms = {"distillation": distillation_loss(encoder_features, decoder_features)}
+        if deformation is not None:
+            terms["deformation"] = deformation_loss(x, deformation, self.gamma)
+        terms["vq"] = vq_loss
+        return sum(terms.values()), terms

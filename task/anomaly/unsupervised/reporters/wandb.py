@@ -1,9 +1,10 @@
-"""Experiment reporters: Weights & Biases logging that can never stop a training run.
+"""Weights & Biases reporter: logging that can never stop a training run.
 
 ``WandbReporter`` starts its W&B run lazily on the first thing it logs. Every call into ``wandb`` is guarded:
 the first exception is logged once as a warning and the reporter switches itself off for the rest of the run.
 Offline mode (the default) writes under ``<run_dir>/wandb`` and needs no network or account; credentials come
-from W&B's own login/environment, never from the config.
+from W&B's own login/environment, never from the config. Online mode gives up on an unreachable server after
+``INIT_TIMEOUT_S`` seconds (then the reporter switches itself off and training goes on).
 """
 
 from __future__ import annotations
@@ -17,31 +18,34 @@ from typing import Any
 
 from task.common.config import Config
 
-log = logging.getLogger("dmad")
+log = logging.getLogger("anomaly")
 
-__all__ = ["WandbReporter"]
+INIT_TIMEOUT_S = 20
 
 
 class WandbReporter:
     """Logs config, training losses, eval metrics, result pictures, the GIF and the checkpoint to W&B.
 
-    Keys: ``train/<term>`` (distillation, deformation, vq, loss, lr) at each logged step, ``eval/<metric>`` at
+    Keys: ``train/<term>`` (the method's loss terms, loss, lr) at each logged step, ``eval/<metric>`` at
     each evaluation, and the final metrics under their plain names in the run summary (e.g. ``image_auroc``).
     """
 
-    def __init__(self, cfg: Config, run_dir: str | Path, job_type: str) -> None:
+    name = "W&B"
+
+    def __init__(self, cfg: Config, run_dir: str | Path, job_type: str, method_name: str) -> None:
         self.cfg = cfg
+        self.method_name = method_name
         self.run_dir = Path(run_dir)
         self.job_type = job_type
         self._run: Any = None
         self._disabled = False
 
     @classmethod
-    def from_config(cls, cfg: Config, run_dir: str | Path, job_type: str) -> WandbReporter | None:
+    def from_config(cls, cfg: Config, run_dir: str | Path, job_type: str, method_name: str) -> WandbReporter | None:
         """A reporter when ``LOG.wandb`` is on and ``LOG.wandb_mode`` is not ``disabled``; else None."""
         if not cfg.LOG.wandb or cfg.LOG.wandb_mode == "disabled":
             return None
-        return cls(cfg, run_dir, job_type)
+        return cls(cfg, run_dir, job_type, method_name)
 
     @property
     def active(self) -> bool:
@@ -66,9 +70,9 @@ class WandbReporter:
                 name=name,
                 group=cfg.DATASET.target,
                 job_type=self.job_type,
-                tags=[cfg.MODEL.backbone],
+                tags=[self.method_name, cfg.DATASET.format],
                 config=cfg.to_dict(),
-                settings=wandb.Settings(console="off", silent=True, save_code=False),
+                settings=wandb.Settings(console="off", silent=True, save_code=False, init_timeout=INIT_TIMEOUT_S),
             )
             where = self._run.url if cfg.LOG.wandb_mode == "online" else Path(self._run.dir).parent
             log.info("W&B %s run: %s", cfg.LOG.wandb_mode, where)
@@ -101,7 +105,7 @@ class WandbReporter:
 
     def log_eval(self, step: int | None, metrics: dict[str, float]) -> None:
         """``metrics``: one evaluation's metrics; ``step`` None for a checkpoint evaluated outside training."""
-        data = {f"eval/{k}": v for k, v in metrics.items()}
+        data = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
         self._guard("logging eval metrics", lambda run: run.log(data, step=step) if step is not None else run.log(data))
 
     def log_results(
@@ -123,7 +127,7 @@ class WandbReporter:
         def action(run: Any) -> None:
             import wandb
 
-            run.summary.update(metrics)
+            run.summary.update({k: v for k, v in metrics.items() if v is not None})
             media: dict[str, Any] = {}
             if images:
                 media["results/images"] = [wandb.Image(str(p), caption=c) for p, c in images[:8]]
@@ -132,8 +136,8 @@ class WandbReporter:
             if media:
                 run.log(media)
             if checkpoint is not None:
-                finite = {k: v for k, v in metrics.items() if v == v}  # NaN is not valid artifact metadata
-                artifact = wandb.Artifact(_artifact_name(f"dmad-{self.cfg.DATASET.target}"), type="model", metadata=finite)
+                finite = {k: v for k, v in metrics.items() if v is not None and v == v}  # NaN/null are not valid artifact metadata
+                artifact = wandb.Artifact(_artifact_name(f"{self.method_name}-{self.cfg.DATASET.target}"), type="model", metadata=finite)
                 # "immutable": reference model.pt where it is instead of staging a copy outside the run directory.
                 artifact.add_file(str(checkpoint), name="model.pt", policy="immutable")
                 run.log_artifact(artifact)
