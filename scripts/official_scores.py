@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("official", type=Path, help="local copy of the official repository (root or its DMAD-PDM folder)")
     parser.add_argument("--dataset", choices=[*SOURCES, "all"], default="all")
-    parser.add_argument("--out", type=Path, default=None, help="folder for scores_<dataset>.npz (outside this repository); default: a temporary folder")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for scores_<dataset>.npz (outside this repository); default: a temporary folder")
     parser.add_argument("--frames-root", type=Path, default=None, help="<dataset>/testing/frames, to count video lengths (one dataset only)")
     args = parser.parse_args(argv)
     try:

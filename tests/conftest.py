@@ -1,6 +1,229 @@
-"""Shared test configuration: markers (fixtures follow in the engine refactor)."""
+"""Shared test configuration: markers, the command-line helpers, and one small trained run shared by the suite.
+
+* ``run_cli(*args, env=...)``: ``python main.py ARGS`` in a real subprocess (CPU only) -> CompletedProcess. Kept for
+  the end-to-end path, a killed run, DDP and "no traceback" checks; everything else goes through
+  ``main_in_process(*args)``, the same ``main.main`` without an interpreter start-up per case.
+* ``assert_user_error(result, *needles)``: exit code 2, exactly one ``error: ...`` line naming every needle, no traceback.
+* ``dataset`` / ``trained_run`` (session): one 64x64 synthetic category ``widget`` and ONE 4-step resnet18 training
+  run on it through the real CLI, with pictures, GIF, maps, W&B offline and TensorBoard. Tests read it; a test that
+  modifies a run copies it first (``trained_run.copy_to``). ``exported_run`` (session) is such a copy with model.onnx.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # main.py lives at the repository root
+    sys.path.insert(0, str(REPO))
+
+CONFIGS = REPO / "configs" / "anomaly" / "unsupervised" / "dmad"
+DEMO_YAML = CONFIGS / "demo.yaml"
+BASE = ["--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(DEMO_YAML)]
+CATEGORY = "widget"  # not "demo": the run must not depend on the demo's own category name
+SIZE = 64
+N_TRAIN, N_GOOD, N_DEFECT = 6, 3, 4  # 6 images in batches of 2: 3 steps per epoch, so STEPS crosses an epoch end
+STEPS = 4  # last.pt every 2 steps: the step-2 checkpoint is mid-run and mid-epoch
+SECRET = "tnv-test-secret-9f3c1a7e5b"  # WANDB_API_KEY of the shared run: must never reach its files
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long end-to-end runs (deselect with -m 'not slow')")
     config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU; skipped without one")
+
+
+# ----------------------------------------------------------------------------------------------- command line
+def cpu_env(**extra: str) -> dict[str, str]:
+    """This environment, CPU only (runs are bit-reproducible and comparable with ONNX Runtime's CPU float32; on a GPU,
+    TF32 convolutions are not), without torchrun's variables (should pytest itself run under torchrun)."""
+    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
+    return {**env, "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python main.py ARGS`` in a subprocess on the CPU; ``env`` adds variables to this environment."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "main.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=cpu_env(**(env or {}))
+    )
+
+
+@dataclass
+class Result:
+    """What an in-process ``main.main`` call returned and printed (the fields of a CompletedProcess the tests read)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def main_in_process(*args: str) -> Result:
+    """``main.main(ARGS)`` in this process on the CPU, capturing stdout and stderr (tqdm writes there too).
+
+    main.py's logging set-up is skipped (pytest owns the root logger's handlers; log records reach ``caplog``), and the
+    root level is INFO for the call so that the engine's messages are recorded.
+    """
+    import main
+    import torch
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    level = root.level
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.setattr(main, "setup_logging", lambda: None)
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        root.setLevel(logging.INFO)
+        try:
+            code = main.main(list(args))
+        finally:
+            root.setLevel(level)
+            main.close_progress_bars()
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def assert_user_error(result, *needles: str) -> str:
+    """Exit code 2, exactly one ``error: ...`` line on stderr containing every needle, no traceback; returns the line."""
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def assert_ok(result) -> None:
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_log_handlers():
+    """In-process runs attach a FileHandler (train.log) to the root logger: detach it after each test."""
+    before = list(logging.getLogger().handlers)
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if h not in before]:
+        root.removeHandler(handler)
+        handler.close()
+
+
+# ----------------------------------------------------------------------------------------------- engine helpers
+def load_run_config(*overrides: str, yaml: Path | None = DEMO_YAML):
+    """The demo run's config (the DMAD run schema) with ``overrides``."""
+    from task.anomaly.unsupervised.models.dmad.config import MODEL_SCHEMA
+    from task.anomaly.unsupervised.schema import run_schema
+    from task.common.config import load_config
+
+    return load_config(run_schema(MODEL_SCHEMA), yaml, list(overrides))
+
+
+def dmad_method():
+    import task.methods  # noqa: F401  (registers the methods)
+    from task.registry import get_method
+
+    return get_method("anomaly", "unsupervised", "dmad", "image")
+
+
+def make_engine(*overrides: str, overridden: frozenset[str] = frozenset(), yaml: Path | None = DEMO_YAML):
+    """An Engine for the DMAD image method (on the CPU) and the demo config with ``overrides``."""
+    import torch
+
+    from task.anomaly.unsupervised.engine import Engine
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        return Engine(dmad_method(), load_run_config(*overrides, yaml=yaml), overridden)
+
+
+# ----------------------------------------------------------------------------------------------- shared data and run
+def data_overrides(datadir: Path) -> list[str]:
+    return [f"DATASET.datadir={datadir}", f"DATASET.target={CATEGORY}", "DATASET.demo=false", f"DATASET.resize=[{SIZE},{SIZE}]"]
+
+
+def train_overrides(datadir: Path, savedir: Path, assets: Path | None = None) -> list[str]:
+    """The shared run's settings: resnet18 (demo.yaml), 64x64, batch 2, STEPS steps, last.pt every 2 steps, maps on."""
+    return data_overrides(datadir) + [
+        "DATALOADER.batch_size=2", f"TRAIN.num_training_steps={STEPS}", "TRAIN.save_interval=2", "TEST.batch_size=8",
+        "TEST.save_maps=true", "LOG.log_interval=1", f"RESULT.savedir={savedir}",
+        f"RESULT.assets_dir={assets}" if assets else "RESULT.assets_dir=null",
+    ]
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """datadir of a 64x64 synthetic category ``widget``: 6 train, 3 good + 4 defective (scratch, spot) test images."""
+    from task.anomaly.unsupervised.data.synthetic import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    make_demo_dataset(root, CATEGORY, n_train=N_TRAIN, n_test_good=N_GOOD, n_test_defect=N_DEFECT, size=SIZE)
+    return root
+
+
+@dataclass
+class TrainedRun:
+    datadir: Path
+    savedir: Path
+    assets: Path
+    result: subprocess.CompletedProcess
+    overrides: list[str] = field(default_factory=list)  # the training overrides (without the reporters)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.savedir / "dmad" / CATEGORY
+
+    @property
+    def category_dir(self) -> Path:
+        return self.datadir / CATEGORY
+
+    def args(self, savedir: Path | None = None, *extra: str) -> list[str]:
+        """BASE + the training overrides (with another savedir, no assets copy) + ``extra``."""
+        if savedir is None:
+            return BASE + self.overrides + list(extra)
+        return BASE + train_overrides(self.datadir, savedir) + list(extra)
+
+    def copy_to(self, savedir: Path) -> Path:
+        """A copy of the run directory (without the reporters' folders) at ``<savedir>/dmad/widget``; returns it."""
+        target = savedir / "dmad" / CATEGORY
+        shutil.copytree(self.run_dir, target, ignore=shutil.ignore_patterns("wandb", "tensorboard", ".lock"))
+        return target
+
+
+@pytest.fixture(scope="session")
+def trained_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    """THE trained run: ``python main.py`` (the end-to-end path) with W&B offline, TensorBoard and an API key in the
+    environment. Read-only for tests: copy it (``copy_to``) before changing anything."""
+    root = tmp_path_factory.mktemp("shared-run")
+    savedir, assets = root / "runs", root / "assets"
+    overrides = train_overrides(dataset, savedir, assets)
+    reporters = ["LOG.wandb=true", "LOG.wandb_mode=offline", "LOG.tensorboard=true"]
+    result = run_cli(*BASE, *overrides, *reporters, env={"WANDB_API_KEY": SECRET})
+    assert_ok(result)
+    return TrainedRun(dataset, savedir, assets, result, overrides)
+
+
+@dataclass
+class ExportedRun:
+    run_dir: Path
+    args: list[str]  # BASE + overrides that point at this copy
+    export: Result  # the --mode export call
+
+
+@pytest.fixture(scope="session")
+def exported_run(trained_run: TrainedRun, tmp_path_factory: pytest.TempPathFactory) -> ExportedRun:
+    """A copy of the shared run with model.onnx from ``--mode export`` (in-process)."""
+    savedir = tmp_path_factory.mktemp("exported") / "runs"
+    run_dir = trained_run.copy_to(savedir)
+    args = trained_run.args(savedir)
+    export = main_in_process(*args, "--mode", "export")
+    assert_ok(export)
+    return ExportedRun(run_dir, args, export)

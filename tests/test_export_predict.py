@@ -1,15 +1,17 @@
-"""--mode export (ONNX, checked against PyTorch) and --mode predict (torch and onnx backends) on a tiny trained run."""
+"""--mode export (ONNX, checked against PyTorch) and --mode predict (torch and onnx backends) on a copy of the shared run.
+
+Everything runs on the CPU (conftest forces it): on a GPU, TF32 convolutions would differ from ONNX Runtime's CPU float32
+by more than the tolerance these tests hold the two backends to. Predict's and export's user mistakes are in the
+table of test_robustness.py.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
+import logging
 import re
 import shutil
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,108 +21,82 @@ import pytest
 import torch
 from PIL import Image
 
-from task.anomaly.unsupervised.data.mvtec import load_image, resize_image, scan_split, to_tensor
-from task.anomaly.unsupervised.data.synthetic import make_demo_dataset
+from conftest import CATEGORY, DEMO_YAML, SIZE, assert_ok, main_in_process, make_engine, train_overrides
+from task.anomaly.unsupervised.data.formats import scan_dataset
+from task.anomaly.unsupervised.data.preprocess import load_image, resize_image, to_tensor
 from task.anomaly.unsupervised.export import TOLERANCE, export_run
-from task.anomaly.unsupervised.models.dmad.config import SCHEMA
-from task.anomaly.unsupervised.models.dmad.trainer import DMADTrainer
-from task.anomaly.unsupervised.predict import load_inference_model, load_onnx_model, onnx_source, predict_run
-from task.common.config import load_config
-from task.common.errors import UserError
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs/anomaly/unsupervised/dmad/demo.yaml"
+from task.anomaly.unsupervised.predict import load_onnx_model
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    """main.py in a subprocess, on the CPU: on a GPU, TF32 convolutions would differ from ONNX Runtime's CPU float32
-    by more than the tolerance these tests hold the two backends to."""
-    command = [sys.executable, "main.py", "--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(CONFIG), *args]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+def _engine(exported_run, *extra: str):
+    savedir = exported_run.run_dir.parents[1]
+    return make_engine(*train_overrides(Path(_datadir(exported_run)), savedir), *extra)
 
 
-@dataclass
-class Run:
-    overrides: list[str]
-    run_dir: Path
-    data: Path
-    export: subprocess.CompletedProcess
+def _datadir(exported_run) -> str:
+    return next(a.split("=", 1)[1] for a in exported_run.args if a.startswith("DATASET.datadir="))
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    """A 3-step resnet18 run on 64x64 synthetic images, trained and exported through the CLI."""
-    base = tmp_path_factory.mktemp("export_predict")
-    make_demo_dataset(base / "data", "demo", n_train=4, n_test_good=2, n_test_defect=2, size=64)
-    overrides = [
-        f"DATASET.datadir={base / 'data'}", "DATASET.demo=false", "DATASET.resize=[64,64]", "DATALOADER.batch_size=2",
-        "TRAIN.num_training_steps=3", "TEST.batch_size=4", "TEST.save_images=false", f"RESULT.savedir={base / 'runs'}",
-    ]
-    trained = cli("--mode", "train", *overrides)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    export = cli("--mode", "export", *overrides)
-    return Run(overrides, base / "runs" / "dmad" / "demo", base / "data" / "demo", export)
-
-
-def _trainer(run: Run, *extra: str, checkpoint: str | None = None) -> DMADTrainer:
-    return DMADTrainer(load_config(SCHEMA, CONFIG, run.overrides + list(extra)), checkpoint=checkpoint)
-
-
-def test_export_writes_a_checked_onnx_with_metadata(run: Run) -> None:
-    assert run.export.returncode == 0, run.export.stderr[-3000:]
-    report = next(line for line in run.export.stdout.splitlines() if line.startswith("ONNX check"))
+def test_export_writes_a_checked_onnx_with_metadata(exported_run) -> None:
+    report = next(line for line in exported_run.export.stdout.splitlines() if line.startswith("ONNX check"))
     relatives = [float(v) for v in re.findall(r"max \|diff\| \S+ \((\S+) of", report)]
-    assert len(relatives) == 3 and all(r <= TOLERANCE for r in relatives), report
-    meta = {p.key: p.value for p in onnx.load(run.run_dir / "model.onnx").metadata_props}
+    assert len(relatives) == 3 and all(r <= TOLERANCE for r in relatives), report  # anomaly map, score, deformation map
+    model = onnx.load(exported_run.run_dir / "model.onnx")
+    assert [o.name for o in model.graph.output] == ["anomaly_map", "score", "deformation_map"]
+    meta = {p.key: p.value for p in model.metadata_props}
     assert meta["input"] == "raw"
-    assert json.loads(meta["image_size"]) == [64, 64]
+    assert json.loads(meta["image_size"]) == [SIZE, SIZE]
     assert set(json.loads(meta["thresholds"])) == {"image", "pixel"}
-    assert (meta["category"], meta["backbone"]) == ("demo", "resnet18")
+    assert meta["category"] == CATEGORY and json.loads(meta["model"])["backbone"] == "resnet18"
 
 
-def test_onnx_matches_torch_on_a_real_image(run: Run) -> None:
-    model, _, cfg = load_inference_model(_trainer(run), run.run_dir / "model.pt")
-    model = model.cpu()
-    paths = [s.path for s in scan_split(run.data.parent, "demo", "test")][-3:]  # defect images
-    arrays = [resize_image(load_image(p), tuple(cfg.DATASET.resize)) for p in paths]
+def test_onnx_matches_torch_on_a_real_image(exported_run) -> None:
+    engine = _engine(exported_run)
+    loaded = engine.load(exported_run.run_dir / "model.pt")
+    paths = [s.path for s in scan_dataset(engine.cfg.DATASET, "test", 0)][-3:]  # defect images
+    arrays = [resize_image(load_image(p), tuple(loaded.cfg.DATASET.resize)) for p in paths]
     normalized = torch.stack([to_tensor(a) for a in arrays])
     raw = np.stack([a.transpose(2, 0, 1) for a in arrays]).astype(np.float32) / 255
     with torch.no_grad():
-        expected = model(normalized)
-    session = ort.InferenceSession(str(run.run_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+        expected = loaded.model(normalized)
+    deformation = expected.extras["deformation_map"]
+    session = ort.InferenceSession(str(exported_run.run_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     for batch in (slice(0, 1), slice(0, 3)):  # dynamic batch axis
         anomaly_map, score, deformation_map = session.run(["anomaly_map", "score", "deformation_map"], {"image": raw[batch]})
         reference = expected.anomaly_map[batch].numpy()
         assert anomaly_map.shape == reference.shape and score.shape == (reference.shape[0],)
+        # The tolerance export.py itself enforces: TOLERANCE of the map's range, of max(1, |score|) for scores.
         span = float(expected.anomaly_map.max() - expected.anomaly_map.min())
         assert np.abs(anomaly_map - reference).max() <= TOLERANCE * span
-        assert np.abs(deformation_map - expected.deformation_map[batch].numpy()).max() <= TOLERANCE * float(expected.deformation_map.max())
+        assert np.abs(deformation_map - deformation[batch].numpy()).max() <= TOLERANCE * float(deformation.max() - deformation.min())
         assert np.abs(score - expected.score[batch].numpy()).max() <= TOLERANCE * max(1.0, float(expected.score.abs().max()))
 
 
-def test_export_for_normalised_input_from_an_explicit_checkpoint(run: Run, tmp_path: Path) -> None:
+def test_export_for_normalised_input_from_an_explicit_checkpoint(exported_run, tmp_path: Path) -> None:
     checkpoint = tmp_path / "model.pt"
-    shutil.copyfile(run.run_dir / "model.pt", checkpoint)
-    image = sorted((run.data / "test" / "scratch").iterdir())[0]
-    trainer = _trainer(run, "EXPORT.input=imagenet", "DATASET.datadir=/nonexistent", checkpoint=str(checkpoint))
-    target = export_run(trainer, str(image))  # --input: the check needs no dataset
+    shutil.copyfile(exported_run.run_dir / "model.pt", checkpoint)
+    image = sorted((Path(_datadir(exported_run)) / CATEGORY / "test" / "scratch").iterdir())[0]
+    engine = _engine(exported_run, "EXPORT.input=imagenet", "DATASET.datadir=/nonexistent")
+    loaded = engine.load(checkpoint)
+    # --input: the check needs no dataset
+    target = export_run(loaded, [image], engine.method.extra_map_names(loaded.cfg), "imagenet", engine.cfg.EXPORT.opset)
     assert target == tmp_path / "model.onnx"
     onnx_model = load_onnx_model(target, checkpoint)
     assert onnx_model.input_format == "imagenet"
-    model, _, _ = load_inference_model(trainer, checkpoint)
-    batch = to_tensor(resize_image(load_image(image), (64, 64))).unsqueeze(0)
+    batch = to_tensor(resize_image(load_image(image), (SIZE, SIZE))).unsqueeze(0)
     with torch.no_grad():
-        expected, got = model.cpu()(batch), onnx_model(batch)
+        expected, got = loaded.model.cpu()(batch), onnx_model(batch)
     assert torch.allclose(got.score, expected.score, atol=TOLERANCE)
     assert (got.anomaly_map - expected.anomaly_map).abs().max() <= TOLERANCE * float(expected.anomaly_map.max() - expected.anomaly_map.min())
+    assert set(got.extras) == {"deformation_map"}
 
 
 def _write_inputs(folder: Path) -> dict[str, tuple[int, int]]:
-    """Grayscale and colour images of different sizes (some in a sub-folder), plus files predict must skip."""
+    """Grayscale and colour images of different sizes (some in a sub-folder, two sharing a stem, one whose name starts
+    with '=' like a spreadsheet formula), plus files predict must skip."""
     rng = np.random.RandomState(0)
-    sizes = {"gray.png": (70, 50), "sub/colour.jpg": (60, 90), "sub/deeper/palette.bmp": (47, 33)}  # (width, height)
-    for name, (w, h) in sizes.items():
+    sizes = {"=cmd.png": (40, 40), "gray.png": (70, 50), "sub/a.jpg": (60, 90), "sub/a.png": (64, 64), "sub/deeper/palette.bmp": (47, 33)}
+    for name, (w, h) in sizes.items():  # (width, height)
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         image = Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8))
@@ -136,50 +112,63 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_predict_with_both_backends_needs_no_dataset(run: Run, tmp_path: Path) -> None:
+def test_predict_with_both_backends_needs_no_dataset(exported_run, tmp_path: Path, caplog) -> None:
     inputs = tmp_path / "inputs"
     sizes = _write_inputs(inputs)
-    # A datadir that does not exist and a YAML resize that differs from the checkpoint: neither is needed.
-    extra = ["DATASET.datadir=/nonexistent", "DATASET.resize=[96,96]"]
+    # A datadir that does not exist, and a YAML whose resize differs from the checkpoint's: a network setting, so the
+    # checkpoint's is used with a warning (as an override it would be an error: test_robustness.py).
+    config = tmp_path / "other.yaml"
+    config.write_text(DEMO_YAML.read_text().replace("resize: [128, 128]", "resize: [96, 96]"))
+    args = [a for a in exported_run.args if not a.startswith(("DATASET.resize=", "DATASET.datadir="))]
+    args[args.index("--yaml_config") + 1] = str(config)
     rows = {}
     for backend in ("torch", "onnx"):
         out = tmp_path / backend
-        result = cli("--mode", "predict", "--input", str(inputs), "--backend", backend, "--output", str(out), *run.overrides, *extra)
-        assert result.returncode == 0, result.stderr[-3000:]
+        with caplog.at_level(logging.WARNING):
+            result = main_in_process(*args, "DATASET.datadir=/nonexistent", "--mode", "predict", "--input", str(inputs), "--backend", backend, "--output", str(out))
+        assert_ok(result)
         lines = [line for line in result.stdout.splitlines() if ": score=" in line]
         assert len(lines) == len(sizes)
         rows[backend] = _read_csv(out / "predictions.csv")
-        assert [Path(r["path"]).relative_to(inputs).as_posix() for r in rows[backend]] == sorted(sizes)
+        paths = [r["path"].removeprefix("'") for r in rows[backend]]
+        assert [Path(p).relative_to(inputs).as_posix() for p in paths] == sorted(sizes)
         for row, (name, (w, h)) in zip(rows[backend], sorted(sizes.items())):
             assert row["verdict"] in ("OK", "NG") and row["prediction"] == ("1" if row["verdict"] == "NG" else "0")
-            assert row["picture"] == str(Path(name).with_suffix(".png").as_posix())
-            with Image.open(out / row["picture"]) as picture:  # input | heatmap | region at the original size + title
-                assert picture.width == 3 * w and picture.height > h
-    threshold = json.loads({p.key: p.value for p in onnx.load(run.run_dir / "model.onnx").metadata_props}["thresholds"])["image"]
+            picture = name + ".png"  # the whole file name: sub/a.jpg and sub/a.png keep separate pictures
+            assert row["picture"] == ("'" + picture if name.startswith("=") else picture)
+            with Image.open(out / picture) as image:  # input | heatmap | region at the original size + title
+                assert image.width == 3 * w and image.height > h
+        # A cell starting with '=' would be a formula in a spreadsheet: escaped with a leading quote.
+        assert rows[backend][0]["path"] == "'" + str(inputs / "=cmd.png")
+        assert json.loads((out / ".predict-manifest.json").read_text()) == sorted([n + ".png" for n in sizes] + ["predictions.csv"])
+    assert "DATASET.resize: using the checkpoint's [64, 64] (the config says [96, 96])" in caplog.text
+    threshold = json.loads({p.key: p.value for p in onnx.load(exported_run.run_dir / "model.onnx").metadata_props}["thresholds"])["image"]
     for a, b in zip(rows["torch"], rows["onnx"]):
+        # On the CPU the two backends agree to ~1e-6; export.py's tolerance bounds what its check lets through.
         assert abs(float(a["score"]) - float(b["score"])) <= TOLERANCE * max(1.0, abs(float(a["score"])))
         assert a["verdict"] == b["verdict"] or abs(float(a["score"]) - threshold) < 1e-4
 
 
-def test_predict_on_an_empty_folder_is_a_one_line_error(run: Run, tmp_path: Path) -> None:
-    (tmp_path / "empty").mkdir()
-    result = cli("--mode", "predict", "--input", str(tmp_path / "empty"), *run.overrides)
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: no images in") and len(result.stderr.strip().splitlines()) == 1
+def test_predict_reruns_into_its_own_output_folder(exported_run, tmp_path: Path) -> None:
+    inputs = tmp_path / "inputs"
+    _write_inputs(inputs)
+    out = tmp_path / "out"
+    args = [*exported_run.args, "--mode", "predict", "--input", str(inputs / "sub"), "--output", str(out)]
+    assert_ok(main_in_process(*args))
+    first = (out / "predictions.csv").read_text()
+    assert_ok(main_in_process(*args))  # predict may replace the files it wrote itself
+    assert (out / "predictions.csv").read_text() == first  # and is deterministic
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["a.jpg.png", "a.png.png", "deeper/palette.bmp.png"]
 
 
-def test_predict_user_errors(run: Run, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="needs --input"):
-        predict_run(_trainer(run), None, "torch", None)
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(UserError, match=r"cannot read image .*broken\.png"):
-        predict_run(_trainer(run), str(bad), "torch", str(tmp_path / "out"))
-    with pytest.raises(UserError, match="add --backend onnx"):
-        predict_run(_trainer(run, checkpoint=str(run.run_dir / "model.onnx")), str(bad), "torch", None)
-    # model.onnx was exported from model.pt: serving it for last.pt (another checkpoint) is refused.
-    with pytest.raises(UserError, match="exported from a different"):
-        load_onnx_model(*onnx_source(_trainer(run, checkpoint=str(run.run_dir / "last.pt"))))
-    with pytest.raises(UserError, match="checkpoint not found"):
-        predict_run(_trainer(run, "RESULT.savedir=/nonexistent"), str(bad), "torch", None)
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_predict_default_output_is_beside_the_checkpoint(exported_run, tmp_path: Path, backend: str) -> None:
+    checkpoint_dir = tmp_path / "ckpt"
+    checkpoint_dir.mkdir()
+    for name in ("model.pt", "model.onnx"):
+        shutil.copyfile(exported_run.run_dir / name, checkpoint_dir / name)
+    image = tmp_path / "one.png"
+    Image.fromarray(np.full((SIZE, SIZE, 3), 128, np.uint8)).save(image)
+    assert_ok(main_in_process(*exported_run.args, "--mode", "predict", "--input", str(image), "--backend", backend, "--checkpoint", str(checkpoint_dir / "model.pt")))
+    assert (checkpoint_dir / "predict" / "one.png.png").is_file()
+    assert [r["picture"] for r in _read_csv(checkpoint_dir / "predict" / "predictions.csv")] == ["one.png.png"]

@@ -125,6 +125,20 @@ def test_runtime_error_that_is_not_an_os_failure_propagates(tmp_path: Path, monk
     assert only_files(tmp_path) == []
 
 
+def test_user_error_from_the_writer_is_kept(tmp_path: Path) -> None:
+    """A writer that already explains its failure keeps its message, even when an OSError was being handled."""
+
+    def explained(handle: IO[bytes]) -> None:
+        try:
+            raise OSError(errno.EIO, "decoder failed")
+        except OSError:
+            raise UserError("image x.png cannot be encoded; replace it") from None
+
+    with pytest.raises(UserError, match=r"^image x.png cannot be encoded; replace it$"):
+        atomic_write_bytes(tmp_path / "x.png", explained)
+    assert only_files(tmp_path) == []
+
+
 def test_read_only_folder_real(tmp_path: Path) -> None:
     folder = tmp_path / "ro"
     folder.mkdir()

@@ -1,4 +1,4 @@
-"""Result pictures, GIF, W&B offline logging and the results report, on a tiny generated dataset."""
+"""Result pictures, maps, GIF, W&B offline and TensorBoard logging of the shared run, and the results report."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import json
 import os
 import re
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,66 +13,52 @@ import pytest
 import torch
 from PIL import Image
 
-import main
-from task.anomaly.unsupervised.data.synthetic import make_demo_dataset
 from task.anomaly.unsupervised.report import END_MARKER, MISSING, START_MARKER, write_report
 from task.anomaly.unsupervised.visualize import render_result, select_frames
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs/anomaly/unsupervised/dmad/demo.yaml"
-SIZE = 64
-N_GOOD, N_DEFECT = 3, 3
+from conftest import BASE, CATEGORY, N_DEFECT, N_GOOD, SIZE, assert_ok, assert_user_error, main_in_process
 
-
-def _overrides(data: Path, savedir: Path, assets: Path) -> list[str]:
-    return [
-        f"DATASET.datadir={data}", "DATASET.demo=false", f"DATASET.resize=[{SIZE},{SIZE}]",
-        "DATALOADER.batch_size=2", "TRAIN.num_training_steps=4", "LOG.log_interval=1", "TEST.batch_size=8",
-        f"RESULT.savedir={savedir}", f"RESULT.assets_dir={assets}",
-    ]
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "main.py", "--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(CONFIG), *args]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> dict[str, Path]:
-    """One 4-step training run (resnet18, random init, 64x64) with W&B offline and the assets dir in tmp."""
-    tmp = tmp_path_factory.mktemp("outputs")
-    data = tmp / "data"
-    make_demo_dataset(data, "demo", n_train=4, n_test_good=N_GOOD, n_test_defect=N_DEFECT, size=SIZE)
-    savedir, assets = tmp / "runs", tmp / "assets"
-    _cli(*_overrides(data, savedir, assets), "MODEL.pretrained=false", "LOG.wandb=true", "LOG.wandb_mode=offline")
-    return {"tmp": tmp, "data": data / "demo", "run_dir": savedir / "dmad" / "demo", "assets": assets}
+GIF = f"{CATEGORY}.gif"
 
 
 # --------------------------------------------------------------------------- pictures and GIF
 
 
-def test_one_picture_per_test_image(run):
-    test_images = sorted((run["data"] / "test").glob("*/*.png"))
-    pictures = sorted((run["run_dir"] / "images").glob("*/*.png"))
-    assert [p.relative_to(run["run_dir"] / "images") for p in pictures] == [p.relative_to(run["data"] / "test") for p in test_images]
+def test_one_picture_per_test_image(trained_run):
+    run_dir, category = trained_run.run_dir, trained_run.category_dir
+    test_images = sorted((category / "test").glob("*/*.png"))
+    pictures = sorted((run_dir / "images").glob("*/*.png"))
+    # Named by the whole file name: test/<defect>/000.png -> images/<defect>/000.png.png
+    expected = [p.relative_to(category / "test").with_name(p.name + ".png") for p in test_images]
+    assert [p.relative_to(run_dir / "images") for p in pictures] == expected
     sizes = {Image.open(p).size for p in pictures}
     assert len(sizes) == 1
     width, height = sizes.pop()
     assert width == 4 * SIZE and SIZE < height <= 2 * SIZE  # four panels under a title bar
 
     title = height - SIZE
-    defect_image = run["data"] / "test" / "scratch" / "000.png"
-    picture = np.asarray(Image.open(run["run_dir"] / "images" / "scratch" / "000.png").convert("RGB")).astype(int)
-    original = np.asarray(Image.open(defect_image).convert("RGB")).astype(int)
-    mask = np.asarray(Image.open(run["data"] / "ground_truth" / "scratch" / "000_mask.png")) > 0
+    picture = np.asarray(Image.open(run_dir / "images" / "scratch" / "000.png.png").convert("RGB")).astype(int)
+    original = np.asarray(Image.open(category / "test" / "scratch" / "000.png").convert("RGB")).astype(int)
+    mask = np.asarray(Image.open(category / "ground_truth" / "scratch" / "000_mask.png")) > 0
     assert np.abs(picture[title:, :SIZE] - original).max() <= 1  # de-normalised input panel
     assert np.array_equal(picture[title:, 3 * SIZE :, 0] > 127, mask)  # ground-truth panel
 
 
-def test_gif_in_assets_and_run_dir(run):
-    for path in (run["assets"] / "demo.gif", run["run_dir"] / "demo.gif"):
+def test_maps_saved_per_test_image(trained_run):
+    run_dir, category = trained_run.run_dir, trained_run.category_dir
+    maps = sorted((run_dir / "maps").glob("*/*.npz"))
+    assert [p.relative_to(run_dir / "maps") for p in maps] == [
+        p.relative_to(category / "test").with_name(p.name + ".npz") for p in sorted((category / "test").glob("*/*.png"))
+    ]
+    with np.load(maps[0]) as saved:
+        assert set(saved.files) == {"anomaly_map", "deformation_map"}
+        for name in saved.files:
+            assert saved[name].dtype == np.float32 and saved[name].shape == (SIZE, SIZE)
+            assert np.isfinite(saved[name]).all() and saved[name].min() >= 0
+
+
+def test_gif_in_assets_and_run_dir(trained_run):
+    for path in (trained_run.assets / GIF, trained_run.run_dir / GIF):
         assert path.is_file() and path.stat().st_size < 3 * 1024 * 1024
         with Image.open(path) as gif:
             assert gif.n_frames == N_GOOD + N_DEFECT
@@ -82,14 +66,27 @@ def test_gif_in_assets_and_run_dir(run):
             assert gif.info["loop"] == 0 and gif.info["duration"] == 700
 
 
-def test_gif_mode_rebuilds_from_checkpoint(run):
-    other = run["tmp"] / "gif_only"
-    _cli("--mode", "gif", "--checkpoint", str(run["run_dir"] / "model.pt"), *_overrides(run["data"].parent, other / "runs", other / "assets"))
-    rebuilt = other / "assets" / "demo.gif"
-    assert rebuilt.is_file() and (other / "runs" / "dmad" / "demo" / "demo.gif").is_file()
-    assert not (other / "runs" / "dmad" / "demo" / "model.pt").exists()  # nothing was trained
-    with Image.open(rebuilt) as gif, Image.open(run["assets"] / "demo.gif") as original:
+def test_gif_mode_rebuilds_from_the_runs_checkpoint(trained_run, tmp_path):
+    run_dir = trained_run.copy_to(tmp_path / "runs")
+    (run_dir / GIF).unlink()
+    weights = (run_dir / "model.pt").read_bytes()
+    assert_ok(main_in_process(*trained_run.args(tmp_path / "runs"), "--mode", "gif", f"RESULT.assets_dir={tmp_path / 'assets'}"))
+    assert (run_dir / "model.pt").read_bytes() == weights  # nothing was trained or re-saved
+    with Image.open(tmp_path / "assets" / GIF) as gif, Image.open(trained_run.assets / GIF) as original:
         assert gif.n_frames == original.n_frames and gif.size == original.size
+    assert (run_dir / GIF).read_bytes() == (tmp_path / "assets" / GIF).read_bytes()
+
+
+def test_gif_mode_from_another_runs_checkpoint_writes_a_folder_of_its_own(trained_run, tmp_path):
+    savedir = tmp_path / "runs"
+    checkpoint = trained_run.run_dir / "model.pt"
+    result = main_in_process(*trained_run.args(savedir), "--mode", "gif", "--checkpoint", str(checkpoint), f"RESULT.assets_dir={tmp_path / 'assets'}")
+    assert_ok(result)
+    own = savedir / "dmad" / CATEGORY
+    with Image.open(own / "tests" / f"{CATEGORY}-model" / GIF) as gif:
+        assert gif.n_frames == N_GOOD + N_DEFECT
+    assert not (own / "model.pt").exists() and not (own / GIF).exists()  # nothing trained, the run's own GIF untouched
+    assert not (tmp_path / "assets").exists()  # a foreign checkpoint's GIF is not the category's
 
 
 def test_select_frames_interleaves_and_is_deterministic():
@@ -104,6 +101,27 @@ def test_render_without_ground_truth_has_three_panels():
     image = np.zeros((SIZE, SIZE, 3), np.uint8)
     picture = render_result(image, np.random.rand(SIZE, SIZE).astype(np.float32), (0.0, 1.0), 0.7, 0.5, 0.5)
     assert picture.shape[1] == 3 * SIZE and picture.dtype == np.uint8
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+
+def test_tensorboard_event_files_hold_the_run(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list((trained_run.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert files
+    scalars, images = set(), set()
+    for path in files:
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0})
+        events.Reload()
+        scalars |= set(events.Tags()["scalars"])
+        images |= set(events.Tags()["images"])
+        if "train/loss" in events.Tags()["scalars"]:
+            assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]  # LOG.log_interval=1
+    for term in ("distillation", "deformation", "vq", "loss", "lr"):
+        assert f"train/{term}" in scalars
+    assert {"eval/image_auroc", "results/image_auroc"} <= scalars and "results/0" in images
 
 
 # --------------------------------------------------------------------------- W&B
@@ -132,8 +150,8 @@ def _wandb_records(path: Path):
             yield record
 
 
-def test_wandb_offline_run_holds_metrics(run):
-    files = list((run["run_dir"] / "wandb").glob("offline-run-*/run-*.wandb"))
+def test_wandb_offline_run_holds_metrics(trained_run):
+    files = list((trained_run.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     history, summary, kinds = set(), {}, set()
     for record in _wandb_records(files[0]):
@@ -146,26 +164,12 @@ def test_wandb_offline_run_holds_metrics(run):
     for term in ("distillation", "deformation", "vq", "loss", "lr"):
         assert f"train/{term}" in history
     assert "eval/image_auroc" in history and any(k.startswith("results/images") for k in history)
-    metrics = json.loads((run["run_dir"] / "metrics.json").read_text())
+    metrics = json.loads((trained_run.run_dir / "metrics.json").read_text())
     assert json.loads(summary["image_auroc"]) == pytest.approx(metrics["image_auroc"])
     assert "artifact" in kinds  # model.pt
 
 
-def test_wandb_failure_does_not_stop_training(tmp_path, monkeypatch, caplog):
-    import wandb
-
-    def broken_init(*args, **kwargs):
-        raise RuntimeError("no W&B today")
-
-    monkeypatch.setattr(wandb, "init", broken_init)
-    data = tmp_path / "data"
-    make_demo_dataset(data, "demo", n_train=2, n_test_good=1, n_test_defect=1, size=SIZE)
-    argv = ["--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(CONFIG), *_overrides(data, tmp_path / "runs", tmp_path / "assets")]
-    argv += ["TRAIN.num_training_steps=1", "LOG.wandb=true", "TEST.save_images=false"]
-    assert main.main(argv) == 0
-    assert (tmp_path / "runs" / "dmad" / "demo" / "metrics.json").is_file()
-    warnings = [r for r in caplog.records if "W&B disabled" in r.getMessage()]
-    assert len(warnings) == 1 and "no W&B today" in warnings[0].getMessage()
+# (A W&B failure that must not stop training: test_robustness.py::test_failing_reporters_never_stop_training.)
 
 
 # --------------------------------------------------------------------------- report
@@ -215,18 +219,19 @@ def test_report_tables(savedir):
     assert "newest of 2 runs" in report and "bottle/new" in report
 
 
-def test_report_updates_readme_between_markers(savedir, tmp_path, monkeypatch, capsys):
+def test_report_updates_readme_between_markers(savedir, tmp_path, monkeypatch):
     readme = tmp_path / "README.md"
     before, after = "# Title\n\nintro\n" + START_MARKER + "\n", END_MARKER + "\n\n## Later\ntext\n"
     readme.write_text(before + "old table\n" + after)
     monkeypatch.chdir(tmp_path)
-    argv = ["--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(CONFIG), "--mode", "report", "--update-readme", f"RESULT.savedir={savedir}"]
-    assert main.main(argv) == 0
+    argv = [*BASE, "--mode", "report", "--update-readme", f"RESULT.savedir={savedir}"]
+    result = main_in_process(*argv)
+    assert_ok(result)
     text = readme.read_text()
     assert text.startswith(before) and text.endswith(after) and "old table" not in text
-    assert "#### Image-Level AUC" in text and "#### Image-Level AUC" in capsys.readouterr().out
+    assert "#### Image-Level AUC" in text and "#### Image-Level AUC" in result.stdout
 
     readme.write_text("# no markers\n")
-    assert main.main(argv) == 2
-    assert re.search(r"error: .*README\.md lacks the markers", capsys.readouterr().err)
+    line = assert_user_error(main_in_process(*argv))
+    assert re.search(r"error: .*README\.md lacks the markers", line)
     assert readme.read_text() == "# no markers\n"

@@ -148,6 +148,7 @@ def test_video_file_decoding_and_seeking(tmp_path: Path, suffix: str, fourcc: st
 
 def test_shanghaitech_and_avenue_video_layouts(tmp_path: Path) -> None:
     write_video(tmp_path / "shanghaitech" / "training" / "videos" / "01_001.avi", [10, 20, 30, 40], "MJPG")
+    (tmp_path / "shanghaitech" / "training" / "frames").mkdir()  # empty: the videos are used
     write_frames(tmp_path / "shanghaitech" / "testing" / "frames" / "01_0014", [1, 2, 3], ["000.jpg", "001.jpg", "002.jpg"])
     write_video(tmp_path / "avenue" / "training_videos" / "01.avi", [10, 20, 30], "MJPG")
     write_video(tmp_path / "avenue" / "testing_videos" / "02.avi", [10, 20, 30], "MJPG")
@@ -170,6 +171,7 @@ def test_clip_items(tmp_path: Path) -> None:
     assert len(dataset) == 2 + 1
     item = dataset[1]
     assert item["clip"].shape == (2, 3, SIZE, SIZE) and item["target"].shape == (3, SIZE, SIZE)
+    assert item["clip"].is_contiguous() and item["clip"].dtype == torch.float32
     expected = torch.tensor([[20, 235, 10], [30, 225, 15], [40, 215, 20]], dtype=torch.float32) / 127.5 - 1
     assert torch.allclose(item["clip"][:, :, 0, 0], expected[:2]) and torch.allclose(item["target"][:, 0, 0], expected[2])
     assert (int(item["video"]), int(item["frame"]), int(item["label"]), int(item["background"])) == (0, 3, 1, 0)

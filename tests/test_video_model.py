@@ -159,10 +159,10 @@ def test_scores_on_hand_built_inputs() -> None:
     assert torch.equal(scores["prediction"], torch.zeros(2)) and torch.equal(scores["gradient"], torch.zeros(2))
     magnitude = frame_scores(_output(target, field), target, ScoreSettings(deformation_field="magnitude"))
     torch.testing.assert_close(magnitude["deformation"], torch.tensor([0.5, 0.5]))
-    # A constant error e: l1 = e, mse = e^2; the window score sums the 3 channels' box means: 3 e^2.
+    # A constant error e: l1 = e, mse = e^2; a (4, 4) window fits inside and sums the 3 channels' box means: 3 e^2.
     shifted = _output(target + 0.1, field)
     for kind, expected in (("l1", 0.1), ("mse", 0.01), ("window", 0.03)):
-        value = frame_scores(shifted, target, ScoreSettings(prediction_score=kind))["prediction"]
+        value = frame_scores(shifted, target, ScoreSettings(prediction_score=kind, prediction_window=(4, 4)))["prediction"]
         torch.testing.assert_close(value, torch.full((2,), expected))  # float32 rounding of sums of 4800 terms
 
 
@@ -219,7 +219,6 @@ def test_optimizer_groups_and_background_lr() -> None:
     assert groups[-1]["lr"] == pytest.approx(1e-2) and groups[-1]["params"] == [model.background.template]
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
-    torch.optim.AdamW(groups, lr=2e-4)  # accepted as is
     assert official_background_lr(5, 2e-4, 20.0, 6) is None
     assert official_background_lr(6, 2e-4, 20.0, 6) == pytest.approx(4e-3)
     assert official_background_lr(9, 2e-4, None, None) is None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import difflib
 import math
-import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ import yaml
 
 from task.common.errors import UserError, short_repr, short_text
 
-MAX_CONFIG_BYTES = 256 << 10  # a config is a few KB; the cap bounds what a wrong file costs (YAML parses ~50 KB/s here)
+MAX_CONFIG_BYTES = 64 << 10  # configs are ~2 KB; the pure-Python parser needs seconds for 64 KB of worst-case YAML
 MAX_YAML_DEPTH = 32  # sections, lists and mappings in values: real configs nest 3 deep
 
 
@@ -297,14 +296,14 @@ def _read_config_text(path: Path) -> str:
             raise UserError(f"config file {shown} is a directory; pass --yaml_config with a YAML file inside it")
         if not stat.S_ISREG(info.st_mode):  # a FIFO would block forever, /dev/zero would never end
             raise UserError(f"config file {shown} is not a regular file; pass --yaml_config with a YAML file")
-        if info.st_size > MAX_CONFIG_BYTES:
-            raise UserError(f"config file {shown} is {info.st_size} bytes, over the {MAX_CONFIG_BYTES >> 10} KiB limit for a config; pass the right file")
         with open(path, "rb") as handle:
-            data = handle.read(MAX_CONFIG_BYTES + 1)
+            data = handle.read(MAX_CONFIG_BYTES + 1)  # st_size cannot be trusted (/proc files report 0)
     except FileNotFoundError:
         raise UserError(f"config file not found: {shown}; pass --yaml_config with a path such as configs/anomaly/unsupervised/dmad/demo.yaml") from None
     except OSError as exc:
         raise UserError(f"cannot read config file {shown} ({exc.strerror or type(exc).__name__}); check the path and its permissions") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise UserError(f"config file {shown} is over the {MAX_CONFIG_BYTES >> 10} KiB limit for a config (configs are a few KB); pass the right file")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

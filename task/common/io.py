@@ -26,11 +26,12 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
-
-import torch
+from typing import IO, TYPE_CHECKING, Any
 
 from task.common.errors import UserError, short_text
+
+if TYPE_CHECKING:
+    import torch
 
 # ``.<name>.<host>-<pid>.<8 random chars from mkstemp>.tmp``: the host and pid say whose temp file it is.
 _TEMP_NAME = re.compile(r"^\..+\.(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)\.[a-z0-9_]{8}\.tmp$")
@@ -62,14 +63,17 @@ def _free_space(folder: Path) -> str:
 
 
 def _os_error_in(exc: BaseException) -> OSError | None:
-    """The OSError behind ``exc``: itself, one in its cause/context chain, or one described by torch's writer message."""
+    """The OSError behind ``exc``: itself, one in its cause/context chain, or one described by torch's writer message.
+
+    A UserError already says what went wrong, and a context hidden with ``raise ... from None`` is not followed.
+    """
     seen: set[int] = set()
     node: BaseException | None = exc
-    while node is not None and id(node) not in seen:
+    while node is not None and id(node) not in seen and not isinstance(node, UserError):
         if isinstance(node, OSError):
             return node
         seen.add(id(node))
-        node = node.__cause__ or node.__context__
+        node = node.__cause__ or (None if node.__suppress_context__ else node.__context__)
     if isinstance(exc, RuntimeError) and _TORCH_WRITE_FAILURE.search(str(exc)):
         code = errno.ENOSPC if "No space left" in str(exc) else errno.EDQUOT if "quota" in str(exc) else errno.EIO
         return OSError(code, os.strerror(code))
@@ -213,6 +217,8 @@ def ensure_dir(path: str | Path) -> Path:
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
     """``torch.save`` through ``atomic_write_bytes``."""
+    import torch  # imported where used: text writers, the lock and the SIGTERM guard need no torch (1-2 s to import)
+
     atomic_write_bytes(path, lambda handle: torch.save(obj, handle))
 
 
@@ -253,6 +259,8 @@ def _refusal_reason(exc: pickle.UnpicklingError, path: Path) -> str:
 
 def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
     """``torch.load(weights_only=True)``: tensors and plain containers only; anything that would run code is refused."""
+    import torch
+
     path = Path(path)
     _check_path(path, what)
     shown = _shown(path)
@@ -285,6 +293,8 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
 
 def load_tensor_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     """A state dict file (optionally wrapped as {'state_dict': ...} or {'model': ...})."""
+    import torch
+
     obj = load_checkpoint(path, what)
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):

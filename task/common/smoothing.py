@@ -16,16 +16,23 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 from torch import Tensor
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> Tensor:
     """The 1-D kernel scipy uses for ``gaussian_filter(sigma, truncate)``, float64, length ``2r+1``."""
-    radius = int(truncate * float(sigma) + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 / (float(sigma) ** 2) * x**2)
-    return kernel / kernel.sum()
+    return torch.tensor(_kernel_weights(float(sigma), float(truncate)), dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=32)
+def _kernel_weights(sigma: float, truncate: float) -> tuple[float, ...]:
+    """The kernel as Python floats, computed with numpy so that ONNX tracing records constants, not ops."""
+    radius = int(truncate * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 / sigma**2 * x**2)
+    return tuple((kernel / kernel.sum()).tolist())
 
 
 @functools.lru_cache(maxsize=32)
@@ -37,7 +44,7 @@ def _symmetric_indices(length: int, radius: int) -> Tensor:
     return torch.where(idx >= length, period - 1 - idx, idx)
 
 
-def _filter_axis(x: Tensor, weights: list[float], dim: int) -> Tensor:
+def _filter_axis(x: Tensor, weights: tuple[float, ...], dim: int) -> Tensor:
     """Correlate ``x`` (already padded by ``len(weights) // 2`` on both sides of ``dim``) with ``weights``.
 
     ``out[i] = sum_k weights[k] * x[i + k]`` along ``dim``; the output is ``len(weights) - 1`` shorter there.
@@ -60,7 +67,7 @@ def gaussian_blur2d(maps: Tensor, sigma: float = 4.0, truncate: float = 4.0) -> 
     x = maps.to(dtype)
     if sigma <= 0:
         return x
-    weights = gaussian_kernel1d(sigma, truncate).tolist()
+    weights = _kernel_weights(float(sigma), float(truncate))
     radius = len(weights) // 2
     height, width = x.shape[-2], x.shape[-1]
     rows = _symmetric_indices(height, radius).to(x.device)

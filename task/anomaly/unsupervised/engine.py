@@ -11,6 +11,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 from torch.utils.data import DataLoader
@@ -23,6 +24,8 @@ from task.anomaly.unsupervised.method import Method
 from task.anomaly.unsupervised.reporters import Reporters, build_reporters
 from task.common.config import Config
 from task.common.errors import UserError
+from task.common.io import remove_stale_temps
+from task.common.runlock import RunLock
 from task.common.runtime import DistributedContext, compile_model, keep_freed_memory_for_reuse, select_device, set_seed
 
 log = logging.getLogger("anomaly")
@@ -37,6 +40,7 @@ class LoadedModel:
     thresholds: dict[str, float]
     calibrated: bool  # score statistics and thresholds came with the checkpoint
     path: Path
+    calibration: Any = None  # a method's stored calibration beyond the thresholds (video: training score statistics)
 
 
 def run_dir_for(cfg: Config, model_name: str) -> Path:
@@ -129,16 +133,28 @@ class Engine:
             thresholds, calibrated = {}, False
         else:
             cfg = network_config(method, self.cfg, state, path, self.overridden)
-            model = method.build(cfg, pretrained=False)
+            model = method.build_for_weights(cfg, state["state_dict"])
             load_weights(model, state, path)
             thresholds = {k: float(v) for k, v in (state.get("thresholds") or {}).items() if isinstance(v, (int, float))}
             calibrated = bool(thresholds)
         model = method.to_device(model, self.device, self.channels_last).eval()
-        return LoadedModel(model, cfg, thresholds, calibrated, path)
+        return LoadedModel(model, cfg, thresholds, calibrated, path, state.get("calibration"))
 
     def is_own_checkpoint(self, path: Path) -> bool:
         """True when ``path`` is this run directory's own model.pt (its outputs may be replaced)."""
         return path.resolve() == (self.run_dir / "model.pt").resolve()
+
+    @contextlib.contextmanager
+    def owning_run_dir(self):
+        """Hold the run directory for a mode that writes into it: rank 0 takes its lock (a second live run on the same
+        directory stops with a one-line error) and removes temp files left by killed saves."""
+        if not self.dist.is_main:
+            yield
+            return
+        with RunLock(self.run_dir):
+            for path in remove_stale_temps(self.run_dir):
+                log.info("removed %s, left by an interrupted save", path)
+            yield
 
     # ------------------------------------------------------------------ reporters
     @contextlib.contextmanager

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from task.anomaly.unsupervised.data.formats import scan_dataset
-from task.anomaly.unsupervised.data.preprocess import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_image, resize_image, to_tensor
+from task.anomaly.unsupervised.data.preprocess import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_image, resize_image, to_tensor, to_unit_tensor
 from task.anomaly.unsupervised.engine import LoadedModel
 from task.anomaly.unsupervised.predict import ONNX_FILENAME, ONNX_FORMAT, ONNX_INPUT, OnnxModel, file_sha256, list_images
 from task.common.config import Config
@@ -128,7 +128,7 @@ def preprocess(paths: list[Path], size: tuple[int, int]) -> tuple[Tensor, Tensor
     """(ImageNet-normalised, raw RGB in [0, 1]) batches [N, 3, H, W], both from the evaluation preprocessing."""
     arrays = [resize_image(load_image(p), size) for p in paths]
     normalized = torch.stack([to_tensor(a) for a in arrays])
-    raw = torch.stack([torch.from_numpy(a).permute(2, 0, 1).float().div(255) for a in arrays])
+    raw = torch.stack([to_unit_tensor(a) for a in arrays])
     return normalized, raw
 
 

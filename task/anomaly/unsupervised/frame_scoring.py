@@ -31,7 +31,7 @@ PRE_SMOOTH         -                            -                             pe
                                                                               shift 1, fill 1 both edges
 SMOOTH             concat, 11, keep 5, weights  concat, 11, keep 5, weights   concat, 55, keep 49, uniform,
                    1,1,1,1,1.2,1.6,1.2,1,1,1,1  .5,.8,.8,1,1,2.5,1,1,.8,.8,.5  shift 1, fill 1 both edges
-                   left fill 1, right replicate  replicate both edges
+                   edges: fill 1 / replicate    edges: replicate / replicate
 fusion             .2 def + .4 pred + .6 grad   .2 def + .4 pred              .2 def + .4 pred + .6 grad
 POST_SMOOTH        -                            = SMOOTH                      concat, 55, keep 27, uniform,
                                                                               shift 1, fill 1 both edges
@@ -101,8 +101,14 @@ ScoreDict = Mapping[str, Sequence[np.ndarray]]
 _NAMES = ["deformation", "prediction", "gradient"]
 _OFF = {"enabled": False, "size": 1, "keep": 1, "weights": None, "scope": "video", "shift": 0,
         "edge_left": "replicate", "edge_right": "replicate", "fill": 0.0}
-_AVENUE_WINDOW = {"enabled": True, "size": 11, "keep": 5, "weights": [0.5, 0.8, 0.8, 1.0, 1.0, 2.5, 1.0, 1.0, 0.8, 0.8, 0.5],
-                  "scope": "concat", "shift": 0, "edge_left": "replicate", "edge_right": "replicate", "fill": 0.0}
+
+
+def _avenue_window() -> dict[str, Any]:
+    # A fresh dict and list per use: shared objects would make yaml.safe_dump write &anchors, which configs refuse.
+    return {"enabled": True, "size": 11, "keep": 5, "weights": [0.5, 0.8, 0.8, 1.0, 1.0, 2.5, 1.0, 1.0, 0.8, 0.8, 0.5],
+            "scope": "concat", "shift": 0, "edge_left": "replicate", "edge_right": "replicate", "fill": 0.0}
+
+
 # utils.conf_avg: output at start + (size + 1) // 2 (one past the centre), every other position stays 1.
 _SHANGHAI_WINDOW = {"enabled": True, "scope": "concat", "weights": None, "shift": 1, "edge_left": "fill", "edge_right": "fill", "fill": 1.0}
 
@@ -121,8 +127,8 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
         "names": ["deformation", "prediction"], "weights": [0.2, 0.4], "signs": [1, 1],
         "normalize": "global", "norm_eps": 0.0, "polarity": "anomaly",
         "PRE_SMOOTH": dict(_OFF),
-        "SMOOTH": dict(_AVENUE_WINDOW),
-        "POST_SMOOTH": dict(_AVENUE_WINDOW),
+        "SMOOTH": _avenue_window(),
+        "POST_SMOOTH": _avenue_window(),
         "KALMAN": {"enabled": False, "process_var": 1e-5, "measurement_std": 0.01},
         "ONLINE": {"window": 6, "keep": 3, "threshold_quantile": 0.99},
     },
@@ -279,8 +285,9 @@ class ProtocolParams:
                     raise UserError(f"config key SCORE.{key}.keep ({w['keep']}) must be <= SCORE.{key}.size ({w['size']})")
                 if w["weights"] is not None and len(w["weights"]) != w["size"]:
                     raise UserError(f"config key SCORE.{key}.weights has {len(w['weights'])} values; give SCORE.{key}.size = {w['size']} or null")
-                if w["shift"] > w["size"] - 1 - w["size"] // 2:
-                    raise UserError(f"config key SCORE.{key}.shift ({w['shift']}) moves results past the window; use <= {w['size'] - 1 - w['size'] // 2}")
+                limit = w["size"] - 1 - w["size"] // 2  # the last result must stay inside the sequence
+                if w["shift"] > limit:
+                    raise UserError(f"config key SCORE.{key}.shift ({w['shift']}) moves results past the window; use <= {limit}")
             windows[key] = WindowParams(**{**w, "weights": None if w["weights"] is None else tuple(w["weights"])})
         if d["ONLINE"]["keep"] > d["ONLINE"]["window"]:
             raise UserError(f"config key SCORE.ONLINE.keep ({d['ONLINE']['keep']}) must be <= SCORE.ONLINE.window ({d['ONLINE']['window']})")
@@ -314,9 +321,10 @@ def normalize(videos: Sequence[np.ndarray], scope: str, eps: float, polarity: st
     """Min-max normalise oriented scores (higher = more anomalous) as the official code does.
 
     Args:
-        videos: V arrays [n_v] (float32 stays float32, as in the official Avenue code).
-        scope: ``per_video`` (min/max of each whole video: uses future frames), ``global`` (of all videos) or
-            ``none`` (values unchanged).
+        videos: V arrays [n_v].
+        scope: ``per_video`` (min/max of each whole video: uses future frames; computed in float64 like the
+            official Python-float code), ``global`` (of all videos; float32 input stays float32, as the official
+            Avenue arrays) or ``none`` (values unchanged).
         eps: added to ``max - min``.
         polarity: ``anomaly`` returns ``(x - min) / (max - min + eps)``; ``normality`` returns one minus that
             (official ``anomaly_score_inv``); with ``none``, ``x`` or ``-x``.
@@ -329,8 +337,12 @@ def normalize(videos: Sequence[np.ndarray], scope: str, eps: float, polarity: st
         return [v if polarity == "anomaly" else -v for v in videos]
     if scope == "global":
         everything = np.concatenate(list(videos))
+        if everything.size == 0:
+            return list(videos)
         bounds = [(everything.min(), everything.max())] * len(videos)
     else:
+        # The official per-video code turns every score into a Python float first: float64 maths.
+        videos = [np.asarray(v, dtype=np.float64) for v in videos]
         bounds = [(v.min(), v.max()) if v.size else (0.0, 0.0) for v in videos]
     out = []
     for v, (low, high) in zip(videos, bounds):
@@ -339,7 +351,9 @@ def normalize(videos: Sequence[np.ndarray], scope: str, eps: float, polarity: st
             continue
         denom = high - low + eps
         if denom == 0:
-            raise UserError(f"score '{short_text(name)}' is constant ({float(low)!r}) over a {scope.replace('_', ' ')} span, so min-max normalisation divides by 0; set SCORE.norm_eps > 0")
+            span = scope.replace("_", " ")
+            raise UserError(f"score '{short_text(name)}' is constant ({float(low)!r}) over a {span} span, so min-max "
+                            "normalisation divides by 0; set SCORE.norm_eps > 0")
         scaled = (v - low) / denom
         out.append(scaled if polarity == "anomaly" else 1.0 - scaled)
     return out
@@ -489,7 +503,8 @@ def _check_inputs(scores: ScoreDict, labels: Sequence[np.ndarray] | None, names:
         for v, values in enumerate(scores[name]):
             values = np.asarray(values)
             if labels is not None and values.shape != np.shape(labels[v]):
-                raise UserError(f"score '{short_text(name)}' of video {v} has shape {values.shape} but its labels {np.shape(labels[v])}; align labels with scored frames")
+                raise UserError(f"score '{short_text(name)}' of video {v} has shape {values.shape} but its labels "
+                                f"{np.shape(labels[v])}; align labels with scored frames")
             if not np.all(np.isfinite(values)):
                 raise UserError(f"score '{short_text(name)}' of video {v} has non-finite values (NaN or inf); fix the scoring run")
     for v, lab in enumerate(labels or []):
@@ -724,7 +739,8 @@ def evaluate_scores(source: str | Path | Mapping[str, np.ndarray] | ScoreFile, p
         sf = read_scores(source)
     missing = [n for n in params.names if n not in sf.scores]
     if missing:
-        raise UserError(f"the score file has no score '{short_text(missing[0])}' (it has: {', '.join(sf.score_names)}); set SCORE.names to stored scores")
+        raise UserError(f"the score file has no score '{short_text(missing[0])}' (it has: {', '.join(sf.score_names)}); "
+                        "set SCORE.names to stored scores")
     labels = sf.aligned_labels()
     scores = {n: sf.scores[n] for n in params.names}
     n_frames = sum(lab.size for lab in labels)

@@ -47,6 +47,13 @@ class Method(ABC):
     def build(self, cfg: Config, pretrained: bool | None = None) -> nn.Module:
         """The network for ``cfg`` (``pretrained`` overrides MODEL.pretrained, e.g. False when weights follow)."""
 
+    def build_for_weights(self, cfg: Config, state_dict: dict[str, Tensor]) -> nn.Module:
+        """The network that ``state_dict`` (one of our checkpoints) fills; its encoder weights come with it."""
+        return self.build(cfg, pretrained=False)
+
+    def on_epoch_end(self, cfg: Config, optimizer: torch.optim.Optimizer, epoch: int) -> None:
+        """Adjust the optimiser after the scheduler's step at the end of 0-based ``epoch`` (default: nothing)."""
+
     @abstractmethod
     def criterion(self, cfg: Config) -> nn.Module:
         """The training loss module."""

@@ -76,7 +76,7 @@ def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
     """Train, then evaluate the last model (never a model chosen with test labels) and write every output."""
     from task.anomaly.unsupervised.training import train
 
-    with engine.reporting("train"):
+    with engine.owning_run_dir(), engine.reporting("train"):
         engine.prepare_data()
         train_set = engine.dataset("train")
         test_set = engine.dataset("test")
@@ -102,7 +102,7 @@ def test_output_dir(engine: Engine, checkpoint: Path) -> Path:
 def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:
     """Evaluate a checkpoint on the test split with the config's scoring settings."""
     path = engine.checkpoint_path(options.checkpoint)
-    with engine.reporting("test"):
+    with engine.owning_run_dir(), engine.reporting("test"):
         engine.prepare_data()
         test_set = engine.dataset("test")
         out_dir = test_output_dir(engine, path)
@@ -120,6 +120,11 @@ def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:
 def mode_gif(engine: Engine, options: ModeOptions) -> None:
     """Rebuild the result GIF from a saved checkpoint (--checkpoint or the run's model.pt), no training."""
     path = engine.checkpoint_path(options.checkpoint)
+    with engine.owning_run_dir():
+        _write_gif_from(engine, path)
+
+
+def _write_gif_from(engine: Engine, path: Path) -> None:
     engine.prepare_data()
     test_set = engine.dataset("test")
     loaded = engine.load(path)

@@ -41,7 +41,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from task.anomaly.unsupervised.data.preprocess import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_image, resize_image, to_tensor
+from task.anomaly.unsupervised.data.preprocess import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, display_rgb, load_image, resize_image, to_tensor
 from task.anomaly.unsupervised.inference import InferenceOutput, predict_loader
 from task.anomaly.unsupervised.visualize import display_bounds, render_result
 from task.common.errors import UserError
@@ -222,7 +222,7 @@ def render_picture(path: Path, anomaly_map: np.ndarray, bounds: tuple[float, flo
 
     ``anomaly_map`` [h, w] at model resolution is bilinearly resized to the picture.
     """
-    image = np.asarray(load_image(path))
+    image = display_rgb(load_image(path))
     height, width = image.shape[:2]
     scale = min(1.0, MAX_PICTURE_SIDE / max(height, width))
     if scale < 1.0:

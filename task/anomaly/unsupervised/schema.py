@@ -7,6 +7,7 @@ A method contributes its MODEL section (``Method.model_schema``) and any section
 from __future__ import annotations
 
 from task.anomaly.unsupervised.data.formats import DATASET_SCHEMA_KEYS
+from task.anomaly.unsupervised.data.video import VIDEO_DATASET_KEYS
 from task.common.config import F, Schema
 
 RUN_SECTIONS: Schema = {
@@ -18,6 +19,7 @@ RUN_SECTIONS: Schema = {
         "skip_bad_images": F(bool, False, help="skip unreadable images with a warning instead of stopping"),
         "demo": F(bool, False, help="generate the built-in synthetic dataset under datadir if absent"),
         **DATASET_SCHEMA_KEYS,
+        **VIDEO_DATASET_KEYS,
     },
     "DATALOADER": {
         "batch_size": F(int, 8, min=1),
@@ -35,7 +37,8 @@ RUN_SECTIONS: Schema = {
     "TEST": {
         "batch_size": F(int, 8, min=1),
         "save_maps": F(bool, False, help="write maps/<defect>/<name>.npz per test image"),
-        "save_images": F(bool, True, help="write images/<defect>/<name>.png per test image and the result GIF"),
+        "save_images": F(bool, True, help="write images/<defect>/<name>.png per test image (video: a score plot per video) and the result GIF"),
+        "save_scores": F(bool, True, help="video: write scores.npz with the raw per-frame scores and labels (--mode score reads it)"),
     },
     "OPTIMIZER": {
         "name": F(str, "adamw", choices=("adamw", "adam")),

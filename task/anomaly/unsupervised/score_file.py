@@ -157,7 +157,8 @@ def validate(sf: ScoreFile, where: str = "scores") -> None:
             raise _fail(where, f"frames of {tag} must be a 1-D integer array of frame indices, got {frames.dtype} {frames.shape}")
         if frames.size:
             if frames[0] < sf.clip_length or frames[-1] >= labels.size:
-                raise _fail(where, f"frames of {tag} must lie in [clip_length={sf.clip_length}, {labels.size}) (the video has {labels.size} labels); found {int(frames.min())}..{int(frames.max())}")
+                raise _fail(where, f"frames of {tag} must lie in [clip_length={sf.clip_length}, {labels.size}) (the video has "
+                                   f"{labels.size} labels); found {int(frames.min())}..{int(frames.max())}")
             if np.any(np.diff(frames) <= 0):
                 raise _fail(where, f"frames of {tag} must be strictly increasing")
             if np.any(labels[frames] < 0):
@@ -213,7 +214,8 @@ def from_arrays(arrays: Mapping[str, np.ndarray], where: str = "scores") -> Scor
     if not isinstance(meta, dict):
         raise _fail(where, "key 'meta' must hold a JSON object")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise _fail(where, f"meta says format {short_repr(meta.get('format'))} version {short_repr(meta.get('version'))}; expected '{FORMAT}' version {VERSION}")
+        found = f"format {short_repr(meta.get('format'))} version {short_repr(meta.get('version'))}"
+        raise _fail(where, f"meta says {found}; expected '{FORMAT}' version {VERSION}")
     for key in ("dataset", "clip_length", "scores"):
         if key not in meta:
             raise _fail(where, f"meta field '{key}' is missing; write the file with score_file.write_scores")
@@ -229,10 +231,11 @@ def from_arrays(arrays: Mapping[str, np.ndarray], where: str = "scores") -> Scor
     for name in names:
         _check_name(where, "score", name)
     expected = {"meta", "videos"} | {f"{p}/{v}" for p in ["labels", "frames", *names] for v in videos}
-    for key in sorted(expected - keys):
-        raise _fail(where, f"key '{short_text(key)}' is missing; every video needs labels/, frames/ and one array per score in meta scores")
-    for key in sorted(keys - expected):
-        raise _fail(where, f"unexpected key '{short_text(key)}'; list its video in 'videos' and its score in meta scores, or remove it")
+    missing, unexpected = sorted(expected - keys), sorted(keys - expected)
+    if missing:
+        raise _fail(where, f"key '{short_text(missing[0])}' is missing; every video needs labels/, frames/ and one array per score in meta scores")
+    if unexpected:
+        raise _fail(where, f"unexpected key '{short_text(unexpected[0])}'; list its video in 'videos' and its score in meta scores, or remove it")
     sf = ScoreFile(
         dataset=meta["dataset"],
         clip_length=meta["clip_length"],

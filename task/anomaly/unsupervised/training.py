@@ -141,11 +141,12 @@ def maybe_resume(engine: Engine, stepper: Stepper, scheduler) -> int:
     return int(state["step"])
 
 
-def train(engine: Engine, train_set, evaluate: Callable[[nn.Module, int, bool], dict[str, Any]]) -> dict[str, Any]:
+def train(engine: Engine, train_set, evaluate: Callable[[nn.Module, int, bool], dict[str, Any]], model: nn.Module | None = None) -> dict[str, Any]:
     """Train on ``train_set`` (items are dicts of tensors) and call ``evaluate(model, step, final)`` at
-    LOG.eval_interval and at the end. Returns the final metrics."""
+    LOG.eval_interval and at the end. ``model``: a prepared fresh model (default: ``engine.build_model()``).
+    Returns the final metrics."""
     cfg = engine.cfg
-    model = engine.build_model()
+    model = engine.build_model() if model is None else model
     stepper = Stepper(engine, model)
     batch_size = cfg.DATALOADER.batch_size
     steps_per_epoch = math.ceil(len(train_set) / batch_size)
@@ -177,6 +178,7 @@ def train(engine: Engine, train_set, evaluate: Callable[[nn.Module, int, bool], 
             progress.update(1)
             if step % steps_per_epoch == 0 or step == total_steps:
                 scheduler.step()
+                engine.method.on_epoch_end(cfg, stepper.optimizer, (step - 1) // steps_per_epoch)
             if step % cfg.LOG.log_interval == 0 or step == total_steps:
                 values = {k: float(v.detach()) for k, v in terms.items()} | {"loss": float(loss.detach()), "lr": stepper.optimizer.param_groups[0]["lr"]}
                 progress.set_postfix({k: f"{v:.4f}" for k, v in values.items() if k != "lr"})

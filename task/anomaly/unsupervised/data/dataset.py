@@ -102,13 +102,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
                 if self.cache or self.skip_bad_images:  # lazy + skip: find bad files now, so `skipped` is complete
                     arr, mask = self._decode(s)
                 else:
-                    arr = None
-                    if s.mask_path is not None:
-                        check_mask_size(s.path, s.mask_path)
-                        mask = read_mask(s.mask_path, self.size)
-                    else:
-                        image_size(s.path)
-                        mask = None
+                    arr, mask = None, self._check(s)
             except UserError as e:
                 if not self.skip_bad_images or isinstance(e, MaskSizeError):
                     raise
@@ -149,6 +143,14 @@ class AnomalyDataset(torch.utils.data.Dataset):
             check_mask_size(s.path, s.mask_path, img.size)
             mask = read_mask(s.mask_path, self.size)
         return arr, mask
+
+    def _check(self, s: Sample) -> np.ndarray | None:
+        """Lazy mode at construction: read the image header (and check the mask's size); decode only the mask."""
+        if s.mask_path is None:
+            image_size(s.path)
+            return None
+        check_mask_size(s.path, s.mask_path)
+        return read_mask(s.mask_path, self.size)
 
     @property
     def labels(self) -> list[int]:

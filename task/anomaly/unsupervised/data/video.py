@@ -1,6 +1,6 @@
 """Video datasets for future-frame prediction: scanning the common layouts, decoding frames, clip samples.
 
-Layouts under ``<DATASET.datadir>/<DATASET.target>`` (first one found per split wins)::
+Layouts under ``<DATASET.datadir>/<DATASET.target>`` (the first one holding videos wins, per split)::
 
     training/frames/<video>/<frame image>      testing/frames/<video>/<frame image>    (official DMAD / MNAD)
     training/videos/<video>.avi|mp4            testing/videos/<video>.avi|mp4          (ShanghaiTech ships training so)
@@ -141,8 +141,7 @@ def scan_videos(ds_cfg: Any, split: str) -> list[Video]:
             entries = [p for p in folder.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith(".")]
             videos = [_video_file(p) for p in sorted(entries, key=lambda p: _natural_key(p.stem))]
         if not videos:
-            kind = "frame folders" if holds_frames else f"{'/'.join(VIDEO_EXTENSIONS)} files"
-            raise UserError(f"{folder} holds no {kind}; put the {split} videos there")
+            continue  # e.g. an empty training/frames next to training/videos
         for video in videos:
             check_length(video, ds_cfg.clip_length)
         return videos
@@ -283,7 +282,8 @@ class ClipDataset(Dataset):
             window = self._frames[video_index][start : target + 1]
         else:
             window = frames_of(video, self.size, self.grayscale, range(start, target + 1))
-        pixels = torch.from_numpy(np.ascontiguousarray(window)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        # [T+1, H, W, C] uint8 -> contiguous [T+1, C, H, W] float (the slices below stay contiguous too).
+        pixels = torch.from_numpy(window).permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1.0)
         label = int(video.labels[target]) if video.labels is not None else -1
         return {
             "clip": pixels[:-1],

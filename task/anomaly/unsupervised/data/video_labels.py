@@ -121,7 +121,7 @@ def _avenue_mat(folder: Path, videos: Sequence[Video]) -> list[np.ndarray]:
 def _default_places(ds_cfg: Any) -> list[Path]:
     root = Path(ds_cfg.datadir).expanduser()
     base = root / ds_cfg.target
-    ucsd = sorted((base / "Test").glob("*.m")) if (base / "Test").is_dir() else [base / "Test" / f"{ds_cfg.target}.m"]
+    ucsd = sorted((base / "Test").glob("*.m")) or [base / "Test" / f"{ds_cfg.target}.m"]
     return [
         base / "testing" / "test_frame_mask",
         *ucsd,

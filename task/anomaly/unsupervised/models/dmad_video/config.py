@@ -12,7 +12,7 @@ Official presets (Train_*.py / Evaluate_*.py / model/final_future_prediction_*.p
 | widths (encoder / decoder)  | 32,64,128,256    | 64,128,256,512     | 64,128,256,512            |
 | skip width (dim/skip_ratio) | 32               | 64                 | 16                        |
 | memory size x dim           | 200 x 256        | 420 x 512          | 1000 x 512                |
-| coarse / fine shift (px)    | 2 / 3            | 3 / 3              | 3 / 3                     |
+| coarse / fine shift (px)    | 2 / 3            | 3 / 3              | 2 / 3                     |
 | coarse field head strides   | 1,2,2            | 2,2,1              | 2,2,1                     |
 | field smoothness filter     | separable        | box                | box                       |
 | field magnitude weight      | 0.4              | 1                  | 1 (foreground-weighted)   |
@@ -104,7 +104,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "DATASET": {"grayscale": True, "resize": [256, 256]},
     },
     "shanghaitech": {
-        "MODEL": {**_AVENUE_MODEL, "memory_size": 1000, "skip_ratio": 32, "num_backgrounds": None, "background_input": True,
+        "MODEL": {**_AVENUE_MODEL, "memory_size": 1000, "skip_ratio": 32, "coarse_shift": 2.0, "num_backgrounds": None, "background_input": True,
                   "mask_source": "decoder", "foreground_weighting": True, "background_loss": "masked",
                   "deformation_field": "magnitude", "prediction_score": "window", "object_score": True},
         "OPTIMIZER": {**_OPTIMIZER, "background_lr_factor": 10.0, "background_lr_late_factor": None, "background_lr_switch_epoch": None},

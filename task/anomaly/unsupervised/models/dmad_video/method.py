@@ -1,0 +1,120 @@
+"""DMAD-PDM (video) as a method of the anomaly engine: build, loss, optimiser groups, background templates, scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from task.anomaly.unsupervised.frame_scoring import SCORE_SCHEMA
+from task.anomaly.unsupervised.method import Method
+from task.common.config import Config, F
+from task.common.errors import UserError
+from task.registry import register_method
+
+from .config import MODEL_SCHEMA
+from .loss import LossWeights, VideoLoss
+from .scores import ScoreSettings, error_map, frame_scores
+from .torch_model import VideoDMADModel, official_background_lr, optimizer_groups
+
+# The clip length is a property of the data (DATASET.clip_length) that the network is built for: one key, not two.
+VIDEO_MODEL_SCHEMA = {
+    **{k: v for k, v in MODEL_SCHEMA.items() if k != "clip_length"},
+    "background_lr_factor": F(float, 50.0, min=0, help="the background template's lr = factor x OPTIMIZER.lr (official: 50, ShanghaiTech 10)"),
+    "background_lr_late_factor": F(float, 20.0, nullable=True, min=0, help="from background_lr_switch_epoch on, the template's lr is fixed at this x OPTIMIZER.lr (official ped2/avenue); null: keep the schedule"),
+    "background_lr_switch_epoch": F(int, 6, nullable=True, min=0, help="0-based epoch where background_lr_late_factor starts"),
+}
+
+
+class DMADVideoMethod(Method):
+    name = "dmad"
+    modality = "video"
+    checkpoint_format = "tnvision-dmad-video"
+    model_schema = VIDEO_MODEL_SCHEMA
+    extra_sections = {"SCORE": SCORE_SCHEMA}
+    network_keys = tuple(
+        f"MODEL.{k}" for k in (
+            "channels", "memory_size", "memory_dim", "skip_ratio", "coarse_shift", "fine_shift",
+            "coarse_strides", "num_backgrounds", "background_input", "mask_source",
+        )
+    ) + ("DATASET.clip_length", "DATASET.resize", "DATASET.grayscale", "DATASET.background")
+    scoring_keys = tuple(f"MODEL.{k}" for k in ("deformation_field", "deformation_window", "prediction_score", "prediction_window", "gradient_window", "object_score"))
+    resume_keys = tuple(
+        f"MODEL.{k}" for k in (
+            "vq_beta", "gradient_weight", "warped_gradient_weight", "vq_weight", "field_weight", "field_magnitude_weight",
+            "smoothness_weight", "smoothness", "coarse_smooth_kernel", "fine_smooth_kernel", "foreground_weighting",
+            "background_loss", "background_lr_factor", "background_lr_late_factor", "background_lr_switch_epoch",
+        )
+    )
+
+    def validate(self, cfg: Config) -> None:
+        channels = 1 if cfg.DATASET.grayscale else 3
+        if cfg.MODEL.channels != channels:
+            raise UserError(f"MODEL.channels={cfg.MODEL.channels} but DATASET.grayscale={str(cfg.DATASET.grayscale).lower()} gives {channels}-channel frames; set MODEL.channels={channels}")
+        per_video = cfg.DATASET.background == "per_video"
+        if per_video != (cfg.MODEL.num_backgrounds is None):
+            fix = "MODEL.num_backgrounds=null" if per_video else "DATASET.background=per_video or MODEL.num_backgrounds=1"
+            raise UserError(f"DATASET.background={cfg.DATASET.background} and MODEL.num_backgrounds={cfg.MODEL.num_backgrounds} disagree; set {fix}")
+
+    def build(self, cfg: Config, pretrained: bool | None = None, num_videos: int | None = None) -> VideoDMADModel:
+        settings = {**cfg.to_dict()["MODEL"], "clip_length": cfg.DATASET.clip_length}
+        return VideoDMADModel.from_config(settings, tuple(cfg.DATASET.resize), num_videos)
+
+    def build_for_weights(self, cfg: Config, state_dict: dict[str, Tensor]) -> VideoDMADModel:
+        template = state_dict.get("background.template")
+        return self.build(cfg, num_videos=int(template.shape[0]) if isinstance(template, Tensor) else None)
+
+    def criterion(self, cfg: Config) -> VideoLoss:
+        return VideoLoss(LossWeights.from_config(cfg.to_dict()["MODEL"]))
+
+    def optimizer_groups(self, cfg: Config, model: nn.Module) -> list[dict[str, Any]]:
+        return optimizer_groups(model, cfg.OPTIMIZER.lr, cfg.MODEL.background_lr_factor)
+
+    def on_epoch_end(self, cfg: Config, optimizer: torch.optim.Optimizer, epoch: int) -> None:
+        """The official ped2/avenue schedule fixes the background's lr from a given epoch on."""
+        lr = official_background_lr(epoch, cfg.OPTIMIZER.lr, cfg.MODEL.background_lr_late_factor, cfg.MODEL.background_lr_switch_epoch)
+        if lr is not None:
+            optimizer.param_groups[-1]["lr"] = lr
+
+    def training_loss(self, model: nn.Module, criterion: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        out = model(batch["clip"], batch["background"])
+        return criterion(out, batch["target"])
+
+    def score_batch(self, model: nn.Module, batch: dict[str, Tensor], settings: ScoreSettings) -> tuple[dict[str, Tensor], Tensor]:
+        """Eval forward of one batch: (raw per-frame scores name -> [B], prediction-error maps [B, 1, H, W])."""
+        out = model(batch["clip"], batch["background"])
+        return frame_scores(out, batch["target"], settings), error_map(out, batch["target"])
+
+    def score_settings(self, cfg: Config) -> ScoreSettings:
+        return ScoreSettings.from_config(cfg.to_dict()["MODEL"])
+
+    def set_background(self, model: nn.Module, templates: Tensor) -> None:
+        """``templates`` [V, C, H, W] in [-1, 1]."""
+        model.set_background(templates)
+
+    # Scoring settings are read from the config at every evaluation (they are not held by the model).
+    def calibrate(self, model: nn.Module, preds) -> None:
+        raise NotImplementedError("video calibration is frame-score statistics, done by video_evaluation")
+
+    def apply_scoring(self, model: nn.Module, cfg: Config) -> None:
+        model.score_settings = self.score_settings(cfg)
+
+    def scoring_settings(self, model: nn.Module) -> dict[str, Any]:
+        return {}
+
+    def is_foreign_checkpoint(self, state: dict) -> bool:
+        return False
+
+    def check_foreign_checkpoint(self, state: dict, path: Path, cfg: Config) -> None:
+        raise UserError(f"{path} is not a checkpoint of this toolkit; official DMAD-PDM checkpoints: see the README")
+
+    def load_foreign_checkpoint(self, model: nn.Module, state: dict, path: Path, cfg: Config) -> None:
+        raise UserError(f"{path} is not a checkpoint of this toolkit")
+
+    def describe(self, cfg: Config) -> dict[str, Any]:
+        return {"memory_size": cfg.MODEL.memory_size, "memory_dim": cfg.MODEL.memory_dim, "channels": cfg.MODEL.channels}
+
+
+register_method(DMADVideoMethod())

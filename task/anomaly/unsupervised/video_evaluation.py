@@ -1,0 +1,227 @@
+"""Video evaluation: per-frame raw scores -> both protocols -> metrics.json, scores.npz, plots, GIF, checkpoint.
+
+A video method provides ``score_batch(model, batch, settings) -> (raw scores name -> [B], error maps [B, 1, H, W])``.
+Calibration is the statistics of the raw scores of the training frames (``frame_scoring.fit_train_stats``) and an
+alarm threshold fitted on them: the online protocol and predict use only these, never the test set. The paper
+protocol (``frame_scoring.paper_protocol``) uses whole-video statistics of the test videos, as the official code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from task.anomaly.unsupervised.checkpoints import make_payload
+from task.anomaly.unsupervised.data.background import background_for
+from task.anomaly.unsupervised.data.video import ClipDataset, Video, scan_videos
+from task.anomaly.unsupervised.data.video_labels import attach_labels, load_frame_labels
+from task.anomaly.unsupervised.engine import Engine
+from task.anomaly.unsupervised.frame_scoring import ProtocolParams, fit_threshold, fit_train_stats, online_frame_scores, online_protocol, paper_protocol
+from task.anomaly.unsupervised.inference import autocast
+from task.anomaly.unsupervised.score_file import ScoreFile, write_scores
+from task.common.io import csv_cell, ensure_dir, save_checkpoint, write_json, write_text
+
+log = logging.getLogger("anomaly")
+
+# Training clips scored for the calibration statistics at most (evenly spread); enough for stable 1 %/99 % quantiles.
+MAX_CALIBRATION_CLIPS = 2000
+
+
+@dataclass
+class FrameScores:
+    """Raw per-frame scores of a set of videos, in video order (CPU numpy)."""
+
+    videos: list[Video]
+    scores: dict[str, list[np.ndarray]]  # name -> V arrays [n_v]
+    frames: list[np.ndarray]  # V arrays [n_v] int64: the target frame index of each score
+    error_maps: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)  # kept maps: video -> frame -> [H, W]
+
+
+def video_split(engine: Engine, split: str) -> tuple[list[Video], ClipDataset]:
+    """The videos of ``split`` (test videos with their frame labels) and their clip dataset."""
+    ds = engine.cfg.DATASET
+    videos = scan_videos(ds, split)
+    if split == "test":
+        videos = attach_labels(videos, load_frame_labels(ds, videos, ds.clip_length))
+    dataset = ClipDataset(videos, ds.clip_length, tuple(ds.resize), ds.grayscale, ds.cache, ds.background == "per_video")
+    return videos, dataset
+
+
+def background_templates(engine: Engine, videos: list[Video]) -> Tensor:
+    """Background templates [V, C, H, W] in [-1, 1] for ``videos`` (one shared, or one per video), cached on disk."""
+    ds = engine.cfg.DATASET
+    cache = Path(ds.datadir).expanduser() / ds.target / ".background-cache"
+    try:
+        ensure_dir(cache)
+    except Exception:  # noqa: BLE001  (a read-only dataset: compute without caching)
+        cache = None
+    templates = background_for(videos, tuple(ds.resize), ds.grayscale, ds.background == "per_video", cache)
+    return torch.from_numpy(templates).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def use_test_backgrounds(engine: Engine, model: nn.Module, videos: list[Video]) -> None:
+    """Per-video templates are learned for training videos; test videos get their own median templates (as the
+    official ShanghaiTech evaluation, which computes them from each test video's frames)."""
+    if engine.cfg.DATASET.background != "per_video":
+        return
+    templates = background_templates(engine, videos).to(engine.device)
+    with torch.no_grad():
+        model.background.template = nn.Parameter(templates, requires_grad=False)
+
+
+@torch.no_grad()
+def score_clips(engine: Engine, model: nn.Module, dataset, videos: list[Video], desc: str, keep_maps: set[tuple[int, int]] | None = None) -> FrameScores:
+    """Run the method's ``score_batch`` over ``dataset`` (a ClipDataset or a Subset of one), grouped per video."""
+    method, cfg = engine.method, engine.cfg
+    settings = method.score_settings(cfg)
+    model.eval()
+    loader = DataLoader(dataset, batch_size=cfg.TEST.batch_size, shuffle=False, num_workers=cfg.DATALOADER.num_workers, pin_memory=cfg.DATALOADER.pin_memory)
+    per_video: dict[int, dict[str, list[Tensor]]] = {}
+    frames: dict[int, list[Tensor]] = {}
+    kept: dict[int, dict[int, np.ndarray]] = {}
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        on_device = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
+        with autocast(engine.device, engine.amp):
+            scores, maps = method.score_batch(model, on_device, settings)
+        video_ids, frame_ids = batch["video"].tolist(), batch["frame"]
+        for i, v in enumerate(video_ids):
+            store = per_video.setdefault(v, {})
+            for name, values in scores.items():
+                store.setdefault(name, []).append(values[i : i + 1].float().cpu())
+            frames.setdefault(v, []).append(frame_ids[i : i + 1])
+            if keep_maps is not None and (v, int(frame_ids[i])) in keep_maps:
+                kept.setdefault(v, {})[int(frame_ids[i])] = maps[i, 0].float().cpu().numpy()
+    order = sorted(per_video)
+    names = list(per_video[order[0]]) if order else []
+    return FrameScores(
+        videos=[videos[v] for v in order],
+        scores={n: [torch.cat(per_video[v][n]).double().numpy() for v in order] for n in names},
+        frames=[torch.cat(frames[v]).numpy().astype(np.int64) for v in order],
+        error_maps=kept,
+    )
+
+
+@dataclass
+class Calibration:
+    """Training-frame statistics per raw score and the online alarm threshold (stored in the checkpoint)."""
+
+    train_stats: dict[str, dict[str, float]]
+    threshold: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train_stats": self.train_stats, "threshold": self.threshold}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Calibration | None:
+        if not isinstance(data, dict) or not isinstance(data.get("train_stats"), dict) or not isinstance(data.get("threshold"), (int, float)):
+            return None
+        return cls(data["train_stats"], float(data["threshold"]))
+
+
+def calibrate(engine: Engine, model: nn.Module, train_videos: list[Video], train_set: ClipDataset) -> Calibration:
+    """Statistics of the raw scores of (at most ``MAX_CALIBRATION_CLIPS``) training clips, and the alarm threshold."""
+    count = len(train_set)
+    picks = np.unique(np.linspace(0, count - 1, min(count, MAX_CALIBRATION_CLIPS)).round().astype(int)).tolist()
+    scored = score_clips(engine, model, Subset(train_set, picks), train_videos, "calibrate")
+    params = ProtocolParams.from_config(engine.cfg.SCORE)
+    stats = fit_train_stats(scored.scores)
+    return Calibration(stats, fit_threshold(scored.scores, stats, params))
+
+
+def evaluate(engine: Engine, model: nn.Module, calibration: Calibration, test_videos: list[Video], test_set: ClipDataset, step: int | None, out_dir: Path | None, final: bool) -> dict[str, Any]:
+    """Both protocols on the test videos; with ``final`` also every output file."""
+    if not engine.dist.is_main:
+        return {}
+    cfg = engine.cfg
+    start = time.perf_counter()
+    use_test_backgrounds(engine, model, test_videos)
+    keep = gif_frames(test_videos, cfg.DATASET.clip_length) if final and cfg.TEST.save_images else None
+    scored = score_clips(engine, model, test_set, test_videos, "test", keep)
+    labels = [v.labels[f] for v, f in zip(scored.videos, scored.frames)]
+    names = [v.name for v in scored.videos]
+    params = ProtocolParams.from_config(cfg.SCORE)
+    paper = paper_protocol({n: scored.scores[n] for n in params.names}, labels, params, names)
+    online = online_protocol({n: scored.scores[n] for n in params.names}, labels, calibration.train_stats, params, calibration.threshold, names)
+    metrics = {
+        "frame_auroc": paper["frame_auroc"], "frame_aupr": paper["frame_aupr"],
+        "frame_auroc_online": online["frame_auroc_online"], "frame_aupr_online": online["frame_aupr_online"],
+        "online_threshold": online["online_threshold"], "online_tpr": online["online_tpr"], "online_fpr": online["online_fpr"],
+    }
+    log.info(
+        "%s%s: %s (%.1fs)", cfg.DATASET.target, f" step {step}" if step is not None else "",
+        " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)), time.perf_counter() - start,
+    )
+    engine.reporters.log_eval(step, metrics)
+    if final:
+        details = {"per_video_auroc": paper["per_video_auroc"], "per_video_auroc_online": online["per_video_auroc_online"]}
+        write_outputs(engine, out_dir or engine.run_dir, model, calibration, scored, metrics, details, step)
+    return metrics
+
+
+def gif_frames(videos: list[Video], clip_length: int, per_video: int = 12) -> set[tuple[int, int]]:
+    """(video, frame) pairs whose error maps the GIF may show: evenly spread over every test video."""
+    chosen = set()
+    for v, video in enumerate(videos):
+        for frame in np.linspace(clip_length, video.num_frames - 1, min(per_video, video.num_frames - clip_length)).round().astype(int):
+            chosen.add((v, int(frame)))
+    return chosen
+
+
+def write_outputs(engine: Engine, out_dir: Path, model: nn.Module, calibration: Calibration, scored: FrameScores, metrics: dict[str, Any], details: dict[str, Any], step: int | None) -> None:
+    """model.pt (with the calibration), metrics.json, run.json, frame_scores.csv, scores.npz, plots, GIF, reporters."""
+    cfg = engine.cfg
+    ensure_dir(out_dir)
+    payload = make_payload(engine.method, cfg, model, {"frame": calibration.threshold})
+    payload["calibration"] = calibration.to_dict()
+    save_checkpoint(payload, out_dir / "model.pt")
+    write_json(out_dir / "metrics.json", {**{k: _json_number(v) for k, v in metrics.items()}, **{k: {n: _json_number(x) for n, x in d.items()} for k, d in details.items()}})
+    write_json(out_dir / "run.json", {
+        "method": engine.method.name, "modality": "video", "category": cfg.DATASET.target, "format": "video",
+        "exp_name": cfg.RESULT.exp_name, **engine.method.describe(cfg), "image_size": list(cfg.DATASET.resize),
+        "steps": step, "device": str(engine.device),
+    })
+    params = ProtocolParams.from_config(cfg.SCORE)
+    online = online_frame_scores({n: scored.scores[n] for n in params.names}, calibration.train_stats, params)
+    write_text(out_dir / "frame_scores.csv", frame_scores_csv(scored, online, calibration.threshold))
+    if cfg.TEST.save_scores:
+        write_scores(out_dir / "scores.npz", ScoreFile(
+            dataset=cfg.DATASET.target, clip_length=cfg.DATASET.clip_length, videos=[v.name for v in scored.videos],
+            scores=scored.scores, labels=[np.asarray(v.labels, dtype=np.int8) for v in scored.videos], frames=scored.frames,
+            train_stats=calibration.train_stats, threshold=calibration.threshold, extra={"source": f"{engine.method.name} {cfg.DATASET.target}"},
+        ))
+    gif = None
+    if cfg.TEST.save_images:
+        try:
+            from task.anomaly.unsupervised.video_outputs import write_plots_and_gif
+
+            gif = write_plots_and_gif(engine, out_dir, scored, online, calibration.threshold)
+        except Exception as exc:  # noqa: BLE001  (pictures are a by-product: never lose a finished run over them)
+            log.warning("score plots / GIF not written (%s: %s); model.pt and metrics are saved, rerun with --mode gif", type(exc).__name__, exc)
+    engine.reporters.log_results(metrics, [], gif, out_dir / "model.pt")
+    log.info("outputs written to %s", out_dir)
+
+
+def frame_scores_csv(scored: FrameScores, online: list[np.ndarray], threshold: float) -> str:
+    """``video,frame,label,score,prediction`` per scored frame (online score; prediction = score >= threshold)."""
+    lines = ["video,frame,label,score,prediction"]
+    for video, frames, values in zip(scored.videos, scored.frames, online):
+        for frame, value in zip(frames.tolist(), values.tolist()):
+            label = int(video.labels[frame]) if video.labels is not None else ""
+            lines.append(f"{csv_cell(video.name)},{frame},{label},{value:.6f},{int(value >= threshold)}")
+    return "\n".join(lines) + "\n"
+
+
+def _json_number(v: Any) -> Any:
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v

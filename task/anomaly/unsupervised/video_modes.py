@@ -1,0 +1,152 @@
+"""The modes of a video run (``DATASET.format=video``), as an explicit table of functions with typed arguments.
+
+Same commands as the image runs; the last epoch is the model (nothing is selected with test labels), and the
+calibration (training-frame score statistics and the alarm threshold) is stored in model.pt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from task.anomaly.unsupervised.data.synthetic_video import make_video_demo
+from task.anomaly.unsupervised.engine import Engine, LoadedModel
+from task.anomaly.unsupervised.frame_scoring import ProtocolParams, evaluate_scores
+from task.anomaly.unsupervised.modes import ModeFunction, ModeOptions, mode_report, test_output_dir
+from task.anomaly.unsupervised.video_evaluation import Calibration, background_templates, calibrate, evaluate, video_split
+from task.common.errors import UserError
+from task.common.io import ensure_dir, write_text
+
+log = logging.getLogger("anomaly")
+
+
+def prepare_video_data(engine: Engine) -> None:
+    """Generate the synthetic surveillance demo when DATASET.demo is set (rank 0 writes, the others wait)."""
+    ds = engine.cfg.DATASET
+    if ds.demo:
+        if engine.dist.is_main:
+            make_video_demo(ds.datadir, ds.target, size=ds.resize[0])
+        engine.dist.barrier()
+
+
+def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
+    """Train on the training videos, calibrate on them, evaluate the last model on the test videos."""
+    from task.anomaly.unsupervised.training import train
+
+    with engine.owning_run_dir(), engine.reporting("train"):
+        prepare_video_data(engine)
+        train_videos, train_set = video_split(engine, "train")
+        test_videos, test_set = video_split(engine, "test")
+        ensure_dir(engine.run_dir)
+        engine.setup_log_file()
+        if engine.dist.is_main:
+            import yaml
+
+            write_text(engine.run_dir / "config.yaml", yaml.safe_dump(engine.cfg.to_dict(), sort_keys=False))
+        log.info("%d training videos (%d clips), %d test videos (%d clips)", len(train_videos), len(train_set), len(test_videos), len(test_set))
+        method = engine.method
+        model = method.build(engine.cfg, num_videos=len(train_videos))
+        method.set_background(model, background_templates(engine, train_videos))
+        model = engine.maybe_compile(method.to_device(model, engine.device, engine.channels_last))
+
+        def evaluate_now(trained, step: int, final: bool) -> dict[str, Any]:
+            if not engine.dist.is_main:
+                return {}
+            calibration = calibrate(engine, trained, train_videos, train_set)
+            return evaluate(engine, trained, calibration, test_videos, test_set, step, None, final)
+
+        return train(engine, train_set, evaluate_now, model=model)
+
+
+def _calibration(engine: Engine, loaded: LoadedModel) -> Calibration:
+    calibration = Calibration.from_dict(loaded.calibration)
+    if calibration is not None:
+        return calibration
+    train_videos, train_set = video_split(engine, "train")
+    return calibrate(engine, loaded.model, train_videos, train_set)
+
+
+def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:
+    """Evaluate a checkpoint on the test videos (its stored calibration; recomputed when absent)."""
+    path = engine.checkpoint_path(options.checkpoint)
+    with engine.owning_run_dir(), engine.reporting("test"):
+        prepare_video_data(engine)
+        test_videos, test_set = video_split(engine, "test")
+        out_dir = test_output_dir(engine, path)
+        ensure_dir(engine.run_dir)
+        engine.setup_log_file()
+        loaded = engine.load(path)
+        calibration = _calibration(engine, loaded)
+        return evaluate(engine, loaded.model, calibration, test_videos, test_set, None, out_dir, True)
+
+
+def mode_gif(engine: Engine, options: ModeOptions) -> None:
+    """Rebuild score plots and the GIF from a checkpoint (no training)."""
+    mode_test(engine, options)
+
+
+def mode_score(engine: Engine, options: ModeOptions) -> dict[str, Any]:
+    """Recompute both protocols from a scores.npz (``--input``), with this YAML's SCORE settings."""
+    if not options.input:
+        raise UserError("--mode score needs --input FILE.npz (a scores.npz written by a video test run, or converted official scores)")
+    result = evaluate_scores(Path(options.input), ProtocolParams.from_config(engine.cfg.SCORE))
+    print(json.dumps(result, indent=2, default=float))
+    return {k: v for k, v in result.items() if isinstance(v, float)}
+
+
+def mode_benchmark(engine: Engine, options: ModeOptions) -> None:
+    """Clips/s for training steps and for evaluation (scores included), as one JSON line."""
+    from task.anomaly.unsupervised.training import Stepper
+    from task.anomaly.unsupervised.video_evaluation import score_clips
+
+    cfg = engine.cfg
+    prepare_video_data(engine)
+    train_videos, train_set = video_split(engine, "train")
+    method = engine.method
+    model = method.build(cfg, num_videos=len(train_videos))
+    method.set_background(model, background_templates(engine, train_videos))
+    model = engine.maybe_compile(method.to_device(model, engine.device, engine.channels_last))
+    stepper = Stepper(engine, model)
+    bench = cfg.BENCHMARK
+    batch_size = cfg.DATALOADER.batch_size
+    model.train()
+    times = []
+    for step in range(1, bench.warmup + bench.train_steps + 1):
+        indices = [((step - 1) * batch_size + j) % len(train_set) for j in range(batch_size)]
+        batch = torch.utils.data.default_collate([train_set[i] for i in indices])
+        start = time.perf_counter()
+        stepper(batch, step)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+        if step > bench.warmup:
+            times.append(time.perf_counter() - start)
+    count = len(train_set) if bench.eval_images is None else min(bench.eval_images, len(train_set))
+    subset = torch.utils.data.Subset(train_set, list(range(count)))
+    start = time.perf_counter()
+    score_clips(engine, model, subset, train_videos, "benchmark")
+    eval_s = time.perf_counter() - start
+    train_s = sum(times) / len(times)
+    result = {
+        "train_s_per_step": train_s, "train_clips_per_s": batch_size / train_s, "eval_clips_per_s": count / eval_s,
+        "eval_clips": count, "device": str(engine.device), "amp": engine.amp, "batch_size": batch_size,
+        "eval_batch_size": cfg.TEST.batch_size, "image_size": list(cfg.DATASET.resize), "clip_length": cfg.DATASET.clip_length,
+        "method": method.name, **method.describe(cfg), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }
+    if engine.dist.is_main:
+        print(json.dumps(result), flush=True)
+
+
+VIDEO_MODES: dict[str, ModeFunction] = {
+    "train": mode_train,
+    "test": mode_test,
+    "gif": mode_gif,
+    "report": mode_report,
+    "score": mode_score,
+    "benchmark": mode_benchmark,
+}
+
