@@ -57,7 +57,8 @@ def modality_of(yaml_path: str, overrides: list[str]) -> str:
 def run(args: argparse.Namespace) -> int:
     import task.methods  # noqa: F401  (registers the methods)
     from task.anomaly.unsupervised.engine import Engine
-    from task.anomaly.unsupervised.modes import ModeOptions, modes_for
+    from task.anomaly.unsupervised.modalities import modes_for
+    from task.anomaly.unsupervised.modes import ModeOptions
     from task.anomaly.unsupervised.schema import run_schema
     from task.common.config import load_config, parse_override
     from task.common.errors import UserError

@@ -159,7 +159,10 @@ def convert(repo: Path, name: str, frames_root: Path | None) -> ScoreFile:
         scores={n: np.split(c, cuts) for n, c in columns.items()},
         labels=full_labels,
         frames=[np.arange(CLIP_LENGTH, n, dtype=np.int64) for n in lengths],
-        extra={"source": f"official DMAD-PDM/{src.file} (FlappyPeggy/DMAD); sign -1 = stored higher-is-normal values"},
+        # The official file holds values some protocol steps were already applied to: the file says so, and
+        # --mode score evaluates it with these settings instead of the YAML's SCORE section.
+        extra={"source": f"official DMAD-PDM/{src.file} (FlappyPeggy/DMAD); sign -1 = stored higher-is-normal values",
+               "protocol": protocol(src).to_config()},
     )
 
 

@@ -15,6 +15,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -94,12 +95,16 @@ def main_in_process(*args: str) -> Result:
 def assert_user_error(result, *needles: str) -> str:
     """Exit code 2, exactly one ``error: ...`` line on stderr containing every needle, no traceback; returns the line."""
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    # What a terminal shows: a progress bar redrawn with '\r' and cleared when the error closes it leaves no line.
+    lines = [line.split("\r")[-1] for line in result.stderr.split("\n")]
+    lines = [line for line in lines if line.strip()]
     assert result.returncode == 2, result.stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    # A training bar stopped mid-run stays on screen (tqdm's leave=True) above the error; nothing else may.
+    assert lines and all(re.search(r"\| *\d+/\d+ \[", line) for line in lines[:-1]), result.stderr[-3000:]
+    assert lines[-1].startswith("error: ") and sum(line.startswith("error") for line in lines) == 1, result.stderr[-3000:]
     for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+        assert needle in lines[-1], lines[-1]
+    return lines[-1]
 
 
 def assert_ok(result) -> None:

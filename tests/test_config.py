@@ -28,7 +28,7 @@ SCHEMA = {
         "sigma": F(float, 4.0, min=0.1, max=64, reason="below 0.1 the kernel is a no-op"),
         "vq_beta": F(float, 0.25, min=0),
     },
-    "SEED": F(int, 0, min=0),
+    "SEED": F(int, 0, min=0, max=2**32 - 1, reason="32-bit"),
 }
 
 # The classic "billion laughs": 9 levels of 9 aliases, a few hundred bytes that expand to 9**9 strings.
@@ -166,6 +166,7 @@ OVERRIDE_ERRORS: dict[str, tuple[str, tuple[str, ...]]] = {
     "wrong-type-truncated": ("DATASET.target=[" + "1, " * 5000 + "1]", ("DATASET.target expects str, got [1, 1, 1", "...")),
     "range-with-reason": ("MODEL.sigma=1e-200", ("MODEL.sigma must be in [0.1, 64] (below 0.1 the kernel is a no-op)", "got 1e-200", "default is 4.0")),
     "range-without-reason": ("MODEL.vq_beta=-1", ("MODEL.vq_beta must be >= 0, got -1.0; default is 0.25",)),
+    "range-whole-limit": ("SEED=" + "9" * 20, ("SEED must be in [0, 4294967295] (32-bit)", "got 99999999999999999999")),
     "float-overflow": ("MODEL.sigma=" + "1" * 400, ("MODEL.sigma expects float", "<int of")),
     "unknown-long-key": ("DATASET." + "x" * 500 + "=1", ("unknown config key DATASET.xxx", "...", "valid keys here: target, resize")),
 }

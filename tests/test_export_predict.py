@@ -130,16 +130,16 @@ def test_predict_with_both_backends_needs_no_dataset(exported_run, tmp_path: Pat
         lines = [line for line in result.stdout.splitlines() if ": score=" in line]
         assert len(lines) == len(sizes)
         rows[backend] = _read_csv(out / "predictions.csv")
-        paths = [r["path"].removeprefix("'") for r in rows[backend]]
-        assert [Path(p).relative_to(inputs).as_posix() for p in paths] == sorted(sizes)
+        assert [Path(r["path"]).relative_to(inputs).as_posix() for r in rows[backend]] == sorted(sizes)
         for row, (name, (w, h)) in zip(rows[backend], sorted(sizes.items())):
             assert row["verdict"] in ("OK", "NG") and row["prediction"] == ("1" if row["verdict"] == "NG" else "0")
             picture = name + ".png"  # the whole file name: sub/a.jpg and sub/a.png keep separate pictures
             assert row["picture"] == ("'" + picture if name.startswith("=") else picture)
             with Image.open(out / picture) as image:  # input | heatmap | region at the original size + title
                 assert image.width == 3 * w and image.height > h
-        # A cell starting with '=' would be a formula in a spreadsheet: escaped with a leading quote.
-        assert rows[backend][0]["path"] == "'" + str(inputs / "=cmd.png")
+        # A cell starting with '=' would be a formula in a spreadsheet: escaped with a leading quote (the picture
+        # column above); the unescaped file is the one written.
+        assert rows[backend][0]["picture"] == "'=cmd.png.png" and (out / "=cmd.png.png").is_file()
         assert json.loads((out / ".predict-manifest.json").read_text()) == sorted([n + ".png" for n in sizes] + ["predictions.csv"])
     assert "DATASET.resize: using the checkpoint's [64, 64] (the config says [96, 96])" in caplog.text
     threshold = json.loads({p.key: p.value for p in onnx.load(exported_run.run_dir / "model.onnx").metadata_props}["thresholds"])["image"]

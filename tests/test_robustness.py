@@ -1,8 +1,8 @@
 """Nothing lost, nobody surprised: user errors, interrupted runs, NaN losses, side-channel failures, untrusted files.
 
 Every user mistake must end with exit code 2 and exactly one ``error: ...`` line on stderr that names the problem
-and the fix, without a traceback. The full table of mistakes runs in-process through ``main.main`` (same code path,
-no interpreter start-up per case); a representative subset also runs as a real ``python main.py`` subprocess.
+and the fix, without a traceback. ``CASES`` is the suite's one table of such mistakes: it runs in-process through
+``main.main`` (same code path, no interpreter start-up per case); a few also run as a real ``python main.py``.
 Interrupted training is tested with a genuinely SIGKILLed subprocess that must resume to bit-identical weights.
 """
 
@@ -28,104 +28,36 @@ import torch
 import yaml
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # main.py lives at the repository root
-    sys.path.insert(0, str(REPO))
-
-import main as cli  # noqa: E402
-from task.anomaly.unsupervised.data.synthetic import make_demo_dataset  # noqa: E402
-from task.anomaly.unsupervised.inference import Predictions  # noqa: E402
-from task.anomaly.unsupervised.models.dmad import trainer as trainer_module  # noqa: E402
-from task.anomaly.unsupervised.models.dmad.config import SCHEMA  # noqa: E402
-from task.anomaly.unsupervised.models.dmad.trainer import DMADTrainer, build_model  # noqa: E402
-from task.common.config import load_config  # noqa: E402
-from task.common.errors import UserError  # noqa: E402
-from task.common.io import load_checkpoint, save_checkpoint  # noqa: E402
-
-DEMO_YAML = REPO / "configs" / "anomaly" / "unsupervised" / "dmad" / "demo.yaml"
-BASE = ["--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(DEMO_YAML)]
-SECRET = "tnv-test-secret-9f3c1a7e5b"
-STEPS = 4  # 6 images, batch 2: 3 steps per epoch, so the step-2 checkpoint is mid-epoch and resuming crosses an epoch end
-
-
-def data_overrides(data: Path) -> list[str]:
-    return [f"DATASET.datadir={data}", "DATASET.target=demo", "DATASET.demo=false", "DATASET.resize=[64,64]"]
-
-
-def train_overrides(data: Path, savedir: Path) -> list[str]:
-    """A tiny CPU run: resnet18 (demo.yaml), 64x64, batch 2, 4 steps, last.pt every 2 steps, no pictures."""
-    return data_overrides(data) + [
-        "DATALOADER.batch_size=2", f"TRAIN.num_training_steps={STEPS}", "TRAIN.save_interval=2", "TEST.batch_size=8",
-        "TEST.save_images=false", "LOG.log_interval=1", "RESULT.assets_dir=null", f"RESULT.savedir={savedir}",
-    ]
-
-
-def main_command(args: list[str]) -> list[str]:
-    return [sys.executable, "main.py", *BASE, *args]
-
-
-def cpu_env(**extra: str) -> dict[str, str]:
-    """The environment for CLI runs: CPU only, so that runs are bit-for-bit reproducible (cuDNN autotuning is not)."""
-    return dict(os.environ, CUDA_VISIBLE_DEVICES="", **extra)
-
-
-def run_cli(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(main_command(args), cwd=REPO, capture_output=True, text=True, timeout=900, env=cpu_env(**env))
-
-
-def assert_one_error_line(rc: int, stderr: str, fragments: tuple[str, ...]) -> str:
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert rc == 2, stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+from conftest import (
+    BASE,
+    CATEGORY,
+    CONFIGS,
+    N_TRAIN,
+    REPO,
+    SECRET,
+    STEPS,
+    assert_ok,
+    assert_user_error,
+    cpu_env,
+    main_in_process,
+    make_engine,
+    run_cli,
+    train_overrides,
+)
+from task.anomaly.unsupervised.inference import Predictions
+from task.common.errors import UserError
+from task.common.io import load_checkpoint, save_checkpoint
 
 
 def state_dict(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
-# --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """datadir of a 64x64 synthetic category 'demo': 6 train, 2 good + 2 defective test images."""
-    root = tmp_path_factory.mktemp("robust-data")
-    make_demo_dataset(root, "demo", n_train=6, n_test_good=2, n_test_defect=2, size=64)
-    return root
-
-
-@pytest.fixture(scope="module")
-def trained_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """One uninterrupted run (W&B offline on, an API key in the environment); returns (run_dir, its CLI args)."""
-    savedir = tmp_path_factory.mktemp("robust-runs") / "base"
-    args = train_overrides(dataset, savedir) + ["LOG.wandb=true", "LOG.wandb_mode=offline"]
-    result = run_cli(args, WANDB_API_KEY=SECRET)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = savedir / "dmad" / "demo"
-    assert (run_dir / "model.pt").is_file() and (run_dir / "last.pt").is_file()
-    return run_dir, args
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_log_handlers():
-    """In-process runs attach a FileHandler (train.log) to the root logger: detach it after each test."""
-    before = list(logging.getLogger().handlers)
-    yield
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if h not in before]:
-        root.removeHandler(handler)
-        handler.close()
-
-
 def broken_copy(dataset: Path, tmp: Path, breaker: Callable[[Path], None]) -> Path:
     """A copy of the dataset whose category folder ``breaker`` damages; returns the new datadir."""
     data = tmp / "data"
-    shutil.copytree(dataset / "demo", data / "demo")
-    breaker(data / "demo")
+    shutil.copytree(dataset / CATEGORY, data / CATEGORY)
+    breaker(data / CATEGORY)
     return data
 
 
@@ -159,12 +91,24 @@ def write_evil_pickle(path: Path, marker: Path) -> None:
     path.write_bytes(pickle.dumps(_Evil(marker), protocol=2))
 
 
+def onnx_without(source: Path, target: Path, key: str) -> Path:
+    """A copy of an exported model.onnx whose metadata lacks ``key`` (a partial or hand-edited file)."""
+    import onnx
+
+    model = onnx.load(source)
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key != key]
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, dict(kept))
+    onnx.save(model, target)
+    return target
+
+
 # --------------------------------------------------------------------------- the table of user mistakes
 
 
 @dataclass
 class Ctx:
-    """What a case needs: the good dataset, a scratch folder, and (lazily) the trained checkpoint."""
+    """What a case needs: the good dataset, a scratch folder, and (lazily) the shared trained / exported runs."""
 
     dataset: Path
     tmp: Path
@@ -172,17 +116,34 @@ class Ctx:
 
     @property
     def checkpoint(self) -> Path:
-        run_dir, _ = self.request.getfixturevalue("trained_run")
-        return run_dir / "model.pt"
+        return self.request.getfixturevalue("trained_run").run_dir / "model.pt"
+
+    @property
+    def exported(self) -> Path:
+        """The run directory of the exported copy (model.pt, last.pt, model.onnx)."""
+        return self.request.getfixturevalue("exported_run").run_dir
 
     def train(self, *extra: str, data: Path | None = None) -> list[str]:
-        return train_overrides(data or self.dataset, self.tmp / "runs") + list(extra)
+        return train_overrides(data or self.dataset, self.tmp / "runs") + ["TEST.save_images=false"] + list(extra)
 
     def test_with(self, checkpoint: Path, *extra: str) -> list[str]:
         return ["--mode", "test", "--checkpoint", str(checkpoint), *self.train(*extra)]
 
+    def predict(self, *extra: str, images: Path | None = None) -> list[str]:
+        """--mode predict with the exported run's model.pt (its run directory through RESULT.savedir)."""
+        savedir = self.exported.parents[1]
+        inputs = ["--input", str(images)] if images else []
+        return ["--mode", "predict", *inputs, *train_overrides(self.dataset, savedir), *extra]
+
+    def images(self, name: str = "inputs") -> Path:
+        folder = self.tmp / name
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(np.full((64, 64, 3), 100, np.uint8)).save(folder / "a.png")
+        return folder
+
     def file(self, name: str, content: bytes) -> Path:
         path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
         return path
 
@@ -202,37 +163,60 @@ class Case:
     argv: Callable[[Ctx], list[str]]
     fragments: tuple[str, ...]
     cli: bool = False  # also run as a real subprocess
+    after: Callable[[Ctx], None] | None = None  # what must still hold after the error (files kept, nothing written)
+    xfail: str | None = None  # a known bug (strict: the case fails the suite once the bug is fixed, so it gets enabled)
+
+
+# MODEL.sigma is an attribute of the model, not a tensor of its state_dict: Engine.load builds the network with the
+# config's sigma and load_weights restores only tensors, so a loaded model holds the config's sigma instead of the
+# checkpoint's (deform_weight is a buffer and is restored). Fix belongs in engine.py (Engine.load), see the report.
+SIGMA_BUG = "engine.py Engine.load does not restore the checkpoint's MODEL.sigma (not a state_dict tensor)"
 
 
 def _yaml_file(ctx: Ctx, text: str) -> list[str]:
     return ["--yaml_config", str(ctx.file("bad.yaml", text.encode())), *ctx.train()]
 
 
+def _foreign_file_kept(ctx: Ctx) -> None:
+    assert (ctx.tmp / "out" / "a.png.png").read_bytes() == b"my own picture"
+    assert sorted(p.name for p in (ctx.tmp / "out").iterdir()) == ["a.png.png"]  # nothing was written
+
+
+def _nothing_inside_input(ctx: Ctx) -> None:
+    assert sorted(p.name for p in (ctx.tmp / "inputs").iterdir()) == ["a.png"]
+
+
 CASES: dict[str, Case] = {
-    # configuration
+    # command line and configuration
+    "unknown-model": Case(lambda c: ["--model_name", "patchcore"], ("patchcore", "registered: anomaly/unsupervised/dmad")),
     "yaml-missing": Case(lambda c: ["--yaml_config", str(c.tmp / "nope.yaml"), *c.train()], ("config file not found", "nope.yaml")),
     "yaml-syntax": Case(lambda c: _yaml_file(c, "DATASET:\n  resize: [64, 64\nTRAIN: {"), ("YAML syntax error", "bad.yaml", "line"), cli=True),
     "yaml-unknown-key": Case(lambda c: _yaml_file(c, "DATASET:\n  resise: [64, 64]\n"), ("unknown config key DATASET.resise", "did you mean resize")),
+    "yaml-unknown-key-in-train": Case(lambda c: _yaml_file(c, "TRAIN:\n  num_trainig_steps: 5\n"), ("TRAIN.num_trainig_steps", "num_training_steps")),
     "yaml-wrong-type": Case(lambda c: _yaml_file(c, "DATALOADER:\n  batch_size: four\n"), ("DATALOADER.batch_size", "expects int", "'four'")),
     "override-unknown-key": Case(lambda c: c.train("DATASET.foo=1"), ("unknown config key DATASET.foo",)),
+    "override-misspelt-key": Case(lambda c: c.train("MODEL.backbon=resnet18"), ("MODEL.backbon", "backbone")),
     "override-not-key-value": Case(lambda c: c.train("DATASET.resize"), ("not KEY=VALUE",)),
     "batch-size-abc": Case(lambda c: c.train("DATALOADER.batch_size=abc"), ("DATALOADER.batch_size", "expects int", "'abc'")),
     "resize-three-items": Case(lambda c: c.train("DATASET.resize=[1,2,3]"), ("DATASET.resize", "list of 2 items")),
     "resize-not-multiple-of-32": Case(lambda c: c.train("DATASET.resize=[100,100]"), ("DATASET.resize", "multiple of 32", "100")),
-    "resize-too-small": Case(lambda c: c.train("DATASET.resize=[32,32]"), ("DATASET.resize", ">= 64")),
+    "resize-too-small": Case(lambda c: c.train("DATASET.resize=[32,32]"), ("DATASET.resize", "[64, 1024]", "got 32")),
     "batch-size-zero": Case(lambda c: c.train("DATALOADER.batch_size=0"), ("DATALOADER.batch_size", ">= 1", "got 0")),
     "steps-negative": Case(lambda c: c.train("TRAIN.num_training_steps=-1"), ("TRAIN.num_training_steps", ">= 1", "-1")),
-    "lr-negative": Case(lambda c: c.train("OPTIMIZER.lr=-1"), ("OPTIMIZER.lr", "> 0", "-1"), cli=True),
+    "lr-negative": Case(lambda c: c.train("OPTIMIZER.lr=-1"), ("OPTIMIZER.lr", "(0, 1]", "-1")),
     "lr-nan": Case(lambda c: c.train("OPTIMIZER.lr=.nan"), ("OPTIMIZER.lr", "finite")),
     "beta-one": Case(lambda c: c.train("OPTIMIZER.betas=[0.5,1.0]"), ("OPTIMIZER.betas", "[0, 1)")),
-    "backbone-choice": Case(lambda c: c.train("MODEL.backbone=vgg16"), ("MODEL.backbone", "resnet18")),
+    "backbone-choice": Case(lambda c: c.train("MODEL.backbone=vgg16"), ("MODEL.backbone", "resnet18", "wide_resnet50_2")),
+    "exp-name-absolute": Case(lambda c: c.train(f"RESULT.exp_name={c.tmp / 'elsewhere'}"), ("RESULT.exp_name", "plain folder name")),
+    "exp-name-parent": Case(lambda c: c.train("RESULT.exp_name=../../escape"), ("RESULT.exp_name", "plain folder name", "'../../escape'")),
     # dataset
-    "datadir-missing": Case(lambda c: c.train(data=c.tmp / "absent"), ("dataset folder", "absent", "DATASET.datadir")),
-    "datadir-empty": Case(
-        lambda c: c.train(data=c.folder("empty")), ("category folder", "DATASET.target", "none")
+    "mvtec-missing": Case(
+        lambda c: ["--yaml_config", str(CONFIGS / "bottle.yaml"), f"DATASET.datadir={c.tmp / 'mvtec'}"], (str(Path("mvtec")), "MVTec AD")
     ),
-    "category-missing": Case(lambda c: c.train("DATASET.target=cable"), ("category folder", "cable", "available categories: demo")),
-    "category-escapes": Case(lambda c: c.train("DATASET.target=../x"), ("invalid DATASET.target", "'../x'", "plain folder name")),
+    "datadir-missing": Case(lambda c: c.train(data=c.tmp / "absent"), ("dataset folder", "absent", "DATASET.datadir")),
+    "datadir-empty": Case(lambda c: c.train(data=c.folder("empty")), ("category folder", "DATASET.target", "none")),
+    "category-missing": Case(lambda c: c.train("DATASET.target=cable"), ("category folder", "cable", f"available categories: {CATEGORY}")),
+    "category-escapes": Case(lambda c: c.train("DATASET.target=../x"), ("DATASET.target", "'../x'", "plain folder name")),
     "train-good-missing": Case(
         lambda c: c.train(data=broken_copy(c.dataset, c.tmp, lambda d: shutil.rmtree(d / "train" / "good"))), ("no images in", "train/good")
     ),
@@ -260,15 +244,10 @@ CASES: dict[str, Case] = {
     ),
     # outputs
     "savedir-under-a-file": Case(
-        lambda c: c.train(f"RESULT.savedir={c.file('plain-file', b'x') / 'sub'}"), ("cannot create output folder", "plain-file/sub", "RESULT.savedir"),
-        cli=True,
+        lambda c: c.train(f"RESULT.savedir={c.file('plain-file', b'x') / 'sub'}"), ("plain-file/sub", "RESULT.savedir"),
     ),
-    # checkpoints
+    # checkpoints: unreadable or foreign files
     "checkpoint-missing": Case(lambda c: c.test_with(c.tmp / "absent.pt"), ("checkpoint not found", "absent.pt")),
-    "checkpoint-other-backbone": Case(
-        lambda c: c.test_with(c.checkpoint, "MODEL.backbone=resnet34"), ("MODEL.backbone='resnet18'", "'resnet34'", "overrides"), cli=True
-    ),
-    "checkpoint-other-size": Case(lambda c: c.test_with(c.checkpoint, "DATASET.resize=[96,96]"), ("DATASET.resize=[64, 64]", "[96, 96]")),
     "checkpoint-random-bytes": Case(
         lambda c: c.test_with(c.file("random.pt", np.random.RandomState(0).bytes(4096))), ("random.pt", "not a PyTorch checkpoint")
     ),
@@ -279,79 +258,108 @@ CASES: dict[str, Case] = {
     ),
     "checkpoint-a-list": Case(lambda c: c.test_with(c.saved("list.pt", [1, 2])), ("list.pt", "holds a list")),
     "checkpoint-backbone-weights": Case(
-        lambda c: c.test_with(c.saved("r18.pt", {"conv1.weight": torch.zeros(1)})),
-        ("r18.pt", "neither a DMAD checkpoint"),
+        lambda c: c.test_with(c.saved("r18.pt", {"conv1.weight": torch.zeros(1)})), ("r18.pt", "neither a dmad checkpoint")
     ),
-    "checkpoint-without-config": Case(
-        lambda c: c.test_with(c.saved("bare.pt", {"format": "tnvision-dmad"})), ("bare.pt", "lacks its config")
+    "checkpoint-without-config": Case(lambda c: c.test_with(c.saved("bare.pt", {"format": "tnvision-dmad"})), ("bare.pt", "lacks its config")),
+    "checkpoint-other-method": Case(
+        lambda c: c.test_with(c.saved("video.pt", {"format": "tnvision-dmad-video", "config": {}, "state_dict": {}})), ("video.pt", "not 'tnvision-dmad'")
     ),
+    "checkpoint-missing-tensor": Case(
+        lambda c: c.test_with(c.saved("short.pt", {**torch.load(c.checkpoint, weights_only=True), "state_dict": dict(list(state_dict(c.checkpoint).items())[1:])})),
+        ("short.pt", "missing tensor"),
+    ),
+    # network settings come from the checkpoint: a command-line override that differs names both values
+    "checkpoint-other-backbone": Case(
+        lambda c: c.test_with(c.checkpoint, "MODEL.backbone=resnet34"), ("MODEL.backbone='resnet34'", "MODEL.backbone='resnet18'", "drop the override"),
+        cli=True,
+    ),
+    "checkpoint-other-size": Case(lambda c: c.test_with(c.checkpoint, "DATASET.resize=[96,96]"), ("DATASET.resize=[96, 96]", "DATASET.resize=[64, 64]")),
+    "checkpoint-other-pdm": Case(lambda c: c.test_with(c.checkpoint, "MODEL.pdm=false"), ("MODEL.pdm=False", "MODEL.pdm=True")),
+    # predict and export
+    "predict-without-input": Case(lambda c: c.predict(), ("--mode predict needs --input",)),
+    "predict-input-missing": Case(lambda c: c.predict(images=c.tmp / "nowhere"), ("--input", "nowhere", "not found")),
+    "predict-empty-folder": Case(lambda c: c.predict(images=c.folder("empty")), ("no images in", "empty")),
+    "predict-broken-image": Case(lambda c: c.predict(images=c.file("bad/broken.png", b"not a png").parent), ("cannot read image", "broken.png")),
+    "predict-output-inside-input": Case(
+        lambda c: c.predict("--output", str(c.images() / "out"), images=c.images()), ("inside the input folder",), after=_nothing_inside_input
+    ),
+    "predict-output-is-input": Case(lambda c: c.predict("--output", str(c.images()), images=c.images()), ("inside the input folder",)),
+    "predict-overwrites-foreign-file": Case(
+        lambda c: c.predict("--output", str(c.file("out/a.png.png", b"my own picture").parent), images=c.images()),
+        ("a.png.png", "was not written by predict", "another --output"),
+        after=_foreign_file_kept,
+    ),
+    "predict-scoring-override": Case(
+        lambda c: c.predict("MODEL.deform_weight=0.3", images=c.images()), ("MODEL.deform_weight=0.3", "0.05", "--mode test MODEL.deform_weight=0.3")
+    ),
+    "predict-sigma-override": Case(
+        lambda c: c.predict("MODEL.sigma=2", images=c.images()), ("MODEL.sigma=2.0", "4.0", "--mode test MODEL.sigma=2.0"), xfail=SIGMA_BUG
+    ),
+    "predict-checkpoint-not-found": Case(lambda c: c.predict(f"RESULT.savedir={c.tmp / 'nothing'}", images=c.images()), ("checkpoint not found",)),
+    "predict-torch-from-onnx": Case(
+        lambda c: c.predict("--checkpoint", str(c.exported / "model.onnx"), images=c.images()), ("is an ONNX file", "--backend onnx")
+    ),
+    "predict-onnx-of-another-checkpoint": Case(  # model.onnx was exported from model.pt, not from last.pt beside it
+        lambda c: c.predict("--backend", "onnx", "--checkpoint", str(c.exported / "last.pt"), images=c.images()), ("exported from a different",)
+    ),
+    "predict-onnx-partial-metadata": Case(
+        lambda c: c.predict("--backend", "onnx", "--checkpoint", str(onnx_without(c.exported / "model.onnx", c.tmp / "partial.onnx", "thresholds")), images=c.images()),
+        ("partial.onnx", "incomplete metadata", "--mode export"),
+    ),
+    "predict-onnx-not-ours": Case(
+        lambda c: c.predict("--backend", "onnx", "--checkpoint", str(onnx_without(c.exported / "model.onnx", c.tmp / "plain.onnx", "format")), images=c.images()),
+        ("plain.onnx", "not a model exported by this toolkit"),
+    ),
+    "export-scoring-override": Case(lambda c: c.predict("--mode", "export", "MODEL.deform_weight=0.3"), ("MODEL.deform_weight=0.3", "--mode test")),
 }
 
 
 def full_argv(argv: list[str]) -> list[str]:
-    """Cases that bring their own --yaml_config replace the demo one."""
-    if "--yaml_config" not in argv:
-        return BASE + argv
-    i = argv.index("--yaml_config")
-    return ["--task_type", "anomaly", "--model_name", "dmad", *argv[i : i + 2], *argv[:i], *argv[i + 2 :]]
+    """BASE with the case's --yaml_config / --model_name in place of the demo's, then the rest."""
+    base = list(BASE)
+    for option in ("--yaml_config", "--model_name"):
+        if option in argv:
+            i = argv.index(option)
+            base[base.index(option) + 1] = argv[i + 1]
+            argv = argv[:i] + argv[i + 2 :]
+    return base + argv
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_user_error_in_process(name: str, dataset: Path, tmp_path: Path, request, capsys, monkeypatch) -> None:
+def _params(names: list[str]) -> list:
+    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=CASES[n].xfail)) if CASES[n].xfail else n for n in names]
+
+
+@pytest.mark.parametrize("name", _params(list(CASES)))
+def test_user_error_in_process(name: str, dataset: Path, tmp_path: Path, request) -> None:
     case = CASES[name]
-    argv = case.argv(Ctx(dataset, tmp_path, request))
-    monkeypatch.setattr(cli, "setup_logging", lambda: None)  # keep pytest's own logging set-up untouched
-    capsys.readouterr()
-    rc = cli.main(full_argv(argv))
-    assert_one_error_line(rc, capsys.readouterr().err, case.fragments)
+    ctx = Ctx(dataset, tmp_path, request)
+    assert_user_error(main_in_process(*full_argv(case.argv(ctx))), *case.fragments)
+    if case.after:
+        case.after(ctx)
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.cli])
 def test_user_error_cli(name: str, dataset: Path, tmp_path: Path, request) -> None:
-    argv = full_argv(CASES[name].argv(Ctx(dataset, tmp_path, request)))
-    result = subprocess.run([sys.executable, "main.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=900, env=cpu_env())
-    assert_one_error_line(result.returncode, result.stderr, CASES[name].fragments)
+    assert_user_error(run_cli(*full_argv(CASES[name].argv(Ctx(dataset, tmp_path, request)))), *CASES[name].fragments)
 
 
 @pytest.mark.parametrize("kind", ["zip", "bare-pickle"])
-def test_malicious_checkpoint_is_refused_and_never_runs(kind: str, dataset: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    """A pickle whose loading would run ``touch PWNED``: refused with a clear message, and the file never appears.
-
-    The zip (torch.save) file goes through a real ``python main.py``; the bare pickle through ``main.main``.
-    """
+def test_malicious_checkpoint_is_refused_and_never_runs(kind: str, dataset: Path, tmp_path: Path) -> None:
+    """A pickle whose loading would run ``touch PWNED``: refused with a clear message, and the file never appears."""
     marker = tmp_path / "PWNED"
     evil = tmp_path / "evil.pt"
     (write_evil_checkpoint if kind == "zip" else write_evil_pickle)(evil, marker)
     argv = ["--mode", "test", "--checkpoint", str(evil), *train_overrides(dataset, tmp_path / "runs")]
-    fragments = ("refusing to load", "evil.pt", "would import", "system", "only tensors")
-    if kind == "zip":
-        result = run_cli(argv)
-        assert_one_error_line(result.returncode, result.stderr, fragments)
-    else:
-        monkeypatch.setattr(cli, "setup_logging", lambda: None)
-        capsys.readouterr()
-        assert_one_error_line(cli.main(BASE + argv), capsys.readouterr().err, fragments)
+    assert_user_error(main_in_process(*BASE, *argv), "refusing to load", "evil.pt", "would import", "system", "only tensors")
     assert not marker.exists()
-
-
-def test_predict_without_images(trained_run, tmp_path: Path, capsys, monkeypatch) -> None:
-    if not hasattr(DMADTrainer, "mode_predict"):
-        pytest.skip("--mode predict is not implemented yet")
-    run_dir, args = trained_run
-    (tmp_path / "empty" / "sub").mkdir(parents=True)
-    (tmp_path / "empty" / "notes.txt").write_text("not an image")
-    monkeypatch.setattr(cli, "setup_logging", lambda: None)
-    capsys.readouterr()
-    rc = cli.main(BASE + ["--mode", "predict", "--checkpoint", str(run_dir / "model.pt"), "--input", str(tmp_path / "empty"), *args])
-    assert_one_error_line(rc, capsys.readouterr().err, ("no images in", "empty"))
 
 
 def test_skip_bad_images_warns_with_a_count(dataset: Path, tmp_path: Path) -> None:
     data = broken_copy(dataset, tmp_path, lambda d: truncate(d / "train" / "good" / "002.png"))
-    cfg = load_config(SCHEMA, DEMO_YAML, train_overrides(data, tmp_path / "runs") + ["DATASET.skip_bad_images=true"])
-    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image\(s\) of 6: .*002\.png"):
-        train_set = DMADTrainer(cfg).dataset("train")
-    assert len(train_set) == 5 and train_set.skipped == [str(data / "demo" / "train" / "good" / "002.png")]
+    engine = make_engine(*train_overrides(data, tmp_path / "runs"), "DATASET.skip_bad_images=true")
+    with pytest.warns(UserWarning, match=rf"skipped 1 unreadable image\(s\) of {N_TRAIN}: .*002\.png"):
+        train_set = engine.dataset("train")
+    assert len(train_set) == N_TRAIN - 1 and train_set.skipped == [str(data / CATEGORY / "train" / "good" / "002.png")]
 
 
 # --------------------------------------------------------------------------- interrupted runs
@@ -379,12 +387,14 @@ def test_crash_during_checkpoint_write_keeps_previous(interruption: BaseExceptio
     assert load_checkpoint(path)["step"] == 2
 
 
-def test_killed_run_resumes_to_identical_weights(trained_run, dataset: Path, tmp_path: Path) -> None:
-    """SIGKILL once last.pt holds step >= 2, rerun the same command: same final weights as the uninterrupted run."""
-    base_dir, _ = trained_run
-    args = train_overrides(dataset, tmp_path / "runs")
-    last = tmp_path / "runs" / "dmad" / "demo" / "last.pt"
-    proc = subprocess.Popen(main_command(args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cpu_env())
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_weights(trained_run, tmp_path: Path, caplog) -> None:
+    """SIGKILL a real ``python main.py`` once last.pt holds step >= 2, rerun the same command: the same final weights
+    and metrics as the uninterrupted shared run (CPU training is bit-reproducible, the data order a function of
+    (seed, epoch))."""
+    args = trained_run.args(tmp_path / "runs", "TEST.save_images=false")
+    last = tmp_path / "runs" / "dmad" / CATEGORY / "last.pt"
+    proc = subprocess.Popen([sys.executable, str(REPO / "main.py"), *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cpu_env())
     try:
         deadline = time.monotonic() + 600
         saved_step = 0
@@ -398,22 +408,22 @@ def test_killed_run_resumes_to_identical_weights(trained_run, dataset: Path, tmp
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert 2 <= saved_step < STEPS and not (last.parent / "model.pt").exists()
 
-    resumed = run_cli(args)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {last} at step {saved_step}" in resumed.stdout
-    expected, got = state_dict(base_dir / "model.pt"), state_dict(last.parent / "model.pt")
+    with caplog.at_level(logging.INFO):
+        assert_ok(main_in_process(*args))
+    assert f"resumed from {last} at step {saved_step}" in caplog.text
+    expected, got = state_dict(trained_run.run_dir / "model.pt"), state_dict(last.parent / "model.pt")
     assert expected.keys() == got.keys()
     different = [k for k in expected if not torch.equal(expected[k], got[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-    assert json.loads((last.parent / "metrics.json").read_text()) == json.loads((base_dir / "metrics.json").read_text())
+    assert json.loads((last.parent / "metrics.json").read_text()) == json.loads((trained_run.run_dir / "metrics.json").read_text())
 
 
-def test_rerunning_a_finished_run_only_reevaluates(trained_run) -> None:
-    run_dir, args = trained_run
+def test_rerunning_a_finished_run_only_reevaluates(trained_run, tmp_path: Path, caplog) -> None:
+    run_dir = trained_run.copy_to(tmp_path / "runs")
     weights_before = state_dict(run_dir / "model.pt")
-    result = run_cli(args, WANDB_API_KEY=SECRET)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"at step {STEPS}" in result.stdout and "resumed from" in result.stdout
+    with caplog.at_level(logging.INFO):
+        assert_ok(main_in_process(*trained_run.args(tmp_path / "runs", "TEST.save_images=false")))
+    assert f"resumed from {run_dir / 'last.pt'} at step {STEPS}" in caplog.text
     assert load_checkpoint(run_dir / "last.pt")["step"] == STEPS
     weights_after = state_dict(run_dir / "model.pt")
     assert all(torch.equal(weights_before[k], weights_after[k]) for k in weights_before)  # no further training step
@@ -421,34 +431,50 @@ def test_rerunning_a_finished_run_only_reevaluates(trained_run) -> None:
 
 
 @pytest.mark.parametrize("change", ["OPTIMIZER.lr=0.001", "DATALOADER.batch_size=3", "SEED=1"])
-def test_resume_with_changed_settings_is_refused(change: str, trained_run, dataset: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    run_dir, _ = trained_run
-    target = tmp_path / "runs" / "dmad" / "demo" / "last.pt"
+def test_resume_with_changed_settings_is_refused(change: str, trained_run, tmp_path: Path) -> None:
+    target = tmp_path / "runs" / "dmad" / CATEGORY / "last.pt"
     target.parent.mkdir(parents=True)
-    shutil.copy(run_dir / "last.pt", target)
-    monkeypatch.setattr(cli, "setup_logging", lambda: None)
-    capsys.readouterr()
-    rc = cli.main(BASE + train_overrides(dataset, tmp_path / "runs") + [change])
-    assert_one_error_line(rc, capsys.readouterr().err, (change.split("=")[0], "RESUME.option=false", "RESULT.exp_name"))
-    assert target.read_bytes() == (run_dir / "last.pt").read_bytes()
+    shutil.copy(trained_run.run_dir / "last.pt", target)
+    result = main_in_process(*trained_run.args(tmp_path / "runs", change))
+    assert_user_error(result, change.split("=")[0], "RESUME.option=false", "RESULT.exp_name")
+    assert target.read_bytes() == (trained_run.run_dir / "last.pt").read_bytes()
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated", "missing-explicit"])
-def test_unusable_resume_checkpoint_is_kept_and_named(damage: str, trained_run, dataset: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    run_dir, _ = trained_run
-    target = tmp_path / "runs" / "dmad" / "demo" / "last.pt"
+def _without(key: str, tensor: bool = False) -> Callable[[dict], dict]:
+    def damage(state: dict) -> dict:
+        if tensor:
+            return {**state, "state_dict": {k: v for k, v in state["state_dict"].items() if k != key}}
+        return {k: v for k, v in state.items() if k != key}
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    "damage, fragments",
+    [
+        ("empty", ("last.pt", "RESUME.option=false")),
+        ("truncated", ("last.pt", "RESUME.option=false")),
+        ("missing-explicit", ("gone.pt", "RESUME.checkpoint")),
+        ("missing-rng", ("last.pt", "lacks rng_torch", "RESUME.option=false")),
+        ("missing-tensor", ("last.pt", "does not match this run's model", "RESUME.option=false")),
+    ],
+)
+def test_unusable_resume_checkpoint_is_kept_and_named(damage: str, fragments: tuple[str, ...], trained_run, tmp_path: Path) -> None:
+    source = trained_run.run_dir / "last.pt"
+    target = tmp_path / "runs" / "dmad" / CATEGORY / "last.pt"
     target.parent.mkdir(parents=True)
     extra: list[str] = []
     if damage == "missing-explicit":
         extra = [f"RESUME.checkpoint={tmp_path / 'gone.pt'}"]
+    elif damage in ("empty", "truncated"):
+        target.write_bytes(b"" if damage == "empty" else source.read_bytes()[:20000])
     else:
-        target.write_bytes(b"" if damage == "empty" else (run_dir / "last.pt").read_bytes()[:20000])
+        state = torch.load(source, map_location="cpu", weights_only=True)
+        assert "decoder.layer1.0.conv1.weight" in state["state_dict"]
+        change = _without("rng_torch") if damage == "missing-rng" else _without("decoder.layer1.0.conv1.weight", tensor=True)
+        torch.save(change(state), target)
     before = target.read_bytes() if target.exists() else None
-    monkeypatch.setattr(cli, "setup_logging", lambda: None)
-    capsys.readouterr()
-    rc = cli.main(BASE + train_overrides(dataset, tmp_path / "runs") + extra)
-    line = assert_one_error_line(rc, capsys.readouterr().err, ())
-    assert ("gone.pt" in line) if damage == "missing-explicit" else ("last.pt" in line and "RESUME.option=false" in line)
+    assert_user_error(main_in_process(*trained_run.args(tmp_path / "runs", *extra)), *fragments)
     assert (target.read_bytes() if target.exists() else None) == before
 
 
@@ -477,7 +503,9 @@ class _NanGradient(torch.autograd.Function):
 def test_non_finite_training_stops_and_keeps_last_good_checkpoint(
     poison: str, bad_step: int, save_interval: int, fragments: tuple[str, ...], dataset: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    class Poisoned(trainer_module.DMADLoss):
+    from task.anomaly.unsupervised.models.dmad import method as dmad_method
+
+    class Poisoned(dmad_method.DMADLoss):
         calls = 0
 
         def forward(self, *args):
@@ -490,42 +518,39 @@ def test_non_finite_training_stops_and_keeps_last_good_checkpoint(
                 loss = _NanGradient.apply(loss)
             return loss, terms
 
-    monkeypatch.setattr(trainer_module, "DMADLoss", Poisoned)
-    cfg = load_config(SCHEMA, DEMO_YAML, train_overrides(dataset, tmp_path / "runs") + [f"TRAIN.save_interval={save_interval}"])
-    trainer = DMADTrainer(cfg)
-    with pytest.raises(UserError) as info:
-        trainer.train()
-    cli.close_progress_bars()  # main.py does this before printing the error
-    message = str(info.value)
-    assert "\n" not in message and "last.pt" in message and "OPTIMIZER.lr" in message
-    for fragment in fragments:
-        assert fragment in message, message
-    last = load_checkpoint(trainer.run_dir / "last.pt")
+    monkeypatch.setattr(dmad_method, "DMADLoss", Poisoned)
+    savedir = tmp_path / "runs"
+    result = main_in_process(*BASE, *train_overrides(dataset, savedir), f"TRAIN.save_interval={save_interval}")
+    line = assert_user_error(result, "last.pt", "OPTIMIZER.lr", *fragments)
+    assert f"training stopped at step {bad_step}" in line
+    run_dir = savedir / "dmad" / CATEGORY
+    last = load_checkpoint(run_dir / "last.pt")
     assert last["step"] == bad_step - 1
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
-    assert not (trainer.run_dir / "model.pt").exists()
+    assert not (run_dir / "model.pt").exists()
 
 
 def test_picture_failure_does_not_lose_the_run(dataset: Path, tmp_path: Path, monkeypatch, caplog) -> None:
-    cfg = load_config(SCHEMA, DEMO_YAML, train_overrides(dataset, tmp_path / "runs") + ["TEST.save_images=true"])
-    trainer = DMADTrainer(cfg)
-    test_set = trainer.dataset("test")
+    from task.anomaly.unsupervised import evaluation
+
+    engine = make_engine(*train_overrides(dataset, tmp_path / "runs"), "TEST.save_images=true")
+    test_set = engine.dataset("test")
     n, (h, w) = len(test_set), test_set.size
     preds = Predictions(
-        torch.rand(n, h, w), torch.rand(n, h, w), torch.rand(n), torch.tensor(test_set.labels), None,
-        [s.path for s in test_set.samples], [s.defect for s in test_set.samples],
+        torch.rand(n, h, w), torch.rand(n), torch.tensor(test_set.labels), None,
+        [s.path for s in test_set.samples], [s.defect for s in test_set.samples], {"deformation_map": torch.rand(n, h, w)},
     )
 
     def broken(*args, **kwargs):
         raise RuntimeError("font cache exploded")
 
-    monkeypatch.setattr(trainer_module, "save_result_images", broken)
+    monkeypatch.setattr(evaluation, "save_result_images", broken)
     metrics = {"image_auroc": 1.0, "image_threshold": 0.5, "pixel_threshold": 0.5}
     with caplog.at_level(logging.WARNING):
-        trainer.write_outputs(build_model(cfg, pretrained=False), preds, metrics, {"image": 0.5, "pixel": 0.5}, test_set=test_set, step=STEPS)
+        evaluation.write_outputs(engine, engine.run_dir, engine.method.build(engine.cfg, pretrained=False), preds, metrics, test_set, STEPS)
     for name in ("model.pt", "metrics.json", "predictions.csv"):
-        assert (trainer.run_dir / name).is_file()
-    assert "font cache exploded" in caplog.text
+        assert (engine.run_dir / name).is_file()
+    assert "font cache exploded" in caplog.text and "--mode gif" in caplog.text
 
 
 def test_wandb_failure_switches_reporting_off(tmp_path: Path, monkeypatch, caplog) -> None:
@@ -536,8 +561,8 @@ def test_wandb_failure_switches_reporting_off(tmp_path: Path, monkeypatch, caplo
         raise RuntimeError("wandb service unreachable")
 
     monkeypatch.setattr(wandb, "init", no_service)
-    cfg = load_config(SCHEMA, DEMO_YAML, ["LOG.wandb=true", f"RESULT.savedir={tmp_path}"])
-    reporter = WandbReporter.from_config(cfg, tmp_path, "train")
+    engine = make_engine("LOG.wandb=true", f"RESULT.savedir={tmp_path}")
+    reporter = WandbReporter.from_config(engine.cfg, tmp_path, "train", "dmad")
     with caplog.at_level(logging.WARNING):
         reporter.log_train(1, {"loss": 1.0})
         reporter.log_eval(1, {"image_auroc": 0.5})
@@ -545,6 +570,47 @@ def test_wandb_failure_switches_reporting_off(tmp_path: Path, monkeypatch, caplo
         reporter.finish(True)
     assert not reporter.active
     assert caplog.text.count("wandb service unreachable") == 1
+
+
+class _BrokenReporter:
+    """A reporter whose every call raises (a third-party logger gone wrong)."""
+
+    name = "Broken"
+    calls = 0
+
+    @classmethod
+    def from_config(cls, cfg, run_dir, job_type, method_name):
+        return cls()
+
+    def _fail(self, *args, **kwargs):
+        type(self).calls += 1
+        raise RuntimeError("reporter exploded")
+
+    log_train = log_eval = log_results = finish = _fail
+
+
+def test_failing_reporters_never_stop_training(dataset: Path, tmp_path: Path, monkeypatch, caplog) -> None:
+    """W&B whose init raises, and a reporter that raises on every call: training and outputs go on; each failure is
+    reported once and that reporter is switched off."""
+    import wandb
+
+    from task.anomaly.unsupervised import reporters
+
+    def broken_init(*args, **kwargs):
+        raise RuntimeError("no W&B today")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    monkeypatch.setattr(reporters, "REPORTERS", [*reporters.REPORTERS, _BrokenReporter])
+    savedir = tmp_path / "runs"
+    with caplog.at_level(logging.WARNING):
+        result = main_in_process(*BASE, *train_overrides(dataset, savedir), "TRAIN.num_training_steps=1", "LOG.wandb=true", "TEST.save_images=false")
+    assert_ok(result)
+    assert (savedir / "dmad" / CATEGORY / "metrics.json").is_file() and (savedir / "dmad" / CATEGORY / "model.pt").is_file()
+    wandb_warnings = [r for r in caplog.records if "no W&B today" in r.getMessage()]
+    assert len(wandb_warnings) == 1 and "W&B" in wandb_warnings[0].getMessage()
+    broken = [r.getMessage() for r in caplog.records if "reporter exploded" in r.getMessage()]
+    assert len(broken) == 1 and "Broken reporter disabled" in broken[0], broken
+    assert _BrokenReporter.calls == 1  # switched off after its first failure
 
 
 # --------------------------------------------------------------------------- untrusted files and secrets
@@ -601,7 +667,7 @@ def _keys(tree) -> list[str]:
 
 
 def test_run_directory_holds_no_credentials(trained_run) -> None:
-    run_dir, _ = trained_run
+    run_dir = trained_run.run_dir  # trained with WANDB_API_KEY=SECRET in its environment
     configs = {
         "config.yaml": yaml.safe_load((run_dir / "config.yaml").read_text()),
         "model.pt": load_checkpoint(run_dir / "model.pt")["config"],

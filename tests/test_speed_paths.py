@@ -7,8 +7,6 @@ channels_last, and ``--mode benchmark``'s JSON. No timing assertions.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,33 +15,33 @@ import torch.nn.functional as F
 
 from task.anomaly.unsupervised.benchmark import random_test_batches
 from task.anomaly.unsupervised.inference import Predictions, predict_loader
-from task.anomaly.unsupervised.models.dmad.config import SCHEMA
 from task.anomaly.unsupervised.models.dmad.deformation import PyramidDeformation
-from task.anomaly.unsupervised.models.dmad.trainer import DMADTrainer, build_model
 from task.anomaly.unsupervised.models.dmad.torch_model import DMADModel
-from task.common.config import load_config
+from task.anomaly.unsupervised.training import Stepper, make_optimizer
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import BASE, assert_ok, main_in_process, make_engine
+
 TINY = ["MODEL.backbone=resnet18", "MODEL.pretrained=false", "DATASET.resize=[64,64]", "DATALOADER.batch_size=2", "TEST.batch_size=4"]
 CPU = torch.device("cpu")
+DEFORMATION = "deformation_map"
 
 
-def make_trainer(*overrides: str) -> DMADTrainer:
-    return DMADTrainer(load_config(SCHEMA, None, [*TINY, *overrides]))
+def engine_for(*overrides: str):
+    return make_engine(*TINY, *overrides, yaml=None)
 
 
 @pytest.fixture(scope="module")
-def trained() -> tuple[DMADTrainer, DMADModel, torch.optim.Optimizer]:
-    """A tiny model after three float32 training steps through the trainer's own step."""
-    trainer = make_trainer()
+def trained() -> tuple[object, DMADModel, torch.optim.Optimizer]:
+    """A tiny model after three float32 training steps through the training loop's own Stepper."""
+    engine = engine_for()
     torch.manual_seed(0)
-    model = build_model(trainer.cfg)
-    criterion, optimizer = trainer.make_criterion(), trainer.make_optimizer(model)
+    model = engine.build_model()
+    stepper = Stepper(engine, model)
     generator = torch.Generator().manual_seed(0)
     model.train()
     for step in range(1, 4):
-        trainer.train_step(model, criterion, optimizer, torch.randn(2, 3, 64, 64, generator=generator), step)
-    return trainer, model, optimizer
+        stepper({"image": torch.randn(2, 3, 64, 64, generator=generator)}, step)
+    return engine, model, stepper.optimizer
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +69,10 @@ def test_frozen_encoder_holds_no_gradients_or_optimizer_state(trained) -> None:
 
 
 def test_fused_optimizer_step_matches_the_plain_one() -> None:
-    trainer = make_trainer()
+    engine = engine_for()
     torch.manual_seed(0)
-    model = build_model(trainer.cfg)
-    fused = trainer.make_optimizer(model)
+    model = engine.build_model()
+    fused = make_optimizer(engine, model)
     assert fused.param_groups[0]["fused"]
     params = model.trainable_parameters()
     plain_params = [p.detach().clone().requires_grad_() for p in params]
@@ -107,12 +105,13 @@ def test_stacked_opening_conv_equals_each_head_on_its_own() -> None:
 
 
 def test_bf16_training_step_runs_on_cpu() -> None:
-    trainer = make_trainer("TRAIN.amp=bf16")
-    assert trainer.channels_last  # implied on CPU, where oneDNN's bf16 kernels want NHWC
+    engine = engine_for("TRAIN.amp=bf16")
+    assert engine.channels_last  # implied on CPU, where oneDNN's bf16 kernels want NHWC
     torch.manual_seed(0)
-    model = trainer._model_to_device(build_model(trainer.cfg))
+    model = engine.build_model()
+    assert model.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     model.train()
-    loss, terms = trainer.train_step(model, trainer.make_criterion(), trainer.make_optimizer(model), torch.randn(2, 3, 64, 64), 1)
+    loss, terms = Stepper(engine, model)({"image": torch.randn(2, 3, 64, 64)}, 1)
     assert torch.isfinite(loss) and set(terms) == {"distillation", "deformation", "vq"}
     # The deformation fields and grids stay float32 under autocast.
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -125,7 +124,7 @@ def test_bf16_evaluation_gives_float32_maps_close_to_float32(trained, test_batch
     assert bf16.anomaly_maps.dtype == torch.float32
     scale = float32_preds.anomaly_maps.abs().max()
     assert (bf16.anomaly_maps - float32_preds.anomaly_maps).abs().max() <= 0.02 * scale
-    assert (bf16.deformation_maps - float32_preds.deformation_maps).abs().max() <= 0.02 * float32_preds.deformation_maps.abs().max()
+    assert (bf16.extras[DEFORMATION] - float32_preds.extras[DEFORMATION]).abs().max() <= 0.02 * float32_preds.extras[DEFORMATION].abs().max()
     torch.testing.assert_close(bf16.scores, float32_preds.scores, rtol=0.02, atol=0.02)
     # Smoothing runs in float32: the maps are not quantised to bf16's 256 steps per octave.
     assert bf16.anomaly_maps.unique().numel() > 0.5 * float32_preds.anomaly_maps.unique().numel()
@@ -133,33 +132,33 @@ def test_bf16_evaluation_gives_float32_maps_close_to_float32(trained, test_batch
 
 def test_channels_last_gives_the_same_maps(trained, test_batches, float32_preds) -> None:
     _, model, _ = trained
-    trainer = make_trainer("TRAIN.channels_last=true")
-    fresh = build_model(trainer.cfg)
+    engine = engine_for("TRAIN.channels_last=true")
+    fresh = engine.method.build(engine.cfg)
     fresh.load_state_dict(model.state_dict())
-    fresh = trainer._model_to_device(fresh)
+    fresh = engine.method.to_device(fresh, engine.device, engine.channels_last)
     assert fresh.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     preds = predict_loader(fresh, test_batches, CPU, channels_last=True)
     torch.testing.assert_close(preds.anomaly_maps, float32_preds.anomaly_maps, rtol=0, atol=1e-5)
-    torch.testing.assert_close(preds.deformation_maps, float32_preds.deformation_maps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(preds.extras[DEFORMATION], float32_preds.extras[DEFORMATION], rtol=0, atol=1e-5)
     torch.testing.assert_close(preds.scores, float32_preds.scores, rtol=0, atol=1e-5)
 
 
-def test_benchmark_mode_prints_one_json_object(tmp_path: Path) -> None:
-    args = [
-        sys.executable, str(REPO / "main.py"), "--task_type", "anomaly", "--model_name", "dmad",
-        "--yaml_config", str(REPO / "configs/anomaly/unsupervised/dmad/demo.yaml"), "--mode", "benchmark",
-        *TINY, f"DATASET.datadir={tmp_path / 'absent'}", "DATASET.demo=false", f"RESULT.savedir={tmp_path / 'runs'}",
-        "BENCHMARK.train_steps=2", "BENCHMARK.warmup=1", "BENCHMARK.eval_images=4",
-    ]
-    result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_benchmark_mode_prints_one_json_object(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = main_in_process(
+        *BASE, "--mode", "benchmark", *TINY, f"DATASET.datadir={tmp_path / 'absent'}", "DATASET.demo=false",
+        f"RESULT.savedir={tmp_path / 'runs'}", "BENCHMARK.train_steps=2", "BENCHMARK.warmup=1", "BENCHMARK.eval_images=4",
+    )
+    assert_ok(result)
     objects = [line for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(objects) == 1, result.stdout
     report = json.loads(objects[0])
-    for key in ("train_s_per_step", "train_images_per_s", "eval_images_per_s", "metrics_s", "peak_rss_mb"):
+    for key in ("train_s_per_step", "train_images_per_s", "eval_images_per_s", "metrics_s", "peak_rss_mb", "peak_rss_train_mb"):
         assert isinstance(report[key], float) and report[key] > 0, key
     assert report["peak_cuda_mb"] is None and report["device"] == "cpu" and report["dtype"] == "float32"
     assert report["batch_size"] == 2 and report["image_size"] == [64, 64] and report["backbone"] == "resnet18"
+    assert report["method"] == "dmad" and report["pdm"] is True and report["vq"] is True
     assert report["train_steps"] == 2 and report["eval_images"] == 4 and report["data"] == "random"
+    assert report["world_size"] == 1 and report["channels_last"] is False and report["compile"] is False
     assert "metrics:" not in result.stdout  # benchmark returns no metrics dict
-    assert not (tmp_path / "runs").exists() and not (tmp_path / "absent").exists()  # nothing written
+    assert list(tmp_path.iterdir()) == []  # nothing written

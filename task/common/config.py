@@ -93,16 +93,21 @@ class Field:
         if self.multiple_of is not None:
             parts.append(f"a multiple of {self.multiple_of}")
         if self.min is not None and self.max is not None:
-            parts.append(f"in {'(' if self.min_exclusive else '['}{self.min:g}, {self.max:g}{')' if self.max_exclusive else ']'}")
+            parts.append(f"in {'(' if self.min_exclusive else '['}{_number(self.min)}, {_number(self.max)}{')' if self.max_exclusive else ']'}")
         elif self.min is not None:
-            parts.append(f"{'>' if self.min_exclusive else '>='} {self.min:g}")
+            parts.append(f"{'>' if self.min_exclusive else '>='} {_number(self.min)}")
         elif self.max is not None:
-            parts.append(f"{'<' if self.max_exclusive else '<='} {self.max:g}")
+            parts.append(f"{'<' if self.max_exclusive else '<='} {_number(self.max)}")
         return " and ".join(parts)
 
     def type_names(self) -> str:
         names = [t.__name__ for t in self.types] + (["null"] if self.nullable else [])
         return " or ".join(names)
+
+
+def _number(limit: float) -> str:
+    """A range limit as written: whole numbers exactly (2**32 - 1 as 4294967295, not 4.29497e+09), others via %g."""
+    return str(int(limit)) if float(limit).is_integer() and abs(limit) < 1e16 else f"{limit:g}"
 
 
 def _as_float(value: Any) -> Any:

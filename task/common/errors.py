@@ -76,7 +76,7 @@ def _emit(value: Any, out: list[str], budget: list[int]) -> None:
         _put(out, budget, ",)" if isinstance(value, tuple) and len(value) == 1 else closing)
     elif isinstance(value, (str, bytes, bytearray)):
         _put(out, budget, repr(value[: budget[0]]))
-    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 1024:  # > 308 digits
         _put(out, budget, f"<int of {value.bit_length()} bits>")
     else:
         _put(out, budget, repr(value)[: budget[0]])

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from task.common.config import Config
+from task.common.config import Config, validate_plain_data
 from task.common.errors import UserError
 from task.common.io import load_checkpoint
 
@@ -66,23 +66,8 @@ def read_checkpoint(path: Path, method) -> dict:
     weights = state.get("state_dict")
     if not isinstance(state.get("config"), dict) or not isinstance(weights, dict) or not all(isinstance(v, Tensor) for v in weights.values()):
         raise UserError(f"{path} claims to be a {method.name} checkpoint but lacks its config or state_dict; re-create it by training or pass another file")
-    _check_config_shape(state["config"], path)
+    validate_plain_data(state["config"], f"the config stored in checkpoint {path}")
     return state
-
-
-def _check_config_shape(saved: dict, path: Path, max_items: int = 10_000) -> None:
-    """Refuse a saved config too large or deep to be a real one before anything prints or merges it."""
-    stack: list[tuple[Any, int]] = [(saved, 0)]
-    seen = 0
-    while stack:
-        node, depth = stack.pop()
-        seen += 1
-        if seen > max_items or depth > 8:
-            raise UserError(f"{path} holds a malformed config (too large or deeply nested); re-create the checkpoint")
-        if isinstance(node, dict):
-            stack.extend((v, depth + 1) for v in node.values())
-        elif isinstance(node, (list, tuple)):
-            stack.extend((v, depth + 1) for v in node)
 
 
 def network_config(method, cfg: Config, state: dict, path: Path, overridden: frozenset[str]) -> Config:
@@ -96,6 +81,7 @@ def network_config(method, cfg: Config, state: dict, path: Path, overridden: fro
         value = dotted(saved, key)
         if value is _MISSING:  # an older checkpoint: the schema default reproduces what it was trained with
             continue
+        value = _schema_field(method, key).check(f"{key} stored in checkpoint {path}", value)
         current = cfg.get(key)
         if value == current:
             continue
@@ -110,6 +96,16 @@ def network_config(method, cfg: Config, state: dict, path: Path, overridden: fro
         if dotted(data, key) is not _MISSING:
             _set_dotted(data, key, value)
     return Config(data)
+
+
+def _schema_field(method, key: str):
+    """The schema Field of a dotted key: checkpoint values are validated like YAML values before use."""
+    from task.anomaly.unsupervised.schema import run_schema
+
+    node = run_schema(method.model_schema, method.extra_sections)
+    for part in key.split("."):
+        node = node[part]
+    return node
 
 
 def load_weights(model: nn.Module, state: dict, path: Path) -> None:
@@ -147,7 +143,7 @@ def check_resumable(method, cfg: Config, state: Any, path: Path) -> None:
         raise UserError(f"{path} lacks {', '.join(absent)} (an incomplete training state); {fix}")
     if not isinstance(state["config"], dict):
         raise UserError(f"{path} holds a malformed config; {fix}")
-    _check_config_shape(state["config"], path)
+    validate_plain_data(state["config"], f"the config stored in {path}")
     saved = state["config"]
     changed = [
         f"{k}={dotted(saved, k)!r} (config: {cfg.get(k)!r})" for k in resume_keys(method)

@@ -124,11 +124,16 @@ class Engine:
         checkpoint's until a mode applies others.
         """
         method = self.method
-        state = read_checkpoint(path, method)
+        try:
+            state = read_checkpoint(path, method)
+        except UserError:
+            state = method.read_foreign_file(path)
+            if state is None:
+                raise
         if "format" not in state:  # read_checkpoint let it through: an official release the method imports
             cfg = self.cfg  # official checkpoints carry no config: the YAML describes them
             method.check_foreign_checkpoint(state, path, cfg)  # before building (and fetching weights for) a model
-            model = method.build(cfg)
+            model = method.build_for_foreign(cfg, state)
             method.load_foreign_checkpoint(model, state, path, cfg)
             thresholds, calibrated = {}, False
         else:

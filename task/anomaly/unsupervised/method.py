@@ -86,6 +86,11 @@ class Method(ABC):
         """The scoring settings ``cfg`` asks for, resolved as ``apply_scoring`` would apply them."""
         return {key: cfg.get(key) for key in self.scoring_keys}
 
+    def read_foreign_file(self, path: Path) -> dict | None:
+        """A foreign checkpoint file that ``torch.load(weights_only=True)`` refuses (e.g. a whole-module pickle),
+        read without executing pickled code into a state ``is_foreign_checkpoint`` accepts; None when not one."""
+        return None
+
     @abstractmethod
     def is_foreign_checkpoint(self, state: dict) -> bool:
         """True for a checkpoint of an official release this method can import (it carries no config)."""
@@ -97,6 +102,10 @@ class Method(ABC):
     @abstractmethod
     def load_foreign_checkpoint(self, model: nn.Module, state: dict, path: Path, cfg: Config) -> None:
         """Load an official release's weights into ``model`` (after ``check_foreign_checkpoint``)."""
+
+    def build_for_foreign(self, cfg: Config, state: dict) -> nn.Module:
+        """The network an official checkpoint's ``state`` fills (default: the one ``cfg`` describes)."""
+        return self.build(cfg)
 
     def foreign_frozen_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes an official checkpoint does not hold (e.g. a pretrained encoder)."""

@@ -215,11 +215,3 @@ IMAGE_MODES: dict[str, ModeFunction] = {
     "benchmark": mode_benchmark,
 }
 
-
-def modes_for(modality: str) -> dict[str, ModeFunction]:
-    """The mode table of a modality ("image" here; "video" in video_modes.py)."""
-    if modality == "video":
-        from task.anomaly.unsupervised.video_modes import VIDEO_MODES
-
-        return VIDEO_MODES
-    return IMAGE_MODES

@@ -14,7 +14,7 @@ RUN_SECTIONS: Schema = {
     "DATASET": {
         "datadir": F(str, "data/mvtec", help="dataset root (see DATASET.format for the layout)"),
         "target": F(str, "bottle", help="category (image formats) or dataset name (video) under datadir"),
-        "resize": F(list, [256, 256], length=2, item_type=int, min=64, max=2048, multiple_of=32, help="[H, W], multiples of 32"),
+        "resize": F(list, [256, 256], length=2, item_type=int, min=64, max=1024, multiple_of=32, help="[H, W], multiples of 32", reason="training memory grows 4x per doubling: 1024 already needs ~8 GB per image with wide_resnet50_2"),
         "cache": F(bool, True, help="decode and resize each image once and keep it in memory"),
         "skip_bad_images": F(bool, False, help="skip unreadable images with a warning instead of stopping"),
         "demo": F(bool, False, help="generate the built-in synthetic dataset under datadir if absent"),
@@ -23,7 +23,7 @@ RUN_SECTIONS: Schema = {
     },
     "DATALOADER": {
         "batch_size": F(int, 8, min=1),
-        "num_workers": F(int, 0, min=0),
+        "num_workers": F(int, 0, min=0, max=64, reason="each worker is a process holding a copy of the dataset"),
         "pin_memory": F(bool, False),
     },
     "TRAIN": {
@@ -42,9 +42,9 @@ RUN_SECTIONS: Schema = {
     },
     "OPTIMIZER": {
         "name": F(str, "adamw", choices=("adamw", "adam")),
-        "lr": F(float, 0.005, min=0, min_exclusive=True),
+        "lr": F(float, 0.005, min=0, min_exclusive=True, max=1, reason="larger steps diverge at once"),
         "betas": F(list, [0.5, 0.999], length=2, item_type=float, min=0, max=1, max_exclusive=True),
-        "weight_decay": F(float, 0.01, min=0),
+        "weight_decay": F(float, 0.01, min=0, max=1, reason="AdamW scales the weights by 1 - lr x weight_decay each step"),
     },
     "SCHEDULER": {
         "name": F(str, "cosine", choices=("cosine", "none")),
@@ -76,7 +76,7 @@ RUN_SECTIONS: Schema = {
         "warmup": F(int, 1, min=0, help="--mode benchmark: untimed training steps before them"),
         "eval_images": F(int, 16, nullable=True, min=1, help="--mode benchmark: test images (clips) to evaluate (null: the whole test set)"),
     },
-    "SEED": F(int, 0, min=0, max=2**32 - 1, reason="numpy seeds are 32-bit"),
+    "SEED": F(int, 0, min=0, max=2**32 - 1, reason="a 32-bit seed, numpy's range; the per-epoch shuffle seeds SEED x 100003 + epoch must stay within 64 bits"),
 }
 
 

@@ -11,15 +11,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
+from torch.utils.data import Subset
 
 from task.anomaly.unsupervised.checkpoints import make_payload
 from task.anomaly.unsupervised.data.background import background_for
@@ -27,7 +26,7 @@ from task.anomaly.unsupervised.data.video import ClipDataset, Video, scan_videos
 from task.anomaly.unsupervised.data.video_labels import attach_labels, load_frame_labels
 from task.anomaly.unsupervised.engine import Engine
 from task.anomaly.unsupervised.frame_scoring import ProtocolParams, fit_threshold, fit_train_stats, online_frame_scores, online_protocol, paper_protocol
-from task.anomaly.unsupervised.inference import autocast
+from task.anomaly.unsupervised.video_inference import FrameScores, score_clips
 from task.anomaly.unsupervised.score_file import ScoreFile, write_scores
 from task.common.io import csv_cell, ensure_dir, save_checkpoint, write_json, write_text
 
@@ -35,16 +34,6 @@ log = logging.getLogger("anomaly")
 
 # Training clips scored for the calibration statistics at most (evenly spread); enough for stable 1 %/99 % quantiles.
 MAX_CALIBRATION_CLIPS = 2000
-
-
-@dataclass
-class FrameScores:
-    """Raw per-frame scores of a set of videos, in video order (CPU numpy)."""
-
-    videos: list[Video]
-    scores: dict[str, list[np.ndarray]]  # name -> V arrays [n_v]
-    frames: list[np.ndarray]  # V arrays [n_v] int64: the target frame index of each score
-    error_maps: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)  # kept maps: video -> frame -> [H, W]
 
 
 def video_split(engine: Engine, split: str) -> tuple[list[Video], ClipDataset]:
@@ -75,40 +64,8 @@ def use_test_backgrounds(engine: Engine, model: nn.Module, videos: list[Video]) 
     if engine.cfg.DATASET.background != "per_video":
         return
     templates = background_templates(engine, videos).to(engine.device)
-    with torch.no_grad():
-        model.background.template = nn.Parameter(templates, requires_grad=False)
-
-
-@torch.no_grad()
-def score_clips(engine: Engine, model: nn.Module, dataset, videos: list[Video], desc: str, keep_maps: set[tuple[int, int]] | None = None) -> FrameScores:
-    """Run the method's ``score_batch`` over ``dataset`` (a ClipDataset or a Subset of one), grouped per video."""
-    method, cfg = engine.method, engine.cfg
-    settings = method.score_settings(cfg)
-    model.eval()
-    loader = DataLoader(dataset, batch_size=cfg.TEST.batch_size, shuffle=False, num_workers=cfg.DATALOADER.num_workers, pin_memory=cfg.DATALOADER.pin_memory)
-    per_video: dict[int, dict[str, list[Tensor]]] = {}
-    frames: dict[int, list[Tensor]] = {}
-    kept: dict[int, dict[int, np.ndarray]] = {}
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        on_device = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
-        with autocast(engine.device, engine.amp):
-            scores, maps = method.score_batch(model, on_device, settings)
-        video_ids, frame_ids = batch["video"].tolist(), batch["frame"]
-        for i, v in enumerate(video_ids):
-            store = per_video.setdefault(v, {})
-            for name, values in scores.items():
-                store.setdefault(name, []).append(values[i : i + 1].float().cpu())
-            frames.setdefault(v, []).append(frame_ids[i : i + 1])
-            if keep_maps is not None and (v, int(frame_ids[i])) in keep_maps:
-                kept.setdefault(v, {})[int(frame_ids[i])] = maps[i, 0].float().cpu().numpy()
-    order = sorted(per_video)
-    names = list(per_video[order[0]]) if order else []
-    return FrameScores(
-        videos=[videos[v] for v in order],
-        scores={n: [torch.cat(per_video[v][n]).double().numpy() for v in order] for n in names},
-        frames=[torch.cat(frames[v]).numpy().astype(np.int64) for v in order],
-        error_maps=kept,
-    )
+    templates = templates.expand(-1, model.channels, -1, -1).contiguous()
+    model.background.template = nn.Parameter(templates, requires_grad=False)
 
 
 @dataclass
@@ -145,8 +102,7 @@ def evaluate(engine: Engine, model: nn.Module, calibration: Calibration, test_vi
     cfg = engine.cfg
     start = time.perf_counter()
     use_test_backgrounds(engine, model, test_videos)
-    keep = gif_frames(test_videos, cfg.DATASET.clip_length) if final and cfg.TEST.save_images else None
-    scored = score_clips(engine, model, test_set, test_videos, "test", keep)
+    scored = score_clips(engine, model, test_set, test_videos, "test")
     labels = [v.labels[f] for v, f in zip(scored.videos, scored.frames)]
     names = [v.name for v in scored.videos]
     params = ProtocolParams.from_config(cfg.SCORE)
@@ -164,20 +120,11 @@ def evaluate(engine: Engine, model: nn.Module, calibration: Calibration, test_vi
     engine.reporters.log_eval(step, metrics)
     if final:
         details = {"per_video_auroc": paper["per_video_auroc"], "per_video_auroc_online": online["per_video_auroc_online"]}
-        write_outputs(engine, out_dir or engine.run_dir, model, calibration, scored, metrics, details, step)
+        write_outputs(engine, out_dir or engine.run_dir, model, test_set, calibration, scored, metrics, details, step)
     return metrics
 
 
-def gif_frames(videos: list[Video], clip_length: int, per_video: int = 12) -> set[tuple[int, int]]:
-    """(video, frame) pairs whose error maps the GIF may show: evenly spread over every test video."""
-    chosen = set()
-    for v, video in enumerate(videos):
-        for frame in np.linspace(clip_length, video.num_frames - 1, min(per_video, video.num_frames - clip_length)).round().astype(int):
-            chosen.add((v, int(frame)))
-    return chosen
-
-
-def write_outputs(engine: Engine, out_dir: Path, model: nn.Module, calibration: Calibration, scored: FrameScores, metrics: dict[str, Any], details: dict[str, Any], step: int | None) -> None:
+def write_outputs(engine: Engine, out_dir: Path, model: nn.Module, test_set: ClipDataset, calibration: Calibration, scored: FrameScores, metrics: dict[str, Any], details: dict[str, Any], step: int | None) -> None:
     """model.pt (with the calibration), metrics.json, run.json, frame_scores.csv, scores.npz, plots, GIF, reporters."""
     cfg = engine.cfg
     ensure_dir(out_dir)
@@ -204,7 +151,7 @@ def write_outputs(engine: Engine, out_dir: Path, model: nn.Module, calibration: 
         try:
             from task.anomaly.unsupervised.video_outputs import write_plots_and_gif
 
-            gif = write_plots_and_gif(engine, out_dir, scored, online, calibration.threshold)
+            gif = write_plots_and_gif(engine, out_dir, model, test_set, scored, online, calibration.threshold)
         except Exception as exc:  # noqa: BLE001  (pictures are a by-product: never lose a finished run over them)
             log.warning("score plots / GIF not written (%s: %s); model.pt and metrics are saved, rerun with --mode gif", type(exc).__name__, exc)
     engine.reporters.log_results(metrics, [], gif, out_dir / "model.pt")

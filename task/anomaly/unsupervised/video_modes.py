@@ -17,6 +17,7 @@ import torch
 from task.anomaly.unsupervised.data.synthetic_video import make_video_demo
 from task.anomaly.unsupervised.engine import Engine, LoadedModel
 from task.anomaly.unsupervised.frame_scoring import ProtocolParams, evaluate_scores
+from task.anomaly.unsupervised.score_file import read_scores
 from task.anomaly.unsupervised.modes import ModeFunction, ModeOptions, mode_report, test_output_dir
 from task.anomaly.unsupervised.video_evaluation import Calibration, background_templates, calibrate, evaluate, video_split
 from task.common.errors import UserError
@@ -86,15 +87,38 @@ def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:
 
 
 def mode_gif(engine: Engine, options: ModeOptions) -> None:
-    """Rebuild score plots and the GIF from a checkpoint (no training)."""
-    mode_test(engine, options)
+    """Rebuild the score plots and the GIF from a checkpoint (no training; model.pt and metrics are left alone)."""
+    from task.anomaly.unsupervised.frame_scoring import online_frame_scores
+    from task.anomaly.unsupervised.video_evaluation import use_test_backgrounds
+    from task.anomaly.unsupervised.video_inference import score_clips
+    from task.anomaly.unsupervised.video_outputs import write_plots_and_gif
+
+    path = engine.checkpoint_path(options.checkpoint)
+    with engine.owning_run_dir():
+        prepare_video_data(engine)
+        test_videos, test_set = video_split(engine, "test")
+        loaded = engine.load(path)
+        calibration = _calibration(engine, loaded)
+        use_test_backgrounds(engine, loaded.model, test_videos)
+        scored = score_clips(engine, loaded.model, test_set, test_videos, "gif")
+        params = ProtocolParams.from_config(engine.cfg.SCORE)
+        online = online_frame_scores({n: scored.scores[n] for n in params.names}, calibration.train_stats, params)
+        write_plots_and_gif(engine, test_output_dir(engine, path), loaded.model, test_set, scored, online, calibration.threshold)
 
 
 def mode_score(engine: Engine, options: ModeOptions) -> dict[str, Any]:
     """Recompute both protocols from a scores.npz (``--input``), with this YAML's SCORE settings."""
     if not options.input:
         raise UserError("--mode score needs --input FILE.npz (a scores.npz written by a video test run, or converted official scores)")
-    result = evaluate_scores(Path(options.input), ProtocolParams.from_config(engine.cfg.SCORE))
+    scores = read_scores(Path(options.input))
+    settings = scores.extra.get("protocol")
+    if isinstance(settings, dict):
+        # e.g. converted official files: their values already went through some protocol steps
+        log.info("%s carries its own SCORE settings (%s); they replace the YAML's SCORE section", options.input, scores.extra.get("source", "no source given"))
+        params = ProtocolParams.from_config(settings)
+    else:
+        params = ProtocolParams.from_config(engine.cfg.SCORE)
+    result = evaluate_scores(scores, params)
     print(json.dumps(result, indent=2, default=float))
     return {k: v for k, v in result.items() if isinstance(v, float)}
 
@@ -102,7 +126,7 @@ def mode_score(engine: Engine, options: ModeOptions) -> dict[str, Any]:
 def mode_benchmark(engine: Engine, options: ModeOptions) -> None:
     """Clips/s for training steps and for evaluation (scores included), as one JSON line."""
     from task.anomaly.unsupervised.training import Stepper
-    from task.anomaly.unsupervised.video_evaluation import score_clips
+    from task.anomaly.unsupervised.video_inference import score_clips
 
     cfg = engine.cfg
     prepare_video_data(engine)

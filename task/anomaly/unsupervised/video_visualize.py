@@ -54,7 +54,10 @@ _LINE = (30, 100, 220)
 _THRESHOLD = (245, 140, 0)
 _CURSOR = (120, 0, 170)
 _DASH, _GAP = 8, 5
-_MIN_PANEL = 128  # frames smaller than this are upscaled so the title text stays legible next to them
+_MIN_PANEL = 128  # frames smaller than this are upscaled so the panel names stay legible on them
+_PANEL_HEIGHT = 0.3  # default largest panel height, as a fraction of the plot width
+# Byte budget of a GIF frame at 800 px wide (60 frames < 2 MB); write_video_gif shrinks the panels to meet it.
+_GIF_BYTES_PER_FRAME = 32_000
 
 
 def abnormal_ranges(labels: np.ndarray) -> list[tuple[int, int]]:
@@ -302,18 +305,18 @@ def render_score_plot(
     return canvas
 
 
-def _fit_panels(panels: np.ndarray, width: int) -> np.ndarray:
-    """Scale the side-by-side panels [H, 2W, 3] to ``width`` (at most half as tall as wide, each panel >= 128 px).
+def _panel_scale(height: int, width: int, plot_width: int, max_height: int | None) -> float:
+    """Scale of a [height, width] video frame in the GIF.
 
-    Upscaling is nearest-neighbour so small frames stay sharp pixels instead of blur.
+    Native size, shrunk so that two panels fit ``plot_width`` and each is at most ``max_height`` tall (default
+    ``_PANEL_HEIGHT`` x plot width): the panels' camera noise is what makes a GIF large. Frames under 128 px are
+    upscaled by a whole factor instead, so their panel names stay legible.
     """
-    height, both = panels.shape[:2]
-    scale = min(width / both, 0.5 * width / height)
-    smallest = min(height, both // 2)
-    if smallest * scale < _MIN_PANEL:
-        scale = max(scale, math.ceil(_MIN_PANEL / smallest))
-    size = (max(1, round(both * scale)), max(1, round(height * scale)))
-    return cv2.resize(panels, size, interpolation=cv2.INTER_NEAREST if scale >= 1 else cv2.INTER_AREA)
+    smallest = min(height, width)
+    if smallest < _MIN_PANEL:
+        return float(math.ceil(_MIN_PANEL / smallest))
+    max_height = round(_PANEL_HEIGHT * plot_width) if max_height is None else max_height
+    return min(1.0, plot_width / (2 * width), max_height / height)
 
 
 def _pad_width(image: np.ndarray, width: int, colour: tuple[int, int, int]) -> np.ndarray:
@@ -337,6 +340,7 @@ def render_video_frame(
     threshold: float | None,
     label: int | None,
     caption: str,
+    max_panel_height: int | None = None,
 ) -> np.ndarray:
     """One GIF frame: a title bar, the video frame | its prediction-error heatmap, the score plot with a cursor.
 
@@ -350,10 +354,12 @@ def render_video_frame(
         threshold: alarm threshold, ``None``: no verdict.
         label: true label (1 abnormal, 0 normal, -1 unknown), ``None``: not shown.
         caption: first line of the title bar (video name, frame number).
+        max_panel_height: largest height of the two panels (default 0.3 Wp); frames are never upscaled to it.
 
     Returns:
-        [T + Ht + Hp, max(Wp, Wt), 3] uint8 RGB: title bar T, the two panels scaled to the plot's width (at most
-        Wp / 2 tall, frames under 128 px upscaled), then the plot; the narrower part is centred.
+        [T + Ht + Hp, max(Wp, Wt), 3] uint8 RGB: title bar T, the frame | heatmap panels (native size, shrunk to
+        fit Wp and ``max_panel_height``; frames under 128 px upscaled by a whole factor, nearest), then the
+        plot; the narrower part is centred.
     """
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
         raise ValueError(f"frame must be [H, W, 3] uint8, got {frame.shape} {frame.dtype}")
@@ -365,7 +371,11 @@ def render_video_frame(
         raise ValueError(f"bounds must be (low, high) with low < high, got {bounds}")
     height, width = frame.shape[:2]
     error = cv2.resize(error_map.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    panels = _fit_panels(np.concatenate([frame, _heatmap_overlay(frame, error, bounds)], axis=1), plot.shape[1])
+    scale = _panel_scale(height, width, plot.shape[1], max_panel_height)
+    panels = np.concatenate([frame, _heatmap_overlay(frame, error, bounds)], axis=1)
+    if scale != 1.0:
+        size = (2 * max(1, round(width * scale)), max(1, round(height * scale)))
+        panels = cv2.resize(panels, size, interpolation=cv2.INTER_NEAREST if scale > 1 else cv2.INTER_AREA)
 
     # Panel names in a dark box inside each panel's top-left corner: no extra row to pay for in the GIF.
     names = ["frame", f"prediction error {bounds[0]:.3g}..{bounds[1]:.3g}"]
@@ -478,16 +488,31 @@ def write_video_gif(
     for m in chosen:
         _check_finite("error maps", m)
     bounds = display_bounds(torch.from_numpy(np.concatenate([m.reshape(-1) for m in chosen])))
-    pictures = []
-    for p, error in zip(positions, chosen):
-        index = int(frame_indices[p])
-        pictures.append(
-            render_video_frame(
-                frames[p], error, bounds, plot, index / max(1, num_frames - 1), float(scores[p]), threshold,
-                None if labels_at is None else int(labels_at[p]), f"{title}  frame {index} / {num_frames - 1}",
+
+    def render(max_panel_height: int | None) -> bytes:
+        pictures = []
+        for p, error in zip(positions, chosen):
+            index = int(frame_indices[p])
+            pictures.append(
+                render_video_frame(
+                    frames[p], error, bounds, plot, index / max(1, num_frames - 1), float(scores[p]), threshold,
+                    None if labels_at is None else int(labels_at[p]), f"{title}  frame {index} / {num_frames - 1}",
+                    max_panel_height,
+                )
             )
-        )
-    data = encode_gif(pictures, max_width, duration_ms)
+        return encode_gif(pictures, max_width, duration_ms)
+
+    # How many bytes a frame takes depends on the camera noise, unknown until encoded: shrink the panels in
+    # proportion to the overshoot (the plot and title cost little) and encode again, at most twice.
+    budget = _GIF_BYTES_PER_FRAME * len(positions) * (max_width / 800) ** 2
+    height, width = frames[positions[0]].shape[:2]
+    panel_height = height * _panel_scale(height, width, plot.shape[1], None)
+    data = render(None)
+    for _ in range(2):
+        if len(data) <= budget or panel_height <= _MIN_PANEL:
+            break
+        panel_height = max(_MIN_PANEL, math.floor(0.9 * panel_height * math.sqrt(budget / len(data))))
+        data = render(panel_height)
     for target in targets:
         atomic_write_bytes(target, lambda handle: handle.write(data))
     return positions

@@ -15,7 +15,7 @@ MODEL_SCHEMA: Schema = {
     "backbone_weights": F(str, None, nullable=True, help="local torchvision-format state dict for the encoder"),
     "pdm": F(bool, True, help="pyramid deformation module (false: reverse distillation without warps, for the ablation)"),
     "vq": F(bool, True, help="vector-quantised prototype codebook in the bottleneck"),
-    "vq_num_embeddings": F(int, 200, min=1, max=65536, reason="the codebook is a dense [N, C] tensor compared with every feature"),
+    "vq_num_embeddings": F(int, 200, min=1, max=16384, reason="each step compares every feature with all N prototypes in one dense matrix"),
     "vq_beta": F(float, 0.25, min=0, help="commitment weight"),
     "gamma": F(float, 1.0, min=0, help="weight of the warp-and-unwarp MSE in the PDM loss"),
     "coarse_shift": F(float, 8 / 256, min=0, max=1, help="largest coarse displacement, fraction of the image"),

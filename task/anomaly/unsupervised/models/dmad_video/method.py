@@ -14,10 +14,13 @@ from task.common.config import Config, F
 from task.common.errors import UserError
 from task.registry import register_method
 
+from .checkpoint import convert_official
 from .config import MODEL_SCHEMA
 from .loss import LossWeights, VideoLoss
 from .scores import ScoreSettings, error_map, frame_scores
 from .torch_model import VideoDMADModel, official_background_lr, optimizer_groups
+
+OFFICIAL = "official_dmad_pdm"  # key of a converted official state dict in a foreign checkpoint's state
 
 # The clip length is a property of the data (DATASET.clip_length) that the network is built for: one key, not two.
 VIDEO_MODEL_SCHEMA = {
@@ -50,9 +53,9 @@ class DMADVideoMethod(Method):
     )
 
     def validate(self, cfg: Config) -> None:
-        channels = 1 if cfg.DATASET.grayscale else 3
-        if cfg.MODEL.channels != channels:
-            raise UserError(f"MODEL.channels={cfg.MODEL.channels} but DATASET.grayscale={str(cfg.DATASET.grayscale).lower()} gives {channels}-channel frames; set MODEL.channels={channels}")
+        # Grey frames may feed a 3-channel model (replicated, as the official Avenue/ShanghaiTech loaders do).
+        if cfg.MODEL.channels == 1 and not cfg.DATASET.grayscale:
+            raise UserError("MODEL.channels=1 needs grey frames; set DATASET.grayscale=true or MODEL.channels=3")
         per_video = cfg.DATASET.background == "per_video"
         if per_video != (cfg.MODEL.num_backgrounds is None):
             fix = "MODEL.num_backgrounds=null" if per_video else "DATASET.background=per_video or MODEL.num_backgrounds=1"
@@ -79,20 +82,31 @@ class DMADVideoMethod(Method):
             optimizer.param_groups[-1]["lr"] = lr
 
     def training_loss(self, model: nn.Module, criterion: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        out = model(batch["clip"], batch["background"])
-        return criterion(out, batch["target"])
+        clip, target = self._frames(model, batch)
+        return criterion(model(clip, batch["background"]), target)
 
     def score_batch(self, model: nn.Module, batch: dict[str, Tensor], settings: ScoreSettings) -> tuple[dict[str, Tensor], Tensor]:
         """Eval forward of one batch: (raw per-frame scores name -> [B], prediction-error maps [B, 1, H, W])."""
-        out = model(batch["clip"], batch["background"])
-        return frame_scores(out, batch["target"], settings), error_map(out, batch["target"])
+        clip, target = self._frames(model, batch)
+        out = model(clip, batch["background"])
+        return frame_scores(out, target, settings), error_map(out, target)
+
+    @staticmethod
+    def _frames(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(clip [B, T, C, H, W], target [B, C, H, W]) with grey frames replicated to the model's channels."""
+        module = getattr(model, "module", model)  # DDP wraps the model
+        clip, target = batch["clip"], batch["target"]
+        if clip.shape[2] != module.channels:
+            clip = clip.expand(-1, -1, module.channels, -1, -1)
+            target = target.expand(-1, module.channels, -1, -1)
+        return clip, target
 
     def score_settings(self, cfg: Config) -> ScoreSettings:
         return ScoreSettings.from_config(cfg.to_dict()["MODEL"])
 
     def set_background(self, model: nn.Module, templates: Tensor) -> None:
-        """``templates`` [V, C, H, W] in [-1, 1]."""
-        model.set_background(templates)
+        """``templates`` [V, C, H, W] in [-1, 1] (grey templates are replicated to the model's channels)."""
+        model.set_background(templates.expand(-1, model.channels, -1, -1).contiguous())
 
     # Scoring settings are read from the config at every evaluation (they are not held by the model).
     def calibrate(self, model: nn.Module, preds) -> None:
@@ -104,14 +118,36 @@ class DMADVideoMethod(Method):
     def scoring_settings(self, model: nn.Module) -> dict[str, Any]:
         return {}
 
+    def read_foreign_file(self, path: Path) -> dict | None:
+        """An official DMAD-PDM ``model.pth`` (a whole-module pickle), read by a restricted unpickler that rebuilds
+        tensors only (checkpoint.py): nothing pickled is executed."""
+        try:
+            return {OFFICIAL: convert_official(path)}
+        except UserError:
+            return None
+
     def is_foreign_checkpoint(self, state: dict) -> bool:
-        return False
+        return isinstance(state.get(OFFICIAL), dict)
+
+    def build_for_foreign(self, cfg: Config, state: dict) -> VideoDMADModel:
+        return self.build_for_weights(cfg, state[OFFICIAL])
 
     def check_foreign_checkpoint(self, state: dict, path: Path, cfg: Config) -> None:
-        raise UserError(f"{path} is not a checkpoint of this toolkit; official DMAD-PDM checkpoints: see the README")
+        template = state[OFFICIAL].get("background.template")
+        if isinstance(template, Tensor) and cfg.MODEL.num_backgrounds is not None and template.shape[0] != cfg.MODEL.num_backgrounds:
+            raise UserError(f"official checkpoint {path} holds {template.shape[0]} background templates; use the YAML of its dataset (MODEL.num_backgrounds)")
 
     def load_foreign_checkpoint(self, model: nn.Module, state: dict, path: Path, cfg: Config) -> None:
-        raise UserError(f"{path} is not a checkpoint of this toolkit")
+        own = model.state_dict()
+        weights = state[OFFICIAL]
+        wrong = [k for k in own if k not in weights or tuple(weights[k].shape) != tuple(own[k].shape)]
+        if wrong:
+            found = tuple(weights[wrong[0]].shape) if wrong[0] in weights else "missing"
+            raise UserError(
+                f"official checkpoint {path} does not fit the configured model at {wrong[0]} ({found} vs {tuple(own[wrong[0]].shape)}); "
+                "use the YAML of the dataset it was trained on (configs/anomaly/unsupervised/dmad/<dataset>.yaml)"
+            )
+        model.load_state_dict({k: weights[k] for k in own})
 
     def describe(self, cfg: Config) -> dict[str, Any]:
         return {"memory_size": cfg.MODEL.memory_size, "memory_dim": cfg.MODEL.memory_dim, "channels": cfg.MODEL.channels}
