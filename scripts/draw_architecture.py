@@ -126,7 +126,10 @@ class Figure:
         self.width, self.height = size
         self.image = Image.new("RGB", (self.width * SCALE, self.height * SCALE), "white")
         self.draw = ImageDraw.Draw(self.image)
-        self.occupied: list[tuple[Rect, str]] = []
+        self.occupied: list[tuple[Rect, str]] = []  # blocks, texts and labels: none may overlap another
+        self.texts: list[tuple[Rect, str, int | None]] = []  # texts and labels, with the arrow that owns a label
+        self.lines: list[tuple[Rect, int]] = []  # arrow segments (zero-width rects), with their arrow's number
+        self.arrows = 0
         self.code_names: list[str] = []
 
     # -- names and layout checks -------------------------------------------------------------------------------
@@ -138,13 +141,22 @@ class Figure:
         self.code_names.append(name)
         return name
 
-    def _claim(self, rect: Rect, what: str) -> None:
+    def _claim(self, rect: Rect, what: str, text: bool = False, owner: int | None = None) -> None:
         if rect.x < 0 or rect.y < 0 or rect.right > self.width or rect.bottom > self.height:
             raise ValueError(f"{what} lies outside the {self.width}x{self.height} canvas")
         for other, name in self.occupied:
             if rect.overlaps(other):
                 raise ValueError(f"{what} overlaps {name}")
         self.occupied.append((rect, what))
+        if text:
+            self.texts.append((rect, what, owner))
+
+    def check_lines(self) -> None:
+        """Arrows may not run through blocks, nor through any text but their own label."""
+        for line, arrow in self.lines:
+            for rect, what in self.occupied:
+                if line.overlaps(rect) and not any(r is rect and owner == arrow for r, _, owner in self.texts):
+                    raise ValueError(f"an arrow runs through {what}")
 
     # -- text ----------------------------------------------------------------------------------------------------
 
@@ -179,7 +191,7 @@ class Figure:
         """Left-aligned text with its top at ``y`` (titles and notes; claims its area)."""
         f = font(size * SCALE, bold)
         w, h = self.draw.textlength(text, font=f) / SCALE, self._line_height(f)
-        self._claim(Rect(x, y, w, h), f"text {text[:30]!r}")
+        self._claim(Rect(x, y, w, h), f"text {text[:30]!r}", text=True)
         self.draw.text((x * SCALE, y * SCALE), text, font=f, fill=color)
 
     # -- blocks --------------------------------------------------------------------------------------------------
@@ -204,13 +216,13 @@ class Figure:
         self._draw_block(content, rect.cx, y + 8 if top else rect.cy - height / 2)
         return rect
 
-    def group(self, x: float, y: float, w: float, h: float, label: str) -> Rect:
-        """A dashed frame around related blocks, its label inside the top-left corner."""
+    def group(self, x: float, y: float, w: float, h: float, label: str, label_x: float | None = None) -> Rect:
+        """A dashed frame around related blocks, its label inside the top edge (at ``label_x``, default the left)."""
         rect = Rect(x, y, w, h)
         corners = [(x, y), (x + w, y), (x + w, y + h), (x, y + h), (x, y)]
         for a, b in zip(corners, corners[1:]):
             self._segment(a, b, dashed=True, color=MUTED, width=1.5)
-        self.text(x + 8, y + 5, label, size=LABEL, bold=True, color=MUTED)
+        self.text(x + 8 if label_x is None else label_x, y + 5, label, size=LABEL, bold=True, color=MUTED)
         return rect
 
     # -- arrows --------------------------------------------------------------------------------------------------
@@ -242,6 +254,10 @@ class Figure:
         """A polyline ending in an arrowhead at ``points[-1]``, optionally labelled near ``at`` (default: the
         middle of the longest segment) on ``side`` (above, below, left, right, or on the line)."""
         head = 10.0
+        arrow_id = self.arrows
+        self.arrows += 1
+        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            self.lines.append((Rect(min(x0, x1), min(y0, y1), abs(x1 - x0), abs(y1 - y0)), arrow_id))
         (xa, ya), (xb, yb) = points[-2], points[-1]
         angle = math.atan2(yb - ya, xb - xa)
         # Stop the line at the base of the head so its end does not poke through the tip.
@@ -263,9 +279,9 @@ class Figure:
             if at is None:
                 a, b = max(zip(points, points[1:]), key=lambda s: math.dist(*s))
                 at = ((a[0] + b[0]) / 2, (a[1] + b[1]) / 2)
-            self.label(label, at, side)
+            self.label(label, at, side, owner=arrow_id)
 
-    def label(self, lines: Sequence[str], at: tuple[float, float], side: str = "above") -> None:
+    def label(self, lines: Sequence[str], at: tuple[float, float], side: str = "above", owner: int | None = None) -> None:
         """Small text on a white ground next to (or on) the point ``at``."""
         block = self._text_block([(line, LABEL, False) for line in lines], self.width)
         w, h = max(lw for _, _, lw, _ in block), self._block_height(block)
@@ -276,7 +292,7 @@ class Figure:
         }
         left, top = offsets[side]
         rect = Rect(left - 2, top - 2, w + 4, h + 4)
-        self._claim(rect, f"label {lines[0]!r}")
+        self._claim(rect, f"label {lines[0]!r}", text=True, owner=owner)
         self.draw.rectangle(self._px(rect), fill="white")
         self._draw_block(block, left + w / 2, top, color=MUTED)
 
@@ -302,10 +318,19 @@ class Figure:
             self.text(x + 50, y + 1, dashed)
 
     def save(self, path: Path) -> None:
+        self.check_lines()
         path.parent.mkdir(parents=True, exist_ok=True)
         image = self.image.resize((self.width, self.height), Image.LANCZOS)
-        # A palette PNG keeps the file small; the figure has only a few flat colours plus anti-aliasing shades.
-        image.quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
+        # A palette PNG is a third of the RGB size. Median cut may blend a colour used only by a small legend
+        # swatch with a neighbour, so the entry nearest each block colour is reset to that colour exactly.
+        quantized = image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        palette = quantized.getpalette()
+        entries = [tuple(palette[i : i + 3]) for i in range(0, len(palette), 3)]
+        for colour in [c for style in KINDS.values() for c in (style.fill, style.edge)]:
+            nearest = min(range(len(entries)), key=lambda i: sum((a - b) ** 2 for a, b in zip(entries[i], colour)))
+            palette[3 * nearest : 3 * nearest + 3] = colour
+        quantized.putpalette(palette)
+        quantized.save(path, optimize=True)
 
 
 def draw_ppdm(path: Path) -> list[str]:
@@ -336,8 +361,8 @@ def draw_ppdm(path: Path) -> list[str]:
     fig.arrow([(enc.right, mid), (bn.x, mid)], ["f1, f2, f3"])
     fig.arrow([(bn.right, mid), (dec.x, mid)], ["[B,512e,", "H/32,W/32]"])
     # The ablation: without the PDM the encoder reads x itself.
-    fig.arrow([(x.cx, x.y), (x.cx, 103), (enc.x + 40, 103), (enc.x + 40, enc.y)], dashed=True)
-    fig.label(["MODEL.pdm=false: x straight to the encoder, no unwarp, no deformation map"], (335, 103))
+    fig.arrow([(x.cx, x.y), (x.cx, 103), (enc.x + 40, 103), (enc.x + 40, enc.y)], dashed=True,
+              label=["MODEL.pdm=false: x straight to the encoder, no unwarp, no deformation map"], at=(335, 103))
 
     vq = fig.block(900, 78, 150, 40, "loss", "vq loss", [], title_size=13)
     fig.label(["codebook + 0.25 * commitment"], (vq.right, vq.cy), "right")
@@ -363,7 +388,7 @@ def draw_ppdm(path: Path) -> list[str]:
     fig.arrow([(dec_f.x, dec_f.cy), (distill.right, dec_f.cy)])
 
     # Inference maps (AnomalyMapGenerator) and the image score.
-    fig.group(232, 450, 876, 128, f"{code(IMAGE_MODEL, 'AnomalyMapGenerator')}  (model.eval())")
+    fig.group(232, 450, 876, 128, code(IMAGE_MODEL, "AnomalyMapGenerator"), label_x=312)
     row_c, h_c = 480, 88
     magnitude = fig.block(245, row_c, 225, h_c, "op", code(IMAGE_MODEL, "Deformation.magnitude_map"),
                           ["|fine_inverse| warped back", "+ |coarse_inverse|", f"-> {code(SMOOTHING, 'gaussian_blur2d')}"], title_size=14)
@@ -373,7 +398,7 @@ def draw_ppdm(path: Path) -> list[str]:
                             ["sum over scales of", "1 - cos per pixel,", "upsampled to H x W"], title_size=14)
     fig.arrow([(enc_f.right - 35, enc_f.bottom), (enc_f.right - 35, 432), (discrepancy.x + 45, 432), (discrepancy.x + 45, discrepancy.y)])
     fig.arrow([(dec_f.cx, dec_f.bottom), (dec_f.cx, 432), (discrepancy.right - 45, 432), (discrepancy.right - 45, discrepancy.y)])
-    fig.arrow([(deform.cx, deform.bottom), (deform.cx, magnitude.y)])
+    fig.arrow([(deform.x + 50, deform.bottom), (deform.x + 50, magnitude.y)])
     fig.arrow([(deform.right, deform.bottom - 20), (508, deform.bottom - 20), (508, unwarp.cy), (unwarp.x, unwarp.cy)])
     fig.arrow([(discrepancy.x, unwarp.cy), (unwarp.right, unwarp.cy)], ["[B,1,H,W]"])
 
@@ -390,7 +415,7 @@ def draw_ppdm(path: Path) -> list[str]:
     fig.arrow([(fuse.right, fuse.cy), (score.x, fuse.cy)])
     # Without the PDM the discrepancy is already in the input frame: smoothed, no unwarp.
     fig.arrow([(discrepancy.x + 25, discrepancy.bottom), (discrepancy.x + 25, 600), (unwarp.right - 30, 600), (unwarp.right - 30, anomaly_map.y)],
-              dashed=True)
+              dashed=True, label=["pdm=false"], at=(discrepancy.x + 25, 600), side="right")
 
     fig.legend(772, dashed="MODEL.pdm=false (ablation)")
     fig.text(20, 806, f"Training: {code(IMAGE_MODEL, 'DMADLoss')} = distillation_loss + deformation_loss + vq loss; "
@@ -429,8 +454,8 @@ def draw_pdm(path: Path) -> list[str]:
     fig.arrow([(clip.right, mid_a), (encoder.x, mid_a)])
     fig.arrow([(encoder.right, mid_a), (memory.x, mid_a)], ["z_e"])
     fig.arrow([(memory.right, mid_a), (decoder.x, mid_a)], ["[B,D,", "H/8,W/8]"])
-    fig.arrow([(encoder.cx + 30, encoder.y), (encoder.cx + 30, 103), (decoder.cx, 103), (decoder.cx, decoder.y)])
-    fig.label(["skip3, skip4 (detached)"], ((encoder.cx + decoder.cx) / 2 + 15, 103), "below")
+    fig.arrow([(encoder.cx + 30, encoder.y), (encoder.cx + 30, 103), (decoder.cx, 103), (decoder.cx, decoder.y)],
+              ["skip3, skip4 (detached)"], at=((encoder.cx + decoder.cx) / 2 + 15, 103), side="below")
 
     # Deformation fields, warps and composition.
     row_b, row_c, h_bc = 290, 410, 90
@@ -458,23 +483,22 @@ def draw_pdm(path: Path) -> list[str]:
     fig.arrow([(warp_fine.right, mid_c), (compose.x, mid_c)])
     fig.arrow([(compose.right, mid_b), (output.x, mid_b)], ["coarse"])
     fig.arrow([(compose.right, mid_c), (output.x, mid_c)], ["fine"])
-    fig.arrow([(decoder.cx, decoder.bottom), (decoder.cx, warp_coarse.y)])
-    fig.label(["prototype frame [B,C,H,W]"], (decoder.cx, (decoder.bottom + warp_coarse.y) / 2), "left")
+    fig.arrow([(decoder.cx, decoder.bottom), (decoder.cx, warp_coarse.y)],
+              ["prototype frame [B,C,H,W]"], at=(decoder.cx, (decoder.bottom + warp_coarse.y) / 2), side="left")
     # The encoder's mask (mask_source=encoder) goes round the top to be warped with the prototype.
     fig.arrow([(encoder.x + 30, encoder.y), (encoder.x + 30, 80), (c5 - 30, 80), (c5 - 30, 262), (warp_coarse.right - 25, 262),
-               (warp_coarse.right - 25, warp_coarse.y)])
-    fig.label(["mask [B,C,H,W] (mask_source=encoder)"], ((encoder.x + c5) / 2, 80), "on")
-    fig.arrow([(background.cx, background.bottom), (background.cx, 262), (compose.cx, 262), (compose.cx, compose.y)])
-    fig.label(["template"], ((background.cx + compose.cx) / 2, 262), "above")
+               (warp_coarse.right - 25, warp_coarse.y)], ["mask [B,C,H,W] (mask_source=encoder)"], at=((encoder.x + c5) / 2, 80), side="on")
+    fig.arrow([(background.cx, background.bottom), (background.cx, 262), (compose.cx, 262), (compose.cx, compose.y)],
+              ["template"], at=((background.cx + compose.cx) / 2, 262))
 
     # Training loss and per-frame scores.
     row_d, h_d = 590, 125
     loss = fig.block(c1, row_d, 620, h_d, "loss", code(VIDEO_MODEL, "VideoLoss") + "  (training)", [
-        "MSE(coarse_prediction) + MSE(prediction), both against the target",
-        f"+ gradient_weight * {code(VIDEO_MODEL, 'gradient_difference')} (both predictions)",
-        "+ vq_weight * (codebook + commitment)             from PrototypeMemory",
-        "+ field_weight * (|coarse| + |fine| + smoothness)   from the fields",
-        "+ background: MSE(template, target)        trains BackgroundTemplates",
+        "MSE(coarse_prediction, target) + MSE(prediction, target)",
+        f"+ gradient_weight * {code(VIDEO_MODEL, 'gradient_difference')} of both predictions",
+        "+ vq_weight * (codebook + commitment) of the PrototypeMemory",
+        "+ field_weight * (|coarse| + |fine| + smoothness of the fields)",
+        "+ background: MSE(template, target), trains BackgroundTemplates",
     ])
     target = fig.block(c4, row_d, w, h_d, "data", "target frame", ["[B,C,H,W]", "the frame after", "the clip"])
     scores = fig.block(c5, row_d, c6 + 190 - c5, h_d, "loss", code(VIDEO_MODEL, "frame_scores") + "  (raw, per frame)", [
@@ -487,28 +511,28 @@ def draw_pdm(path: Path) -> list[str]:
     fig.arrow([(target.x, mid_d), (loss.right, mid_d)])
     fig.arrow([(target.right, mid_d), (scores.x, mid_d)])
     fig.arrow([(output.cx + 40, output.bottom), (output.cx + 40, scores.y)], ["prediction"], side="right")
-    fig.arrow([(output.x + 25, output.bottom), (output.x + 25, 548), (loss.cx + 60, 548), (loss.cx + 60, loss.y)])
-    fig.label(["coarse_prediction, prediction"], ((output.x + loss.cx) / 2 + 40, 548), "above")
+    fig.arrow([(output.x + 25, output.bottom), (output.x + 25, 548), (loss.cx + 60, 548), (loss.cx + 60, loss.y)],
+              ["coarse_prediction, prediction"], at=((output.x + loss.cx) / 2 + 40, 548))
     fig.arrow([(pdm.cx - 40, pdm.bottom), (pdm.cx - 40, loss.y)], ["fields"], side="right")
 
     # The paper protocol turns the raw scores into one score per frame.
     row_e, h_e = 790, 92
-    fig.group(c1 - 8, 757, 1376, 140, f"{code(FRAME_SCORING, 'paper_protocol')}  (frame_scoring.py; ped2 preset shown)")
+    fig.group(c1 - 8, 757, 1376, 140, f"{code(FRAME_SCORING, 'paper_protocol')}  (frame_scoring.py; ped2 preset shown)", label_x=960)
     bw, gap = 228, 50
     xs = [c1 + i * (bw + gap) for i in range(5)]
     steps = [
         ("op", code(FRAME_SCORING, "normalize"), ["min-max per video,", "then 1 - x (normality)"]),
         ("op", code(FRAME_SCORING, "smooth_sequences"), ["robust window 11,", "keep the 5 nearest the mean"]),
         ("loss", code(FRAME_SCORING, "fuse"), ["0.2 deformation", "+ 0.4 prediction", "+ 0.6 gradient"]),
-        ("op", "POST_SMOOTH, " + code(FRAME_SCORING, "kalman_filter"), ["off for ped2;", "on for ShanghaiTech"]),
+        ("op", "POST_SMOOTH, " + code(FRAME_SCORING, "kalman_filter"), ["ped2: off", "avenue: POST_SMOOTH", "ShanghaiTech: both"]),
         ("loss", "frame score", ["one per frame", "-> frame AUROC / AUPR"]),
     ]
     boxes = [fig.block(bx, row_e, bw, h_e, kind, title, lines, title_size=14) for bx, (kind, title, lines) in zip(xs, steps)]
     mid_e = row_e + h_e / 2
     for a, b in zip(boxes, boxes[1:]):
         fig.arrow([(a.right, mid_e), (b.x, mid_e)])
-    fig.arrow([(scores.cx, scores.bottom), (scores.cx, 740), (boxes[0].cx, 740), (boxes[0].cx, boxes[0].y)])
-    fig.label(["deformation, prediction, gradient per frame"], ((scores.cx + boxes[0].cx) / 2, 740), "on")
+    fig.arrow([(scores.cx, scores.bottom), (scores.cx, 740), (boxes[0].cx, 740), (boxes[0].cx, boxes[0].y)],
+              ["deformation, prediction, gradient per frame"], at=((scores.cx + boxes[0].cx) / 2, 740), side="on")
 
     fig.legend(920)
     fig.text(20, 948, "D = MODEL.memory_dim (256 for ped2).  Scores and the protocol settings differ per dataset: "

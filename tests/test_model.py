@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
+from task.anomaly.unsupervised.inference import InferenceOutput
 from task.anomaly.unsupervised.models.dmad.anomaly_map import feature_discrepancy, fuse_scores
 from task.anomaly.unsupervised.models.dmad.bottleneck import Bottleneck, VectorQuantizer
 from task.anomaly.unsupervised.models.dmad.decoder import ReverseDecoder
@@ -23,34 +26,61 @@ EXPECTED_CHANNELS = {"resnet18": (64, 128, 256), "resnet34": (64, 128, 256), "re
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet34", "resnet50", "wide_resnet50_2"])
 @pytest.mark.parametrize("vq", [True, False])
 def test_shapes_through_every_module(backbone: str, vq: bool) -> None:
+    """Shapes only: the wide backbones are built and run on the meta device (no weights, no arithmetic), which checks
+    the same module wiring in milliseconds; resnet18 runs for real, where the VQ loss value is checked too."""
     torch.manual_seed(0)
-    spec = backbone_spec(backbone)
-    x = torch.randn(2, 3, 64, 96)
-    pdm = PyramidDeformation()
-    deformation = pdm(x)
-    assert deformation.warped.shape == x.shape
-    for field in (deformation.coarse, deformation.fine, deformation.coarse_inverse, deformation.fine_inverse):
-        assert field.shape == (2, 64, 96, 2)
-    encoder = ResNetEncoder(backbone, pretrained=False)
-    feats = encoder(deformation.warped)
-    c1, c2, c3 = EXPECTED_CHANNELS[backbone]
-    assert [tuple(f.shape) for f in feats] == [(2, c1, 16, 24), (2, c2, 8, 12), (2, c3, 4, 6)]
-    bottleneck = Bottleneck(spec, vq=vq)
-    embedding, vq_loss = bottleneck(feats)
-    assert embedding.shape == (2, 512 * spec.expansion, 2, 3)
-    assert vq_loss.shape == () and (vq_loss > 0) == vq
-    decoded = ReverseDecoder(spec)(embedding)
-    assert [tuple(f.shape) for f in decoded] == [tuple(f.shape) for f in feats]
+    real = backbone == "resnet18"
+    with contextlib.nullcontext() if real else torch.device("meta"):
+        spec = backbone_spec(backbone)
+        x = torch.randn(2, 3, 64, 96)
+        pdm = PyramidDeformation()
+        deformation = pdm(x)
+        assert deformation.warped.shape == x.shape
+        for field in (deformation.coarse, deformation.fine, deformation.coarse_inverse, deformation.fine_inverse):
+            assert field.shape == (2, 64, 96, 2)
+        encoder = ResNetEncoder(backbone, pretrained=False)
+        feats = encoder(deformation.warped)
+        c1, c2, c3 = EXPECTED_CHANNELS[backbone]
+        assert [tuple(f.shape) for f in feats] == [(2, c1, 16, 24), (2, c2, 8, 12), (2, c3, 4, 6)]
+        bottleneck = Bottleneck(spec, vq=vq)
+        embedding, vq_loss = bottleneck(feats)
+        assert embedding.shape == (2, 512 * spec.expansion, 2, 3)
+        assert vq_loss.shape == ()
+        if real:
+            assert (vq_loss > 0) == vq
+        decoded = ReverseDecoder(spec)(embedding)
+        assert [tuple(f.shape) for f in decoded] == [tuple(f.shape) for f in feats]
 
 
 def test_model_eval_outputs() -> None:
     model = DMADModel("resnet18", pretrained=False).eval()
     with torch.no_grad():
         out = model(torch.randn(3, 3, 64, 64))
+    assert isinstance(out, InferenceOutput) and set(out.extras) == {"deformation_map"}
     assert out.anomaly_map.shape == (3, 1, 64, 64)
-    assert out.deformation_map.shape == (3, 1, 64, 64)
+    assert out.extras["deformation_map"].shape == (3, 1, 64, 64)
     assert out.score.shape == (3,)
-    assert torch.all(out.anomaly_map >= 0) and torch.all(out.deformation_map >= 0)
+    assert torch.all(out.anomaly_map >= 0) and torch.all(out.extras["deformation_map"] >= 0)
+
+
+def test_model_without_pdm_has_no_deformation_map_or_loss_term() -> None:
+    """MODEL.pdm=false (the ablation): plain reverse distillation, no deformation map, no deformation loss term, and
+    the score is the normalised anomaly maximum alone."""
+    torch.manual_seed(0)
+    model = DMADModel("resnet18", pretrained=False, pdm=False, deform_weight=0.5)
+    assert model.deformation is None and not any(name.startswith("deformation.") for name in model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    out = model.train()(x)
+    assert out.deformation is None
+    loss, terms = DMADLoss(gamma=1.0)(x, out.encoder_features, out.decoder_features, out.deformation, out.vq_loss)
+    assert set(terms) == {"distillation", "vq"} and torch.isclose(loss, terms["distillation"] + terms["vq"])
+    model.eval()
+    with torch.no_grad():
+        result = model(x)
+    assert result.extras == {}
+    stats = model.score_stats
+    expected = (result.anomaly_map.amax(dim=(1, 2, 3)) - stats[0]) / (stats[1] - stats[0])
+    torch.testing.assert_close(result.score, expected)
 
 
 def test_deformation_bounded_by_configured_shift() -> None:
@@ -146,21 +176,21 @@ def test_fuse_scores_uses_training_statistics() -> None:
     assert torch.isclose(score, torch.tensor([0.5 + 0.2 * 1.0]))
 
 
-def test_loss_decreases_over_a_few_dozen_steps() -> None:
+def test_loss_decreases_over_a_dozen_steps() -> None:
     torch.manual_seed(0)
     model = DMADModel("resnet18", pretrained=False).train()
     criterion = DMADLoss(gamma=1.0)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=0.005, betas=(0.5, 0.999))
-    x = torch.randn(4, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 64)
     losses = []
-    for _ in range(30):
+    for _ in range(12):
         out = model(x)
         loss, _ = criterion(x, out.encoder_features, out.decoder_features, out.deformation, out.vq_loss)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])  # seeded CPU run: 0.60
 
 
 def test_encoder_is_frozen_and_passes_gradients_to_input() -> None:

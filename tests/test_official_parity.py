@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -36,24 +34,18 @@ from PIL import Image
 from torch import Tensor
 from torchvision.models import resnet18
 
-from task.anomaly.unsupervised.data.mvtec import AnomalyDataset, Sample
+from conftest import BASE, REPO, assert_user_error, dmad_method, load_run_config, main_in_process, make_engine
+from task.anomaly.unsupervised.checkpoints import make_payload
+from task.anomaly.unsupervised.data.dataset import AnomalyDataset, Sample
 from task.anomaly.unsupervised.data.synthetic import make_demo_dataset
-from task.anomaly.unsupervised.models.dmad.checkpoint import (
-    check_compatible,
-    convert_official,
-    describe_official,
-    load_any_checkpoint,
-)
-from task.anomaly.unsupervised.models.dmad.config import SCHEMA
+from task.anomaly.unsupervised.models.dmad.checkpoint import check_official, convert_official, describe_official
 from task.anomaly.unsupervised.models.dmad.loss import DMADLoss
 from task.anomaly.unsupervised.models.dmad.torch_model import DMADModel
-from task.anomaly.unsupervised.models.dmad.trainer import DMADTrainer, build_model
-from task.common.config import Config, load_config
+from task.common.config import Config
 from task.common.errors import UserError
+from task.common.io import save_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden"
-DEMO = REPO / "configs" / "anomaly" / "unsupervised" / "dmad" / "demo.yaml"
 SIZE = 64
 # The acceptance bound: maps agree within this fraction of the official map's value range.
 MAP_TOLERANCE = 1e-4
@@ -101,7 +93,15 @@ def closed_form_state(schema: dict[str, list], part: str) -> dict[str, Tensor]:
 
 
 def _config(*overrides: str) -> Config:
-    return load_config(SCHEMA, None, [f"DATASET.resize=[{SIZE},{SIZE}]", "MODEL.pretrained=false", *overrides])
+    return load_run_config(f"DATASET.resize=[{SIZE},{SIZE}]", "MODEL.pretrained=false", *overrides, yaml=None)
+
+
+def load_official(model: DMADModel, state: dict, path: str, cfg: Config) -> None:
+    """What Engine.load does with an official file: check it against the config, then convert and load it."""
+    method = dmad_method()
+    assert method.is_foreign_checkpoint(state)
+    method.check_foreign_checkpoint(state, Path(path), cfg)
+    method.load_foreign_checkpoint(model, state, Path(path), cfg)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def official_state(schema: dict[str, list]) -> dict[str, dict[str, Tensor]]:
 def model(schema: dict[str, list], official_state: dict[str, dict[str, Tensor]]) -> DMADModel:
     """Our wide_resnet50_2 VQ model filled through the official-checkpoint path and a torchvision encoder state."""
     net = DMADModel("wide_resnet50_2", pretrained=False, vq=True)
-    load_any_checkpoint(net, official_state, "golden.pth", _config())
+    load_official(net, official_state, "golden.pth", _config())
     encoder_state = closed_form_state(schema, "encoder")
     missing, unexpected = net.encoder.load_state_dict(encoder_state, strict=False)
     assert not missing and not unexpected
@@ -151,7 +151,7 @@ def test_preprocessing_matches_official_transforms(golden: dict[str, np.ndarray]
 def test_maps_match_official_evaluation(model: DMADModel, golden: dict[str, np.ndarray]) -> None:
     with torch.no_grad():
         out = model(_golden_inputs(golden))
-    for name, ours in (("anomaly_maps", out.anomaly_map), ("deformation_maps", out.deformation_map)):
+    for name, ours in (("anomaly_maps", out.anomaly_map), ("deformation_maps", out.extras["deformation_map"])):
         reference = torch.from_numpy(golden[name]).double()
         for i in range(len(reference)):
             value_range = float(reference[i].max() - reference[i].min())
@@ -195,7 +195,7 @@ def test_official_conversion_ignores_only_unused_tensors(official_state: dict[st
     prefixed = {part: {f"module.{k}": v for k, v in sd.items()} for part, sd in official_state.items()}
     assert set(convert_official(prefixed)[0]) == set(entries)
     with caplog.at_level(logging.INFO, logger="dmad"):
-        load_any_checkpoint(model, official_state, "wres50_bottle_I.pth", _config())
+        load_official(model, official_state, "wres50_bottle_I.pth", _config())
     text = caplog.text
     assert "loaded official DMAD-PPDM checkpoint wres50_bottle_I.pth (MODEL.backbone=wide_resnet50_2, MODEL.vq=true" in text
     assert "ignored 4 official tensors, CoordConv2d" in text and "ignored 6 official tensors, conv4/bn4" in text
@@ -204,21 +204,24 @@ def test_official_conversion_ignores_only_unused_tensors(official_state: dict[st
 def test_official_checkpoint_with_wrong_config_is_a_one_line_error(official_state: dict[str, dict[str, Tensor]]) -> None:
     assert describe_official(official_state) == {"MODEL.backbone": "wide_resnet50_2", "MODEL.vq": True, "MODEL.vq_num_embeddings": 200}
     with pytest.raises(UserError) as info:
-        check_compatible(official_state, "wres50_bottle_I.pth", _config("MODEL.backbone=resnet18"))
+        check_official(official_state, "wres50_bottle_I.pth", _config("MODEL.backbone=resnet18"))
     message = str(info.value)
     assert "\n" not in message and "pass MODEL.backbone=wide_resnet50_2" in message
     # The pixel-level (_P) release has no codebook: it needs MODEL.vq=false.
     no_vq = dict(official_state, bn={k: v for k, v in official_state["bn"].items() if not k.startswith("vq3.")})
     with pytest.raises(UserError, match=r"pass MODEL.vq=false$"):
-        check_compatible(no_vq, "wres50_bottle_P.pth", _config())
+        check_official(no_vq, "wres50_bottle_P.pth", _config())
+    # The ablation without a PDM cannot hold an official (PPDM) checkpoint.
+    with pytest.raises(UserError, match=r"holds a PDM; remove MODEL.pdm=false$"):
+        dmad_method().check_foreign_checkpoint(official_state, Path("wres50_bottle_I.pth"), _config("MODEL.pdm=false"))
 
 
 def test_unrecognised_official_shapes_fail_cleanly(official_state: dict[str, dict[str, Tensor]], model: DMADModel) -> None:
     # A decoder that matches no known backbone passes the config check but cannot fill the model.
     truncated = dict(official_state, decoder={k: v for k, v in official_state["decoder"].items() if not k.startswith("layer3.5.")})
     assert describe_official(truncated)["MODEL.backbone"] is None
-    with pytest.raises(UserError, match=r"^official checkpoint odd.pth does not fit the configured model \(missing") as info:
-        load_any_checkpoint(model, truncated, "odd.pth", _config())
+    with pytest.raises(UserError, match=r"^official checkpoint odd.pth lacks decoder\.layer3\.5\.conv1\.weight; it is not a complete DMAD-PPDM checkpoint$") as info:
+        load_official(model, truncated, "odd.pth", _config())
     assert "\n" not in str(info.value)
 
 
@@ -228,17 +231,15 @@ def test_official_checkpoint_with_wrong_backbone_from_the_cli(tmp_path: Path) ->
     checkpoint = tmp_path / "wres50_demo_I.pth"
     torch.save({"offset": {}, "bn": {"vq3.embedding.weight": torch.zeros(200, 1)}, "decoder": decoder}, checkpoint)
     make_demo_dataset(tmp_path / "data", n_train=2, n_test_good=1, n_test_defect=2, size=64)
-    result = subprocess.run(
-        [sys.executable, str(REPO / "main.py"), "--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(DEMO),
-         "--mode", "test", "--checkpoint", str(checkpoint), f"DATASET.datadir={tmp_path / 'data'}", f"RESULT.savedir={tmp_path / 'runs'}",
-         "RESULT.assets_dir=null", f"DATASET.resize=[{SIZE},{SIZE}]"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+    result = main_in_process(
+        *BASE, "--mode", "test", "--checkpoint", str(checkpoint), f"DATASET.datadir={tmp_path / 'data'}", f"RESULT.savedir={tmp_path / 'runs'}",
+        "RESULT.assets_dir=null", f"DATASET.resize=[{SIZE},{SIZE}]",
     )
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines() == [
+    line = assert_user_error(result)
+    assert line == (
         f"error: official checkpoint {checkpoint} needs MODEL.backbone=wide_resnet50_2 but the config has MODEL.backbone=resnet18; "
         "pass MODEL.backbone=wide_resnet50_2"
-    ]
+    )
 
 
 def test_backbone_weights_are_used_exactly(tmp_path: Path) -> None:
@@ -248,22 +249,29 @@ def test_backbone_weights_are_used_exactly(tmp_path: Path) -> None:
     weights = {k: closed_form_tensor(f"encoder.{k}", shape, dtype) for k, (shape, dtype) in shapes.items()}
     path = tmp_path / "resnet18.pth"
     torch.save(weights, path)
-    cfg = load_config(SCHEMA, None, ["MODEL.backbone=resnet18", f"MODEL.backbone_weights={path}", "MODEL.pretrained=true"])
-    encoder_state = build_model(cfg).encoder.state_dict()
+    cfg = load_run_config("MODEL.backbone=resnet18", f"MODEL.backbone_weights={path}", "MODEL.pretrained=true", yaml=None)
+    encoder_state = dmad_method().build(cfg).encoder.state_dict()
     assert set(encoder_state) == {k for k in weights if not k.startswith(("layer4.", "fc."))}
     for key, value in encoder_state.items():
         assert torch.equal(value, weights[key]), key
 
 
-def test_own_checkpoints_still_load(tmp_path: Path) -> None:
-    cfg = _config("MODEL.backbone=resnet18")
+def test_own_checkpoints_still_load(tmp_path: Path, caplog) -> None:
+    overrides = (f"DATASET.resize=[{SIZE},{SIZE}]", "MODEL.pretrained=false", "MODEL.backbone=resnet18", f"RESULT.savedir={tmp_path}")
+    engine = make_engine(*overrides, yaml=None)
     torch.manual_seed(1)
-    source = build_model(cfg)
-    payload = DMADTrainer(cfg).checkpoint_payload(source, {"image": 0.5, "pixel": 0.25})
-    target = build_model(cfg)
-    thresholds, calibrated = load_any_checkpoint(target, payload, tmp_path / "model.pt", cfg)
-    assert calibrated and thresholds == {"image": 0.5, "pixel": 0.25}
+    source = engine.method.build(engine.cfg)
+    path = tmp_path / "model.pt"
+    save_checkpoint(make_payload(engine.method, engine.cfg, source, {"image": 0.5, "pixel": 0.25}), path)
+    loaded = engine.load(path)
+    assert loaded.calibrated and loaded.thresholds == {"image": 0.5, "pixel": 0.25}
     for key, value in source.state_dict().items():
-        assert torch.equal(target.state_dict()[key], value), key
-    with pytest.raises(UserError, match="was trained with MODEL.vq=True"):
-        load_any_checkpoint(target, payload, tmp_path / "model.pt", _config("MODEL.backbone=resnet18", "MODEL.vq=false"))
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    # MODEL.vq defines the network: from the checkpoint. A YAML value that differs is a warning ...
+    with caplog.at_level(logging.WARNING):
+        loaded = make_engine(*overrides, "MODEL.vq=false", yaml=None).load(path)
+    assert loaded.cfg.MODEL.vq is True and loaded.model.bottleneck.quantizer is not None
+    assert "MODEL.vq: using the checkpoint's True (the config says False)" in caplog.text
+    # ... and a command-line override that differs is an error naming both values.
+    with pytest.raises(UserError, match=r"MODEL.vq=False was given on the command line but checkpoint .* was trained with MODEL.vq=True"):
+        make_engine(*overrides, "MODEL.vq=false", overridden=frozenset({"MODEL.vq"}), yaml=None).load(path)

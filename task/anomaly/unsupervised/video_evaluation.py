@@ -70,19 +70,26 @@ def use_test_backgrounds(engine: Engine, model: nn.Module, videos: list[Video]) 
 
 @dataclass
 class Calibration:
-    """Training-frame statistics per raw score and the online alarm threshold (stored in the checkpoint)."""
+    """Training-frame statistics per raw score, the online alarm threshold, and the SCORE settings they were fitted
+    with (stored in the checkpoint; the fused scores and threshold belong to those settings)."""
 
     train_stats: dict[str, dict[str, float]]
     threshold: float
+    protocol: dict[str, Any] | None = None  # ProtocolParams.to_config() of the fit
 
     def to_dict(self) -> dict[str, Any]:
-        return {"train_stats": self.train_stats, "threshold": self.threshold}
+        return {"train_stats": self.train_stats, "threshold": self.threshold, "protocol": self.protocol}
 
     @classmethod
     def from_dict(cls, data: Any) -> Calibration | None:
         if not isinstance(data, dict) or not isinstance(data.get("train_stats"), dict) or not isinstance(data.get("threshold"), (int, float)):
             return None
-        return cls(data["train_stats"], float(data["threshold"]))
+        protocol = data.get("protocol") if isinstance(data.get("protocol"), dict) else None
+        return cls(data["train_stats"], float(data["threshold"]), protocol)
+
+    def fits(self, params: ProtocolParams) -> bool:
+        """True when this calibration was fitted with ``params`` (older checkpoints did not record it: assumed)."""
+        return self.protocol is None or self.protocol == params.to_config()
 
 
 def calibrate(engine: Engine, model: nn.Module, train_videos: list[Video], train_set: ClipDataset) -> Calibration:
@@ -92,7 +99,7 @@ def calibrate(engine: Engine, model: nn.Module, train_videos: list[Video], train
     scored = score_clips(engine, model, Subset(train_set, picks), train_videos, "calibrate")
     params = ProtocolParams.from_config(engine.cfg.SCORE)
     stats = fit_train_stats(scored.scores)
-    return Calibration(stats, fit_threshold(scored.scores, stats, params))
+    return Calibration(stats, fit_threshold(scored.scores, stats, params), params.to_config())
 
 
 def evaluate(engine: Engine, model: nn.Module, calibration: Calibration, test_videos: list[Video], test_set: ClipDataset, step: int | None, out_dir: Path | None, final: bool) -> dict[str, Any]:

@@ -80,7 +80,7 @@ class _KeepPrediction(nn.Module):
         self.module = model
         self.prediction: Tensor | None = None
 
-    def forward(self, clip: Tensor, background: Tensor | None):
+    def forward(self, clip: Tensor, background: Tensor | None) -> Any:
         out = self.module(clip, background)
         self.prediction = out.prediction
         return out

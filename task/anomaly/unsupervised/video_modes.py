@@ -17,9 +17,11 @@ import torch
 from task.anomaly.unsupervised.data.synthetic_video import make_video_demo
 from task.anomaly.unsupervised.engine import Engine, LoadedModel
 from task.anomaly.unsupervised.frame_scoring import ProtocolParams, evaluate_scores
-from task.anomaly.unsupervised.score_file import read_scores
 from task.anomaly.unsupervised.modes import ModeFunction, ModeOptions, mode_report, test_output_dir
+from task.anomaly.unsupervised.score_file import read_scores
 from task.anomaly.unsupervised.video_evaluation import Calibration, background_templates, calibrate, evaluate, video_split
+from task.anomaly.unsupervised.video_export import mode_export
+from task.anomaly.unsupervised.video_predict import mode_predict
 from task.common.errors import UserError
 from task.common.io import ensure_dir, write_text
 
@@ -65,9 +67,12 @@ def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
 
 
 def _calibration(engine: Engine, loaded: LoadedModel) -> Calibration:
+    """The checkpoint's calibration when it was fitted with this config's SCORE settings; else fitted anew."""
     calibration = Calibration.from_dict(loaded.calibration)
-    if calibration is not None:
+    if calibration is not None and calibration.fits(ProtocolParams.from_config(engine.cfg.SCORE)):
         return calibration
+    if calibration is not None:
+        log.info("the SCORE settings differ from those %s was calibrated with; recalibrating on the training videos", loaded.path)
     train_videos, train_set = video_split(engine, "train")
     return calibrate(engine, loaded.model, train_videos, train_set)
 
@@ -171,6 +176,8 @@ VIDEO_MODES: dict[str, ModeFunction] = {
     "gif": mode_gif,
     "report": mode_report,
     "score": mode_score,
+    "predict": mode_predict,
+    "export": mode_export,
     "benchmark": mode_benchmark,
 }
 

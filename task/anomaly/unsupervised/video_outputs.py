@@ -66,7 +66,7 @@ def write_dataset_gif(engine: Engine, out_dir: Path, model: nn.Module, test_set,
         targets.append(Path(cfg.RESULT.assets_dir) / f"{cfg.DATASET.target}.gif")
     shown = write_video_gif(
         rgb, [maps[int(f)] for f in frames_scored.tolist()], online[chosen], frames_scored, video.num_frames, video.labels,
-        threshold, f"{cfg.DATASET.target} / {video.name}", targets,
+        threshold, f"{cfg.DATASET.target} / {video.name}", targets, max_frames=40,  # 40 frames keep the GIF near 1 MB
     )
     log.info("GIF of video %s with %d frames written to %s", video.name, len(shown), ", ".join(map(str, targets)))
     return targets[0]

@@ -23,7 +23,7 @@ Outputs, in ``--output`` (default: ``predict/`` next to the checkpoint or ONNX f
 
 The output folder may not be, or be inside, an input folder, and only files predict wrote itself are replaced
 (``predict.OutputFolder``). Memory: the video is decoded once at model resolution (N x H x W x C bytes); error maps
-are recomputed for the GIF's frames only.
+are kept for the GIF's frames only (a video longer than the GIF scores those clips a second time).
 """
 
 from __future__ import annotations
@@ -101,8 +101,17 @@ def serving_from(engine: Engine, options: ModeOptions) -> VideoServing:
     module = score_module(engine.method, loaded.model, cfg)
     return VideoServing(
         module, module.names, cfg.DATASET.clip_length, tuple(cfg.DATASET.resize), cfg.DATASET.grayscale, module.given_background,
-        calibration, ProtocolParams.from_config(cfg.SCORE), loaded.path, "torch", engine.device, engine.amp,
+        calibration, served_protocol(calibration, cfg, loaded.path), loaded.path, "torch", engine.device, engine.amp,
     )
+
+
+def served_protocol(calibration: Calibration, cfg, path) -> ProtocolParams:
+    """The SCORE settings the checkpoint's threshold was fitted with (a differing YAML section is a warning)."""
+    asked = ProtocolParams.from_config(cfg.SCORE)
+    if calibration.protocol is None or calibration.fits(asked):
+        return asked
+    log.warning("SCORE: serving the settings %s was calibrated with (the config's differ); run --mode test with the new SCORE section to recalibrate", path)
+    return ProtocolParams.from_config(calibration.protocol)
 
 
 @torch.no_grad()
@@ -151,21 +160,23 @@ def predict_video(serving: VideoServing, input_path: Path, out_dir: Path, batch_
     OutputFolder(out_dir, input_path).claim([csv_name, gif_name])
     log.info("predicting %s (%d frames) with %s (%s)", input_path, video.num_frames, serving.source, serving.backend)
 
-    raw, frames, _, _ = run_scorer(serving, dataset, background, batch_size, False)
+    # The GIF needs error maps and pictures only of the frames it shows. A short video shows every frame: keep them
+    # from the one pass; a longer one scores the shown clips again rather than keeping every map.
+    every = len(dataset) <= MAX_GIF_FRAMES
+    raw, frames, maps, pictures = run_scorer(serving, dataset, background, batch_size, every)
     params, threshold = serving.params, serving.calibration.threshold
     online = online_frame_scores({name: [raw[name]] for name in params.names}, serving.calibration.train_stats, params)[0]
     write_text(out_dir / csv_name, predictions_csv(video.num_frames, frames, online, threshold))
 
-    # The GIF needs error maps and pictures only of the frames it shows: score those clips again rather than keeping
-    # every map. write_video_gif picks the same positions from the same arguments; the other entries are never read.
     positions = gif_frame_positions(len(frames), online, None, MAX_GIF_FRAMES)
-    _, _, maps, pictures = run_scorer(serving, Subset(dataset, positions), background, batch_size, True)
-    all_maps: list[np.ndarray] = [maps[0]] * len(frames)
-    all_pictures: list[np.ndarray] = [pictures[0]] * len(frames)
-    for slot, position in enumerate(positions):
-        all_maps[position], all_pictures[position] = maps[slot], pictures[slot]
-    shown = write_video_gif(all_pictures, all_maps, online, frames, video.num_frames, None, threshold, video.name, [out_dir / gif_name], MAX_GIF_FRAMES)
-    if shown != positions:
+    if not every:
+        # write_video_gif picks the same positions from the same arguments: the other entries are never read.
+        _, _, shown_maps, shown_pictures = run_scorer(serving, Subset(dataset, positions), background, batch_size, True)
+        maps, pictures = [shown_maps[0]] * len(frames), [shown_pictures[0]] * len(frames)
+        for slot, position in enumerate(positions):
+            maps[position], pictures[position] = shown_maps[slot], shown_pictures[slot]
+    shown = write_video_gif(pictures, maps, online, frames, video.num_frames, None, threshold, video.name, [out_dir / gif_name], MAX_GIF_FRAMES)
+    if not every and shown != positions:  # the placeholders above would have been drawn
         raise RuntimeError(f"the GIF showed frames {shown[:5]}... but predict rendered {positions[:5]}...")
 
     alarms = int((online >= threshold).sum())

@@ -56,6 +56,7 @@ _CURSOR = (120, 0, 170)
 _DASH, _GAP = 8, 5
 _MIN_PANEL = 128  # frames smaller than this are upscaled so the panel names stay legible on them
 _PANEL_HEIGHT = 0.3  # default largest panel height, as a fraction of the plot width
+_MIN_SHRUNK = _MIN_PANEL  # write_video_gif shrinks panels no further than this to meet its byte budget
 # Byte budget of a GIF frame at 800 px wide (60 frames < 2 MB); write_video_gif shrinks the panels to meet it.
 _GIF_BYTES_PER_FRAME = 32_000
 
@@ -251,16 +252,16 @@ def render_score_plot(
             canvas[layout.y0 : layout.y1 + 1, max(left, layout.x0) : min(right, layout.x1) + 1] = _SHADE
 
     tick_scale = layout.scale * 0.9
-    y_step = _nice_step(value_range[1] - value_range[0], max(2, (layout.y1 - layout.y0) // (3 * layout.row)))
+    y_step = _nice_step(value_range[1] - value_range[0], max(3, (layout.y1 - layout.y0) // (2 * layout.row)))
     y_ticks = [k * y_step for k in range(math.ceil(value_range[0] / y_step), math.floor(value_range[1] / y_step) + 1)]
     y_texts = [_tick_text(v, y_step) for v in y_ticks]
     y_scale = _fit_scale(y_texts, layout.x0 - 10, tick_scale) if y_texts else tick_scale
     for value, text in zip(y_ticks, y_texts):
         y = _y_at(value, value_range, layout)
         canvas[y, layout.x0 : layout.x1 + 1] = _GRID
-        canvas[y, layout.x0 - 4 : layout.x0] = _AXIS
+        canvas[y, layout.x0 - 5 : layout.x0 - 1] = _AXIS
         (w, h), _ = cv2.getTextSize(text, _FONT, y_scale, 1)
-        cv2.putText(canvas, text, (layout.x0 - 7 - w, y + h // 2), _FONT, y_scale, _INK, 1, cv2.LINE_AA)
+        cv2.putText(canvas, text, (layout.x0 - 8 - w, y + h // 2), _FONT, y_scale, _INK, 1, cv2.LINE_AA)
 
     label_width = cv2.getTextSize(str(max(0, num_frames - 1)), _FONT, tick_scale, 1)[0][0]
     max_ticks = max(1, (layout.x1 - layout.x0) // (3 * label_width + 10))
@@ -268,16 +269,17 @@ def render_score_plot(
     baseline = layout.y1 + layout.row
     for frame in range(0, num_frames, x_step):
         x = plot_x(frame, num_frames, width)
-        canvas[layout.y1 + 1 : layout.y1 + 5, x] = _AXIS
+        canvas[layout.y1 + 2 : layout.y1 + 6, x] = _AXIS
         w = cv2.getTextSize(str(frame), _FONT, tick_scale, 1)[0][0]
         cv2.putText(canvas, str(frame), (x - w // 2, baseline), _FONT, tick_scale, _INK, 1, cv2.LINE_AA)
     w = cv2.getTextSize("frame", _FONT, tick_scale, 1)[0][0]
     cv2.putText(canvas, "frame", ((layout.x0 + layout.x1 - w) // 2, baseline + layout.row - 2), _FONT, tick_scale, _AXIS, 1, cv2.LINE_AA)
-    cv2.rectangle(canvas, (layout.x0, layout.y0), (layout.x1, layout.y1), _AXIS, 1)
+    # The frame goes around the data area, so the first and last frames' columns stay visible.
+    cv2.rectangle(canvas, (layout.x0 - 1, layout.y0 - 1), (layout.x1 + 1, layout.y1 + 1), _AXIS, 1)
 
     if threshold is not None:
         y = _y_at(threshold, value_range, layout)
-        _dashed_hline(canvas, y, layout.x0 + 1, layout.x1 - 1, _THRESHOLD)
+        _dashed_hline(canvas, y, layout.x0, layout.x1, _THRESHOLD)
         text = f"threshold {threshold:.4g}"
         w = cv2.getTextSize(text, _FONT, tick_scale, 1)[0][0]
         # Above the line unless that leaves the axis box; the box hides curve pixels so the value stays readable.
@@ -481,7 +483,7 @@ def write_video_gif(
         raise ValueError("a GIF needs at least one frame")
     if not len(error_maps) == scores.size == frame_indices.size == n:
         raise ValueError(f"{n} frames, {len(error_maps)} error maps, {scores.size} scores, {frame_indices.size} frame indices")
-    plot = render_score_plot(scores, frame_indices, num_frames, labels, threshold, title, (max(200, round(0.375 * max_width)), max_width))
+    plot = render_score_plot(scores, frame_indices, num_frames, labels, threshold, title, (max(200, round(0.3 * max_width)), max_width))
     labels_at = None if labels is None else np.asarray(labels).reshape(-1)[frame_indices]
     positions = gif_frame_positions(n, scores, labels_at, max_frames)
     chosen = [np.asarray(error_maps[p], dtype=np.float32) for p in positions]
@@ -489,30 +491,33 @@ def write_video_gif(
         _check_finite("error maps", m)
     bounds = display_bounds(torch.from_numpy(np.concatenate([m.reshape(-1) for m in chosen])))
 
-    def render(max_panel_height: int | None) -> bytes:
+    def render(picks: list[int], max_panel_height: int | None) -> list[np.ndarray]:
         pictures = []
-        for p, error in zip(positions, chosen):
+        for p in picks:
             index = int(frame_indices[p])
             pictures.append(
                 render_video_frame(
-                    frames[p], error, bounds, plot, index / max(1, num_frames - 1), float(scores[p]), threshold,
-                    None if labels_at is None else int(labels_at[p]), f"{title}  frame {index} / {num_frames - 1}",
-                    max_panel_height,
+                    frames[p], chosen[positions.index(p)], bounds, plot, index / max(1, num_frames - 1),
+                    float(scores[p]), threshold, None if labels_at is None else int(labels_at[p]),
+                    f"{title}  frame {index} / {num_frames - 1}", max_panel_height,
                 )
             )
-        return encode_gif(pictures, max_width, duration_ms)
+        return pictures
 
-    # How many bytes a frame takes depends on the camera noise, unknown until encoded: shrink the panels in
-    # proportion to the overshoot (the plot and title cost little) and encode again, at most twice.
-    budget = _GIF_BYTES_PER_FRAME * len(positions) * (max_width / 800) ** 2
+    # A frame's bytes are the plot's (every frame re-encodes it: the cursor moves) plus the panels', which grow
+    # with their area and the camera noise. Measure both on a few frames, then shrink the panels to the budget.
+    budget = _GIF_BYTES_PER_FRAME * (max_width / 800) ** 2
     height, width = frames[positions[0]].shape[:2]
     panel_height = height * _panel_scale(height, width, plot.shape[1], None)
-    data = render(None)
-    for _ in range(2):
-        if len(data) <= budget or panel_height <= _MIN_PANEL:
-            break
-        panel_height = max(_MIN_PANEL, math.floor(0.9 * panel_height * math.sqrt(budget / len(data))))
-        data = render(panel_height)
+    sample = positions[:: max(1, len(positions) // 4)][:4]
+    per_frame = len(encode_gif(render(sample, None), max_width, duration_ms)) / len(sample)
+    fixed = len(encode_gif([plot], max_width, duration_ms))
+    if per_frame > budget and panel_height > _MIN_SHRUNK:
+        area = max(0.0, budget - fixed) / max(1.0, per_frame - fixed)
+        panel_height = max(_MIN_SHRUNK, math.floor(panel_height * math.sqrt(area)))
+        data = encode_gif(render(positions, panel_height), max_width, duration_ms)
+    else:
+        data = encode_gif(render(positions, None), max_width, duration_ms)
     for target in targets:
         atomic_write_bytes(target, lambda handle: handle.write(data))
     return positions

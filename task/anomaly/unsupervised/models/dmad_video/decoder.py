@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .fold import FoldedSequential
+
 COORDINATE_BLOCKS = 32  # the official coordinate channels split every axis into 32 blocks
 
 
@@ -49,31 +51,38 @@ class CoordConv2d(nn.Module):
         self.conv = nn.Conv2d(in_channels + 4, out_channels, kernel_size=3, padding=1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.conv(self._with_coordinates(x))
+
+    def forward_with(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The convolution with ``weight`` and ``bias`` in place of its own (``fold.FoldedSequential``)."""
+        return self.conv._conv_forward(self._with_coordinates(x), weight, bias)
+
+    def _with_coordinates(self, x: Tensor) -> Tensor:
         batch, _, height, width = x.shape
         if height < 2 or width < 2:
             raise ValueError(f"coordinate convolution needs a feature map of at least 2x2, got {height}x{width}")
-        return self.conv(torch.cat([x, coordinate_channels(batch, height, width, x.device, x.dtype)], dim=1))
+        return torch.cat([x, coordinate_channels(batch, height, width, x.device, x.dtype)], dim=1)
 
 
-def coord_block(in_channels: int, out_channels: int) -> nn.Sequential:
+def coord_block(in_channels: int, out_channels: int) -> FoldedSequential:
     """Two coordinate convs, each followed by BN and ReLU."""
-    return nn.Sequential(
+    return FoldedSequential(
         CoordConv2d(in_channels, out_channels), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
         CoordConv2d(out_channels, out_channels), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
     )
 
 
-def upsample(in_channels: int, out_channels: int) -> nn.Sequential:
+def upsample(in_channels: int, out_channels: int) -> FoldedSequential:
     """x2 transposed conv (3x3, no bias), BN, ReLU."""
-    return nn.Sequential(
+    return FoldedSequential(
         nn.ConvTranspose2d(in_channels, out_channels, 3, stride=2, padding=1, output_padding=1, bias=False),
         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
     )
 
 
-def image_head(in_channels: int, out_channels: int, mid_channels: int, activation: nn.Module) -> nn.Sequential:
+def image_head(in_channels: int, out_channels: int, mid_channels: int, activation: nn.Module) -> FoldedSequential:
     """conv-BN-ReLU twice (no bias), then a biased 3x3 conv to ``out_channels`` and ``activation``."""
-    return nn.Sequential(
+    return FoldedSequential(
         nn.Conv2d(in_channels, mid_channels, 3, padding=1, bias=False), nn.BatchNorm2d(mid_channels), nn.ReLU(inplace=True),
         nn.Conv2d(mid_channels, mid_channels, 3, padding=1, bias=False), nn.BatchNorm2d(mid_channels), nn.ReLU(inplace=True),
         nn.Conv2d(mid_channels, out_channels, 3, padding=1), activation,

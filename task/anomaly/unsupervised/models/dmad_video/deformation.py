@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .decoder import coord_block
+from .fold import FoldedSequential
 
 
 def warp(x: Tensor, grid: Tensor) -> Tensor:
@@ -43,7 +44,7 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(
+        self.body = FoldedSequential(
             nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels),
             nn.ReLU(), nn.Conv2d(channels, channels, 1),
         )
@@ -52,14 +53,14 @@ class ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
-def field_head(strides: Sequence[int], in_channels: int = 128, channels: int = 64) -> nn.Sequential:
+def field_head(strides: Sequence[int], in_channels: int = 128, channels: int = 64) -> FoldedSequential:
     """conv-BN-ReLU stages then a conv to 2 channels and tanh; conv i has stride ``strides[i]`` (biased 3x3 convs)."""
     layers: list[nn.Module] = []
     widths = [in_channels] + [channels] * (len(strides) - 1) + [2]
     for i, stride in enumerate(strides):
         layers.append(nn.Conv2d(widths[i], widths[i + 1], 3, stride=stride, padding=1))
         layers += [nn.BatchNorm2d(widths[i + 1]), nn.ReLU(inplace=True)] if i < len(strides) - 1 else [nn.Tanh()]
-    return nn.Sequential(*layers)
+    return FoldedSequential(*layers)
 
 
 @dataclass

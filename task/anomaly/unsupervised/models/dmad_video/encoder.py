@@ -17,9 +17,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from .decoder import image_head, upsample
+from .fold import FoldedSequential
 
 
-def conv_block(in_channels: int, out_channels: int, last_bias_relu: bool = True) -> nn.Sequential:
+def conv_block(in_channels: int, out_channels: int, last_bias_relu: bool = True) -> FoldedSequential:
     """conv-BN-ReLU twice (3x3, no bias); with ``last_bias_relu=False`` the second conv has a bias and no BN/ReLU."""
     layers: list[nn.Module] = [
         nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
@@ -28,7 +29,7 @@ def conv_block(in_channels: int, out_channels: int, last_bias_relu: bool = True)
         layers += [nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
     else:
         layers += [nn.Conv2d(out_channels, out_channels, 3, padding=1)]
-    return nn.Sequential(*layers)
+    return FoldedSequential(*layers)
 
 
 class ClipEncoder(nn.Module):

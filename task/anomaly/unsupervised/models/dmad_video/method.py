@@ -122,9 +122,10 @@ class DMADVideoMethod(Method):
         """An official DMAD-PDM ``model.pth`` (a whole-module pickle), read by a restricted unpickler that rebuilds
         tensors only (checkpoint.py): nothing pickled is executed."""
         try:
-            return {OFFICIAL: convert_official(path)}
+            weights = convert_official(path)
         except UserError:
             return None
+        return {OFFICIAL: weights} if weights else None  # e.g. one of our image checkpoints: no module tensors
 
     def is_foreign_checkpoint(self, state: dict) -> bool:
         return isinstance(state.get(OFFICIAL), dict)
