@@ -105,14 +105,18 @@ class _Video:
     name = "synthetic"
 
 
-def timed(fn, warmup: int, repeats: int) -> list[float]:
+def timed_alternating(fns: dict, warmup: int, repeats: int) -> dict[str, list[tuple[float, float]]]:
+    """(wall s, process CPU s) of each call, the sides alternating call by call so that both see the same load
+    (the CPU time is the steadier figure on a shared machine)."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for name, fn in fns.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
     return times
 
 
@@ -134,7 +138,8 @@ def build_ours(args):
     return engine, method.to_device(model, engine.device, engine.channels_last)
 
 
-def time_ours(args, engine, model, frames: np.ndarray) -> dict:
+def ours_steps(args, engine, model, frames: np.ndarray):
+    """(one training step, one evaluation pass over ``args.eval_clips`` clips), both warmed up once."""
     from task.anomaly.unsupervised.training import Stepper
     from task.anomaly.unsupervised.video_evaluation import score_clips
 
@@ -147,11 +152,9 @@ def time_ours(args, engine, model, frames: np.ndarray) -> dict:
         i = next(step)
         stepper(default_collate([train_set[(i * 8 + j) % len(train_set)] for j in range(8)]), i)
 
-    train = timed(train_step, args.warmup, args.train_steps) if not args.skip_train else []
     eval_set = OurClips(frames, args.eval_clips)
     score_clips(engine, model, OurClips(frames, engine.cfg.TEST.batch_size), [_Video()], "warmup")
-    evals = timed(lambda: score_clips(engine, model, eval_set, [_Video()], "ours"), 0, args.eval_repeats)
-    return summary(train, evals, args.eval_clips, engine.cfg.TEST.batch_size)
+    return train_step, lambda: score_clips(engine, model, eval_set, [_Video()], "ours")
 
 
 def build_official(path: str, ours: torch.nn.Module):
@@ -168,7 +171,8 @@ def build_official(path: str, ours: torch.nn.Module):
     return official
 
 
-def time_official(args, official: torch.nn.Module, frames: np.ndarray) -> dict:
+def official_steps(args, official: torch.nn.Module, frames: np.ndarray):
+    """(one training step, one evaluation pass), as Train_ped2.py / Evaluate_ped2.py run them."""
     # Train_ped2.py's optimiser (torch defaults otherwise, as the script).
     optimizer = torch.optim.AdamW([
         {"params": official.encoder.parameters()}, {"params": official.decoder.parameters()},
@@ -192,8 +196,6 @@ def time_official(args, official: torch.nn.Module, frames: np.ndarray) -> dict:
             for value in official.latest_losses().values():
                 float(value)
 
-    train = timed(train_step, args.warmup, args.train_steps) if not args.skip_train else []
-
     def evaluate(count: int) -> None:
         scores = ([], [], [])
         official.eval()
@@ -206,18 +208,21 @@ def time_official(args, official: torch.nn.Module, frames: np.ndarray) -> dict:
                     store.append(float(losses[key]))
 
     evaluate(1)
-    evals = timed(lambda: evaluate(args.eval_clips), 0, args.eval_repeats)
-    return summary(train, evals, args.eval_clips, 1)
+    return train_step, lambda: evaluate(args.eval_clips)
 
 
-def summary(train: list[float], evals: list[float], clips: int, eval_batch: int) -> dict:
-    eval_s = statistics.median(evals)
-    train_s = statistics.median(train) if train else None
-    return {
-        "train_s_per_step": round(train_s, 3) if train else None, "train_s_per_step_all": [round(t, 3) for t in train],
-        "train_clips_per_s": round(8 / train_s, 3) if train else None, "eval_clips_per_s": round(clips / eval_s, 3),
-        "eval_s_all": [round(t, 3) for t in evals], "eval_batch_size": eval_batch,
-    }
+def summary(train: list[tuple[float, float]], evals: list[tuple[float, float]], clips: int, eval_batch: int) -> dict:
+    """Medians (wall and CPU) and every timing; clips/s from the median wall time."""
+    out: dict = {"eval_batch_size": eval_batch}
+    for key, times, count in (("train", train, 8), ("eval", evals, clips)):
+        if not times:
+            continue
+        wall, cpu = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+        out.update({
+            f"{key}_s": round(wall, 3), f"{key}_cpu_s": round(cpu, 3), f"{key}_clips_per_s": round(count / wall, 3),
+            f"{key}_clips_per_cpu_s": round(count / cpu, 3), f"{key}_s_all": [round(t[0], 3) for t in times],
+        })
+    return out
 
 
 def main() -> None:
@@ -225,10 +230,10 @@ def main() -> None:
     parser.add_argument("--official", default=None, help="a CPU-runnable copy of the official DMAD-PDM folder (model/, utils.py)")
     parser.add_argument("--yaml", default=str(ROOT / "configs/anomaly/unsupervised/dmad/ped2.yaml"))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--train-steps", type=int, default=3, help="timed training steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
+    parser.add_argument("--train-steps", type=int, default=3, help="timed training steps per side (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed training steps per side first")
     parser.add_argument("--eval-clips", type=int, default=32)
-    parser.add_argument("--eval-repeats", type=int, default=1, help="timed evaluation passes (median reported)")
+    parser.add_argument("--eval-repeats", type=int, default=2, help="timed evaluation passes per side (median reported)")
     parser.add_argument("--eval-batch", type=int, default=None, help="our evaluation batch (default: the YAML's TEST.batch_size)")
     parser.add_argument("--skip-train", action="store_true", help="time evaluation only")
     parser.add_argument("--seed", type=int, default=0)
@@ -244,12 +249,18 @@ def main() -> None:
         "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "image_size": [256, 256],
         "clip_length": CLIP, "channels": 3, "train_batch": 8, "eval_clips": args.eval_clips,
     }
-    result["ours"] = time_ours(args, engine, model, frames)
+    sides = {"ours": ours_steps(args, engine, model, frames)}
     if official is not None:
-        result["official"] = time_official(args, official, frames)
+        sides["official"] = official_steps(args, official, frames)
+    train = {} if args.skip_train else timed_alternating({k: v[0] for k, v in sides.items()}, args.warmup, args.train_steps)
+    evals = timed_alternating({k: v[1] for k, v in sides.items()}, 0, args.eval_repeats)
+    for name in sides:
+        result[name] = summary(train.get(name, []), evals[name], args.eval_clips, engine.cfg.TEST.batch_size if name == "ours" else 1)
+    if official is not None:
         o, f = result["ours"], result["official"]
-        result["ratio_train"] = round(o["train_clips_per_s"] / f["train_clips_per_s"], 2) if not args.skip_train else None
-        result["ratio_eval"] = round(o["eval_clips_per_s"] / f["eval_clips_per_s"], 2)
+        for key in ("train_clips_per_s", "train_clips_per_cpu_s", "eval_clips_per_s", "eval_clips_per_cpu_s"):
+            if key in o:
+                result["ratio_" + key.replace("_clips", "")] = round(o[key] / f[key], 2)
     print(json.dumps(result), flush=True)
 
 

@@ -42,7 +42,9 @@ def test_two_process_training_writes_one_set_of_outputs(ddp_run) -> None:
     root, _, result = ddp_run
     assert result.returncode == 0, result.stderr[-4000:]
     run_dir = root / "runs" / "dmad" / "demo"
-    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []  # no temporary files left over
+    # No temporary files left over; the run lock (.lock) stays by design (runlock.py) and is empty once released.
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == [".lock"]
+    assert (run_dir / ".lock").read_bytes() == b""
     for name in ("model.pt", "last.pt", "metrics.json", "predictions.csv", "config.yaml", "train.log"):
         assert (run_dir / name).is_file(), name
     # Only rank 0 logs and evaluates.

@@ -18,7 +18,6 @@ from conftest import BASE, CATEGORY, SIZE, assert_ok, main_in_process, make_engi
 from task.anomaly.unsupervised.engine import run_dir_for
 from task.common.io import save_checkpoint
 
-SIGMA_BUG = "engine.py Engine.load does not restore the checkpoint's MODEL.sigma (not a state_dict tensor)"
 
 
 def test_testing_a_foreign_checkpoint_never_replaces_the_runs_files(trained_run, tmp_path: Path) -> None:
@@ -90,7 +89,7 @@ def test_version_1_checkpoint_without_new_keys_loads(trained_run, tmp_path: Path
     "change, key",
     [
         ("MODEL.deform_weight=0.5", "MODEL.deform_weight"),
-        pytest.param("MODEL.sigma=2", "MODEL.sigma", marks=pytest.mark.xfail(strict=True, reason=SIGMA_BUG)),
+        ("MODEL.sigma=2", "MODEL.sigma"),
     ],
 )
 def test_test_mode_applies_the_configs_scoring_and_recalibrates(change: str, key: str, trained_run, tmp_path: Path, caplog) -> None:

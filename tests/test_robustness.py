@@ -164,13 +164,8 @@ class Case:
     fragments: tuple[str, ...]
     cli: bool = False  # also run as a real subprocess
     after: Callable[[Ctx], None] | None = None  # what must still hold after the error (files kept, nothing written)
-    xfail: str | None = None  # a known bug (strict: the case fails the suite once the bug is fixed, so it gets enabled)
 
 
-# MODEL.sigma is an attribute of the model, not a tensor of its state_dict: Engine.load builds the network with the
-# config's sigma and load_weights restores only tensors, so a loaded model holds the config's sigma instead of the
-# checkpoint's (deform_weight is a buffer and is restored). Fix belongs in engine.py (Engine.load), see the report.
-SIGMA_BUG = "engine.py Engine.load does not restore the checkpoint's MODEL.sigma (not a state_dict tensor)"
 
 
 def _yaml_file(ctx: Ctx, text: str) -> list[str]:
@@ -293,7 +288,7 @@ CASES: dict[str, Case] = {
         lambda c: c.predict("MODEL.deform_weight=0.3", images=c.images()), ("MODEL.deform_weight=0.3", "0.05", "--mode test MODEL.deform_weight=0.3")
     ),
     "predict-sigma-override": Case(
-        lambda c: c.predict("MODEL.sigma=2", images=c.images()), ("MODEL.sigma=2.0", "4.0", "--mode test MODEL.sigma=2.0"), xfail=SIGMA_BUG
+        lambda c: c.predict("MODEL.sigma=2", images=c.images()), ("MODEL.sigma=2.0", "4.0", "--mode test MODEL.sigma=2.0")
     ),
     "predict-checkpoint-not-found": Case(lambda c: c.predict(f"RESULT.savedir={c.tmp / 'nothing'}", images=c.images()), ("checkpoint not found",)),
     "predict-torch-from-onnx": Case(
@@ -325,11 +320,7 @@ def full_argv(argv: list[str]) -> list[str]:
     return base + argv
 
 
-def _params(names: list[str]) -> list:
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=CASES[n].xfail)) if CASES[n].xfail else n for n in names]
-
-
-@pytest.mark.parametrize("name", _params(list(CASES)))
+@pytest.mark.parametrize("name", list(CASES))
 def test_user_error_in_process(name: str, dataset: Path, tmp_path: Path, request) -> None:
     case = CASES[name]
     ctx = Ctx(dataset, tmp_path, request)

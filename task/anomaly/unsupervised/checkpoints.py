@@ -98,6 +98,16 @@ def network_config(method, cfg: Config, state: dict, path: Path, overridden: fro
     return Config(data)
 
 
+def scoring_config(method, cfg: Config, state: dict) -> Config:
+    """``cfg`` with the scoring settings the checkpoint was calibrated with (where its saved config records them)."""
+    data = cfg.to_dict()
+    for key in method.scoring_keys:
+        value = dotted(state["config"], key)
+        if value is not _MISSING:
+            _set_dotted(data, key, _schema_field(method, key).check(f"{key} stored in checkpoint", value))
+    return Config(data)
+
+
 def _schema_field(method, key: str):
     """The schema Field of a dotted key: checkpoint values are validated like YAML values before use."""
     from task.anomaly.unsupervised.schema import run_schema

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import DataLoader
 
-from task.anomaly.unsupervised.checkpoints import load_weights, network_config, read_checkpoint
+from task.anomaly.unsupervised.checkpoints import load_weights, network_config, read_checkpoint, scoring_config
 from task.anomaly.unsupervised.data.dataset import AnomalyDataset
 from task.anomaly.unsupervised.data.formats import scan_dataset
 from task.anomaly.unsupervised.data.synthetic import make_demo_dataset
@@ -140,6 +140,9 @@ class Engine:
             cfg = network_config(method, self.cfg, state, path, self.overridden)
             model = method.build_for_weights(cfg, state["state_dict"])
             load_weights(model, state, path)
+            # Scoring settings that live outside the weights (e.g. the smoothing sigma) are the checkpoint's too,
+            # until a mode applies others (--mode test).
+            method.apply_scoring(model, scoring_config(method, cfg, state))
             thresholds = {k: float(v) for k, v in (state.get("thresholds") or {}).items() if isinstance(v, (int, float))}
             calibrated = bool(thresholds)
         model = method.to_device(model, self.device, self.channels_last).eval()

@@ -135,7 +135,10 @@ def maybe_resume(engine: Engine, stepper: Stepper, scheduler) -> int:
             scheduler.T_max = t_max
         torch.set_rng_state(state["rng_torch"])
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # torch's first line only says "Error(s) in loading state_dict"; the next one names the tensor
+        detail = [line for line in lines if line.startswith(("Missing key", "Unexpected key", "size mismatch"))]
+        reason = (detail or lines or [type(exc).__name__])[0][:160]
         raise UserError(f"{path} does not match this run's model or optimiser ({reason}); delete it or set RESUME.option=false") from None
     log.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"])

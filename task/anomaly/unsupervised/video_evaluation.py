@@ -27,6 +27,7 @@ from task.anomaly.unsupervised.data.video_labels import attach_labels, load_fram
 from task.anomaly.unsupervised.engine import Engine
 from task.anomaly.unsupervised.frame_scoring import ProtocolParams, fit_threshold, fit_train_stats, online_frame_scores, online_protocol, paper_protocol
 from task.anomaly.unsupervised.video_inference import FrameScores, score_clips
+from task.anomaly.unsupervised.video_outputs import write_plots_and_gif
 from task.anomaly.unsupervised.score_file import ScoreFile, write_scores
 from task.common.io import csv_cell, ensure_dir, save_checkpoint, write_json, write_text
 
@@ -153,15 +154,13 @@ def write_outputs(engine: Engine, out_dir: Path, model: nn.Module, test_set: Cli
             scores=scored.scores, labels=[np.asarray(v.labels, dtype=np.int8) for v in scored.videos], frames=scored.frames,
             train_stats=calibration.train_stats, threshold=calibration.threshold, extra={"source": f"{engine.method.name} {cfg.DATASET.target}"},
         ))
-    gif = None
+    gif, plots = None, []
     if cfg.TEST.save_images:
         try:
-            from task.anomaly.unsupervised.video_outputs import write_plots_and_gif
-
-            gif = write_plots_and_gif(engine, out_dir, model, test_set, scored, online, calibration.threshold)
+            plots, gif = write_plots_and_gif(engine, out_dir, model, test_set, scored, online, calibration.threshold)
         except Exception as exc:  # noqa: BLE001  (pictures are a by-product: never lose a finished run over them)
             log.warning("score plots / GIF not written (%s: %s); model.pt and metrics are saved, rerun with --mode gif", type(exc).__name__, exc)
-    engine.reporters.log_results(metrics, [], gif, out_dir / "model.pt")
+    engine.reporters.log_results(metrics, [(p, p.stem) for p in plots[:8]], gif, out_dir / "model.pt")
     log.info("outputs written to %s", out_dir)
 
 

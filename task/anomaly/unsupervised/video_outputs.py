@@ -72,9 +72,9 @@ def write_dataset_gif(engine: Engine, out_dir: Path, model: nn.Module, test_set,
     return targets[0]
 
 
-def write_plots_and_gif(engine: Engine, out_dir: Path, model: nn.Module, test_set, scored: FrameScores, online: list[np.ndarray], threshold: float) -> Path:
-    """Both kinds of pictures; returns the GIF's path."""
+def write_plots_and_gif(engine: Engine, out_dir: Path, model: nn.Module, test_set, scored: FrameScores, online: list[np.ndarray], threshold: float) -> tuple[list[Path], Path]:
+    """Both kinds of pictures; returns (the plots, the GIF)."""
     plots = write_score_plots(out_dir, scored, online, threshold)
     log.info("%d score plots written to %s", len(plots), out_dir / "plots")
     with torch.no_grad():
-        return write_dataset_gif(engine, out_dir, model, test_set, scored, online, threshold)
+        return plots, write_dataset_gif(engine, out_dir, model, test_set, scored, online, threshold)
