@@ -45,6 +45,7 @@ MODEL_SCHEMA: Schema = {
     "vq_beta": F(float, 0.25, min=0, help="commitment weight inside the VQ loss"),
     "coarse_shift": F(float, 2.0, min=0, help="largest coarse displacement in pixels"),
     "fine_shift": F(float, 3.0, min=0, help="largest fine displacement in pixels"),
+    "pdm_width": F(int, 64, min=4, max=512, help="channels of the deformation module's full-resolution convs (official: 64)"),
     "coarse_strides": F(list, [1, 2, 2], length=3, item_type=int, min=1, max=2, help="strides of the coarse field head's three convs"),
     "num_backgrounds": F(int, 1, min=1, nullable=True, help="background templates; null: one per video (ShanghaiTech)"),
     "background_input": F(bool, False, help="append the clip's background template to the encoder and PDM input"),
@@ -76,7 +77,7 @@ MODEL_SCHEMA: Schema = {
 # background_lr_late_factor: from epoch index ``background_lr_switch_epoch`` on, the official ped2/avenue scripts
 # overwrite the background group's lr with ``late_factor * lr`` after every scheduler step (a constant, so the cosine
 # schedule no longer applies to it); ShanghaiTech keeps the cosine-annealed 10x.
-_COMMON_MODEL = {"clip_length": 4, "vq_beta": 0.25, "gradient_weight": 1.0, "vq_weight": 1.0, "field_weight": 0.25,
+_COMMON_MODEL = {"clip_length": 4, "pdm_width": 64, "vq_beta": 0.25, "gradient_weight": 1.0, "vq_weight": 1.0, "field_weight": 0.25,
                  "smoothness_weight": 1.0, "coarse_smooth_kernel": 7, "fine_smooth_kernel": 3, "gradient_window": [16, 14]}
 _AVENUE_MODEL = {**_COMMON_MODEL, "channels": 3, "memory_size": 420, "memory_dim": 512, "skip_ratio": 8, "coarse_shift": 3.0,
                  "fine_shift": 3.0, "coarse_strides": [2, 2, 1], "num_backgrounds": 1,

@@ -2,7 +2,7 @@
 
 Input: the stacked clip [B, Cin, H, W]. Data flow:
 
-    stem (2 coordinate convs) -> [B, 64, H, W] -> refine (residual block, BN) -> cat with stem -> [B, 128, H, W]
+    stem (2 coordinate convs) -> [B, w, H, W] -> refine (residual block, BN) -> cat with stem -> [B, 2w, H, W] (w = 64)
     coarse head: 3 convs with ``coarse_strides`` (official 1,2,2 or 2,2,1) -> tanh [B, 2, H/4, W/4]
     fine head:   2 convs, stride 1                                        -> tanh [B, 2, H, W]
 
@@ -79,17 +79,21 @@ class Fields:
 
 
 class PyramidDeformation(nn.Module):
-    """Predicts the coarse and fine fields from the clip. Shifts are the largest displacements in pixels."""
+    """Predicts the coarse and fine fields from the clip. Shifts are the largest displacements in pixels.
+
+    ``width`` is the channel width of its full-resolution convolutions (64 in all official presets); it dominates the
+    cost of a small model, so the demo narrows it.
+    """
 
     def __init__(
         self, in_channels: int, coarse_shift: float, fine_shift: float,
-        coarse_strides: Sequence[int] = (1, 2, 2),
+        coarse_strides: Sequence[int] = (1, 2, 2), width: int = 64,
     ) -> None:
         super().__init__()
-        self.stem = coord_block(in_channels, 64)
-        self.refine = nn.Sequential(ResidualBlock(64), nn.BatchNorm2d(64))
-        self.coarse_head = field_head(coarse_strides)
-        self.fine_head = field_head((1, 1))
+        self.stem = coord_block(in_channels, width)
+        self.refine = nn.Sequential(ResidualBlock(width), nn.BatchNorm2d(width))
+        self.coarse_head = field_head(coarse_strides, 2 * width, width)
+        self.fine_head = field_head((1, 1), 2 * width, width)
         self.coarse_shift = coarse_shift
         self.fine_shift = fine_shift
 

@@ -39,7 +39,7 @@ class DMADVideoMethod(Method):
     extra_sections = {"SCORE": SCORE_SCHEMA}
     network_keys = tuple(
         f"MODEL.{k}" for k in (
-            "channels", "memory_size", "memory_dim", "skip_ratio", "coarse_shift", "fine_shift",
+            "channels", "memory_size", "memory_dim", "skip_ratio", "coarse_shift", "fine_shift", "pdm_width",
             "coarse_strides", "num_backgrounds", "background_input", "mask_source",
         )
     ) + ("DATASET.clip_length", "DATASET.resize", "DATASET.grayscale", "DATASET.background")

@@ -58,6 +58,7 @@ class VideoDMADModel(nn.Module):
         image_size: tuple[int, int] = (256, 256),
         background_input: bool = False,
         mask_source: str = "encoder",
+        pdm_width: int = 64,
     ) -> None:
         super().__init__()
         if memory_dim % 8 or memory_dim % skip_ratio:
@@ -70,7 +71,7 @@ class VideoDMADModel(nn.Module):
         self.background_input = background_input
         in_channels = channels * (clip_length + int(background_input))
         skip_width = memory_dim // skip_ratio
-        self.deformation = PyramidDeformation(in_channels, coarse_shift, fine_shift, coarse_strides)
+        self.deformation = PyramidDeformation(in_channels, coarse_shift, fine_shift, coarse_strides, pdm_width)
         self.encoder = ClipEncoder(in_channels, memory_dim, skip_width, channels if mask_source == "encoder" else 0)
         self.memory = PrototypeMemory(memory_size, memory_dim, vq_beta)
         self.decoder = PredictionDecoder(memory_dim, skip_width, channels, mask=mask_source == "decoder")
@@ -85,7 +86,7 @@ class VideoDMADModel(nn.Module):
                 raise UserError("MODEL.num_backgrounds is null (one per video) but the number of videos is unknown; set it")
             num = num_videos
         keys = ("channels", "clip_length", "memory_size", "memory_dim", "skip_ratio", "vq_beta", "coarse_shift",
-                "fine_shift", "coarse_strides", "background_input", "mask_source")
+                "fine_shift", "coarse_strides", "background_input", "mask_source", "pdm_width")
         return cls(**{k: model[k] for k in keys}, num_backgrounds=num, image_size=tuple(image_size))
 
     def set_background(self, template: Tensor) -> None:
