@@ -29,6 +29,10 @@ MVTEC_CATEGORIES: dict[str, str] = {
 }
 # metrics.json key -> table title.
 TABLES: dict[str, str] = {"image_auroc": "Image-Level AUC", "pixel_auroc": "Pixel-Level AUC", "pixel_f1": "Pixel F1 Score"}
+# Video runs' metrics.json key -> column title (paper protocol, then the online one).
+VIDEO_TABLE: dict[str, str] = {
+    "frame_auroc": "Frame AUC", "frame_aupr": "Frame AUPR", "frame_auroc_online": "Frame AUC (online)", "frame_aupr_online": "Frame AUPR (online)",
+}
 START_MARKER = "<!-- results:start -->"
 END_MARKER = "<!-- results:end -->"
 MISSING = "–"
@@ -128,7 +132,7 @@ def _describe(run: RunRecord) -> str:
 
 
 def format_report(runs: list[RunRecord]) -> str:
-    """Markdown: one table per metric over the 15 MVTec AD categories, extra categories, provenance notes."""
+    """Markdown: one table per metric over the 15 MVTec AD categories, video datasets, extra categories, provenance."""
     chosen, counts = latest_runs(runs)
     lines = [
         "Values are percentages with one decimal (98.7 = 0.987); "
@@ -150,14 +154,19 @@ def format_report(runs: list[RunRecord]) -> str:
             f"_Avg over {len(present)} of {len(MVTEC_CATEGORIES)} categories._",
             "",
         ]
-    extra = sorted(c for c in chosen if c not in MVTEC_CATEGORIES)
+    video = sorted(c for c in chosen if "frame_auroc" in chosen[c].metrics)
+    extra = sorted(c for c in chosen if c not in MVTEC_CATEGORIES and c not in video)
+    if video:
+        lines += ["#### Video (frame level)", "", _row(["Dataset"] + list(VIDEO_TABLE.values())), _row(["---"] + ["---:"] * len(VIDEO_TABLE))]
+        lines += [_row([c] + [_percent(chosen[c].metrics.get(k)) for k in VIDEO_TABLE]) for c in video]
+        lines.append("")
     if extra:
         lines += ["#### Other categories (not in MVTec AD, not in Avg)", "", _row(["Category"] + list(TABLES.values())), _row(["---"] + ["---:"] * len(TABLES))]
         lines += [_row([c] + [_percent(chosen[c].metrics.get(k)) for k in TABLES]) for c in extra]
         lines.append("")
     if chosen:
         lines += ["<details><summary>Runs used</summary>", ""]
-        for category in [c for c in MVTEC_CATEGORIES if c in chosen] + extra:
+        for category in [c for c in MVTEC_CATEGORIES if c in chosen] + extra + video:
             note = f" — newest of {counts[category]} runs" if counts[category] > 1 else ""
             lines.append(f"- {category}: {_describe(chosen[category])}{note}")
         lines += ["", "</details>", ""]
