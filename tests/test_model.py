@@ -13,7 +13,8 @@ from task.anomaly.unsupervised.inference import InferenceOutput
 from task.anomaly.unsupervised.models.dmad.anomaly_map import feature_discrepancy, fuse_scores
 from task.anomaly.unsupervised.models.dmad.bottleneck import Bottleneck, VectorQuantizer
 from task.anomaly.unsupervised.models.dmad.decoder import ReverseDecoder
-from task.anomaly.unsupervised.models.dmad.deformation import PyramidDeformation, coordinate_channels, identity_grid, warp
+from task.anomaly.unsupervised.models.dmad.deformation import PyramidDeformation, coordinate_channels
+from task.common.warping import identity_grid, warp
 from task.anomaly.unsupervised.models.dmad.encoder import ResNetEncoder, backbone_spec
 from task.anomaly.unsupervised.models.dmad.loss import DMADLoss, distillation_loss, smoothness
 from task.anomaly.unsupervised.models.dmad.torch_model import DMADModel

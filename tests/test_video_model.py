@@ -19,7 +19,8 @@ from task.anomaly.unsupervised.models.dmad_video.background import compose, comp
 from task.anomaly.unsupervised.models.dmad_video.checkpoint import convert_official
 from task.anomaly.unsupervised.models.dmad_video.config import MODEL_SCHEMA, PRESETS
 from task.anomaly.unsupervised.models.dmad_video.decoder import coordinate_channels
-from task.anomaly.unsupervised.models.dmad_video.deformation import Fields, identity_grid
+from task.anomaly.unsupervised.models.dmad_video.deformation import Fields
+from task.common.warping import identity_grid
 from task.anomaly.unsupervised.models.dmad_video.loss import LossWeights, VideoLoss, gradient_difference, smoothness_map
 from task.anomaly.unsupervised.models.dmad_video.scores import ScoreSettings, error_map, frame_scores, object_scores, window_max
 from task.anomaly.unsupervised.models.dmad_video.torch_model import (

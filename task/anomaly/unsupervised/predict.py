@@ -33,6 +33,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -69,6 +70,18 @@ def file_sha256(path: Path) -> str:
 # --------------------------------------------------------------------------- ONNX
 
 
+def open_onnx(source: Path | bytes, name: str) -> tuple[Any, dict[str, str]]:
+    """(onnxruntime CPU session, its custom metadata) for an ONNX file or bytes; a bad file is a one-line error."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own classes (Fail, InvalidProtobuf, ...) for bad files
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load ONNX model {name} ({reason}); re-create it with --mode export") from None
+    return session, dict(session.get_modelmeta().custom_metadata_map)
+
+
 class OnnxModel(nn.Module):
     """An exported ONNX file behind the eval interface of the image methods, so ``predict_loader`` can run it.
 
@@ -79,14 +92,7 @@ class OnnxModel(nn.Module):
 
     def __init__(self, source: Path | bytes, name: str) -> None:
         super().__init__()
-        import onnxruntime as ort
-
-        try:
-            self.session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own classes (Fail, InvalidProtobuf, ...) for bad files
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"cannot load ONNX model {name} ({reason}); re-create it with --mode export") from None
-        meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.session, meta = open_onnx(source, name)
         if meta.get("format") != ONNX_FORMAT:
             raise UserError(f"{name} is not a model exported by this toolkit (no format={ONNX_FORMAT} metadata); re-create it with --mode export")
         self.metadata: dict[str, str] = meta

@@ -47,7 +47,7 @@ from task.anomaly.unsupervised.export import TOLERANCE, Difference, with_metadat
 from task.anomaly.unsupervised.frame_scoring import ProtocolParams
 from task.anomaly.unsupervised.method import Method
 from task.anomaly.unsupervised.modes import ModeOptions, load_for_serving
-from task.anomaly.unsupervised.predict import ONNX_FILENAME, file_sha256
+from task.anomaly.unsupervised.predict import ONNX_FILENAME, file_sha256, open_onnx
 from task.anomaly.unsupervised.video_evaluation import Calibration
 from task.common.config import Config
 from task.common.errors import UserError
@@ -158,14 +158,7 @@ class OnnxVideoModel:
     """
 
     def __init__(self, source: Path | bytes, name: str) -> None:
-        import onnxruntime as ort
-
-        try:
-            self.session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own classes (Fail, InvalidProtobuf, ...) for bad files
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"cannot load ONNX model {name} ({reason}); re-create it with --mode export") from None
-        meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.session, meta = open_onnx(source, name)
         if meta.get("format") != VIDEO_ONNX_FORMAT:
             raise UserError(f"{name} is not a video model exported by this toolkit (no format={VIDEO_ONNX_FORMAT} metadata); export the video run with --mode export")
         self.metadata: dict[str, str] = meta

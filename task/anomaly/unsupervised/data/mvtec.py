@@ -105,20 +105,3 @@ def scan_mvtec(ds: Config, split: str, seed: int) -> list[Sample]:
             f"no images in {splitdir}; put test images in {splitdir}/<defect>/ (normal ones in {splitdir}/good)"
         )
     return samples
-
-
-def scan_split(datadir: str | Path, category: str, split: str) -> list[Sample]:
-    """``scan_mvtec`` with plain arguments (the pre-``formats`` call)."""
-    return scan_mvtec(Config({"datadir": str(datadir), "target": category}), split, 0)
-
-
-# re-exports kept until the engine refactor switches imports
-from task.anomaly.unsupervised.data.dataset import AnomalyDataset  # noqa: E402,F401
-from task.anomaly.unsupervised.data.preprocess import (  # noqa: E402,F401
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    load_image,
-    load_mask,
-    resize_image,
-    to_tensor,
-)

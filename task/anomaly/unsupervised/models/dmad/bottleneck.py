@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from task.common.vector_quantize import nearest_codes
+
 from .encoder import BackboneSpec, init_resnet_weights
 
 
@@ -41,12 +43,7 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         latents = x.permute(0, 2, 3, 1)
-        flat = latents.reshape(-1, latents.shape[-1])
-        weight = self.codebook.weight
-        # Squared distances via the expansion ||a||^2 + ||b||^2 - 2ab: one matmul instead of a [N, K, D] tensor.
-        distances = flat.pow(2).sum(1, keepdim=True) + weight.pow(2).sum(1) - 2 * flat @ weight.t()
-        indices = distances.argmin(dim=1)
-        quantized = F.embedding(indices, weight).view_as(latents)
+        quantized, _ = nearest_codes(latents, self.codebook.weight)
         codebook_loss = F.mse_loss(quantized, latents.detach())
         commitment_loss = F.mse_loss(quantized.detach(), latents)
         quantized = latents + (quantized - latents).detach()

@@ -8,6 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from task.common.vector_quantize import nearest_codes
+
 
 @dataclass
 class Quantized:
@@ -29,11 +31,7 @@ class PrototypeMemory(nn.Module):
     def forward(self, z: Tensor) -> Quantized:
         """z [B, D, h, w] -> ``Quantized``."""
         latents = z.permute(0, 2, 3, 1)
-        flat = latents.reshape(-1, latents.shape[-1])
-        weight = self.codebook.weight
-        distances = flat.pow(2).sum(1, keepdim=True) + weight.pow(2).sum(1) - 2 * flat @ weight.t()
-        indices = distances.argmin(dim=1)
-        quantized = F.embedding(indices, weight).view_as(latents)
+        quantized, indices = nearest_codes(latents, self.codebook.weight)
         codebook_loss = F.mse_loss(quantized, latents.detach())
         commitment_loss = self.beta * F.mse_loss(quantized.detach(), latents)
         quantized = latents + (quantized - latents).detach()

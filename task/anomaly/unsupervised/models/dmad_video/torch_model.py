@@ -18,10 +18,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from task.common.errors import UserError
+from task.common.warping import warp
 
 from .background import BackgroundTemplates, compose, compose_premultiplied
 from .decoder import PredictionDecoder
-from .deformation import Fields, PyramidDeformation, warp
+from .deformation import Fields, PyramidDeformation
 from .encoder import ClipEncoder
 from .memory import PrototypeMemory
 
