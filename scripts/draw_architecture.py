@@ -27,6 +27,7 @@ VIDEO_MODEL = UNSUPERVISED / "models" / "dmad_video"
 FRAME_SCORING = UNSUPERVISED / "frame_scoring.py"
 INFERENCE = UNSUPERVISED / "inference.py"
 SMOOTHING = REPO / "task" / "common" / "smoothing.py"
+WARPING = REPO / "task" / "common" / "warping.py"
 
 PPDM_SIZE = (1400, 850)
 PDM_SIZE = (1400, 975)
@@ -464,7 +465,7 @@ def draw_pdm(path: Path) -> list[str]:
                      "stride 1 -> H", "tanh * shift (px)"], title_size=14)
     coarse = fig.block(c3, row_b, w, h_bc, "data", code(VIDEO_MODEL, "Fields.coarse"), ["[B,H,W,2]", "<= coarse_shift px"])
     fine = fig.block(c3, row_c, w, h_bc, "data", code(VIDEO_MODEL, "Fields.fine"), ["[B,H,W,2]", "<= fine_shift px"])
-    warp_coarse = fig.block(c4, row_b, w, h_bc, "op", code(VIDEO_MODEL, "warp"), ["(. , grid_coarse)", "prototype and mask"])
+    warp_coarse = fig.block(c4, row_b, w, h_bc, "op", code(WARPING, "warp"), ["(. , grid_coarse)", "prototype and mask"])
     warp_fine = fig.block(c4, row_c, w, h_bc, "op", "warp", ["(. , grid_fine)", "coarse-warped pair"])
     compose = fig.block(c5, row_b, w, row_c + h_bc - row_b, "op", code(VIDEO_MODEL, "compose"),
                         ["f * m + (1 - m) * bg", "", "f, m: warped frame", "and mask", "bg: template,", "detached", "",
