@@ -266,7 +266,6 @@ CASES: dict[str, Case] = {
     # network settings come from the checkpoint: a command-line override that differs names both values
     "checkpoint-other-backbone": Case(
         lambda c: c.test_with(c.checkpoint, "MODEL.backbone=resnet34"), ("MODEL.backbone='resnet34'", "MODEL.backbone='resnet18'", "drop the override"),
-        cli=True,
     ),
     "checkpoint-other-size": Case(lambda c: c.test_with(c.checkpoint, "DATASET.resize=[96,96]"), ("DATASET.resize=[96, 96]", "DATASET.resize=[64, 64]")),
     "checkpoint-other-pdm": Case(lambda c: c.test_with(c.checkpoint, "MODEL.pdm=false"), ("MODEL.pdm=False", "MODEL.pdm=True")),
