@@ -57,6 +57,7 @@ where labels cover whole videos and ``frames`` gives the alignment).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from task.anomaly.unsupervised.score_file import ScoreFile, from_arrays, read_scores
 from task.common.config import F, Field, Schema
 from task.common.errors import UserError, short_repr, short_text
+
+log = logging.getLogger("anomaly")
 
 __all__ = [
     "PAPER_PRESETS",
@@ -622,7 +625,7 @@ def fit_train_stats(train_scores: ScoreDict, quantiles: tuple[float, float] = (0
         quantiles: the robust ``low`` / ``high`` bounds used by the online normalisation.
 
     Returns:
-        name -> ``{"low", "high", "mean", "std", "count"}`` (plain floats / int, JSON-ready).
+        name -> ``{"low", "high", "mean", "std", "count"}`` (plain floats / int, JSON-ready); ``high > low`` always.
     """
     stats = {}
     for name, videos in train_scores.items():
@@ -631,9 +634,12 @@ def fit_train_stats(train_scores: ScoreDict, quantiles: tuple[float, float] = (0
             raise UserError(f"no training frames for score '{short_text(name)}'; online statistics need training scores")
         if not np.all(np.isfinite(x)):
             raise UserError(f"training score '{short_text(name)}' has non-finite values (NaN or inf); fix the scoring run")
-        low, high = np.quantile(x, quantiles)
+        low, high = (float(q) for q in np.quantile(x, quantiles))
         if not high > low:
-            raise UserError(f"training score '{short_text(name)}' is constant between its {quantiles} quantiles; it cannot normalise test scores")
+            # A score that does not vary on normal frames (e.g. a deformation field still at zero after a short run):
+            # any change at test time is informative, so keep it with a minimal range rather than stop the run.
+            high = low + max(float(x.std()), 1e-6 * max(1.0, abs(low)))
+            log.warning("training score '%s' is constant between its %s quantiles; it is normalised with a minimal range", short_text(name), quantiles)
         stats[name] = {"low": float(low), "high": float(high), "mean": float(x.mean()), "std": float(x.std()), "count": int(x.size)}
     return stats
 
