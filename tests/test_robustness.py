@@ -185,7 +185,7 @@ CASES: dict[str, Case] = {
     # command line and configuration
     "unknown-model": Case(lambda c: ["--model_name", "patchcore"], ("patchcore", "registered: anomaly/unsupervised/dmad")),
     "yaml-missing": Case(lambda c: ["--yaml_config", str(c.tmp / "nope.yaml"), *c.train()], ("config file not found", "nope.yaml")),
-    "yaml-syntax": Case(lambda c: _yaml_file(c, "DATASET:\n  resize: [64, 64\nTRAIN: {"), ("YAML syntax error", "bad.yaml", "line"), cli=True),
+    "yaml-syntax": Case(lambda c: _yaml_file(c, "DATASET:\n  resize: [64, 64\nTRAIN: {"), ("YAML syntax error", "bad.yaml", "line")),
     "yaml-unknown-key": Case(lambda c: _yaml_file(c, "DATASET:\n  resise: [64, 64]\n"), ("unknown config key DATASET.resise", "did you mean resize")),
     "yaml-unknown-key-in-train": Case(lambda c: _yaml_file(c, "TRAIN:\n  num_trainig_steps: 5\n"), ("TRAIN.num_trainig_steps", "num_training_steps")),
     "yaml-wrong-type": Case(lambda c: _yaml_file(c, "DATALOADER:\n  batch_size: four\n"), ("DATALOADER.batch_size", "expects int", "'four'")),
