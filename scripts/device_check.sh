@@ -7,7 +7,8 @@
 # Steps, each under `timeout` and all within DEVICE_CHECK_BUDGET_S seconds (default 450, under 8 minutes):
 #   1. device name, driver / CUDA / cuDNN / torch versions;
 #   2. python -m pytest -q -m cuda tests/test_cuda.py;
-#   3. python main.py ... --mode benchmark for fp32, bf16, fp16, channels_last (bf16) and compile (bf16)
+#   3. python main.py ... --mode benchmark for fp32, bf16, fp16, channels_last (bf16) and compile (bf16), then the
+#      video model (ped2 preset, bf16) on the synthetic video demo
 #      at batch 8 and 32: wide_resnet50_2, MODEL.pretrained=false, 256x256, random inputs.
 # A failing or hanging step is recorded (exit code, stderr tail) and the next one runs. Everything lands
 # in ONE JSON file, with the figures set against the targets (bf16 evaluation >= 1000 images/s incl.
@@ -88,6 +89,17 @@ for batch in $BATCHES; do
       "RESULT.savedir=$WORK/runs" RESULT.assets_dir=null LOG.wandb=false
   done
 done
+
+
+# The video model (ped2 preset) on the synthetic video demo generated at the benchmark size: clips/s for training and
+# for evaluation with the per-frame scores.
+vamp=bf16; [ "$SMOKE" = "1" ] && vamp=none
+run_step "benchmark_video_ped2_${vamp}_b8" 150 "$PYTHON" main.py --task_type anomaly --model_name dmad \
+  --yaml_config configs/anomaly/unsupervised/dmad/ped2.yaml --mode benchmark \
+  "DATASET.datadir=$WORK/video_data" DATASET.target=video_demo DATASET.demo=true "DATASET.resize=[$SIZE,$SIZE]" \
+  DATALOADER.batch_size=8 TEST.batch_size=8 "TRAIN.amp=$vamp" \
+  BENCHMARK.warmup=1 "BENCHMARK.train_steps=$STEPS" BENCHMARK.eval_images=32 \
+  "RESULT.savedir=$WORK/runs" RESULT.assets_dir=null LOG.wandb=false
 
 "$PYTHON" - "$WORK" "$RESULT" "$SMOKE" "$SECONDS" <<'PY'
 """Assemble the step records into one JSON document and compare the figures to the targets."""
