@@ -38,7 +38,6 @@ class Method(ABC):
     network_keys: tuple[str, ...] = ()
     scoring_keys: tuple[str, ...] = ()
     resume_keys: tuple[str, ...] = ()  # MODEL keys that shape the optimisation (a resumed run must share them)
-    extra_maps: tuple[str, ...] = ()  # names a model may put in InferenceOutput.extras
 
     def validate(self, cfg: Config) -> None:
         """Raise a one-line UserError for settings this method cannot run (checked once, before any work)."""
@@ -66,21 +65,12 @@ class Method(ABC):
     def training_loss(self, model: nn.Module, criterion: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Forward one training batch (already on the device) and return (loss, named loss terms)."""
 
-    def extra_map_names(self, cfg: Config) -> tuple[str, ...]:
-        """The extra maps the model built from ``cfg`` produces (a subset of ``extra_maps``)."""
-        return self.extra_maps
-
-    @abstractmethod
-    def calibrate(self, model: nn.Module, preds: Predictions) -> None:
-        """Set the model's score normalisation from predictions on normal training data (never the test set)."""
-
-    @abstractmethod
     def apply_scoring(self, model: nn.Module, cfg: Config) -> None:
-        """Set the scoring settings (``scoring_keys``) of ``cfg`` on ``model``."""
+        """Set the scoring settings (``scoring_keys``) of ``cfg`` on ``model`` (default: the model holds none)."""
 
-    @abstractmethod
     def scoring_settings(self, model: nn.Module) -> dict[str, Any]:
         """The scoring settings ``model`` currently holds, by dotted key (for checks and export metadata)."""
+        return {}
 
     def config_scoring(self, cfg: Config) -> dict[str, Any]:
         """The scoring settings ``cfg`` asks for, resolved as ``apply_scoring`` would apply them."""
@@ -121,3 +111,44 @@ class Method(ABC):
     def to_device(self, model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
         model = model.to(device)
         return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+class ImageMethod(Method):
+    """A method that maps an image to an anomaly map and an image score (``InferenceOutput`` in eval mode)."""
+
+    modality = "image"
+    extra_maps: tuple[str, ...] = ()  # names a model may put in InferenceOutput.extras
+
+    def extra_map_names(self, cfg: Config) -> tuple[str, ...]:
+        """The extra maps the model built from ``cfg`` produces (a subset of ``extra_maps``)."""
+        return self.extra_maps
+
+    @abstractmethod
+    def calibrate(self, model: nn.Module, preds: Predictions) -> None:
+        """Set the model's score normalisation from predictions on normal training data (never the test set)."""
+
+
+class VideoMethod(Method):
+    """A method that scores the frame after each clip: raw per-frame scores, fused over time by the SCORE protocol.
+
+    Its calibration is the statistics of those scores on the training frames (video_evaluation.py), stored in the
+    checkpoint; batches are ClipDataset items ``{"clip", "target", "background", "video", "frame", "label"}``.
+    """
+
+    modality = "video"
+
+    @abstractmethod
+    def build(self, cfg: Config, pretrained: bool | None = None, num_videos: int | None = None) -> nn.Module:
+        """The network for ``cfg``; ``num_videos`` sizes per-video state (e.g. one background template per video)."""
+
+    @abstractmethod
+    def score_settings(self, cfg: Config) -> Any:
+        """What ``score_batch`` needs from the config (the score variants and windows)."""
+
+    @abstractmethod
+    def score_batch(self, model: nn.Module, batch: dict[str, Tensor], settings: Any) -> tuple[dict[str, Tensor], Tensor]:
+        """Eval forward of one batch on the device: (raw scores name -> [B], prediction-error maps [B, 1, H, W])."""
+
+    @abstractmethod
+    def set_background(self, model: nn.Module, templates: Tensor) -> None:
+        """Initialise the model's background templates [V, C, H, W] in [-1, 1] from the data."""

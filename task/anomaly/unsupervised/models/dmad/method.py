@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from task.anomaly.unsupervised.inference import Predictions
-from task.anomaly.unsupervised.method import Method
+from task.anomaly.unsupervised.method import ImageMethod
 from task.common.config import Config
 from task.common.errors import UserError
 from task.registry import register_method
@@ -20,9 +20,8 @@ from .loss import DMADLoss
 from .torch_model import DEFORMATION_MAP, DMADModel
 
 
-class DMADImageMethod(Method):
+class DMADImageMethod(ImageMethod):
     name = "dmad"
-    modality = "image"
     checkpoint_format = "tnvision-dmad"
     model_schema = MODEL_SCHEMA
     network_keys = (

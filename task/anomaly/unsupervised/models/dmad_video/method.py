@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from task.anomaly.unsupervised.frame_scoring import SCORE_SCHEMA
-from task.anomaly.unsupervised.method import Method
+from task.anomaly.unsupervised.method import VideoMethod
 from task.common.config import Config, F
 from task.common.errors import UserError
 from task.registry import register_method
@@ -31,9 +31,8 @@ VIDEO_MODEL_SCHEMA = {
 }
 
 
-class DMADVideoMethod(Method):
+class DMADVideoMethod(VideoMethod):
     name = "dmad"
-    modality = "video"
     checkpoint_format = "tnvision-dmad-video"
     model_schema = VIDEO_MODEL_SCHEMA
     extra_sections = {"SCORE": SCORE_SCHEMA}
@@ -107,16 +106,6 @@ class DMADVideoMethod(Method):
     def set_background(self, model: nn.Module, templates: Tensor) -> None:
         """``templates`` [V, C, H, W] in [-1, 1] (grey templates are replicated to the model's channels)."""
         model.set_background(templates.expand(-1, model.channels, -1, -1).contiguous())
-
-    # Scoring settings are read from the config at every evaluation (they are not held by the model).
-    def calibrate(self, model: nn.Module, preds) -> None:
-        raise NotImplementedError("video calibration is frame-score statistics, done by video_evaluation")
-
-    def apply_scoring(self, model: nn.Module, cfg: Config) -> None:
-        model.score_settings = self.score_settings(cfg)
-
-    def scoring_settings(self, model: nn.Module) -> dict[str, Any]:
-        return {}
 
     def read_foreign_file(self, path: Path) -> dict | None:
         """An official DMAD-PDM ``model.pth`` (a whole-module pickle), read by a restricted unpickler that rebuilds
