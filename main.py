@@ -55,7 +55,7 @@ def modality_of(yaml_path: str, overrides: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import task.methods  # noqa: F401  (registers the methods)
+    import task.trainers  # noqa: F401  (registers the methods)
     from task.anomaly.unsupervised.engine import Engine
     from task.anomaly.unsupervised.modalities import modes_for
     from task.anomaly.unsupervised.modes import ModeOptions

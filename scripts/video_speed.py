@@ -121,7 +121,7 @@ def timed_alternating(fns: dict, warmup: int, repeats: int) -> dict[str, list[tu
 
 
 def build_ours(args):
-    import task.methods  # noqa: F401  (registers the methods)
+    import task.trainers  # noqa: F401  (registers the methods)
     from task.anomaly.unsupervised.engine import Engine
     from task.anomaly.unsupervised.schema import run_schema
     from task.common.config import load_config

@@ -1,6 +1,6 @@
 """Explicit method registry keyed by (task_type, model_type, model_name, modality).
 
-Method modules register an instance with ``register_method(...)``; ``main.py`` imports ``task.methods`` (a fixed list
+Method modules register an instance with ``register_method(...)``; ``main.py`` imports ``task.trainers`` (a fixed list
 of modules) and looks the key up here. Nothing is imported from a name the user typed. One ``--model_name`` may have
 an image and a video variant (DMAD's PPDM and PDM); the run's ``DATASET.format`` picks the modality.
 """

@@ -133,7 +133,7 @@ def load_run_config(*overrides: str, yaml: Path | None = DEMO_YAML):
 
 
 def dmad_method():
-    import task.methods  # noqa: F401  (registers the methods)
+    import task.trainers  # noqa: F401  (registers the methods)
     from task.registry import get_method
 
     return get_method("anomaly", "unsupervised", "dmad", "image")

@@ -71,7 +71,7 @@ class VideoRun:
 
 def _video_engine(overrides: list[str]):
     """An Engine for the DMAD-PDM video method on the CPU with the video demo config and ``overrides``."""
-    import task.methods  # noqa: F401  (registers the methods)
+    import task.trainers  # noqa: F401  (registers the methods)
     from task.anomaly.unsupervised.engine import Engine
     from task.anomaly.unsupervised.schema import run_schema
     from task.common.config import load_config

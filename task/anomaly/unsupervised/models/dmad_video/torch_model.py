@@ -4,7 +4,7 @@
       -> PDM fields (coarse, fine) ; encoder -> z_e [B, D, H/8, W/8] -> nearest prototypes -> decoder -> prototype frame
       -> warp coarse, compose over the background -> warp fine, compose -> prediction [B, C, H, W]
 
-``eval()`` gives the official evaluation forward (BatchNorm statistics frozen; nothing else changes).
+In eval mode the forward is the official evaluation forward (BatchNorm statistics frozen; nothing else changes).
 H and W must be multiples of 8 and equal the background template size.
 """
 
