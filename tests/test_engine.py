@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import BASE, CATEGORY, SIZE, assert_ok, main_in_process, make_engine, train_overrides
+from conftest import BASE, CATEGORY, DEMO_YAML, SIZE, assert_ok, main_in_process, make_engine, train_overrides
 from task.anomaly.unsupervised.engine import run_dir_for
 from task.common.io import save_checkpoint
 
@@ -138,3 +138,21 @@ def test_without_pdm_trains_scores_and_exports(dataset: Path, tmp_path: Path) ->
     assert [o.name for o in onnx.load(run_dir / "model.onnx").graph.output] == ["anomaly_map", "score"]
     report = next(line for line in export.stdout.splitlines() if line.startswith("ONNX check"))
     assert "deformation_map" not in report and report.count("max |diff|") == 2
+
+
+def test_test_mode_follows_the_checkpoints_network_settings(trained_run, tmp_path: Path, caplog) -> None:
+    """A YAML whose resize differs from the checkpoint's: the data, the outputs and the config saved in the new model.pt
+    follow the checkpoint (a warning says so), so the rewritten model.pt loads and tests again."""
+    savedir = tmp_path / "runs"
+    run_dir = trained_run.copy_to(savedir)
+    config = tmp_path / "other.yaml"
+    config.write_text(DEMO_YAML.read_text().replace("resize: [128, 128]", "resize: [96, 96]"))
+    args = [a for a in trained_run.args(savedir) if not a.startswith("DATASET.resize=")]
+    args[args.index("--yaml_config") + 1] = str(config)
+    for _ in range(2):
+        with caplog.at_level(logging.WARNING):
+            assert_ok(main_in_process(*args, "--mode", "test"))
+        assert "DATASET.resize: using the checkpoint's [64, 64] (the config says [96, 96])" in caplog.text
+        saved = torch.load(run_dir / "model.pt", weights_only=True)
+        assert saved["config"]["DATASET"]["resize"] == [64, 64]
+        caplog.clear()

@@ -148,6 +148,11 @@ class Engine:
         model = method.to_device(model, self.device, self.channels_last).eval()
         return LoadedModel(model, cfg, thresholds, calibrated, path, state.get("calibration"))
 
+    def adopt(self, cfg: Config) -> None:
+        """Run the rest of a mode with ``cfg`` (a loaded checkpoint's effective config: its network settings, this
+        command's scoring and run settings), so data sizes, outputs and the config saved with them agree with it."""
+        self.cfg = cfg
+
     def is_own_checkpoint(self, path: Path) -> bool:
         """True when ``path`` is this run directory's own model.pt (its outputs may be replaced)."""
         return path.resolve() == (self.run_dir / "model.pt").resolve()

@@ -103,12 +103,13 @@ def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:
     """Evaluate a checkpoint on the test split with the config's scoring settings."""
     path = engine.checkpoint_path(options.checkpoint)
     with engine.owning_run_dir(), engine.reporting("test"):
-        engine.prepare_data()
-        test_set = engine.dataset("test")
-        out_dir = test_output_dir(engine, path)
         ensure_dir(engine.run_dir)
         engine.setup_log_file()
         loaded = engine.load(path)
+        engine.adopt(loaded.cfg)  # the data, outputs and saved config follow the checkpoint's network settings
+        engine.prepare_data()
+        test_set = engine.dataset("test")
+        out_dir = test_output_dir(engine, path)
         recalibrate = apply_test_scoring(engine, loaded)
         engine.maybe_compile(loaded.model)
         train_set = engine.dataset("train") if recalibrate or not loaded.calibrated else None
@@ -125,9 +126,10 @@ def mode_gif(engine: Engine, options: ModeOptions) -> None:
 
 
 def _write_gif_from(engine: Engine, path: Path) -> None:
+    loaded = engine.load(path)
+    engine.adopt(loaded.cfg)
     engine.prepare_data()
     test_set = engine.dataset("test")
-    loaded = engine.load(path)
     if not loaded.calibrated:
         calibrate(engine, loaded.model, engine.dataset("train"))
     preds = predict_loader(loaded.model, engine.eval_loader(test_set), engine.device, engine.amp, desc="gif", channels_last=engine.channels_last)

@@ -81,12 +81,13 @@ def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:
     """Evaluate a checkpoint on the test videos (its stored calibration; recomputed when absent)."""
     path = engine.checkpoint_path(options.checkpoint)
     with engine.owning_run_dir(), engine.reporting("test"):
-        prepare_video_data(engine)
-        test_videos, test_set = video_split(engine, "test")
-        out_dir = test_output_dir(engine, path)
         ensure_dir(engine.run_dir)
         engine.setup_log_file()
         loaded = engine.load(path)
+        engine.adopt(loaded.cfg)  # frame size, colour and clip length follow the checkpoint
+        prepare_video_data(engine)
+        test_videos, test_set = video_split(engine, "test")
+        out_dir = test_output_dir(engine, path)
         calibration = _calibration(engine, loaded)
         return evaluate(engine, loaded.model, calibration, test_videos, test_set, None, out_dir, True)
 
@@ -100,9 +101,10 @@ def mode_gif(engine: Engine, options: ModeOptions) -> None:
 
     path = engine.checkpoint_path(options.checkpoint)
     with engine.owning_run_dir():
+        loaded = engine.load(path)
+        engine.adopt(loaded.cfg)
         prepare_video_data(engine)
         test_videos, test_set = video_split(engine, "test")
-        loaded = engine.load(path)
         calibration = _calibration(engine, loaded)
         use_test_backgrounds(engine, loaded.model, test_videos)
         scored = score_clips(engine, loaded.model, test_set, test_videos, "gif")
