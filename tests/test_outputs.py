@@ -83,7 +83,8 @@ def test_gif_mode_from_another_runs_checkpoint_writes_a_folder_of_its_own(traine
     result = main_in_process(*trained_run.args(savedir), "--mode", "gif", "--checkpoint", str(checkpoint), f"RESULT.assets_dir={tmp_path / 'assets'}")
     assert_ok(result)
     own = savedir / "dmad" / CATEGORY
-    with Image.open(own / "tests" / f"{CATEGORY}-model" / GIF) as gif:
+    (folder,) = (own / "tests").glob(f"{CATEGORY}-model-*")
+    with Image.open(folder / GIF) as gif:
         assert gif.n_frames == N_GOOD + N_DEFECT
     assert not (own / "model.pt").exists() and not (own / GIF).exists()  # nothing trained, the run's own GIF untouched
     assert not (tmp_path / "assets").exists()  # a foreign checkpoint's GIF is not the category's

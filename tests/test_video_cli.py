@@ -115,3 +115,20 @@ def test_bad_video_input_is_a_one_line_error(video_data: Path, tmp_path: Path, b
     result = main_in_process(*video_args(data, tmp_path / "runs", "TRAIN.num_training_steps=1"))
     assert_user_error(result, *needles)
     assert not (tmp_path / "runs" / "dmad" / "video_demo" / "model.pt").exists()
+
+
+def test_per_video_backgrounds_stay_the_training_videos(video_data: Path, tmp_path: Path) -> None:
+    """Test videos are scored with their own median templates; the learned per-video templates of the 5 training
+    videos are what training, recalibration and the saved checkpoints keep (6 test videos must not replace them)."""
+    import torch
+
+    data = _copy(video_data, tmp_path / "data")
+    shutil.rmtree(data / "video_demo" / "training" / "frames" / "06")
+    per_video = ["DATASET.background=per_video", "MODEL.num_backgrounds=null", "TEST.save_images=false"]
+    args = video_args(data, tmp_path / "runs", *per_video, "TRAIN.num_training_steps=2", "TRAIN.save_interval=1", "LOG.eval_interval=1")
+    assert_ok(main_in_process(*args))
+    out = run_dir(tmp_path / "runs")
+    for name in ("model.pt", "last.pt"):
+        assert torch.load(out / name, weights_only=True)["state_dict"]["background.template"].shape[0] == 5, name
+    # a changed SCORE section recalibrates on the training clips (indexed by training video) and tests again
+    assert_ok(main_in_process(*video_args(data, tmp_path / "runs", *per_video, "SCORE.ONLINE.window=5", mode="test")))

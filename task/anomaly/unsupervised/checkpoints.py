@@ -98,6 +98,14 @@ def network_config(method, cfg: Config, state: dict, path: Path, overridden: fro
     return Config(data)
 
 
+def with_settings(cfg: Config, settings: dict[str, Any]) -> Config:
+    """``cfg`` with the given dotted keys set to the given values."""
+    data = cfg.to_dict()
+    for key, value in settings.items():
+        _set_dotted(data, key, value)
+    return Config(data)
+
+
 def scoring_config(method, cfg: Config, state: dict) -> Config:
     """``cfg`` with the scoring settings the checkpoint was calibrated with (where its saved config records them)."""
     data = cfg.to_dict()

@@ -7,6 +7,7 @@ plain values to the module that does the work (training.py, evaluation.py, expor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from task.anomaly.unsupervised.checkpoints import with_settings
 from task.anomaly.unsupervised.engine import Engine, LoadedModel
 from task.anomaly.unsupervised.evaluation import calibrate, evaluate, thresholds_from, write_gif
 from task.anomaly.unsupervised.inference import predict_loader
@@ -95,7 +97,9 @@ def test_output_dir(engine: Engine, checkpoint: Path) -> Path:
     foreign model never replaces the run's files."""
     if engine.is_own_checkpoint(checkpoint):
         return engine.run_dir
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{checkpoint.parent.name}-{checkpoint.stem}")
+    # the hash of the resolved path keeps two checkpoints with the same folder and file names apart
+    digest = hashlib.sha256(str(checkpoint.resolve()).encode()).hexdigest()[:8]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{checkpoint.parent.name}-{checkpoint.stem}-{digest}")
     return engine.run_dir / "tests" / name
 
 
@@ -160,6 +164,8 @@ def load_for_serving(engine: Engine, checkpoint: str | None) -> LoadedModel:
             "and use the model.pt it writes"
         )
     check_served_scoring(engine, loaded)
+    # what is served (and written into an export's metadata) is the calibrated scoring the model holds
+    loaded.cfg = with_settings(loaded.cfg, engine.method.scoring_settings(loaded.model))
     return loaded
 
 

@@ -8,6 +8,7 @@ protocol (``frame_scoring.paper_protocol``) uses whole-video statistics of the t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -29,6 +30,7 @@ from task.anomaly.unsupervised.frame_scoring import ProtocolParams, fit_threshol
 from task.anomaly.unsupervised.video_inference import FrameScores, score_clips
 from task.anomaly.unsupervised.video_outputs import write_plots_and_gif
 from task.anomaly.unsupervised.score_file import ScoreFile, write_scores
+from task.common.config import Config
 from task.common.io import csv_cell, ensure_dir, save_checkpoint, write_json, write_text
 
 log = logging.getLogger("anomaly")
@@ -59,14 +61,21 @@ def background_templates(engine: Engine, videos: list[Video]) -> Tensor:
     return torch.from_numpy(templates).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def use_test_backgrounds(engine: Engine, model: nn.Module, videos: list[Video]) -> None:
-    """Per-video templates are learned for training videos; test videos get their own median templates (as the
-    official ShanghaiTech evaluation, which computes them from each test video's frames)."""
+@contextlib.contextmanager
+def test_backgrounds(engine: Engine, model: nn.Module, videos: list[Video]):
+    """While scoring test videos: per-video templates are learned for the training videos, so each test video gets the
+    median template of its own frames (as the official ShanghaiTech evaluation). The trained templates are put back
+    afterwards, so training, calibration and the saved model.pt keep them. Shared templates are used as they are."""
     if engine.cfg.DATASET.background != "per_video":
+        yield
         return
-    templates = background_templates(engine, videos).to(engine.device)
-    templates = templates.expand(-1, model.channels, -1, -1).contiguous()
-    model.background.template = nn.Parameter(templates, requires_grad=False)
+    trained = model.background.template
+    templates = background_templates(engine, videos).to(trained.device)
+    model.background.template = nn.Parameter(templates.expand(-1, model.channels, -1, -1).contiguous(), requires_grad=False)
+    try:
+        yield
+    finally:
+        model.background.template = trained
 
 
 @dataclass
@@ -77,20 +86,32 @@ class Calibration:
     train_stats: dict[str, dict[str, float]]
     threshold: float
     protocol: dict[str, Any] | None = None  # ProtocolParams.to_config() of the fit
+    scoring: dict[str, Any] | None = None  # the method's scoring settings of the fit (score variants, windows)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"train_stats": self.train_stats, "threshold": self.threshold, "protocol": self.protocol}
+        return {"train_stats": self.train_stats, "threshold": self.threshold, "protocol": self.protocol, "scoring": self.scoring}
 
     @classmethod
     def from_dict(cls, data: Any) -> Calibration | None:
         if not isinstance(data, dict) or not isinstance(data.get("train_stats"), dict) or not isinstance(data.get("threshold"), (int, float)):
             return None
         protocol = data.get("protocol") if isinstance(data.get("protocol"), dict) else None
-        return cls(data["train_stats"], float(data["threshold"]), protocol)
+        scoring = data.get("scoring") if isinstance(data.get("scoring"), dict) else None
+        return cls(data["train_stats"], float(data["threshold"]), protocol, scoring)
 
-    def fits(self, params: ProtocolParams) -> bool:
-        """True when this calibration was fitted with ``params`` (older checkpoints did not record it: assumed)."""
-        return self.protocol is None or self.protocol == params.to_config()
+    def fits(self, params: ProtocolParams, scoring: dict[str, Any]) -> bool:
+        """True when this calibration was fitted with ``params`` and the method's ``scoring`` settings (what a
+        calibration did not record is assumed to match)."""
+        return (self.protocol is None or self.protocol == params.to_config()) and (self.scoring is None or self.scoring == scoring)
+
+
+def served_protocol(calibration: Calibration, cfg: Config, path: Path) -> ProtocolParams:
+    """The SCORE settings the checkpoint's threshold was fitted with (a differing YAML section is a warning)."""
+    asked = ProtocolParams.from_config(cfg.SCORE)
+    if calibration.protocol is None or calibration.protocol == asked.to_config():
+        return asked
+    log.warning("SCORE: serving the settings %s was calibrated with (the config's differ); run --mode test with the new SCORE section to recalibrate", path)
+    return ProtocolParams.from_config(calibration.protocol)
 
 
 def calibrate(engine: Engine, model: nn.Module, train_videos: list[Video], train_set: ClipDataset) -> Calibration:
@@ -100,7 +121,8 @@ def calibrate(engine: Engine, model: nn.Module, train_videos: list[Video], train
     scored = score_clips(engine, model, Subset(train_set, picks), train_videos, "calibrate")
     params = ProtocolParams.from_config(engine.cfg.SCORE)
     stats = fit_train_stats(scored.scores)
-    return Calibration(stats, fit_threshold(scored.scores, stats, params), params.to_config())
+    scoring = engine.method.config_scoring(engine.cfg)
+    return Calibration(stats, fit_threshold(scored.scores, stats, params), params.to_config(), scoring)
 
 
 def evaluate(engine: Engine, model: nn.Module, calibration: Calibration, test_videos: list[Video], test_set: ClipDataset, step: int | None, out_dir: Path | None, final: bool) -> dict[str, Any]:
@@ -109,8 +131,8 @@ def evaluate(engine: Engine, model: nn.Module, calibration: Calibration, test_vi
         return {}
     cfg = engine.cfg
     start = time.perf_counter()
-    use_test_backgrounds(engine, model, test_videos)
-    scored = score_clips(engine, model, test_set, test_videos, "test")
+    with test_backgrounds(engine, model, test_videos):
+        scored = score_clips(engine, model, test_set, test_videos, "test")
     labels = [v.labels[f] for v, f in zip(scored.videos, scored.frames)]
     names = [v.name for v in scored.videos]
     params = ProtocolParams.from_config(cfg.SCORE)
@@ -157,7 +179,8 @@ def write_outputs(engine: Engine, out_dir: Path, model: nn.Module, test_set: Cli
     gif, plots = None, []
     if cfg.TEST.save_images:
         try:
-            plots, gif = write_plots_and_gif(engine, out_dir, model, test_set, scored, online, calibration.threshold)
+            with test_backgrounds(engine, model, scored.videos):
+                plots, gif = write_plots_and_gif(engine, out_dir, model, test_set, scored, online, calibration.threshold)
         except Exception as exc:  # noqa: BLE001  (pictures are a by-product: never lose a finished run over them)
             log.warning("score plots / GIF not written (%s: %s); model.pt and metrics are saved, rerun with --mode gif", type(exc).__name__, exc)
     engine.reporters.log_results(metrics, [(p, p.stem) for p in plots[:8]], gif, out_dir / "model.pt")

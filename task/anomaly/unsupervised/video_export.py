@@ -44,11 +44,10 @@ from task.anomaly.unsupervised.data.background import background_for
 from task.anomaly.unsupervised.data.video import ClipDataset, Video, scan_videos, video_from_path
 from task.anomaly.unsupervised.engine import Engine, LoadedModel
 from task.anomaly.unsupervised.export import TOLERANCE, Difference, with_metadata
-from task.anomaly.unsupervised.frame_scoring import ProtocolParams
 from task.anomaly.unsupervised.method import Method
 from task.anomaly.unsupervised.modes import ModeOptions, load_for_serving
 from task.anomaly.unsupervised.predict import ONNX_FILENAME, file_sha256, open_onnx
-from task.anomaly.unsupervised.video_evaluation import Calibration
+from task.anomaly.unsupervised.video_evaluation import Calibration, served_protocol
 from task.common.config import Config
 from task.common.errors import UserError
 from task.common.io import atomic_write_bytes
@@ -293,7 +292,7 @@ def export_video_run(engine: Engine, loaded: LoadedModel, calibration: Calibrati
         "unexported_scores": json.dumps(dropped),
         "score_settings": json.dumps(dataclasses.asdict(module.settings)),
         "calibration": json.dumps(calibration.to_dict()),
-        "protocol": json.dumps(ProtocolParams.from_config(cfg.SCORE).to_config()),
+        "protocol": json.dumps(served_protocol(calibration, cfg, checkpoint).to_config()),  # what the threshold was fitted with
         "category": str(cfg.DATASET.target),
         "checkpoint_sha256": file_sha256(checkpoint),
     }

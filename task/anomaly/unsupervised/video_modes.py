@@ -69,10 +69,11 @@ def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
 def _calibration(engine: Engine, loaded: LoadedModel) -> Calibration:
     """The checkpoint's calibration when it was fitted with this config's SCORE settings; else fitted anew."""
     calibration = Calibration.from_dict(loaded.calibration)
-    if calibration is not None and calibration.fits(ProtocolParams.from_config(engine.cfg.SCORE)):
+    engine.method.apply_scoring(loaded.model, engine.cfg)  # score with this command's settings
+    if calibration is not None and calibration.fits(ProtocolParams.from_config(engine.cfg.SCORE), engine.method.config_scoring(engine.cfg)):
         return calibration
     if calibration is not None:
-        log.info("the SCORE settings differ from those %s was calibrated with; recalibrating on the training videos", loaded.path)
+        log.info("the scoring settings differ from those %s was calibrated with; recalibrating on the training videos", loaded.path)
     train_videos, train_set = video_split(engine, "train")
     return calibrate(engine, loaded.model, train_videos, train_set)
 
@@ -95,7 +96,7 @@ def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:
 def mode_gif(engine: Engine, options: ModeOptions) -> None:
     """Rebuild the score plots and the GIF from a checkpoint (no training; model.pt and metrics are left alone)."""
     from task.anomaly.unsupervised.frame_scoring import online_frame_scores
-    from task.anomaly.unsupervised.video_evaluation import use_test_backgrounds
+    from task.anomaly.unsupervised.video_evaluation import test_backgrounds
     from task.anomaly.unsupervised.video_inference import score_clips
     from task.anomaly.unsupervised.video_outputs import write_plots_and_gif
 
@@ -106,11 +107,11 @@ def mode_gif(engine: Engine, options: ModeOptions) -> None:
         prepare_video_data(engine)
         test_videos, test_set = video_split(engine, "test")
         calibration = _calibration(engine, loaded)
-        use_test_backgrounds(engine, loaded.model, test_videos)
-        scored = score_clips(engine, loaded.model, test_set, test_videos, "gif")
-        params = ProtocolParams.from_config(engine.cfg.SCORE)
-        online = online_frame_scores({n: scored.scores[n] for n in params.names}, calibration.train_stats, params)
-        write_plots_and_gif(engine, test_output_dir(engine, path), loaded.model, test_set, scored, online, calibration.threshold)
+        with test_backgrounds(engine, loaded.model, test_videos):
+            scored = score_clips(engine, loaded.model, test_set, test_videos, "gif")
+            params = ProtocolParams.from_config(engine.cfg.SCORE)
+            online = online_frame_scores({n: scored.scores[n] for n in params.names}, calibration.train_stats, params)
+            write_plots_and_gif(engine, test_output_dir(engine, path), loaded.model, test_set, scored, online, calibration.threshold)
 
 
 def mode_score(engine: Engine, options: ModeOptions) -> dict[str, Any]:
@@ -170,6 +171,7 @@ def mode_benchmark(engine: Engine, options: ModeOptions) -> None:
     }
     if engine.dist.is_main:
         print(json.dumps(result), flush=True)
+    engine.dist.barrier()
 
 
 VIDEO_MODES: dict[str, ModeFunction] = {

@@ -44,7 +44,7 @@ from task.anomaly.unsupervised.frame_scoring import ProtocolParams, online_frame
 from task.anomaly.unsupervised.inference import autocast
 from task.anomaly.unsupervised.modes import ModeOptions
 from task.anomaly.unsupervised.predict import OutputFolder, onnx_source
-from task.anomaly.unsupervised.video_evaluation import Calibration
+from task.anomaly.unsupervised.video_evaluation import Calibration, served_protocol
 from task.anomaly.unsupervised.video_export import FRAME_OUTPUTS, UNEXPORTABLE_SCORES, load_calibrated, load_onnx_video_model, own_backgrounds, score_module
 from task.anomaly.unsupervised.video_visualize import gif_frame_positions, write_video_gif
 from task.common.errors import UserError
@@ -103,15 +103,6 @@ def serving_from(engine: Engine, options: ModeOptions) -> VideoServing:
         module, module.names, cfg.DATASET.clip_length, tuple(cfg.DATASET.resize), cfg.DATASET.grayscale, module.given_background,
         calibration, served_protocol(calibration, cfg, loaded.path), loaded.path, "torch", engine.device, engine.amp,
     )
-
-
-def served_protocol(calibration: Calibration, cfg, path) -> ProtocolParams:
-    """The SCORE settings the checkpoint's threshold was fitted with (a differing YAML section is a warning)."""
-    asked = ProtocolParams.from_config(cfg.SCORE)
-    if calibration.protocol is None or calibration.fits(asked):
-        return asked
-    log.warning("SCORE: serving the settings %s was calibrated with (the config's differ); run --mode test with the new SCORE section to recalibrate", path)
-    return ProtocolParams.from_config(calibration.protocol)
 
 
 @torch.no_grad()

@@ -103,6 +103,14 @@ class DMADVideoMethod(VideoMethod):
     def score_settings(self, cfg: Config) -> ScoreSettings:
         return ScoreSettings.from_config(cfg.to_dict()["MODEL"])
 
+    # The score variants and windows are not weights; the model carries the ones it was calibrated with, so a loaded
+    # checkpoint knows them (see the settings rule in method.py).
+    def apply_scoring(self, model: nn.Module, cfg: Config) -> None:
+        model.scoring = self.config_scoring(cfg)
+
+    def scoring_settings(self, model: nn.Module) -> dict[str, Any]:
+        return dict(getattr(model, "scoring", {}))
+
     def set_background(self, model: nn.Module, templates: Tensor) -> None:
         """``templates`` [V, C, H, W] in [-1, 1] (grey templates are replicated to the model's channels)."""
         model.set_background(templates.expand(-1, model.channels, -1, -1).contiguous())
