@@ -132,3 +132,13 @@ def test_per_video_backgrounds_stay_the_training_videos(video_data: Path, tmp_pa
         assert torch.load(out / name, weights_only=True)["state_dict"]["background.template"].shape[0] == 5, name
     # a changed SCORE section recalibrates on the training clips (indexed by training video) and tests again
     assert_ok(main_in_process(*video_args(data, tmp_path / "runs", *per_video, "SCORE.ONLINE.window=5", mode="test")))
+
+
+def test_a_scoring_override_at_predict_follows_the_settings_rule(video_data: Path, video_run: Path, tmp_path: Path) -> None:
+    """The checkpoint's calibration belongs to its score settings: a differing override is an error naming both."""
+    frames = video_data / "video_demo" / "testing" / "frames" / "01"
+    result = main_in_process(
+        *video_args(video_data, video_run, "--input", str(frames), "--output", str(tmp_path / "out"), "MODEL.prediction_score=mse", mode="predict")
+    )
+    assert_user_error(result, "MODEL.prediction_score='mse'", "'l1'", "--mode test MODEL.prediction_score=mse")
+    assert not (tmp_path / "out").exists()
