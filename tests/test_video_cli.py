@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPO, assert_ok, assert_user_error, main_in_process
 
 from task.anomaly.unsupervised.data.synthetic_video import make_video_demo
@@ -70,15 +71,20 @@ def test_score_mode_recomputes_the_metrics_from_scores_npz(video_run: Path) -> N
     assert recomputed["frame_auroc_online"] == metrics["frame_auroc_online"]
 
 
-def test_resume_continues_from_last_pt_and_test_mode_reproduces(video_data: Path, video_run: Path, tmp_path: Path, caplog) -> None:
+def test_resume_continues_from_last_pt(video_data: Path, video_run: Path, tmp_path: Path, caplog) -> None:
     savedir = tmp_path / "runs"
     shutil.copytree(video_run, savedir)
     caplog.set_level("INFO")
-    assert_ok(main_in_process(*video_args(video_data, savedir, "TRAIN.num_training_steps=3", "TRAIN.save_interval=1")))
+    assert_ok(main_in_process(*video_args(video_data, savedir, "TRAIN.num_training_steps=3", "TRAIN.save_interval=1", "TEST.save_images=false")))
     assert "resumed from" in caplog.text and "at step 2" in caplog.text
+    assert torch.load(run_dir(savedir) / "last.pt", weights_only=True)["step"] == 3
+
+
+def test_test_mode_reproduces_the_training_metrics(video_data: Path, video_run: Path, tmp_path: Path) -> None:
+    savedir = tmp_path / "runs"
+    shutil.copytree(video_run, savedir)
     metrics = json.loads((run_dir(savedir) / "metrics.json").read_text())
-    result = main_in_process(*video_args(video_data, savedir, mode="test"))
-    assert_ok(result)
+    assert_ok(main_in_process(*video_args(video_data, savedir, "TEST.save_images=false", mode="test")))
     again = json.loads((run_dir(savedir) / "metrics.json").read_text())
     # same weights, same stored calibration, same CPU code path: the scores are recomputed identically
     assert again["frame_auroc"] == pytest.approx(metrics["frame_auroc"], abs=1e-9)
@@ -120,8 +126,6 @@ def test_bad_video_input_is_a_one_line_error(video_data: Path, tmp_path: Path, b
 def test_per_video_backgrounds_stay_the_training_videos(video_data: Path, tmp_path: Path) -> None:
     """Test videos are scored with their own median templates; the learned per-video templates of the 5 training
     videos are what training, recalibration and the saved checkpoints keep (6 test videos must not replace them)."""
-    import torch
-
     data = _copy(video_data, tmp_path / "data")
     shutil.rmtree(data / "video_demo" / "training" / "frames" / "06")
     per_video = ["DATASET.background=per_video", "MODEL.num_backgrounds=null", "TEST.save_images=false"]
