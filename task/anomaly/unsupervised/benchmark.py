@@ -91,6 +91,19 @@ def _test_batches(engine: Engine, use_data: bool) -> tuple[Any, int]:
     return random_test_batches(count, tuple(cfg.DATASET.resize), cfg.TEST.batch_size, generator), count
 
 
+def time_training_steps(stepper: Stepper, batches: Iterable[dict[str, Tensor]], device: torch.device, warmup: int) -> list[float]:
+    """Seconds of each training step after the first ``warmup`` ones (the device synchronised around each step)."""
+    times: list[float] = []
+    for step, batch in enumerate(batches, start=1):
+        _synchronize(device)
+        start = time.perf_counter()
+        stepper(batch, step)
+        _synchronize(device)
+        if step > warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
 def run_benchmark(engine: Engine, model: torch.nn.Module, stepper: Stepper) -> dict[str, Any]:
     """Warm-up + timed training steps, then one timed evaluation pass (maps, scores) and the metrics.
 
@@ -106,14 +119,7 @@ def run_benchmark(engine: Engine, model: torch.nn.Module, stepper: Stepper) -> d
         torch.cuda.reset_peak_memory_stats(device)
 
     model.train()
-    times: list[float] = []
-    for step, batch in enumerate(_training_batches(engine, bench.warmup + bench.train_steps, use_data), start=1):
-        _synchronize(device)
-        start = time.perf_counter()
-        stepper(batch, step)
-        _synchronize(device)
-        if step > bench.warmup:
-            times.append(time.perf_counter() - start)
+    times = time_training_steps(stepper, _training_batches(engine, bench.warmup + bench.train_steps, use_data), device, bench.warmup)
     train_s = sum(times) / len(times)
     peak_train_mb = peak_rss_mb()
     if not engine.dist.is_main:

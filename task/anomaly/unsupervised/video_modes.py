@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from task.anomaly.unsupervised.data.synthetic_video import make_video_demo
+from task.anomaly.unsupervised.data.video import Video
 from task.anomaly.unsupervised.engine import Engine, LoadedModel
 from task.anomaly.unsupervised.frame_scoring import ProtocolParams, evaluate_scores
 from task.anomaly.unsupervised.modes import ModeFunction, ModeOptions, mode_report, test_output_dir
@@ -37,6 +38,15 @@ def prepare_video_data(engine: Engine) -> None:
         engine.dist.barrier()
 
 
+def fresh_model(engine: Engine, train_videos: list[Video]) -> torch.nn.Module:
+    """A new model for training (or timing it): one background template per training video or one shared, initialised
+    from the training frames; on the device, compiled with TRAIN.compile."""
+    method = engine.method
+    model = method.build(engine.cfg, num_videos=len(train_videos))
+    method.set_background(model, background_templates(engine, train_videos))
+    return engine.maybe_compile(method.to_device(model, engine.device, engine.channels_last))
+
+
 def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
     """Train on the training videos, calibrate on them, evaluate the last model on the test videos."""
     from task.anomaly.unsupervised.training import train
@@ -52,10 +62,7 @@ def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
 
             write_text(engine.run_dir / "config.yaml", yaml.safe_dump(engine.cfg.to_dict(), sort_keys=False))
         log.info("%d training videos (%d clips), %d test videos (%d clips)", len(train_videos), len(train_set), len(test_videos), len(test_set))
-        method = engine.method
-        model = method.build(engine.cfg, num_videos=len(train_videos))
-        method.set_background(model, background_templates(engine, train_videos))
-        model = engine.maybe_compile(method.to_device(model, engine.device, engine.channels_last))
+        model = fresh_model(engine, train_videos)
 
         def evaluate_now(trained, step: int, final: bool) -> dict[str, Any]:
             if not engine.dist.is_main:
@@ -133,30 +140,23 @@ def mode_score(engine: Engine, options: ModeOptions) -> dict[str, Any]:
 
 def mode_benchmark(engine: Engine, options: ModeOptions) -> None:
     """Clips/s for training steps and for evaluation (scores included), as one JSON line."""
+    from task.anomaly.unsupervised.benchmark import time_training_steps
     from task.anomaly.unsupervised.training import Stepper
     from task.anomaly.unsupervised.video_inference import score_clips
 
     cfg = engine.cfg
+    method = engine.method
     prepare_video_data(engine)
     train_videos, train_set = video_split(engine, "train")
-    method = engine.method
-    model = method.build(cfg, num_videos=len(train_videos))
-    method.set_background(model, background_templates(engine, train_videos))
-    model = engine.maybe_compile(method.to_device(model, engine.device, engine.channels_last))
-    stepper = Stepper(engine, model)
+    model = fresh_model(engine, train_videos)
     bench = cfg.BENCHMARK
     batch_size = cfg.DATALOADER.batch_size
+    batches = (
+        torch.utils.data.default_collate([train_set[(step * batch_size + j) % len(train_set)] for j in range(batch_size)])
+        for step in range(bench.warmup + bench.train_steps)
+    )
     model.train()
-    times = []
-    for step in range(1, bench.warmup + bench.train_steps + 1):
-        indices = [((step - 1) * batch_size + j) % len(train_set) for j in range(batch_size)]
-        batch = torch.utils.data.default_collate([train_set[i] for i in indices])
-        start = time.perf_counter()
-        stepper(batch, step)
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize(engine.device)
-        if step > bench.warmup:
-            times.append(time.perf_counter() - start)
+    times = time_training_steps(Stepper(engine, model), batches, engine.device, bench.warmup)
     count = len(train_set) if bench.eval_images is None else min(bench.eval_images, len(train_set))
     subset = torch.utils.data.Subset(train_set, list(range(count)))
     start = time.perf_counter()
