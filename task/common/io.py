@@ -304,3 +304,23 @@ def load_tensor_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{what} {_shown(path)} is not a state dict of tensors")
     return obj
+
+
+def build_folder_atomically(target: Path, marker: str, build: Callable[[Path], str]) -> Path:
+    """Create the folder ``target`` all at once: ``build(tmp)`` fills a temporary sibling and returns the text of its
+    completion marker file ``marker``; the folder is renamed into place only when complete. An interrupted build
+    leaves nothing behind; when a concurrent builder finished first, its complete copy is kept."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        (tmp / marker).write_text(build(tmp), encoding="utf-8")
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / marker).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

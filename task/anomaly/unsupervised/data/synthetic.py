@@ -15,15 +15,13 @@ primitives, so the same arguments give byte-identical PNG files on every run.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from task.common.errors import UserError
+from task.common.io import build_folder_atomically
 
 __all__ = ["make_demo_dataset", "DEFECTS"]
 
@@ -156,26 +154,15 @@ def make_demo_dataset(
         raise UserError(
             f"{target} exists but is not a complete demo dataset (no {MARKER} marker); delete it or use another folder"
         )
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{category}.tmp-", dir=root))
-    try:
+    def build(tmp: Path) -> str:
         _write(tmp, int(n_train), int(n_test_good), int(n_test_defect), size, int(seed), bool(grayscale))
         meta = _params(
             category=category, n_train=int(n_train), n_test_good=int(n_test_good),
             n_test_defect=int(n_test_defect), size=size, seed=int(seed), grayscale=bool(grayscale),
         )
-        (tmp / MARKER).write_text(json.dumps(meta, sort_keys=True) + "\n")
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process finished first: keep its complete copy.
-            if not (target / MARKER).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+        return json.dumps(meta, sort_keys=True) + "\n"
+
+    return build_folder_atomically(target, MARKER, build)
 
 
 def _write(out: Path, n_train: int, n_test_good: int, n_test_defect: int, size: int, seed: int, gray: bool) -> None:

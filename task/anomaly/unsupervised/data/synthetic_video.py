@@ -23,9 +23,6 @@ Written layout (frame numbers 0-based, zero-padded)::
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +30,7 @@ import cv2
 import numpy as np
 
 from task.common.errors import UserError
+from task.common.io import build_folder_atomically
 
 __all__ = ["make_video_demo", "EVENTS", "NUM_TRAIN", "NUM_TEST", "NUM_FRAMES"]
 
@@ -200,18 +198,8 @@ def make_video_demo(root: str | Path, name: str = "demo", size: int = 64, seed: 
         target.rmdir()  # an empty placeholder folder: fill it
     if target.exists():
         raise UserError(f"{target} exists but is not a complete video demo (no {MARKER}); delete it or use another folder")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-    try:
+    def build(tmp: Path) -> str:
         events = _write(tmp, name, int(size), int(seed))
-        (tmp / MARKER).write_text(json.dumps({"params": params, "events": events}, sort_keys=True) + "\n", encoding="utf-8")
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / MARKER).is_file():  # another process finished first: keep its copy
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+        return json.dumps({"params": params, "events": events}, sort_keys=True) + "\n"
+
+    return build_folder_atomically(target, MARKER, build)
