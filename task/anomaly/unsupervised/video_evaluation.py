@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
 from task.anomaly.unsupervised.checkpoints import make_payload
-from task.anomaly.unsupervised.data.background import background_for
+from task.anomaly.unsupervised.data.background import background_for, templates_tensor
 from task.anomaly.unsupervised.data.video import ClipDataset, Video, scan_videos
 from task.anomaly.unsupervised.data.video_labels import attach_labels, load_frame_labels
 from task.anomaly.unsupervised.engine import Engine
@@ -57,8 +56,7 @@ def background_templates(engine: Engine, videos: list[Video]) -> Tensor:
         ensure_dir(cache)
     except Exception:  # noqa: BLE001  (a read-only dataset: compute without caching)
         cache = None
-    templates = background_for(videos, tuple(ds.resize), ds.grayscale, ds.background == "per_video", cache)
-    return torch.from_numpy(templates).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return templates_tensor(background_for(videos, tuple(ds.resize), ds.grayscale, ds.background == "per_video", cache))
 
 
 @contextlib.contextmanager

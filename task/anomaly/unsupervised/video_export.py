@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from task.anomaly.unsupervised.data.background import background_for
+from task.anomaly.unsupervised.data.background import background_for, templates_tensor
 from task.anomaly.unsupervised.data.video import ClipDataset, Video, scan_videos, video_from_path
 from task.anomaly.unsupervised.engine import Engine, LoadedModel
 from task.anomaly.unsupervised.export import TOLERANCE, Difference, with_metadata
@@ -125,8 +125,7 @@ def score_module(method: Method, model: nn.Module, cfg: Config, onnx: bool = Fal
 
 def own_backgrounds(videos: list[Video], size: tuple[int, int], grayscale: bool) -> Tensor:
     """Each video's own median template [V, C, H, W] in [-1, 1] (as the test evaluation of a per-video run)."""
-    templates = background_for(videos, size, grayscale, True, None)
-    return torch.from_numpy(templates).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return templates_tensor(background_for(videos, size, grayscale, True, None))
 
 
 def export_graph(module: VideoScoreModule, example: tuple[Tensor, ...], opset: int, input_names: list[str], output_names: list[str]) -> bytes:

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import cv2
 import numpy as np
+import torch
 
 from task.anomaly.unsupervised.data.video import Video, frames_of
 from task.common.errors import UserError
@@ -148,3 +149,8 @@ def background_for(
         return build_background(np.concatenate(parts))
 
     return _cached(_cache_stem("shared", videos, size, grayscale), cache, shape, shared)[None]
+
+
+def templates_tensor(templates: np.ndarray) -> torch.Tensor:
+    """uint8 templates [V, H, W, C] -> float [V, C, H, W] in [-1, 1], the scale of the clips (``x / 127.5 - 1``)."""
+    return torch.from_numpy(templates).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
