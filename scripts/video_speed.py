@@ -121,11 +121,11 @@ def timed_alternating(fns: dict, warmup: int, repeats: int) -> dict[str, list[tu
 
 
 def build_ours(args):
-    import task.trainers  # noqa: F401  (registers the methods)
-    from task.anomaly.unsupervised.engine import Engine
-    from task.anomaly.unsupervised.schema import run_schema
+    import task.anomaly.unsupervised.models.available  # noqa: F401  (registers the methods)
+    from task.anomaly.unsupervised.engine.engine import Engine
+    from task.anomaly.unsupervised.engine.schema import run_schema
     from task.common.config import load_config
-    from task.registry import get_method
+    from task.anomaly.unsupervised.models.registry import get_method
 
     method = get_method("anomaly", "unsupervised", "dmad", "video")
     overrides = ["DATASET.resize=[256,256]", "DATASET.clip_length=4", "DATASET.grayscale=false", "DATALOADER.batch_size=8", "DATALOADER.num_workers=0"]
@@ -140,8 +140,8 @@ def build_ours(args):
 
 def ours_steps(args, engine, model, frames: np.ndarray):
     """(one training step, one evaluation pass over ``args.eval_clips`` clips), both warmed up once."""
-    from task.anomaly.unsupervised.training import Stepper
-    from task.anomaly.unsupervised.video_evaluation import score_clips
+    from task.anomaly.unsupervised.engine.training import Stepper
+    from task.anomaly.unsupervised.video.evaluation import score_clips
 
     train_set = OurClips(frames, len(frames) - CLIP)
     stepper = Stepper(engine, model)
@@ -159,7 +159,7 @@ def ours_steps(args, engine, model, frames: np.ndarray):
 
 def build_official(path: str, ours: torch.nn.Module):
     """The official ped2 ``convAE`` holding our weights (the inverse of ``checkpoint.convert_state``)."""
-    from task.anomaly.unsupervised.models.dmad_video.checkpoint import convert_state
+    from task.anomaly.unsupervised.models.dmad_video.official_import import convert_state
 
     sys.path.insert(0, str(Path(path).resolve()))
     official = importlib.import_module("model.final_future_prediction_ped2").convAE(3, CLIP + 1, 200, 256)

@@ -126,15 +126,15 @@ def _no_leaked_log_handlers():
 def load_run_config(*overrides: str, yaml: Path | None = DEMO_YAML):
     """The demo run's config (the DMAD run schema) with ``overrides``."""
     from task.anomaly.unsupervised.models.dmad.config import MODEL_SCHEMA
-    from task.anomaly.unsupervised.schema import run_schema
+    from task.anomaly.unsupervised.engine.schema import run_schema
     from task.common.config import load_config
 
     return load_config(run_schema(MODEL_SCHEMA), yaml, list(overrides))
 
 
 def dmad_method():
-    import task.trainers  # noqa: F401  (registers the methods)
-    from task.registry import get_method
+    import task.anomaly.unsupervised.models.available  # noqa: F401  (registers the methods)
+    from task.anomaly.unsupervised.models.registry import get_method
 
     return get_method("anomaly", "unsupervised", "dmad", "image")
 
@@ -143,7 +143,7 @@ def make_engine(*overrides: str, overridden: frozenset[str] = frozenset(), yaml:
     """An Engine for the DMAD image method (on the CPU) and the demo config with ``overrides``."""
     import torch
 
-    from task.anomaly.unsupervised.engine import Engine
+    from task.anomaly.unsupervised.engine.engine import Engine
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.cuda, "is_available", lambda: False)
@@ -167,7 +167,7 @@ def train_overrides(datadir: Path, savedir: Path, assets: Path | None = None) ->
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """datadir of a 64x64 synthetic category ``widget``: 6 train, 3 good + 4 defective (scratch, spot) test images."""
-    from task.anomaly.unsupervised.data.synthetic import make_demo_dataset
+    from task.anomaly.unsupervised.data.image.synthetic import make_demo_dataset
 
     root = tmp_path_factory.mktemp("data")
     make_demo_dataset(root, CATEGORY, n_train=N_TRAIN, n_test_good=N_GOOD, n_test_defect=N_DEFECT, size=SIZE)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from task.anomaly.unsupervised.data.synthetic import make_demo_dataset
+from task.anomaly.unsupervised.data.image.synthetic import make_demo_dataset
 
 pytestmark = [
     pytest.mark.cuda,

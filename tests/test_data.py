@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from task.anomaly.unsupervised.data.dataset import AnomalyDataset, Sample
-from task.anomaly.unsupervised.data.mvtec import scan_mvtec
-from task.anomaly.unsupervised.data.preprocess import (
+from task.anomaly.unsupervised.data.image.dataset import AnomalyDataset, Sample
+from task.anomaly.unsupervised.data.image.mvtec import scan_mvtec
+from task.anomaly.unsupervised.data.image.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     load_image,
@@ -23,7 +23,7 @@ from task.anomaly.unsupervised.data.preprocess import (
     resize_image,
     to_tensor,
 )
-from task.anomaly.unsupervised.data.synthetic import make_demo_dataset
+from task.anomaly.unsupervised.data.image.synthetic import make_demo_dataset
 from task.common.config import Config
 from task.common.errors import UserError
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import BASE, REPO, assert_ok, cpu_env, main_in_process
-from task.anomaly.unsupervised.data.synthetic import make_demo_dataset
+from task.anomaly.unsupervised.data.image.synthetic import make_demo_dataset
 from task.common.runtime import DistributedContext
 
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import BASE, CATEGORY, DEMO_YAML, SIZE, assert_ok, main_in_process, make_engine, train_overrides
-from task.anomaly.unsupervised.engine import run_dir_for
+from task.anomaly.unsupervised.engine.engine import run_dir_for
 from task.common.io import save_checkpoint
 
 

@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 
 from conftest import CATEGORY, DEMO_YAML, SIZE, assert_ok, main_in_process, make_engine, train_overrides
-from task.anomaly.unsupervised.data.formats import scan_dataset
-from task.anomaly.unsupervised.data.preprocess import load_image, resize_image, to_tensor
-from task.anomaly.unsupervised.export import TOLERANCE, export_run
-from task.anomaly.unsupervised.predict import load_onnx_model
+from task.anomaly.unsupervised.data.image.formats import scan_dataset
+from task.anomaly.unsupervised.data.image.preprocess import load_image, resize_image, to_tensor
+from task.anomaly.unsupervised.image.export import TOLERANCE, export_run
+from task.anomaly.unsupervised.image.predict import load_onnx_model
 
 
 def _engine(exported_run, *extra: str):

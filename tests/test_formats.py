@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from task.anomaly.unsupervised.data.dataset import AnomalyDataset, Sample
-from task.anomaly.unsupervised.data.formats import DATASET_SCHEMA_KEYS, FORMATS, scan_dataset
-from task.anomaly.unsupervised.data.preprocess import (
+from task.anomaly.unsupervised.data.image.dataset import AnomalyDataset, Sample
+from task.anomaly.unsupervised.data.image.formats import DATASET_SCHEMA_KEYS, FORMATS, scan_dataset
+from task.anomaly.unsupervised.data.image.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     display_rgb,

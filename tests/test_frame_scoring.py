@@ -11,9 +11,9 @@ import pytest
 import yaml
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from task.anomaly.unsupervised import frame_scoring as fs
-from task.anomaly.unsupervised import score_file as sfm
-from task.anomaly.unsupervised.frame_scoring import PAPER_PRESETS, ProtocolParams, WindowParams
+from task.anomaly.unsupervised.scoring import protocols as fs
+from task.anomaly.unsupervised.scoring import score_file as sfm
+from task.anomaly.unsupervised.scoring.protocols import PAPER_PRESETS, ProtocolParams, WindowParams
 from task.common.config import load_config
 from task.common.errors import UserError
 

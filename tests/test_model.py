@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from task.anomaly.unsupervised.inference import InferenceOutput
+from task.anomaly.unsupervised.image.inference import InferenceOutput
 from task.anomaly.unsupervised.models.dmad.anomaly_map import feature_discrepancy, fuse_scores
 from task.anomaly.unsupervised.models.dmad.bottleneck import Bottleneck, VectorQuantizer
 from task.anomaly.unsupervised.models.dmad.decoder import ReverseDecoder

@@ -35,10 +35,10 @@ from torch import Tensor
 from torchvision.models import resnet18
 
 from conftest import BASE, REPO, assert_user_error, dmad_method, load_run_config, main_in_process, make_engine
-from task.anomaly.unsupervised.checkpoints import make_payload
-from task.anomaly.unsupervised.data.dataset import AnomalyDataset, Sample
-from task.anomaly.unsupervised.data.synthetic import make_demo_dataset
-from task.anomaly.unsupervised.models.dmad.checkpoint import check_official, convert_official, describe_official
+from task.anomaly.unsupervised.engine.checkpoints import make_payload
+from task.anomaly.unsupervised.data.image.dataset import AnomalyDataset, Sample
+from task.anomaly.unsupervised.data.image.synthetic import make_demo_dataset
+from task.anomaly.unsupervised.models.dmad.official_import import check_official, convert_official, describe_official
 from task.anomaly.unsupervised.models.dmad.loss import DMADLoss
 from task.anomaly.unsupervised.models.dmad.torch_model import DMADModel
 from task.common.config import Config

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from task.anomaly.unsupervised.report import END_MARKER, MISSING, START_MARKER, write_report
-from task.anomaly.unsupervised.visualize import render_result, select_frames
+from task.anomaly.unsupervised.engine.report import END_MARKER, MISSING, START_MARKER, write_report
+from task.anomaly.unsupervised.image.visualize import render_result, select_frames
 
 from conftest import BASE, CATEGORY, N_DEFECT, N_GOOD, SIZE, assert_ok, assert_user_error, main_in_process
 

@@ -44,7 +44,7 @@ from conftest import (
     run_cli,
     train_overrides,
 )
-from task.anomaly.unsupervised.inference import Predictions
+from task.anomaly.unsupervised.image.inference import Predictions
 from task.common.errors import UserError
 from task.common.io import load_checkpoint, save_checkpoint
 
@@ -521,7 +521,7 @@ def test_non_finite_training_stops_and_keeps_last_good_checkpoint(
 
 
 def test_picture_failure_does_not_lose_the_run(dataset: Path, tmp_path: Path, monkeypatch, caplog) -> None:
-    from task.anomaly.unsupervised import evaluation
+    from task.anomaly.unsupervised.image import evaluation
 
     engine = make_engine(*train_overrides(dataset, tmp_path / "runs"), "TEST.save_images=true")
     test_set = engine.dataset("test")

@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from task.anomaly.unsupervised.benchmark import random_test_batches
-from task.anomaly.unsupervised.inference import Predictions, predict_loader
+from task.anomaly.unsupervised.image.benchmark import random_test_batches
+from task.anomaly.unsupervised.image.inference import Predictions, predict_loader
 from task.anomaly.unsupervised.models.dmad.deformation import PyramidDeformation
 from task.anomaly.unsupervised.models.dmad.torch_model import DMADModel
-from task.anomaly.unsupervised.training import Stepper, make_optimizer
+from task.anomaly.unsupervised.engine.training import Stepper, make_optimizer
 
 from conftest import BASE, assert_ok, main_in_process, make_engine
 

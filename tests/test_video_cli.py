@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import REPO, assert_ok, assert_user_error, main_in_process
 
-from task.anomaly.unsupervised.data.synthetic_video import make_video_demo
-from task.anomaly.unsupervised.score_file import read_scores
+from task.anomaly.unsupervised.data.video.synthetic import make_video_demo
+from task.anomaly.unsupervised.scoring.score_file import read_scores
 
 VIDEO_YAML = REPO / "configs" / "anomaly" / "unsupervised" / "dmad" / "video_demo.yaml"
 # A tiny DMAD-PDM: the checks are about the plumbing, not about accuracy.

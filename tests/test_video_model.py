@@ -16,7 +16,7 @@ import torch.nn as nn
 from task.common.config import Field
 from task.common.errors import UserError
 from task.anomaly.unsupervised.models.dmad_video.background import compose, compose_premultiplied
-from task.anomaly.unsupervised.models.dmad_video.checkpoint import convert_official
+from task.anomaly.unsupervised.models.dmad_video.official_import import convert_official
 from task.anomaly.unsupervised.models.dmad_video.config import MODEL_SCHEMA, PRESETS
 from task.anomaly.unsupervised.models.dmad_video.decoder import coordinate_channels
 from task.anomaly.unsupervised.models.dmad_video.deformation import Fields

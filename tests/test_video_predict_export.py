@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 
 from conftest import CONFIGS, assert_ok, assert_user_error, main_in_process
-from task.anomaly.unsupervised.export import TOLERANCE
-from task.anomaly.unsupervised.video_export import VIDEO_ONNX_FORMAT, mode_export
-from task.anomaly.unsupervised.video_modes import VIDEO_MODES
-from task.anomaly.unsupervised.video_predict import mode_predict
+from task.anomaly.unsupervised.image.export import TOLERANCE
+from task.anomaly.unsupervised.video.export import VIDEO_ONNX_FORMAT, mode_export
+from task.anomaly.unsupervised.video.modes import VIDEO_MODES
+from task.anomaly.unsupervised.video.predict import mode_predict
 
 SIZE, FRAMES, CLIP = 64, 6, 4
 INPUT_FRAMES = 7  # the predict input: 3 scored frames
@@ -71,11 +71,11 @@ class VideoRun:
 
 def _video_engine(overrides: list[str]):
     """An Engine for the DMAD-PDM video method on the CPU with the video demo config and ``overrides``."""
-    import task.trainers  # noqa: F401  (registers the methods)
-    from task.anomaly.unsupervised.engine import Engine
-    from task.anomaly.unsupervised.schema import run_schema
+    import task.anomaly.unsupervised.models.available  # noqa: F401  (registers the methods)
+    from task.anomaly.unsupervised.engine.engine import Engine
+    from task.anomaly.unsupervised.engine.schema import run_schema
     from task.common.config import load_config
-    from task.registry import get_method
+    from task.anomaly.unsupervised.models.registry import get_method
 
     method = get_method("anomaly", "unsupervised", "dmad", "video")
     cfg = load_config(run_schema(method.model_schema, method.extra_sections), str(VIDEO_YAML), overrides)
@@ -89,8 +89,8 @@ def video_run(tmp_path_factory: pytest.TempPathFactory):
     """The tiny run's model.pt, built and calibrated with the engine (an untrained model: predict and export only
     need a calibrated checkpoint; training is covered elsewhere), with predict and export in the video mode table
     (until video_modes.py lists them)."""
-    from task.anomaly.unsupervised.checkpoints import make_payload
-    from task.anomaly.unsupervised.video_evaluation import background_templates, calibrate, video_split
+    from task.anomaly.unsupervised.engine.checkpoints import make_payload
+    from task.anomaly.unsupervised.video.evaluation import background_templates, calibrate, video_split
     from task.common.io import save_checkpoint
 
     root = tmp_path_factory.mktemp("video-run")
@@ -200,7 +200,7 @@ def test_export_writes_a_checked_onnx_with_metadata(video_run: VideoRun, exporte
 def test_onnx_outputs_match_torch(video_run: VideoRun, exported) -> None:
     import onnxruntime as ort
 
-    from task.anomaly.unsupervised.video_export import score_module
+    from task.anomaly.unsupervised.video.export import score_module
 
     engine = _video_engine([a for a in video_run.args if "=" in a])
     loaded = engine.load(video_run.run_dir / "model.pt")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from task.anomaly.unsupervised.video_visualize import (
+from task.anomaly.unsupervised.video.plots import (
     _CURSOR,
     _SHADE,
     _THRESHOLD,

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from task.anomaly.unsupervised.inference import InferenceOutput
+from task.anomaly.unsupervised.image.inference import InferenceOutput
 
 from .anomaly_map import AnomalyMapGenerator, fuse_scores
 from .bottleneck import Bottleneck

@@ -8,13 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from task.anomaly.unsupervised.frame_scoring import SCORE_SCHEMA
-from task.anomaly.unsupervised.method import VideoMethod
+from task.anomaly.unsupervised.scoring.protocols import SCORE_SCHEMA
+from task.anomaly.unsupervised.models.base import VideoMethod
 from task.common.config import Config, F
 from task.common.errors import UserError
-from task.registry import register_method
+from task.anomaly.unsupervised.models.registry import register_method
 
-from .checkpoint import convert_official
+from .official_import import convert_official
 from .config import MODEL_SCHEMA
 from .loss import LossWeights, VideoLoss
 from .scores import ScoreSettings, error_map, frame_scores

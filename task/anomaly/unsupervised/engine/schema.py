@@ -1,0 +1,89 @@
+"""The run-level configuration schema (every section but MODEL), shared by all methods.
+
+A method contributes its MODEL section (``Method.model_schema``) and any section of its own
+(``Method.extra_sections``); ``run_schema`` assembles the whole. Dataset formats contribute their DATASET keys.
+"""
+
+from __future__ import annotations
+
+from task.anomaly.unsupervised.data.image.formats import DATASET_SCHEMA_KEYS
+from task.anomaly.unsupervised.data.video.clips import VIDEO_DATASET_KEYS
+from task.common.config import F, Schema
+
+RUN_SECTIONS: Schema = {
+    "DATASET": {
+        "datadir": F(str, "data/mvtec", help="dataset root (see DATASET.format for the layout)"),
+        "target": F(str, "bottle", help="category (image formats) or dataset name (video) under datadir"),
+        "resize": F(list, [256, 256], length=2, item_type=int, min=64, max=1024, multiple_of=32, help="[H, W], multiples of 32", reason="training memory grows 4x per doubling: 1024 already needs ~8 GB per image with wide_resnet50_2"),
+        "cache": F(bool, True, help="decode and resize each image once and keep it in memory"),
+        "skip_bad_images": F(bool, False, help="skip unreadable images with a warning instead of stopping"),
+        "demo": F(bool, False, help="generate the built-in synthetic dataset under datadir if absent"),
+        **DATASET_SCHEMA_KEYS,
+        **VIDEO_DATASET_KEYS,
+    },
+    "DATALOADER": {
+        "batch_size": F(int, 8, min=1),
+        "num_workers": F(int, 0, min=0, max=64, reason="each worker is a process holding a copy of the dataset"),
+        "pin_memory": F(bool, False),
+    },
+    "TRAIN": {
+        "epochs": F(int, 400, min=1),
+        "num_training_steps": F(int, None, nullable=True, min=1, help="cap on optimiser steps (null: epochs x steps per epoch)"),
+        "save_interval": F(int, 200, min=1, help="steps between resumable checkpoints"),
+        "amp": F(str, "none", choices=("none", "bf16", "fp16"), help="autocast dtype for training and evaluation (fp16: CUDA only); maps and scores stay float32"),
+        "channels_last": F(bool, False, help="NHWC memory layout for the model and inputs (implied by amp=bf16 on CPU)"),
+        "compile": F(bool, False, help="torch.compile the model's forward (first steps compile; falls back to eager on failure)"),
+    },
+    "TEST": {
+        "batch_size": F(int, 8, min=1),
+        "save_maps": F(bool, False, help="write maps/<defect>/<name>.npz per test image"),
+        "save_images": F(bool, True, help="write images/<defect>/<name>.png per test image (video: a score plot per video) and the result GIF"),
+        "save_scores": F(bool, True, help="video: write scores.npz with the raw per-frame scores and labels (--mode score reads it)"),
+    },
+    "OPTIMIZER": {
+        "name": F(str, "adamw", choices=("adamw", "adam")),
+        "lr": F(float, 0.005, min=0, min_exclusive=True, max=1, reason="larger steps diverge at once"),
+        "betas": F(list, [0.5, 0.999], length=2, item_type=float, min=0, max=1, max_exclusive=True),
+        "weight_decay": F(float, 0.01, min=0, max=1, reason="AdamW scales the weights by 1 - lr x weight_decay each step"),
+    },
+    "SCHEDULER": {
+        "name": F(str, "cosine", choices=("cosine", "none")),
+    },
+    "LOG": {
+        "eval_interval": F(int, None, nullable=True, min=1, help="steps between evaluations (null: only at the end)"),
+        "log_interval": F(int, 10, min=1),
+        "wandb": F(bool, False),
+        "wandb_mode": F(str, "offline", choices=("offline", "online", "disabled")),
+        "wandb_project": F(str, "dmad"),
+        "wandb_entity": F(str, None, nullable=True),
+        "tensorboard": F(bool, False, help="write TensorBoard event files under <run_dir>/tensorboard"),
+    },
+    "EXPORT": {
+        "input": F(str, "raw", choices=("raw", "imagenet"), help="ONNX input: raw RGB in [0, 1] (normalised inside the graph) or ImageNet-normalised"),
+        "opset": F(int, 17, min=16, help="ONNX opset, at least 16 (GridSample)"),
+    },
+    "RESULT": {
+        "savedir": F(str, "runs", help="root of the run directories (~ is expanded)"),
+        "exp_name": F(str, None, nullable=True, help="sub-folder of the run directory (a plain name: no '/', no '..')"),
+        "assets_dir": F(str, "assets", nullable=True, help="folder (relative to the working directory) that receives <target>.gif; null: only the run directory's copy"),
+    },
+    "RESUME": {
+        "option": F(bool, True, help="resume from the run directory's last.pt when it exists"),
+        "checkpoint": F(str, None, nullable=True, help="explicit last.pt to resume from"),
+    },
+    "BENCHMARK": {
+        "train_steps": F(int, 5, min=1, help="--mode benchmark: timed training steps"),
+        "warmup": F(int, 1, min=0, help="--mode benchmark: untimed training steps before them"),
+        "eval_images": F(int, 16, nullable=True, min=1, help="--mode benchmark: test images (clips) to evaluate (null: the whole test set)"),
+    },
+    "SEED": F(int, 0, min=0, max=2**32 - 1, reason="a 32-bit seed, numpy's range; the per-epoch shuffle seeds SEED x 100003 + epoch must stay within 64 bits"),
+}
+
+
+def run_schema(model_schema: Schema, extra_sections: Schema | None = None) -> Schema:
+    """The whole schema of a run: the shared sections, the method's MODEL section and its own extra sections."""
+    schema: Schema = {key: value for key, value in RUN_SECTIONS.items() if key != "SEED"}
+    schema["MODEL"] = model_schema
+    schema.update(extra_sections or {})
+    schema["SEED"] = RUN_SECTIONS["SEED"]
+    return schema

@@ -1,0 +1,147 @@
+"""Image evaluation and its outputs: calibrate on training images, predict the test set, metrics, files, reporters.
+
+Outputs of an evaluation go to one folder (the run directory, or a folder of their own when a foreign checkpoint is
+tested): model.pt (with thresholds), metrics.json, run.json, predictions.csv, optional maps, pictures and the GIF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from task.anomaly.unsupervised.engine.checkpoints import make_payload
+from task.anomaly.unsupervised.engine.engine import Engine
+from task.anomaly.unsupervised.image.inference import Predictions, predict_loader
+from task.anomaly.unsupervised.image.visualize import save_result_images, select_frames, write_result_gif
+from task.common.io import csv_cell, ensure_dir, save_checkpoint, write_json, write_text
+from task.common.metrics import compute_metrics
+
+log = logging.getLogger("anomaly")
+
+# Fewer normal training images than this give score statistics (min/max of per-image maxima) that do not generalise.
+MIN_CALIBRATION_IMAGES = 8
+
+
+def calibrate(engine: Engine, model: nn.Module, train_set) -> None:
+    """Score normalisation from the normal training images (never from the test set)."""
+    if len(train_set) < MIN_CALIBRATION_IMAGES:
+        log.warning(
+            "only %d training image(s) to calibrate the scores on; scores and thresholds will be unreliable (use at least %d)",
+            len(train_set), MIN_CALIBRATION_IMAGES,
+        )
+    preds = predict_loader(model, engine.eval_loader(train_set), engine.device, engine.amp, desc="calibrate", channels_last=engine.channels_last)
+    engine.method.calibrate(model, preds)
+
+
+def thresholds_from(metrics: dict[str, Any]) -> dict[str, float]:
+    """The decision thresholds chosen by the metrics (F1-optimal); absent when they could not be computed."""
+    found = {"image": metrics.get("image_threshold"), "pixel": metrics.get("pixel_threshold")}
+    return {k: float(v) for k, v in found.items() if v is not None and math.isfinite(v)}
+
+
+def evaluate(
+    engine: Engine, model: nn.Module, train_set, test_set, step: int | None = None, final: bool = False, out_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Calibrate (when ``train_set`` is given), predict the test set, compute metrics, write outputs (rank 0)."""
+    if not engine.dist.is_main:
+        return {}
+    if train_set is not None:
+        calibrate(engine, model, train_set)
+    start = time.perf_counter()
+    preds = predict_loader(model, engine.eval_loader(test_set), engine.device, engine.amp, desc="test", channels_last=engine.channels_last)
+    metrics = compute_metrics(preds.scores, preds.labels, preds.anomaly_maps, preds.masks)
+    log.info(
+        "%s%s: %s (%.1fs)", engine.cfg.DATASET.target, f" step {step}" if step is not None else "",
+        " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if v is not None), time.perf_counter() - start,
+    )
+    engine.reporters.log_eval(step, metrics)
+    if final:
+        write_outputs(engine, out_dir or engine.run_dir, model, preds, metrics, test_set, step)
+    return metrics
+
+
+def write_outputs(engine: Engine, out_dir: Path, model: nn.Module, preds: Predictions, metrics: dict[str, Any], test_set, step: int | None) -> None:
+    """model.pt, metrics.json, run.json, predictions.csv, optional maps, pictures + GIF, reporters."""
+    cfg = engine.cfg
+    thresholds = thresholds_from(metrics)
+    ensure_dir(out_dir)
+    save_checkpoint(make_payload(engine.method, cfg, model, thresholds), out_dir / "model.pt")
+    write_json(out_dir / "metrics.json", {k: json_number(v) for k, v in metrics.items()})
+    write_json(out_dir / "run.json", run_info(engine, out_dir, step))
+    write_text(out_dir / "predictions.csv", predictions_csv(preds, thresholds.get("image", math.nan)))
+    if cfg.TEST.save_maps:
+        save_maps(preds, out_dir / "maps")
+    sample: list[tuple[Path, str]] = []
+    gif = None
+    if cfg.TEST.save_images and test_set is not None:
+        try:
+            shown = {"image": thresholds.get("image", math.nan), "pixel": thresholds.get("pixel", math.nan)}
+            images = save_result_images(preds, test_set, shown, out_dir / "images")
+            sample = [(images[i], f"{preds.defects[i]}/{images[i].stem} score {float(preds.scores[i]):.3f}") for i in select_frames(preds.labels, 8)]
+            gif = write_gif(engine, out_dir, preds, test_set, shown)
+        except Exception as exc:  # noqa: BLE001  (pictures are a by-product: never lose a finished run over them)
+            log.warning("result pictures not written (%s: %s); model.pt and metrics are saved, rerun with --mode gif", type(exc).__name__, exc)
+    engine.reporters.log_results(metrics, sample, gif, out_dir / "model.pt")
+    log.info("outputs written to %s", out_dir)
+
+
+def run_info(engine: Engine, out_dir: Path, step: int | None) -> dict[str, Any]:
+    """What run.json records for --mode report; an evaluation outside training keeps the recorded step count."""
+    cfg = engine.cfg
+    steps = step
+    previous = out_dir / "run.json"
+    if steps is None and previous.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            recorded = json.loads(previous.read_text(encoding="utf-8"))
+            steps = recorded.get("steps") if isinstance(recorded, dict) else None
+    return {
+        "method": engine.method.name, "modality": engine.method.modality, "category": cfg.DATASET.target,
+        "format": cfg.DATASET.format, "exp_name": cfg.RESULT.exp_name, **engine.method.describe(cfg),
+        "image_size": list(cfg.DATASET.resize), "steps": steps, "device": str(engine.device),
+    }
+
+
+def write_gif(engine: Engine, out_dir: Path, preds: Predictions, test_set, thresholds: dict[str, float]) -> Path:
+    """<out_dir>/<target>.gif and, with RESULT.assets_dir set (and the run's own outputs), <assets_dir>/<target>.gif."""
+    name = f"{engine.cfg.DATASET.target}.gif"
+    targets = [out_dir / name]
+    if engine.cfg.RESULT.assets_dir and out_dir == engine.run_dir:
+        targets.append(Path(engine.cfg.RESULT.assets_dir) / name)
+    result = write_result_gif(preds, test_set, thresholds, targets)
+    log.info("GIF with %d frames written to %s", len(result.frames), ", ".join(map(str, targets)))
+    return targets[0]
+
+
+def json_number(v: Any) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def predictions_csv(preds: Predictions, image_threshold: float) -> str:
+    """``path,label,score,prediction`` per test image (cells escaped against spreadsheet formulas)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "label", "score", "prediction"])
+    for path, label, score in zip(preds.paths, preds.labels.tolist(), preds.scores.tolist()):
+        prediction = int(score >= image_threshold) if math.isfinite(image_threshold) else ""
+        writer.writerow([csv_cell(path), label, f"{score:.6f}", prediction])
+    return buffer.getvalue()
+
+
+def save_maps(preds: Predictions, folder: Path) -> None:
+    """maps/<defect>/<file name>.npz with float32 ``anomaly_map`` and every extra map at the input resolution."""
+    for i, (path, defect) in enumerate(zip(preds.paths, preds.defects)):
+        target = folder / defect / (Path(path).name + ".npz")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"anomaly_map": preds.anomaly_maps[i].numpy().astype(np.float32)}
+        arrays.update({name: maps[i].numpy().astype(np.float32) for name, maps in preds.extras.items()})
+        np.savez(target, **arrays)

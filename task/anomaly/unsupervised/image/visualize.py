@@ -1,0 +1,290 @@
+"""Result pictures and the demo GIF: input | heatmap overlay | predicted region | ground truth, with a title bar.
+
+Rendering is pure numpy/OpenCV (titles with ``cv2.putText``) so it needs no plotting library. Heatmaps are
+normalised with bounds shared by a whole set of images (``display_bounds``), never per image, so the same colour
+means the same anomaly score in every picture.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from torch import Tensor
+
+from task.anomaly.unsupervised.data.image.dataset import AnomalyDataset
+from task.anomaly.unsupervised.data.image.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from task.anomaly.unsupervised.image.inference import Predictions
+from task.common.io import atomic_write_bytes
+
+__all__ = [
+    "display_bounds",
+    "denormalize",
+    "render_result",
+    "render_prediction",
+    "save_result_images",
+    "select_frames",
+    "encode_gif",
+    "write_result_gif",
+]
+
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_WHITE = (255, 255, 255)
+_GREY = (190, 190, 190)
+_RED = (235, 60, 50)
+_GREEN = (70, 200, 90)
+_TITLE_BG = (32, 32, 32)
+_CONTOUR = (255, 40, 40)
+# Subsample large pixel sets before taking percentiles: the bounds only need to be robust, not exact.
+_MAX_PIXELS_FOR_BOUNDS = 4_000_000
+
+
+def display_bounds(anomaly_maps: Tensor, pixel_threshold: float | None = None) -> tuple[float, float]:
+    """Heatmap colour range shared by a set of maps.
+
+    Args:
+        anomaly_maps: [N, H, W] (or any shape) anomaly scores of the whole set.
+        pixel_threshold: the pixel decision threshold; when finite the range extends to include it, so every
+            pixel at or above it is drawn in the warm end of the colormap.
+
+    Returns:
+        (low, high) with low < high: the 1st percentile and the larger of the 99.9th percentile and the threshold.
+    """
+    values = anomaly_maps.detach().float().reshape(-1).cpu().numpy()
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0, 1.0
+    if values.size > _MAX_PIXELS_FOR_BOUNDS:
+        values = values[:: math.ceil(values.size / _MAX_PIXELS_FOR_BOUNDS)]
+    low, high = (float(v) for v in np.percentile(values, [1.0, 99.9]))
+    if pixel_threshold is not None and math.isfinite(pixel_threshold):
+        high = max(high, float(pixel_threshold))
+    if not high > low:
+        high = low + 1e-6
+    return low, high
+
+
+def denormalize(image: Tensor) -> np.ndarray:
+    """ImageNet-normalised [3, H, W] float tensor -> [H, W, 3] uint8 RGB."""
+    # numpy rather than torch: per-image work this small is dominated by torch's threading overhead.
+    chw = image.detach().float().cpu().numpy()
+    rgb = chw.transpose(1, 2, 0) * np.asarray(IMAGENET_STD, np.float32) + np.asarray(IMAGENET_MEAN, np.float32)
+    return np.ascontiguousarray(np.round(np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8))
+
+
+def _heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, bounds: tuple[float, float], alpha: float = 0.5) -> np.ndarray:
+    """Jet-coloured ``anomaly_map`` [H, W] blended over ``image`` [H, W, 3] uint8 RGB."""
+    low, high = bounds
+    scaled = np.clip((anomaly_map.astype(np.float32) - low) / (high - low), 0.0, 1.0)
+    jet = cv2.applyColorMap(np.round(scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    jet = cv2.cvtColor(jet, cv2.COLOR_BGR2RGB)
+    return cv2.addWeighted(image, 1.0 - alpha, jet, alpha, 0.0)
+
+
+def _region_outline(image: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float) -> np.ndarray:
+    """``image`` with the outline of ``anomaly_map >= pixel_threshold`` drawn on it (nothing when not finite)."""
+    out = image.copy()
+    if not math.isfinite(pixel_threshold):
+        return out
+    region = (anomaly_map >= pixel_threshold).astype(np.uint8)
+    contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(out, contours, -1, _CONTOUR, max(1, image.shape[1] // 128))
+    return out
+
+
+def _fit_scale(texts: list[str], width: int, start: float) -> float:
+    """The largest font scale <= ``start`` at which every text fits in ``width`` pixels."""
+    scale = start
+    while scale > 0.25 and max(cv2.getTextSize(t, _FONT, scale, 1)[0][0] for t in texts) > width:
+        scale *= 0.9
+    return scale
+
+
+def _draw_pieces(canvas: np.ndarray, pieces: list[tuple[str, tuple[int, int, int]]], x: int, baseline: int, scale: float, thickness: int) -> None:
+    """Write coloured text pieces one after another on one line."""
+    for text, colour in pieces:
+        cv2.putText(canvas, text, (x, baseline), _FONT, scale, colour, thickness, cv2.LINE_AA)
+        x += cv2.getTextSize(text, _FONT, scale, thickness)[0][0]
+
+
+def _verdict(score: float, threshold: float) -> tuple[str, tuple[int, int, int]]:
+    if not math.isfinite(threshold):
+        return "n/a", _GREY
+    return ("NG", _RED) if score >= threshold else ("OK", _GREEN)
+
+
+def render_result(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    bounds: tuple[float, float],
+    score: float,
+    image_threshold: float,
+    pixel_threshold: float,
+    mask: np.ndarray | None = None,
+    label: int | None = None,
+    defect: str | None = None,
+) -> np.ndarray:
+    """One result picture: the panels side by side under a title bar.
+
+    Args:
+        image: [H, W, 3] uint8 RGB input, at the resolution of the map.
+        anomaly_map: [H, W] float anomaly scores.
+        bounds: (low, high) heatmap colour range from ``display_bounds`` (shared by the whole set).
+        score: image anomaly score; the verdict is NG when ``score >= image_threshold``.
+        image_threshold, pixel_threshold: decision thresholds (NaN: no verdict / no region drawn).
+        mask: [H, W] {0, 1} ground truth; ``None`` (e.g. prediction on new images) omits the GT panel.
+        label, defect: true label (1 = defective) and defect type, shown in the title when given.
+
+    Returns:
+        [T + H, P * W, 3] uint8 RGB, P = 4 panels with a mask and 3 without, T = title-bar height.
+    """
+    height, width = anomaly_map.shape
+    if image.shape[:2] != (height, width):
+        raise ValueError(f"image {image.shape[:2]} and anomaly map {(height, width)} differ in size")
+    panels = [image, _heatmap_overlay(image, anomaly_map, bounds), _region_outline(image, anomaly_map, pixel_threshold)]
+    captions = ["input", "heatmap", "prediction"]
+    if mask is not None:
+        panels.append(np.repeat((mask > 0).astype(np.uint8)[:, :, None] * 255, 3, axis=2))
+        captions.append("ground truth")
+    strip = np.concatenate(panels, axis=1)
+
+    verdict, verdict_colour = _verdict(score, image_threshold)
+    thr = f" / thr {image_threshold:.3f}" if math.isfinite(image_threshold) else ""
+    pieces = [(f"score {score:.3f}{thr}  pred ", _WHITE), (verdict, verdict_colour)]
+    if label is not None:
+        truth = "NG" if label else "OK"
+        pieces += [("  true ", _WHITE), (truth + (f" ({defect})" if label and defect else ""), _RED if label else _GREEN)]
+    margin = max(2, width // 64)
+    scale = _fit_scale(["".join(p for p, _ in pieces)], strip.shape[1] - 2 * margin, max(0.35, height / 256 * 0.6))
+    scale = min(scale, _fit_scale(captions, width - 2 * margin, scale))
+    thickness = 2 if scale >= 0.9 else 1
+    line = cv2.getTextSize("Ag", _FONT, scale, thickness)[0][1] + 2 * margin + 2
+    title = np.empty((2 * line, strip.shape[1], 3), dtype=np.uint8)
+    title[:] = _TITLE_BG
+    _draw_pieces(title, pieces, margin, line - margin - 2, scale, thickness)
+    for i, caption in enumerate(captions):
+        text_width = cv2.getTextSize(caption, _FONT, scale, thickness)[0][0]
+        _draw_pieces(title, [(caption, _GREY)], i * width + (width - text_width) // 2, 2 * line - margin - 2, scale, thickness)
+    return np.concatenate([title, strip], axis=0)
+
+
+def _input_image(dataset: AnomalyDataset, preds: Predictions, index: int) -> np.ndarray:
+    """The de-normalised input of prediction ``index``; checks that dataset and predictions are in the same order."""
+    item = dataset[index]
+    if preds.paths and item["path"] != preds.paths[index]:
+        raise ValueError(f"predictions and dataset disagree at {index}: {preds.paths[index]} vs {item['path']}")
+    return denormalize(item["image"])
+
+
+def render_prediction(
+    preds: Predictions, dataset: AnomalyDataset, index: int, thresholds: dict[str, float], bounds: tuple[float, float]
+) -> np.ndarray:
+    """``render_result`` for entry ``index`` of ``preds`` (computed on ``dataset`` in order, unshuffled)."""
+    has_truth = preds.masks is not None
+    return render_result(
+        _input_image(dataset, preds, index),
+        preds.anomaly_maps[index].numpy(),
+        bounds,
+        float(preds.scores[index]),
+        thresholds["image"],
+        thresholds["pixel"],
+        mask=preds.masks[index].numpy() if has_truth else None,
+        label=int(preds.labels[index]) if has_truth else None,
+        defect=preds.defects[index] if preds.defects else None,
+    )
+
+
+def _png_bytes(rgb: np.ndarray) -> bytes:
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError("OpenCV could not encode a PNG")
+    return encoded.tobytes()
+
+
+def save_result_images(
+    preds: Predictions, dataset: AnomalyDataset, thresholds: dict[str, float], folder: str | Path
+) -> list[Path]:
+    """Write ``<folder>/<defect>/<file name>.png`` for every prediction (``a.jpg`` -> ``a.jpg.png``, so ``a.png`` and
+    ``a.jpg`` never share a picture); returns the paths in prediction order."""
+    folder = Path(folder)
+    bounds = display_bounds(preds.anomaly_maps, thresholds["pixel"])
+    written = []
+    for i in range(len(preds.scores)):
+        defect = preds.defects[i] if preds.defects else "images"
+        target = folder / defect / (Path(preds.paths[i]).name + ".png")
+        data = _png_bytes(render_prediction(preds, dataset, i, thresholds, bounds))
+        atomic_write_bytes(target, lambda handle, data=data: handle.write(data))
+        written.append(target)
+    return written
+
+
+def select_frames(labels: Tensor, max_frames: int = 24) -> list[int]:
+    """Indices for a GIF: normal and defective images alternating, evenly spread within each group.
+
+    ``labels`` [N] (1 = defective) are in dataset order, which groups defects by type, so even spreading also
+    covers the defect types. Deterministic; when one group runs out the other fills the remaining frames.
+    """
+    normal = [i for i, v in enumerate(labels.tolist()) if v == 0]
+    defective = [i for i, v in enumerate(labels.tolist()) if v != 0]
+    total = min(max_frames, len(labels))
+    n_normal = min(len(normal), (total + 1) // 2)
+    n_defective = min(len(defective), total - n_normal)
+    n_normal = min(len(normal), total - n_defective)
+
+    def spread(group: list[int], k: int) -> list[int]:
+        return [group[int(round(j))] for j in np.linspace(0, len(group) - 1, k)] if k else []
+
+    picks_normal, picks_defective = spread(normal, n_normal), spread(defective, n_defective)
+    order = []
+    for j in range(max(n_normal, n_defective)):
+        order += picks_normal[j : j + 1] + picks_defective[j : j + 1]
+    return order
+
+
+def encode_gif(frames: list[np.ndarray], max_width: int = 800, duration_ms: int = 700) -> bytes:
+    """Frames ([H, W, 3] uint8 RGB, same size) -> looping palette GIF bytes, downscaled to ``max_width``."""
+    if not frames:
+        raise ValueError("a GIF needs at least one frame")
+    height, width = frames[0].shape[:2]
+    scale = min(1.0, max_width / width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    images = []
+    for frame in frames:
+        if scale < 1.0:
+            frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+        # No dithering: flat panels and text compress far better, and the heatmap has few distinct colours.
+        images.append(Image.fromarray(frame).quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE))
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0, optimize=False)
+    return buffer.getvalue()
+
+
+@dataclass
+class GifResult:
+    """What ``write_result_gif`` wrote: the GIF files and the prediction indices shown, in frame order."""
+
+    paths: list[Path]
+    frames: list[int]
+
+
+def write_result_gif(
+    preds: Predictions,
+    dataset: AnomalyDataset,
+    thresholds: dict[str, float],
+    targets: list[Path],
+    max_frames: int = 24,
+    max_width: int = 800,
+    duration_ms: int = 700,
+) -> GifResult:
+    """Render ``select_frames`` of the predictions and write the same GIF to every path in ``targets``."""
+    bounds = display_bounds(preds.anomaly_maps, thresholds["pixel"])
+    frames = select_frames(preds.labels, max_frames)
+    data = encode_gif([render_prediction(preds, dataset, i, thresholds, bounds) for i in frames], max_width, duration_ms)
+    for target in targets:
+        atomic_write_bytes(target, lambda handle: handle.write(data))
+    return GifResult(list(targets), frames)

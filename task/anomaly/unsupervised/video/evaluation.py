@@ -1,0 +1,201 @@
+"""Video evaluation: per-frame raw scores -> both protocols -> metrics.json, scores.npz, plots, GIF, checkpoint.
+
+A video method provides ``score_batch(model, batch, settings) -> (raw scores name -> [B], error maps [B, 1, H, W])``.
+Calibration is the statistics of the raw scores of the training frames (``frame_scoring.fit_train_stats``) and an
+alarm threshold fitted on them: the online protocol and predict use only these, never the test set. The paper
+protocol (``frame_scoring.paper_protocol``) uses whole-video statistics of the test videos, as the official code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor, nn
+from torch.utils.data import Subset
+
+from task.anomaly.unsupervised.engine.checkpoints import make_payload
+from task.anomaly.unsupervised.models.dmad_video.templates import background_for, templates_tensor
+from task.anomaly.unsupervised.data.video.clips import ClipDataset, Video, scan_videos
+from task.anomaly.unsupervised.data.video.labels import attach_labels, load_frame_labels
+from task.anomaly.unsupervised.engine.engine import Engine
+from task.anomaly.unsupervised.scoring.protocols import ProtocolParams, fit_threshold, fit_train_stats, online_frame_scores, online_protocol, paper_protocol
+from task.anomaly.unsupervised.video.inference import FrameScores, score_clips
+from task.anomaly.unsupervised.video.outputs import write_plots_and_gif
+from task.anomaly.unsupervised.scoring.score_file import ScoreFile, write_scores
+from task.common.config import Config
+from task.common.io import csv_cell, ensure_dir, save_checkpoint, write_json, write_text
+
+log = logging.getLogger("anomaly")
+
+# Training clips scored for the calibration statistics at most (evenly spread); enough for stable 1 %/99 % quantiles.
+MAX_CALIBRATION_CLIPS = 2000
+
+
+def video_split(engine: Engine, split: str) -> tuple[list[Video], ClipDataset]:
+    """The videos of ``split`` (test videos with their frame labels) and their clip dataset."""
+    ds = engine.cfg.DATASET
+    videos = scan_videos(ds, split)
+    if split == "test":
+        videos = attach_labels(videos, load_frame_labels(ds, videos, ds.clip_length))
+    dataset = ClipDataset(videos, ds.clip_length, tuple(ds.resize), ds.grayscale, ds.cache, ds.background == "per_video")
+    return videos, dataset
+
+
+def background_templates(engine: Engine, videos: list[Video]) -> Tensor:
+    """Background templates [V, C, H, W] in [-1, 1] for ``videos`` (one shared, or one per video), cached on disk."""
+    ds = engine.cfg.DATASET
+    cache = Path(ds.datadir).expanduser() / ds.target / ".background-cache"
+    try:
+        ensure_dir(cache)
+    except Exception:  # noqa: BLE001  (a read-only dataset: compute without caching)
+        cache = None
+    return templates_tensor(background_for(videos, tuple(ds.resize), ds.grayscale, ds.background == "per_video", cache))
+
+
+@contextlib.contextmanager
+def test_backgrounds(engine: Engine, model: nn.Module, videos: list[Video]):
+    """While scoring test videos: per-video templates are learned for the training videos, so each test video gets the
+    median template of its own frames (as the official ShanghaiTech evaluation). The trained templates are put back
+    afterwards, so training, calibration and the saved model.pt keep them. Shared templates are used as they are."""
+    if engine.cfg.DATASET.background != "per_video":
+        yield
+        return
+    trained = model.background.template
+    templates = background_templates(engine, videos).to(trained.device)
+    model.background.template = nn.Parameter(templates.expand(-1, model.channels, -1, -1).contiguous(), requires_grad=False)
+    try:
+        yield
+    finally:
+        model.background.template = trained
+
+
+@dataclass
+class Calibration:
+    """Training-frame statistics per raw score, the online alarm threshold, and the SCORE settings they were fitted
+    with (stored in the checkpoint; the fused scores and threshold belong to those settings)."""
+
+    train_stats: dict[str, dict[str, float]]
+    threshold: float
+    protocol: dict[str, Any] | None = None  # ProtocolParams.to_config() of the fit
+    scoring: dict[str, Any] | None = None  # the method's scoring settings of the fit (score variants, windows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train_stats": self.train_stats, "threshold": self.threshold, "protocol": self.protocol, "scoring": self.scoring}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Calibration | None:
+        if not isinstance(data, dict) or not isinstance(data.get("train_stats"), dict) or not isinstance(data.get("threshold"), (int, float)):
+            return None
+        protocol = data.get("protocol") if isinstance(data.get("protocol"), dict) else None
+        scoring = data.get("scoring") if isinstance(data.get("scoring"), dict) else None
+        return cls(data["train_stats"], float(data["threshold"]), protocol, scoring)
+
+    def fits(self, params: ProtocolParams, scoring: dict[str, Any]) -> bool:
+        """True when this calibration was fitted with ``params`` and the method's ``scoring`` settings (what a
+        calibration did not record is assumed to match)."""
+        return (self.protocol is None or self.protocol == params.to_config()) and (self.scoring is None or self.scoring == scoring)
+
+
+def served_protocol(calibration: Calibration, cfg: Config, path: Path) -> ProtocolParams:
+    """The SCORE settings the checkpoint's threshold was fitted with (a differing YAML section is a warning)."""
+    asked = ProtocolParams.from_config(cfg.SCORE)
+    if calibration.protocol is None or calibration.protocol == asked.to_config():
+        return asked
+    log.warning("SCORE: serving the settings %s was calibrated with (the config's differ); run --mode test with the new SCORE section to recalibrate", path)
+    return ProtocolParams.from_config(calibration.protocol)
+
+
+def calibrate(engine: Engine, model: nn.Module, train_videos: list[Video], train_set: ClipDataset) -> Calibration:
+    """Statistics of the raw scores of (at most ``MAX_CALIBRATION_CLIPS``) training clips, and the alarm threshold."""
+    count = len(train_set)
+    picks = np.unique(np.linspace(0, count - 1, min(count, MAX_CALIBRATION_CLIPS)).round().astype(int)).tolist()
+    scored = score_clips(engine, model, Subset(train_set, picks), train_videos, "calibrate")
+    params = ProtocolParams.from_config(engine.cfg.SCORE)
+    stats = fit_train_stats(scored.scores)
+    scoring = engine.method.config_scoring(engine.cfg)
+    return Calibration(stats, fit_threshold(scored.scores, stats, params), params.to_config(), scoring)
+
+
+def evaluate(engine: Engine, model: nn.Module, calibration: Calibration, test_videos: list[Video], test_set: ClipDataset, step: int | None, out_dir: Path | None, final: bool) -> dict[str, Any]:
+    """Both protocols on the test videos; with ``final`` also every output file."""
+    if not engine.dist.is_main:
+        return {}
+    cfg = engine.cfg
+    start = time.perf_counter()
+    with test_backgrounds(engine, model, test_videos):
+        scored = score_clips(engine, model, test_set, test_videos, "test")
+    labels = [v.labels[f] for v, f in zip(scored.videos, scored.frames)]
+    names = [v.name for v in scored.videos]
+    params = ProtocolParams.from_config(cfg.SCORE)
+    paper = paper_protocol({n: scored.scores[n] for n in params.names}, labels, params, names)
+    online = online_protocol({n: scored.scores[n] for n in params.names}, labels, calibration.train_stats, params, calibration.threshold, names)
+    metrics = {
+        "frame_auroc": paper["frame_auroc"], "frame_aupr": paper["frame_aupr"],
+        "frame_auroc_online": online["frame_auroc_online"], "frame_aupr_online": online["frame_aupr_online"],
+        "online_threshold": online["online_threshold"], "online_tpr": online["online_tpr"], "online_fpr": online["online_fpr"],
+    }
+    log.info(
+        "%s%s: %s (%.1fs)", cfg.DATASET.target, f" step {step}" if step is not None else "",
+        " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)), time.perf_counter() - start,
+    )
+    engine.reporters.log_eval(step, metrics)
+    if final:
+        details = {"per_video_auroc": paper["per_video_auroc"], "per_video_auroc_online": online["per_video_auroc_online"]}
+        write_outputs(engine, out_dir or engine.run_dir, model, test_set, calibration, scored, metrics, details, step)
+    return metrics
+
+
+def write_outputs(engine: Engine, out_dir: Path, model: nn.Module, test_set: ClipDataset, calibration: Calibration, scored: FrameScores, metrics: dict[str, Any], details: dict[str, Any], step: int | None) -> None:
+    """model.pt (with the calibration), metrics.json, run.json, frame_scores.csv, scores.npz, plots, GIF, reporters."""
+    cfg = engine.cfg
+    ensure_dir(out_dir)
+    payload = make_payload(engine.method, cfg, model, {"frame": calibration.threshold})
+    payload["calibration"] = calibration.to_dict()
+    save_checkpoint(payload, out_dir / "model.pt")
+    write_json(out_dir / "metrics.json", {**{k: _json_number(v) for k, v in metrics.items()}, **{k: {n: _json_number(x) for n, x in d.items()} for k, d in details.items()}})
+    write_json(out_dir / "run.json", {
+        "method": engine.method.name, "modality": "video", "category": cfg.DATASET.target, "format": "video",
+        "exp_name": cfg.RESULT.exp_name, **engine.method.describe(cfg), "image_size": list(cfg.DATASET.resize),
+        "steps": step, "device": str(engine.device),
+    })
+    params = ProtocolParams.from_config(cfg.SCORE)
+    online = online_frame_scores({n: scored.scores[n] for n in params.names}, calibration.train_stats, params)
+    write_text(out_dir / "frame_scores.csv", frame_scores_csv(scored, online, calibration.threshold))
+    if cfg.TEST.save_scores:
+        write_scores(out_dir / "scores.npz", ScoreFile(
+            dataset=cfg.DATASET.target, clip_length=cfg.DATASET.clip_length, videos=[v.name for v in scored.videos],
+            scores=scored.scores, labels=[np.asarray(v.labels, dtype=np.int8) for v in scored.videos], frames=scored.frames,
+            train_stats=calibration.train_stats, threshold=calibration.threshold, extra={"source": f"{engine.method.name} {cfg.DATASET.target}"},
+        ))
+    gif, plots = None, []
+    if cfg.TEST.save_images:
+        try:
+            with test_backgrounds(engine, model, scored.videos):
+                plots, gif = write_plots_and_gif(engine, out_dir, model, test_set, scored, online, calibration.threshold)
+        except Exception as exc:  # noqa: BLE001  (pictures are a by-product: never lose a finished run over them)
+            log.warning("score plots / GIF not written (%s: %s); model.pt and metrics are saved, rerun with --mode gif", type(exc).__name__, exc)
+    engine.reporters.log_results(metrics, [(p, p.stem) for p in plots[:8]], gif, out_dir / "model.pt")
+    log.info("outputs written to %s", out_dir)
+
+
+def frame_scores_csv(scored: FrameScores, online: list[np.ndarray], threshold: float) -> str:
+    """``video,frame,label,score,prediction`` per scored frame (online score; prediction = score >= threshold)."""
+    lines = ["video,frame,label,score,prediction"]
+    for video, frames, values in zip(scored.videos, scored.frames, online):
+        for frame, value in zip(frames.tolist(), values.tolist()):
+            label = int(video.labels[frame]) if video.labels is not None else ""
+            lines.append(f"{csv_cell(video.name)},{frame},{label},{value:.6f},{int(value >= threshold)}")
+    return "\n".join(lines) + "\n"
+
+
+def _json_number(v: Any) -> Any:
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v

@@ -1,0 +1,187 @@
+"""The modes of a video run (``DATASET.format=video``), as an explicit table of functions with typed arguments.
+
+Same commands as the image runs; the last epoch is the model (nothing is selected with test labels), and the
+calibration (training-frame score statistics and the alarm threshold) is stored in model.pt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from task.anomaly.unsupervised.data.video.synthetic import make_video_demo
+from task.anomaly.unsupervised.data.video.clips import Video
+from task.anomaly.unsupervised.engine.engine import Engine, LoadedModel
+from task.anomaly.unsupervised.scoring.protocols import ProtocolParams, evaluate_scores
+from task.anomaly.unsupervised.image.modes import ModeFunction, ModeOptions, mode_report, test_output_dir
+from task.anomaly.unsupervised.scoring.score_file import read_scores
+from task.anomaly.unsupervised.video.evaluation import Calibration, background_templates, calibrate, evaluate, video_split
+from task.anomaly.unsupervised.video.export import mode_export
+from task.anomaly.unsupervised.video.predict import mode_predict
+from task.common.errors import UserError
+from task.common.io import ensure_dir, write_text
+
+log = logging.getLogger("anomaly")
+
+
+def prepare_video_data(engine: Engine) -> None:
+    """Generate the synthetic surveillance demo when DATASET.demo is set (rank 0 writes, the others wait)."""
+    ds = engine.cfg.DATASET
+    if ds.demo:
+        if engine.dist.is_main:
+            make_video_demo(ds.datadir, ds.target, size=ds.resize[0])
+        engine.dist.barrier()
+
+
+def fresh_model(engine: Engine, train_videos: list[Video]) -> torch.nn.Module:
+    """A new model for training (or timing it): one background template per training video or one shared, initialised
+    from the training frames; on the device, compiled with TRAIN.compile."""
+    method = engine.method
+    model = method.build(engine.cfg, num_videos=len(train_videos))
+    method.set_background(model, background_templates(engine, train_videos))
+    return engine.maybe_compile(method.to_device(model, engine.device, engine.channels_last))
+
+
+def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
+    """Train on the training videos, calibrate on them, evaluate the last model on the test videos."""
+    from task.anomaly.unsupervised.engine.training import train
+
+    with engine.owning_run_dir(), engine.reporting("train"):
+        prepare_video_data(engine)
+        train_videos, train_set = video_split(engine, "train")
+        test_videos, test_set = video_split(engine, "test")
+        ensure_dir(engine.run_dir)
+        engine.setup_log_file()
+        if engine.dist.is_main:
+            import yaml
+
+            write_text(engine.run_dir / "config.yaml", yaml.safe_dump(engine.cfg.to_dict(), sort_keys=False))
+        log.info("%d training videos (%d clips), %d test videos (%d clips)", len(train_videos), len(train_set), len(test_videos), len(test_set))
+        model = fresh_model(engine, train_videos)
+
+        def evaluate_now(trained, step: int, final: bool) -> dict[str, Any]:
+            if not engine.dist.is_main:
+                return {}
+            calibration = calibrate(engine, trained, train_videos, train_set)
+            return evaluate(engine, trained, calibration, test_videos, test_set, step, None, final)
+
+        return train(engine, train_set, evaluate_now, model=model)
+
+
+def _calibration(engine: Engine, loaded: LoadedModel) -> Calibration:
+    """The checkpoint's calibration when it was fitted with this config's SCORE settings; else fitted anew."""
+    calibration = Calibration.from_dict(loaded.calibration)
+    engine.method.apply_scoring(loaded.model, engine.cfg)  # score with this command's settings
+    if calibration is not None and calibration.fits(ProtocolParams.from_config(engine.cfg.SCORE), engine.method.config_scoring(engine.cfg)):
+        return calibration
+    if calibration is not None:
+        log.info("the scoring settings differ from those %s was calibrated with; recalibrating on the training videos", loaded.path)
+    train_videos, train_set = video_split(engine, "train")
+    return calibrate(engine, loaded.model, train_videos, train_set)
+
+
+def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:
+    """Evaluate a checkpoint on the test videos (its stored calibration; recomputed when absent)."""
+    path = engine.checkpoint_path(options.checkpoint)
+    with engine.owning_run_dir(), engine.reporting("test"):
+        ensure_dir(engine.run_dir)
+        engine.setup_log_file()
+        loaded = engine.load(path)
+        engine.adopt(loaded.cfg)  # frame size, colour and clip length follow the checkpoint
+        prepare_video_data(engine)
+        test_videos, test_set = video_split(engine, "test")
+        out_dir = test_output_dir(engine, path)
+        calibration = _calibration(engine, loaded)
+        return evaluate(engine, loaded.model, calibration, test_videos, test_set, None, out_dir, True)
+
+
+def mode_gif(engine: Engine, options: ModeOptions) -> None:
+    """Rebuild the score plots and the GIF from a checkpoint (no training; model.pt and metrics are left alone)."""
+    from task.anomaly.unsupervised.scoring.protocols import online_frame_scores
+    from task.anomaly.unsupervised.video.evaluation import test_backgrounds
+    from task.anomaly.unsupervised.video.inference import score_clips
+    from task.anomaly.unsupervised.video.outputs import write_plots_and_gif
+
+    path = engine.checkpoint_path(options.checkpoint)
+    with engine.owning_run_dir():
+        loaded = engine.load(path)
+        engine.adopt(loaded.cfg)
+        prepare_video_data(engine)
+        test_videos, test_set = video_split(engine, "test")
+        calibration = _calibration(engine, loaded)
+        with test_backgrounds(engine, loaded.model, test_videos):
+            scored = score_clips(engine, loaded.model, test_set, test_videos, "gif")
+            params = ProtocolParams.from_config(engine.cfg.SCORE)
+            online = online_frame_scores({n: scored.scores[n] for n in params.names}, calibration.train_stats, params)
+            write_plots_and_gif(engine, test_output_dir(engine, path), loaded.model, test_set, scored, online, calibration.threshold)
+
+
+def mode_score(engine: Engine, options: ModeOptions) -> dict[str, Any]:
+    """Recompute both protocols from a scores.npz (``--input``), with this YAML's SCORE settings."""
+    if not options.input:
+        raise UserError("--mode score needs --input FILE.npz (a scores.npz written by a video test run, or converted official scores)")
+    scores = read_scores(Path(options.input))
+    settings = scores.extra.get("protocol")
+    if isinstance(settings, dict):
+        # e.g. converted official files: their values already went through some protocol steps
+        log.info("%s carries its own SCORE settings (%s); they replace the YAML's SCORE section", options.input, scores.extra.get("source", "no source given"))
+        params = ProtocolParams.from_config(settings)
+    else:
+        params = ProtocolParams.from_config(engine.cfg.SCORE)
+    result = evaluate_scores(scores, params)
+    print(json.dumps(result, indent=2, default=float))
+    return {k: v for k, v in result.items() if isinstance(v, float)}
+
+
+def mode_benchmark(engine: Engine, options: ModeOptions) -> None:
+    """Clips/s for training steps and for evaluation (scores included), as one JSON line."""
+    from task.anomaly.unsupervised.image.benchmark import time_training_steps
+    from task.anomaly.unsupervised.engine.training import Stepper
+    from task.anomaly.unsupervised.video.inference import score_clips
+
+    cfg = engine.cfg
+    method = engine.method
+    prepare_video_data(engine)
+    train_videos, train_set = video_split(engine, "train")
+    model = fresh_model(engine, train_videos)
+    bench = cfg.BENCHMARK
+    batch_size = cfg.DATALOADER.batch_size
+    batches = (
+        torch.utils.data.default_collate([train_set[(step * batch_size + j) % len(train_set)] for j in range(batch_size)])
+        for step in range(bench.warmup + bench.train_steps)
+    )
+    model.train()
+    times = time_training_steps(Stepper(engine, model), batches, engine.device, bench.warmup)
+    count = len(train_set) if bench.eval_images is None else min(bench.eval_images, len(train_set))
+    subset = torch.utils.data.Subset(train_set, list(range(count)))
+    start = time.perf_counter()
+    score_clips(engine, model, subset, train_videos, "benchmark")
+    eval_s = time.perf_counter() - start
+    train_s = sum(times) / len(times)
+    result = {
+        "train_s_per_step": train_s, "train_clips_per_s": batch_size / train_s, "eval_clips_per_s": count / eval_s,
+        "eval_clips": count, "device": str(engine.device), "amp": engine.amp, "batch_size": batch_size,
+        "eval_batch_size": cfg.TEST.batch_size, "image_size": list(cfg.DATASET.resize), "clip_length": cfg.DATASET.clip_length,
+        "method": method.name, **method.describe(cfg), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }
+    if engine.dist.is_main:
+        print(json.dumps(result), flush=True)
+    engine.dist.barrier()
+
+
+VIDEO_MODES: dict[str, ModeFunction] = {
+    "train": mode_train,
+    "test": mode_test,
+    "gif": mode_gif,
+    "report": mode_report,
+    "score": mode_score,
+    "predict": mode_predict,
+    "export": mode_export,
+    "benchmark": mode_benchmark,
+}
+
