@@ -57,12 +57,12 @@ def modality_of(yaml_path: str, overrides: list[str]) -> str:
 def run(args: argparse.Namespace) -> int:
     import task.anomaly.unsupervised.models.available  # noqa: F401  (registers the methods)
     from task.anomaly.unsupervised.engine.engine import Engine
-    from task.anomaly.unsupervised.modalities import modes_for
-    from task.anomaly.unsupervised.image.modes import ModeOptions
+    from task.anomaly.unsupervised.engine.modes import ModeOptions
     from task.anomaly.unsupervised.engine.schema import run_schema
+    from task.anomaly.unsupervised.modalities import modes_for
+    from task.anomaly.unsupervised.models.registry import get_method
     from task.common.config import load_config, parse_override
     from task.common.errors import UserError
-    from task.anomaly.unsupervised.models.registry import get_method
 
     method = get_method(args.task_type, args.model_type, args.model_name, modality_of(args.yaml_config, args.overrides))
     cfg = load_config(run_schema(method.model_schema, method.extra_sections), args.yaml_config, args.overrides)

@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 UNSUPERVISED = REPO / "task" / "anomaly" / "unsupervised"
 IMAGE_MODEL = UNSUPERVISED / "models" / "dmad"
 VIDEO_MODEL = UNSUPERVISED / "models" / "dmad_video"
-FRAME_SCORING = UNSUPERVISED / "frame_scoring.py"
-INFERENCE = UNSUPERVISED / "inference.py"
+FRAME_SCORING = UNSUPERVISED / "scoring"
+INFERENCE = UNSUPERVISED / "records.py"
 SMOOTHING = REPO / "task" / "common" / "smoothing.py"
 WARPING = REPO / "task" / "common" / "warping.py"
 
@@ -518,7 +518,7 @@ def draw_pdm(path: Path) -> list[str]:
 
     # The paper protocol turns the raw scores into one score per frame.
     row_e, h_e = 790, 92
-    fig.group(c1 - 8, 757, 1376, 140, f"{code(FRAME_SCORING, 'paper_protocol')}  (frame_scoring.py; ped2 preset shown)", label_x=960)
+    fig.group(c1 - 8, 757, 1376, 140, f"{code(FRAME_SCORING, 'paper_protocol')}  (scoring/; ped2 preset shown)", label_x=960)
     bw, gap = 228, 50
     xs = [c1 + i * (bw + gap) for i in range(5)]
     steps = [
@@ -537,7 +537,7 @@ def draw_pdm(path: Path) -> list[str]:
 
     fig.legend(920)
     fig.text(20, 948, "D = MODEL.memory_dim (256 for ped2).  Scores and the protocol settings differ per dataset: "
-             "see dmad_video/config.py and frame_scoring.py.", color=MUTED)
+             "see dmad_video/config.py, dmad_video/presets.py and scoring/.", color=MUTED)
     fig.save(path)
     return fig.code_names
 

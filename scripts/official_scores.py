@@ -60,8 +60,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a file from anywhere
 
-from task.anomaly.unsupervised.scoring.protocols import PAPER_PRESETS, ProtocolParams, evaluate_scores  # noqa: E402
+from task.anomaly.unsupervised.models.dmad_video.presets import PAPER_PRESETS
+from task.anomaly.unsupervised.scoring.protocols import evaluate_scores  # noqa: E402
 from task.anomaly.unsupervised.scoring.score_file import ScoreFile, write_scores  # noqa: E402
+from task.anomaly.unsupervised.scoring.settings import ProtocolParams
 from task.common.errors import UserError  # noqa: E402
 
 CLIP_LENGTH = 4  # official time_step: 4 input frames predict the 5th

@@ -124,8 +124,8 @@ def build_ours(args):
     import task.anomaly.unsupervised.models.available  # noqa: F401  (registers the methods)
     from task.anomaly.unsupervised.engine.engine import Engine
     from task.anomaly.unsupervised.engine.schema import run_schema
-    from task.common.config import load_config
     from task.anomaly.unsupervised.models.registry import get_method
+    from task.common.config import load_config
 
     method = get_method("anomaly", "unsupervised", "dmad", "video")
     overrides = ["DATASET.resize=[256,256]", "DATASET.clip_length=4", "DATASET.grayscale=false", "DATALOADER.batch_size=8", "DATALOADER.num_workers=0"]

@@ -74,8 +74,9 @@ def main_in_process(*args: str) -> Result:
     main.py's logging set-up is skipped (pytest owns the root logger's handlers; log records reach ``caplog``), and the
     root level is INFO for the call so that the engine's messages are recorded.
     """
-    import main
     import torch
+
+    import main
 
     out, err = io.StringIO(), io.StringIO()
     root = logging.getLogger()
@@ -125,8 +126,8 @@ def _no_leaked_log_handlers():
 # ----------------------------------------------------------------------------------------------- engine helpers
 def load_run_config(*overrides: str, yaml: Path | None = DEMO_YAML):
     """The demo run's config (the DMAD run schema) with ``overrides``."""
-    from task.anomaly.unsupervised.models.dmad.config import MODEL_SCHEMA
     from task.anomaly.unsupervised.engine.schema import run_schema
+    from task.anomaly.unsupervised.models.dmad.config import MODEL_SCHEMA
     from task.common.config import load_config
 
     return load_config(run_schema(MODEL_SCHEMA), yaml, list(overrides))

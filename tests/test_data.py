@@ -27,7 +27,6 @@ from task.anomaly.unsupervised.data.image.synthetic import make_demo_dataset
 from task.common.config import Config
 from task.common.errors import UserError
 
-
 # --------------------------------------------------------------------------- helpers
 
 

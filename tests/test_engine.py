@@ -12,12 +12,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import BASE, CATEGORY, DEMO_YAML, SIZE, assert_ok, main_in_process, make_engine, train_overrides
 from PIL import Image
 
-from conftest import BASE, CATEGORY, DEMO_YAML, SIZE, assert_ok, main_in_process, make_engine, train_overrides
 from task.anomaly.unsupervised.engine.engine import run_dir_for
 from task.common.io import save_checkpoint
-
 
 
 def test_testing_a_foreign_checkpoint_never_replaces_the_runs_files(trained_run, tmp_path: Path) -> None:

@@ -11,9 +11,11 @@ import pytest
 import yaml
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from task.anomaly.unsupervised.models.dmad_video.presets import PAPER_PRESETS, SCORE_SCHEMA
+from task.anomaly.unsupervised.scoring import filters
 from task.anomaly.unsupervised.scoring import protocols as fs
 from task.anomaly.unsupervised.scoring import score_file as sfm
-from task.anomaly.unsupervised.scoring.protocols import PAPER_PRESETS, ProtocolParams, WindowParams
+from task.anomaly.unsupervised.scoring.settings import ProtocolParams, WindowParams
 from task.common.config import load_config
 from task.common.errors import UserError
 
@@ -56,38 +58,38 @@ def reference_smooth(x: np.ndarray, w: WindowParams) -> np.ndarray:
 
 def test_normalize_per_video_vs_global():
     videos = [np.array([0.0, 2.0, 4.0]), np.array([1.0, 3.0])]
-    per_video = fs.normalize(videos, "per_video", 0.0, "anomaly")
-    glob = fs.normalize(videos, "global", 0.0, "anomaly")
+    per_video = filters.normalize(videos, "per_video", 0.0, "anomaly")
+    glob = filters.normalize(videos, "global", 0.0, "anomaly")
     # Exact: every value is a ratio of small integers computed with one subtraction and one division.
     np.testing.assert_array_equal(per_video[0], [0.0, 0.5, 1.0])
     np.testing.assert_array_equal(per_video[1], [0.0, 1.0])
     np.testing.assert_array_equal(glob[1], [0.25, 0.75])
-    np.testing.assert_array_equal(fs.normalize(videos, "global", 0.0, "normality")[1], [0.75, 0.25])
-    np.testing.assert_array_equal(fs.normalize(videos, "none", 0.0, "normality")[0], [-0.0, -2.0, -4.0])
+    np.testing.assert_array_equal(filters.normalize(videos, "global", 0.0, "normality")[1], [0.75, 0.25])
+    np.testing.assert_array_equal(filters.normalize(videos, "none", 0.0, "normality")[0], [-0.0, -2.0, -4.0])
     # eps enlarges the range: 2 / (4 + 1).
-    assert fs.normalize(videos, "per_video", 1.0, "anomaly")[0][1] == 2.0 / 5.0
+    assert filters.normalize(videos, "per_video", 1.0, "anomaly")[0][1] == 2.0 / 5.0
     # Official dtypes: per-video maths on Python floats (float64), the global Avenue arrays stay float32.
-    assert fs.normalize([np.array([1, 2], dtype=np.float32)], "global", 0.0, "anomaly")[0].dtype == np.float32
-    assert fs.normalize([np.array([1, 2], dtype=np.float32)], "per_video", 0.0, "anomaly")[0].dtype == np.float64
+    assert filters.normalize([np.array([1, 2], dtype=np.float32)], "global", 0.0, "anomaly")[0].dtype == np.float32
+    assert filters.normalize([np.array([1, 2], dtype=np.float32)], "per_video", 0.0, "anomaly")[0].dtype == np.float64
     with pytest.raises(UserError, match="constant"):
-        fs.normalize([np.array([3.0, 3.0])], "per_video", 0.0, "anomaly", "prediction")
-    np.testing.assert_array_equal(fs.normalize([np.array([3.0, 3.0])], "per_video", 1e-8, "anomaly")[0], [0.0, 0.0])
+        filters.normalize([np.array([3.0, 3.0])], "per_video", 0.0, "anomaly", "prediction")
+    np.testing.assert_array_equal(filters.normalize([np.array([3.0, 3.0])], "per_video", 1e-8, "anomaly")[0], [0.0, 0.0])
 
 
 def test_robust_window_by_hand_with_edges():
     x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
     # keep = size: a plain weighted mean; (1*1 + 2*2 + 3*1) / 4 = 2 etc.; the edges copy the nearest result.
-    np.testing.assert_array_equal(fs.robust_smooth(x, window(3, 3, [1, 2, 1])), [2, 2, 3, 4, 4])
-    np.testing.assert_array_equal(fs.robust_smooth(x, window(3, 3, [1, 2, 1], left="fill", fill=9)), [9, 2, 3, 4, 4])
+    np.testing.assert_array_equal(filters.robust_smooth(x, window(3, 3, [1, 2, 1])), [2, 2, 3, 4, 4])
+    np.testing.assert_array_equal(filters.robust_smooth(x, window(3, 3, [1, 2, 1], left="fill", fill=9)), [9, 2, 3, 4, 4])
     # shift 1 (official utils.conf_avg): results one past the centre, both edges filled.
-    np.testing.assert_array_equal(fs.robust_smooth(x, window(3, 3, shift=1, left="fill", right="fill", fill=9)), [9, 9, 2, 3, 4])
+    np.testing.assert_array_equal(filters.robust_smooth(x, window(3, 3, shift=1, left="fill", right="fill", fill=9)), [9, 9, 2, 3, 4])
     # [0, 1, 5]: mean 2, distances 2, 1, 3 -> keep 0 and 1 with weights 1 and 2: (0 + 2) / 3.
-    assert fs.robust_smooth(np.array([0.0, 1.0, 5.0]), window(3, 2, [1, 2, 1]))[1] == pytest.approx(2 / 3, rel=1e-15)
+    assert filters.robust_smooth(np.array([0.0, 1.0, 5.0]), window(3, 2, [1, 2, 1]))[1] == pytest.approx(2 / 3, rel=1e-15)
     # The robust mean drops an isolated spike.
-    np.testing.assert_array_equal(fs.robust_smooth(np.array([0, 0, 0, 10, 0, 0, 0.0]), window(3, 2)), np.zeros(7))
+    np.testing.assert_array_equal(filters.robust_smooth(np.array([0, 0, 0, 10, 0, 0, 0.0]), window(3, 2)), np.zeros(7))
     # Shorter than the window: fill wins, else unchanged.
-    np.testing.assert_array_equal(fs.robust_smooth(x[:2], window(3, 2, left="fill", fill=1)), [1, 1])
-    np.testing.assert_array_equal(fs.robust_smooth(x[:2], window(3, 2)), x[:2])
+    np.testing.assert_array_equal(filters.robust_smooth(x[:2], window(3, 2, left="fill", fill=1)), [1, 1])
+    np.testing.assert_array_equal(filters.robust_smooth(x[:2], window(3, 2)), x[:2])
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -100,41 +102,41 @@ def test_vectorised_window_equals_loop_bit_for_bit(dtype):
               window(11, 5, PAPER_PRESETS["avenue"]["SMOOTH"]["weights"]),
               window(55, 49, shift=1, left="fill", right="fill", fill=1.0)):
         # Same operations in the same order (row means and sums reduce like 1-D ones), so equality is exact.
-        np.testing.assert_array_equal(fs.robust_smooth(x, w), reference_smooth(x, w))
+        np.testing.assert_array_equal(filters.robust_smooth(x, w), reference_smooth(x, w))
 
 
 def test_concat_scope_crosses_videos_and_video_scope_does_not():
     videos = [np.zeros(3), np.full(3, 9.0)]
-    concat = fs.smooth_sequences(videos, window(3, 3))
-    alone = fs.smooth_sequences(videos, replace(window(3, 3), scope="video"))
+    concat = filters.smooth_sequences(videos, window(3, 3))
+    alone = filters.smooth_sequences(videos, replace(window(3, 3), scope="video"))
     assert [v.shape for v in concat] == [(3,), (3,)]
     assert concat[0][2] == 3.0 and concat[1][0] == 6.0  # windows [0, 0, 9] and [0, 9, 9]
     np.testing.assert_array_equal(np.concatenate(alone), [0, 0, 0, 9, 9, 9])
-    assert fs.smooth_sequences(videos, replace(window(3, 3), enabled=False))[1] is videos[1]
+    assert filters.smooth_sequences(videos, replace(window(3, 3), enabled=False))[1] is videos[1]
 
 
 def test_fuse_weights_and_order():
     a, b, c = np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([0.1, 0.3])
-    fused = fs.fuse({"d": [a], "p": [b], "g": [c]}, ["d", "p", "g"], [0.2, 0.4, 0.6])[0]
+    fused = filters.fuse({"d": [a], "p": [b], "g": [c]}, ["d", "p", "g"], [0.2, 0.4, 0.6])[0]
     np.testing.assert_array_equal(fused, (a * 0.2 + b * 0.4) + c * 0.6)  # the official addition order
     np.testing.assert_allclose(fused, [0.26, 0.58], rtol=1e-15)
 
 
 def test_kalman_by_hand():
     # q = 0, r = 1: gains 1/2 then 1/3; frame 0 shows the raw value, the recursion started from 0.
-    np.testing.assert_allclose(fs.kalman_filter(np.array([5.0, 1.0, 1.0]), 0.0, 1.0), [5.0, 0.5, 2 / 3], rtol=1e-15)
-    assert fs.kalman_filter(np.array([]), 1e-5, 0.01).shape == (0,)
+    np.testing.assert_allclose(filters.kalman_filter(np.array([5.0, 1.0, 1.0]), 0.0, 1.0), [5.0, 0.5, 2 / 3], rtol=1e-15)
+    assert filters.kalman_filter(np.array([]), 1e-5, 0.01).shape == (0,)
 
 
 def test_causal_smooth_by_hand_and_never_looks_ahead():
     # t=2: mean 10/3, keep 0 and 3; t=3: [3, 7, 100] keeps 3 and 7.
-    np.testing.assert_array_equal(fs.causal_smooth(np.array([0.0, 3.0, 7.0, 100.0]), 3, 2), [0.0, 1.5, 1.5, 5.0])
+    np.testing.assert_array_equal(filters.causal_smooth(np.array([0.0, 3.0, 7.0, 100.0]), 3, 2), [0.0, 1.5, 1.5, 5.0])
     rng = np.random.default_rng(1)
     x = rng.random(60)
     for k in (1, 10, 30, 59):
         y = x.copy()
         y[k:] = rng.random(60 - k) * 100
-        np.testing.assert_array_equal(fs.causal_smooth(y, 7, 4)[:k], fs.causal_smooth(x, 7, 4)[:k])
+        np.testing.assert_array_equal(filters.causal_smooth(y, 7, 4)[:k], filters.causal_smooth(x, 7, 4)[:k])
 
 
 def test_online_scores_are_causal_end_to_end():
@@ -224,10 +226,11 @@ def test_presets_round_trip_and_yaml_section(tmp_path):
     assert (sh.pre_smooth.keep, sh.smooth.keep, sh.post_smooth.keep) == (round(69 * 0.36), int(55 * 0.9), 55 // 2)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"SCORE": PAPER_PRESETS["avenue"]}))  # configs refuse anchors: presets share no objects
-    cfg = load_config({"SCORE": fs.SCORE_SCHEMA}, path, ["SCORE.ONLINE.window=9"])
+    cfg = load_config({"SCORE": SCORE_SCHEMA}, path, ["SCORE.ONLINE.window=9"])
     params = ProtocolParams.from_config(cfg.SCORE)
     assert params.names == ("deformation", "prediction") and params.online.window == 9
-    assert ProtocolParams.from_config({}) == ProtocolParams.from_config(PAPER_PRESETS["ped2"])
+    with pytest.raises(UserError, match="lacks names"):  # a recorded protocol is never completed from defaults
+        ProtocolParams.from_config({})
 
 
 @pytest.mark.parametrize("change, message", [

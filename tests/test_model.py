@@ -9,17 +9,17 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from task.anomaly.unsupervised.image.inference import InferenceOutput
 from task.anomaly.unsupervised.models.dmad.anomaly_map import feature_discrepancy, fuse_scores
 from task.anomaly.unsupervised.models.dmad.bottleneck import Bottleneck, VectorQuantizer
 from task.anomaly.unsupervised.models.dmad.decoder import ReverseDecoder
 from task.anomaly.unsupervised.models.dmad.deformation import PyramidDeformation, coordinate_channels
-from task.common.warping import identity_grid, warp
 from task.anomaly.unsupervised.models.dmad.encoder import ResNetEncoder, backbone_spec
 from task.anomaly.unsupervised.models.dmad.loss import DMADLoss, distillation_loss, smoothness
 from task.anomaly.unsupervised.models.dmad.torch_model import DMADModel
+from task.anomaly.unsupervised.records import InferenceOutput
 from task.common.errors import UserError
 from task.common.smoothing import gaussian_blur2d
+from task.common.warping import identity_grid, warp
 
 EXPECTED_CHANNELS = {"resnet18": (64, 128, 256), "resnet34": (64, 128, 256), "resnet50": (256, 512, 1024), "wide_resnet50_2": (256, 512, 1024)}
 

@@ -30,16 +30,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import BASE, REPO, assert_user_error, dmad_method, load_run_config, main_in_process, make_engine
 from PIL import Image
 from torch import Tensor
 from torchvision.models import resnet18
 
-from conftest import BASE, REPO, assert_user_error, dmad_method, load_run_config, main_in_process, make_engine
-from task.anomaly.unsupervised.engine.checkpoints import make_payload
 from task.anomaly.unsupervised.data.image.dataset import AnomalyDataset, Sample
 from task.anomaly.unsupervised.data.image.synthetic import make_demo_dataset
-from task.anomaly.unsupervised.models.dmad.official_import import check_official, convert_official, describe_official
+from task.anomaly.unsupervised.engine.checkpoints import make_payload
 from task.anomaly.unsupervised.models.dmad.loss import DMADLoss
+from task.anomaly.unsupervised.models.dmad.official_import import check_official, convert_official, describe_official
 from task.anomaly.unsupervised.models.dmad.torch_model import DMADModel
 from task.common.config import Config
 from task.common.errors import UserError

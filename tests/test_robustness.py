@@ -26,8 +26,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
-
 from conftest import (
     BASE,
     CATEGORY,
@@ -44,7 +42,9 @@ from conftest import (
     run_cli,
     train_overrides,
 )
-from task.anomaly.unsupervised.image.inference import Predictions
+from PIL import Image
+
+from task.anomaly.unsupervised.records import Predictions
 from task.common.errors import UserError
 from task.common.io import load_checkpoint, save_checkpoint
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import BASE, assert_ok, main_in_process, make_engine
 
+from task.anomaly.unsupervised.engine.training import Stepper, make_optimizer
 from task.anomaly.unsupervised.image.benchmark import random_test_batches
-from task.anomaly.unsupervised.image.inference import Predictions, predict_loader
+from task.anomaly.unsupervised.image.inference import predict_loader
 from task.anomaly.unsupervised.models.dmad.deformation import PyramidDeformation
 from task.anomaly.unsupervised.models.dmad.torch_model import DMADModel
-from task.anomaly.unsupervised.engine.training import Stepper, make_optimizer
-
-from conftest import BASE, assert_ok, main_in_process, make_engine
+from task.anomaly.unsupervised.records import Predictions
 
 TINY = ["MODEL.backbone=resnet18", "MODEL.pretrained=false", "DATASET.resize=[64,64]", "DATALOADER.batch_size=2", "TEST.batch_size=4"]
 CPU = torch.device("cpu")

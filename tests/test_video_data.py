@@ -11,11 +11,11 @@ import pytest
 import scipy.io
 import torch
 
-from task.anomaly.unsupervised.data.video import synthetic
-from task.anomaly.unsupervised.models.dmad_video.templates import background_for, build_background
-from task.anomaly.unsupervised.data.video.synthetic import make_video_demo
+from task.anomaly.unsupervised.data.video import synthetic as synthetic_video
 from task.anomaly.unsupervised.data.video.clips import ClipDataset, frames_of, scan_videos, video_from_path
 from task.anomaly.unsupervised.data.video.labels import attach_labels, load_frame_labels
+from task.anomaly.unsupervised.data.video.synthetic import make_video_demo
+from task.anomaly.unsupervised.models.dmad_video.templates import background_for, build_background
 from task.common.config import Config
 from task.common.errors import UserError
 

@@ -13,19 +13,22 @@ import pytest
 import torch
 import torch.nn as nn
 
-from task.common.config import Field
-from task.common.errors import UserError
 from task.anomaly.unsupervised.models.dmad_video.background import compose, compose_premultiplied
-from task.anomaly.unsupervised.models.dmad_video.official_import import convert_official
 from task.anomaly.unsupervised.models.dmad_video.config import MODEL_SCHEMA, PRESETS
 from task.anomaly.unsupervised.models.dmad_video.decoder import coordinate_channels
 from task.anomaly.unsupervised.models.dmad_video.deformation import Fields
-from task.common.warping import identity_grid
 from task.anomaly.unsupervised.models.dmad_video.loss import LossWeights, VideoLoss, gradient_difference, smoothness_map
+from task.anomaly.unsupervised.models.dmad_video.official_import import convert_official
 from task.anomaly.unsupervised.models.dmad_video.scores import ScoreSettings, error_map, frame_scores, object_scores, window_max
 from task.anomaly.unsupervised.models.dmad_video.torch_model import (
-    VideoDMADModel, VideoOutput, official_background_lr, optimizer_groups,
+    VideoDMADModel,
+    VideoOutput,
+    official_background_lr,
+    optimizer_groups,
 )
+from task.common.config import Field
+from task.common.errors import UserError
+from task.common.warping import identity_grid
 
 GOLDEN = Path(__file__).parent / "golden" / "pdm_ped2_256.npz"
 

@@ -18,10 +18,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import CONFIGS, assert_ok, assert_user_error, main_in_process
 from PIL import Image
 
-from conftest import CONFIGS, assert_ok, assert_user_error, main_in_process
-from task.anomaly.unsupervised.image.export import TOLERANCE
+from task.anomaly.unsupervised.deploy.onnx import TOLERANCE
 from task.anomaly.unsupervised.video.export import VIDEO_ONNX_FORMAT, mode_export
 from task.anomaly.unsupervised.video.modes import VIDEO_MODES
 from task.anomaly.unsupervised.video.predict import mode_predict
@@ -74,8 +74,8 @@ def _video_engine(overrides: list[str]):
     import task.anomaly.unsupervised.models.available  # noqa: F401  (registers the methods)
     from task.anomaly.unsupervised.engine.engine import Engine
     from task.anomaly.unsupervised.engine.schema import run_schema
-    from task.common.config import load_config
     from task.anomaly.unsupervised.models.registry import get_method
+    from task.common.config import load_config
 
     method = get_method("anomaly", "unsupervised", "dmad", "video")
     cfg = load_config(run_schema(method.model_schema, method.extra_sections), str(VIDEO_YAML), overrides)

@@ -29,6 +29,7 @@ On CPU only the matmul setting applies (oneDNN has no TF32; bf16 autocast is the
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -190,3 +191,11 @@ def compile_model(model: torch.nn.Module, device: torch.device) -> None:
         raise UserError(f"torch.compile is unavailable here ({str(exc).splitlines()[0]}); set TRAIN.compile=false") from None
     torch._dynamo.config.suppress_errors = True
     log.info("TRAIN.compile: the first training and evaluation steps compile the model (this takes a while)")
+
+
+def autocast(device: torch.device, amp: str):
+    """Autocast context for ``amp`` in {none, bf16, fp16}; fp16 only on CUDA."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -3,7 +3,8 @@ functions ``(engine, options)``. Add a modality: its mode table module and one l
 
 from __future__ import annotations
 
-from task.anomaly.unsupervised.image.modes import IMAGE_MODES, ModeFunction
+from task.anomaly.unsupervised.engine.modes import ModeFunction
+from task.anomaly.unsupervised.image.modes import IMAGE_MODES
 from task.anomaly.unsupervised.video.modes import VIDEO_MODES
 
 MODES_BY_MODALITY: dict[str, dict[str, ModeFunction]] = {"image": IMAGE_MODES, "video": VIDEO_MODES}

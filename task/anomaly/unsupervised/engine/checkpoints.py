@@ -3,7 +3,7 @@
 ``model.pt`` = {format, version, config, state_dict, thresholds}; ``last.pt`` adds optimizer, scheduler, step and
 rng_torch. All are read with ``torch.load(weights_only=True)``. Version 1 files (before ``MODEL.pdm`` and
 ``DATASET.format`` existed) load: a key missing from a saved config takes the schema default that reproduces the old
-behaviour. The network/scoring rule is documented in method.py.
+behaviour. Which settings a checkpoint decides is the rule of ``settings.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from task.anomaly.unsupervised.engine.settings import MISSING, dotted
 from task.common.config import Config, validate_plain_data
 from task.common.errors import UserError
 from task.common.io import load_checkpoint
@@ -21,24 +22,6 @@ from task.common.io import load_checkpoint
 log = logging.getLogger("anomaly")
 
 CHECKPOINT_VERSION = 2
-_MISSING = object()
-
-
-def dotted(data: Any, key: str, default: Any = _MISSING) -> Any:
-    """``data['A']['b']`` for ``key='A.b'``; ``default`` (or ``_MISSING``) when absent, e.g. in an older config."""
-    node = data
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
-def _set_dotted(data: dict, key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    for part in parents:
-        data = data[part]
-    data[leaf] = value
 
 
 def make_payload(method, cfg: Config, model: nn.Module, thresholds: dict[str, float] | None) -> dict[str, Any]:
@@ -68,62 +51,6 @@ def read_checkpoint(path: Path, method) -> dict:
         raise UserError(f"{path} claims to be a {method.name} checkpoint but lacks its config or state_dict; re-create it by training or pass another file")
     validate_plain_data(state["config"], f"the config stored in checkpoint {path}")
     return state
-
-
-def network_config(method, cfg: Config, state: dict, path: Path, overridden: frozenset[str]) -> Config:
-    """``cfg`` with the network-defining settings of the checkpoint ``state`` (see method.py for the rule).
-
-    The weights are inside the checkpoint, so MODEL.pretrained / MODEL.backbone_weights are cleared.
-    """
-    data = cfg.to_dict()
-    saved = state["config"]
-    for key in method.network_keys:
-        value = dotted(saved, key)
-        if value is _MISSING:  # an older checkpoint: the schema default reproduces what it was trained with
-            continue
-        value = _schema_field(method, key).check(f"{key} stored in checkpoint {path}", value)
-        current = cfg.get(key)
-        if value == current:
-            continue
-        if key in overridden:
-            raise UserError(
-                f"{key}={current!r} was given on the command line but checkpoint {path} was trained with {key}={value!r}; "
-                "the network is defined by its weights: drop the override or pass a checkpoint trained with it"
-            )
-        log.warning("%s: using the checkpoint's %r (the config says %r); network settings come from the checkpoint", key, value, current)
-        _set_dotted(data, key, value)
-    for key, value in (("MODEL.pretrained", False), ("MODEL.backbone_weights", None)):
-        if dotted(data, key) is not _MISSING:
-            _set_dotted(data, key, value)
-    return Config(data)
-
-
-def with_settings(cfg: Config, settings: dict[str, Any]) -> Config:
-    """``cfg`` with the given dotted keys set to the given values."""
-    data = cfg.to_dict()
-    for key, value in settings.items():
-        _set_dotted(data, key, value)
-    return Config(data)
-
-
-def scoring_config(method, cfg: Config, state: dict) -> Config:
-    """``cfg`` with the scoring settings the checkpoint was calibrated with (where its saved config records them)."""
-    data = cfg.to_dict()
-    for key in method.scoring_keys:
-        value = dotted(state["config"], key)
-        if value is not _MISSING:
-            _set_dotted(data, key, _schema_field(method, key).check(f"{key} stored in checkpoint", value))
-    return Config(data)
-
-
-def _schema_field(method, key: str):
-    """The schema Field of a dotted key: checkpoint values are validated like YAML values before use."""
-    from task.anomaly.unsupervised.engine.schema import run_schema
-
-    node = run_schema(method.model_schema, method.extra_sections)
-    for part in key.split("."):
-        node = node[part]
-    return node
 
 
 def load_weights(model: nn.Module, state: dict, path: Path) -> None:
@@ -165,7 +92,7 @@ def check_resumable(method, cfg: Config, state: Any, path: Path) -> None:
     saved = state["config"]
     changed = [
         f"{k}={dotted(saved, k)!r} (config: {cfg.get(k)!r})" for k in resume_keys(method)
-        if dotted(saved, k) is not _MISSING and dotted(saved, k) != cfg.get(k)
+        if dotted(saved, k) is not MISSING and dotted(saved, k) != cfg.get(k)
     ]
     if changed:
         raise UserError(

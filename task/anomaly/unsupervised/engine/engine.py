@@ -16,10 +16,11 @@ from typing import Any
 from torch import nn
 from torch.utils.data import DataLoader
 
-from task.anomaly.unsupervised.engine.checkpoints import load_weights, network_config, read_checkpoint, scoring_config
 from task.anomaly.unsupervised.data.image.dataset import AnomalyDataset
 from task.anomaly.unsupervised.data.image.formats import scan_dataset
 from task.anomaly.unsupervised.data.image.synthetic import make_demo_dataset
+from task.anomaly.unsupervised.engine.checkpoints import load_weights, read_checkpoint
+from task.anomaly.unsupervised.engine.settings import network_config, scoring_config
 from task.anomaly.unsupervised.models.base import Method
 from task.anomaly.unsupervised.reporters import Reporters, build_reporters
 from task.common.config import Config

@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from task.anomaly.unsupervised.engine.checkpoints import check_resumable, make_payload
 from task.anomaly.unsupervised.engine.engine import Engine
-from task.anomaly.unsupervised.image.inference import autocast
 from task.common.errors import UserError
 from task.common.io import load_checkpoint, save_checkpoint
+from task.common.runtime import autocast
 
 log = logging.getLogger("anomaly")
 

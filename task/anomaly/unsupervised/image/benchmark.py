@@ -7,29 +7,22 @@ size (and random rectangular masks for the metrics); nothing is written to disk.
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import Subset
 
+from task.anomaly.unsupervised.engine.benchmark import _synchronize, peak_rss_mb, time_training_steps
 from task.anomaly.unsupervised.engine.engine import Engine
-from task.anomaly.unsupervised.image.inference import predict_loader
 from task.anomaly.unsupervised.engine.training import Stepper
+from task.anomaly.unsupervised.image.inference import predict_loader
 from task.common.metrics import compute_metrics
 
 DTYPE_NAMES = {"none": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def random_images(n: int, size: tuple[int, int], generator: torch.Generator) -> Tensor:
@@ -55,11 +48,6 @@ def random_test_batches(n: int, size: tuple[int, int], batch_size: int, generato
         {"image": images[i : i + batch_size], "label": labels[i : i + batch_size], "mask": masks[i : i + batch_size]}
         for i in range(0, n, batch_size)
     ]
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _training_batches(engine: Engine, count: int, use_data: bool) -> Iterable[dict[str, Tensor]]:
@@ -89,19 +77,6 @@ def _test_batches(engine: Engine, use_data: bool) -> tuple[Any, int]:
     generator = torch.Generator().manual_seed(cfg.SEED + 1)
     count = 16 if limit is None else limit
     return random_test_batches(count, tuple(cfg.DATASET.resize), cfg.TEST.batch_size, generator), count
-
-
-def time_training_steps(stepper: Stepper, batches: Iterable[dict[str, Tensor]], device: torch.device, warmup: int) -> list[float]:
-    """Seconds of each training step after the first ``warmup`` ones (the device synchronised around each step)."""
-    times: list[float] = []
-    for step, batch in enumerate(batches, start=1):
-        _synchronize(device)
-        start = time.perf_counter()
-        stepper(batch, step)
-        _synchronize(device)
-        if step > warmup:
-            times.append(time.perf_counter() - start)
-    return times
 
 
 def run_benchmark(engine: Engine, model: torch.nn.Module, stepper: Stepper) -> dict[str, Any]:

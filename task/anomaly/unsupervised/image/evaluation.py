@@ -21,8 +21,9 @@ from torch import nn
 
 from task.anomaly.unsupervised.engine.checkpoints import make_payload
 from task.anomaly.unsupervised.engine.engine import Engine
-from task.anomaly.unsupervised.image.inference import Predictions, predict_loader
+from task.anomaly.unsupervised.image.inference import predict_loader
 from task.anomaly.unsupervised.image.visualize import save_result_images, select_frames, write_result_gif
+from task.anomaly.unsupervised.records import Predictions
 from task.common.io import csv_cell, ensure_dir, save_checkpoint, write_json, write_text
 from task.common.metrics import compute_metrics
 

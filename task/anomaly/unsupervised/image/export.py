@@ -32,7 +32,6 @@ import io
 import json
 import logging
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +40,9 @@ from torch import Tensor, nn
 
 from task.anomaly.unsupervised.data.image.formats import scan_dataset
 from task.anomaly.unsupervised.data.image.preprocess import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_image, resize_image, to_tensor, to_unit_tensor
+from task.anomaly.unsupervised.deploy.onnx import ONNX_FILENAME, TOLERANCE, Difference, file_sha256, with_metadata
 from task.anomaly.unsupervised.engine.engine import LoadedModel
-from task.anomaly.unsupervised.image.predict import ONNX_FILENAME, ONNX_FORMAT, ONNX_INPUT, OnnxModel, file_sha256, list_images
+from task.anomaly.unsupervised.image.predict import ONNX_FORMAT, ONNX_INPUT, OnnxModel, list_images
 from task.common.config import Config
 from task.common.errors import UserError
 from task.common.io import atomic_write_bytes
@@ -50,7 +50,6 @@ from task.common.io import atomic_write_bytes
 log = logging.getLogger("anomaly")
 
 CHECK_IMAGES = 4
-TOLERANCE = 1e-3
 
 
 class ExportModule(nn.Module):
@@ -94,15 +93,6 @@ def export_onnx(module: ExportModule, example: Tensor, opset: int) -> bytes:
     return buffer.getvalue()
 
 
-def with_metadata(data: bytes, metadata: dict[str, str]) -> bytes:
-    """ONNX bytes with ``metadata`` added to ``metadata_props``."""
-    import onnx
-
-    proto = onnx.load_from_string(data)
-    onnx.helper.set_model_props(proto, metadata)
-    return proto.SerializeToString()
-
-
 def _spread(items: list, count: int) -> list:
     """``count`` items evenly spread over ``items`` (all of them when there are fewer)."""
     if len(items) <= count:
@@ -130,22 +120,6 @@ def preprocess(paths: list[Path], size: tuple[int, int]) -> tuple[Tensor, Tensor
     normalized = torch.stack([to_tensor(a) for a in arrays])
     raw = torch.stack([to_unit_tensor(a) for a in arrays])
     return normalized, raw
-
-
-@dataclass
-class Difference:
-    """Largest |onnx - torch| of one output, and the scale the tolerance is relative to."""
-
-    name: str
-    max_abs: float
-    scale: float
-
-    @property
-    def relative(self) -> float:
-        return self.max_abs / self.scale
-
-    def __str__(self) -> str:
-        return f"{self.name} max |diff| {self.max_abs:.3g} ({self.relative:.3g} of {self.scale:.3g})"
 
 
 def compare(onnx_model: OnnxModel, inputs: np.ndarray, reference: dict[str, Tensor]) -> list[Difference]:

@@ -8,51 +8,12 @@ in ``extras`` by name; a method without them (e.g. DMAD with ``MODEL.pdm=false``
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
-
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-
-def autocast(device: torch.device, amp: str):
-    """Autocast context for ``amp`` in {none, bf16, fp16}; fp16 only on CUDA."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-@dataclass
-class InferenceOutput:
-    """One batch of eval-mode outputs."""
-
-    anomaly_map: Tensor  # [B, 1, H, W] float32
-    score: Tensor  # [B] image score (meaningful once the method's score calibration is set)
-    extras: dict[str, Tensor] = field(default_factory=dict)  # named extra maps [B, 1, H, W]
-
-
-@dataclass
-class Predictions:
-    """Per-image outputs of a pass over a dataset (CPU tensors)."""
-
-    anomaly_maps: Tensor  # [N, H, W] float32
-    scores: Tensor  # [N] image scores
-    labels: Tensor  # [N] int64 (0 when unknown)
-    masks: Tensor | None  # [N, H, W] uint8 {0, 1}; None when the data has no masks
-    paths: list[str] = field(default_factory=list)
-    defects: list[str] = field(default_factory=list)
-    extras: dict[str, Tensor] = field(default_factory=dict)  # name -> [N, H, W] float32
-
-    @property
-    def anomaly_max(self) -> Tensor:
-        """[N] per-image maximum of the anomaly map."""
-        return self.anomaly_maps.flatten(1).amax(1)
-
-    def extra_max(self, name: str) -> Tensor:
-        """[N] per-image maximum of the extra map ``name``."""
-        return self.extras[name].flatten(1).amax(1)
+from task.anomaly.unsupervised.records import Predictions
+from task.common.runtime import autocast
 
 
 @torch.no_grad()

@@ -7,70 +7,21 @@ plain values to the module that does the work (training.py, evaluation.py, expor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from task.anomaly.unsupervised.engine.checkpoints import with_settings
-from task.anomaly.unsupervised.engine.engine import Engine, LoadedModel
+from task.anomaly.unsupervised.engine.engine import Engine
+from task.anomaly.unsupervised.engine.modes import ModeFunction, ModeOptions, mode_report, test_output_dir
+from task.anomaly.unsupervised.engine.settings import apply_test_scoring, load_for_serving
 from task.anomaly.unsupervised.image.evaluation import calibrate, evaluate, thresholds_from, write_gif
 from task.anomaly.unsupervised.image.inference import predict_loader
-from task.anomaly.unsupervised.engine.report import write_report
 from task.common.errors import UserError
 from task.common.io import ensure_dir, write_text
 from task.common.metrics import compute_metrics
 
 log = logging.getLogger("anomaly")
-
-
-@dataclass(frozen=True)
-class ModeOptions:
-    """The command-line options a mode may use (the config carries everything else)."""
-
-    checkpoint: str | None = None  # --checkpoint: test/gif/export/predict (default: the run's model.pt)
-    input: str | None = None  # --input: predict's images/video; export's check images; score's scores.npz
-    backend: str = "torch"  # --backend: predict with "torch" or "onnx"
-    output: str | None = None  # --output: predict's output folder
-    update_readme: bool = False  # --update-readme: report rewrites README.md's tables
-
-
-ModeFunction = Callable[[Engine, ModeOptions], "dict[str, Any] | None"]
-
-
-# ---------------------------------------------------------------------------------------------- settings at test time
-def apply_test_scoring(engine: Engine, loaded: LoadedModel) -> bool:
-    """``--mode test``: score with the config's settings. Returns True when they differ from the checkpoint's (the
-    model must then be recalibrated)."""
-    method = engine.method
-    before = method.scoring_settings(loaded.model)
-    method.apply_scoring(loaded.model, loaded.cfg)
-    after = method.scoring_settings(loaded.model)
-    changed = {k: (before[k], after[k]) for k in after if before.get(k) != after[k]}
-    for key, (old, new) in changed.items():
-        log.info("%s: scoring with %r from the config (the checkpoint was calibrated with %r); recalibrating", key, new, old)
-    return bool(changed) and loaded.calibrated
-
-
-def check_served_scoring(engine: Engine, loaded: LoadedModel) -> None:
-    """predict/export serve the checkpoint's scoring (its thresholds belong to it): an override that differs is an
-    error, a YAML value that differs is a warning."""
-    held = engine.method.scoring_settings(loaded.model)
-    wanted = engine.method.config_scoring(loaded.cfg)
-    for key, value in held.items():
-        asked = wanted.get(key, value)
-        if asked == value:
-            continue
-        if key in engine.overridden:
-            raise UserError(
-                f"{key}={asked!r} differs from the {value!r} checkpoint {loaded.path} was calibrated with; "
-                f"run --mode test {key}={asked} first and use the model.pt it writes"
-            )
-        log.warning("%s: serving the checkpoint's %r (the config says %r); a calibrated model keeps its scoring settings", key, value, asked)
 
 
 # ---------------------------------------------------------------------------------------------- modes
@@ -90,17 +41,6 @@ def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
             write_text(engine.run_dir / "config.yaml", yaml.safe_dump(engine.cfg.to_dict(), sort_keys=False))
         log.info("%d training images, %d test images", len(train_set), len(test_set))
         return train(engine, train_set, lambda model, step, final: evaluate(engine, model, train_set, test_set, step=step, final=final))
-
-
-def test_output_dir(engine: Engine, checkpoint: Path) -> Path:
-    """The run directory for its own model.pt; a folder of its own under ``tests/`` for any other checkpoint, so a
-    foreign model never replaces the run's files."""
-    if engine.is_own_checkpoint(checkpoint):
-        return engine.run_dir
-    # the hash of the resolved path keeps two checkpoints with the same folder and file names apart
-    digest = hashlib.sha256(str(checkpoint.resolve()).encode()).hexdigest()[:8]
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{checkpoint.parent.name}-{checkpoint.stem}-{digest}")
-    return engine.run_dir / "tests" / name
 
 
 def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:
@@ -144,31 +84,6 @@ def _write_gif_from(engine: Engine, path: Path) -> None:
     write_gif(engine, test_output_dir(engine, path), preds, test_set, shown)
 
 
-def mode_report(engine: Engine, options: ModeOptions) -> None:
-    """Tables of every run under RESULT.savedir -> stdout and <savedir>/results.md (+ README.md with --update-readme)."""
-    readme = Path("README.md") if options.update_readme else None
-    savedir = Path(engine.cfg.RESULT.savedir).expanduser()
-    print(write_report(savedir, readme), end="")
-    log.info("report written to %s%s", savedir / "results.md", f" and {readme}" if readme else "")
-
-
-def load_for_serving(engine: Engine, checkpoint: str | None) -> LoadedModel:
-    """A calibrated model for predict/export, with the checkpoint's scoring settings."""
-    path = engine.checkpoint_path(checkpoint)
-    if path.suffix.lower() == ".onnx":
-        raise UserError(f"--checkpoint {path} is an ONNX file; predict from it with --backend onnx, export from a model.pt")
-    loaded = engine.load(path)
-    if not loaded.calibrated:
-        raise UserError(
-            f"checkpoint {path} has no score calibration or thresholds; run --mode test --checkpoint {path} first "
-            "and use the model.pt it writes"
-        )
-    check_served_scoring(engine, loaded)
-    # what is served (and written into an export's metadata) is the calibrated scoring the model holds
-    loaded.cfg = with_settings(loaded.cfg, engine.method.scoring_settings(loaded.model))
-    return loaded
-
-
 def mode_export(engine: Engine, options: ModeOptions) -> None:
     """Export the checkpoint's whole inference path to model.onnx beside it, checked against PyTorch."""
     from task.anomaly.unsupervised.image.export import check_image_paths, export_run
@@ -201,8 +116,8 @@ def mode_predict(engine: Engine, options: ModeOptions) -> None:
 
 def mode_benchmark(engine: Engine, options: ModeOptions) -> None:
     """Time BENCHMARK.train_steps training steps and one evaluation pass; print the result as one JSON line."""
-    from task.anomaly.unsupervised.image.benchmark import run_benchmark
     from task.anomaly.unsupervised.engine.training import Stepper
+    from task.anomaly.unsupervised.image.benchmark import run_benchmark
 
     if engine.cfg.DATASET.demo:
         engine.prepare_data()

@@ -26,14 +26,12 @@ shared by the whole set (as for the test-set pictures).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -43,8 +41,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from task.anomaly.unsupervised.data.image.preprocess import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, display_rgb, load_image, resize_image, to_tensor
-from task.anomaly.unsupervised.image.inference import InferenceOutput, predict_loader
-from task.anomaly.unsupervised.image.visualize import display_bounds, render_result
+from task.anomaly.unsupervised.deploy.onnx import ONNX_FILENAME, file_sha256, open_onnx
+from task.anomaly.unsupervised.deploy.output_folder import OutputFolder
+from task.anomaly.unsupervised.drawing import display_bounds
+from task.anomaly.unsupervised.image.inference import predict_loader
+from task.anomaly.unsupervised.image.visualize import render_result
+from task.anomaly.unsupervised.records import InferenceOutput
 from task.common.errors import UserError
 from task.common.io import atomic_write_bytes, csv_cell, write_text
 
@@ -53,33 +55,11 @@ log = logging.getLogger("anomaly")
 # The contract between ``export.py`` (writer) and ``OnnxModel`` (reader).
 ONNX_FORMAT = "tnvision-dmad-onnx"
 ONNX_INPUT = "image"
-ONNX_FILENAME = "model.onnx"
-MANIFEST = ".predict-manifest.json"
 
 MAX_PICTURE_SIDE = 1024
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------- ONNX
-
-
-def open_onnx(source: Path | bytes, name: str) -> tuple[Any, dict[str, str]]:
-    """(onnxruntime CPU session, its custom metadata) for an ONNX file or bytes; a bad file is a one-line error."""
-    import onnxruntime as ort
-
-    try:
-        session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own classes (Fail, InvalidProtobuf, ...) for bad files
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load ONNX model {name} ({reason}); re-create it with --mode export") from None
-    return session, dict(session.get_modelmeta().custom_metadata_map)
 
 
 class OnnxModel(nn.Module):
@@ -189,35 +169,6 @@ def picture_names(paths: list[Path], root: Path) -> list[Path]:
     """One output name per input, relative to the output folder: ``<relative path>.png`` with the whole file name
     kept (``a.jpg`` -> ``a.jpg.png``), so two inputs can never share a picture."""
     return [(path.relative_to(root) if root.is_dir() else Path(path.name)).with_name(path.name + ".png") for path in paths]
-
-
-class OutputFolder:
-    """An output folder where predict replaces only files it wrote itself (recorded in ``MANIFEST``)."""
-
-    def __init__(self, folder: Path, input_path: Path) -> None:
-        folder_abs, input_abs = folder.resolve(), input_path.resolve()
-        if input_path.is_dir() and (folder_abs == input_abs or input_abs in folder_abs.parents):
-            raise UserError(f"--output {folder} is inside the input folder {input_path}; choose an output folder outside it")
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"--output {folder} is a file; pass a folder")
-        self.folder = folder
-        self.manifest = folder / MANIFEST
-        self.owned: set[str] = set()
-        if self.manifest.is_file():
-            try:
-                recorded = json.loads(self.manifest.read_text(encoding="utf-8"))
-                self.owned = {str(v) for v in recorded} if isinstance(recorded, list) else set()
-            except (OSError, ValueError):
-                self.owned = set()
-
-    def claim(self, names: list[Path]) -> None:
-        """Check every target before anything is written; record them as ours."""
-        for name in names:
-            target = self.folder / name
-            if target.exists() and name.as_posix() not in self.owned:
-                raise UserError(f"{target} exists and was not written by predict; nothing was written: choose another --output or move that file")
-        self.owned.update(n.as_posix() for n in names)
-        write_text(self.manifest, json.dumps(sorted(self.owned)))
 
 
 # --------------------------------------------------------------------------- outputs

@@ -7,66 +7,43 @@ means the same anomaly score in every picture.
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 from torch import Tensor
 
 from task.anomaly.unsupervised.data.image.dataset import AnomalyDataset
 from task.anomaly.unsupervised.data.image.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from task.anomaly.unsupervised.image.inference import Predictions
+from task.anomaly.unsupervised.drawing import (
+    FONT,
+    GREEN,
+    GREY,
+    RED,
+    TITLE_BG,
+    WHITE,
+    display_bounds,
+    draw_pieces,
+    encode_gif,
+    fit_scale,
+    heatmap_overlay,
+    png_bytes,
+)
+from task.anomaly.unsupervised.records import Predictions
 from task.common.io import atomic_write_bytes
 
 __all__ = [
-    "display_bounds",
     "denormalize",
     "render_result",
     "render_prediction",
     "save_result_images",
     "select_frames",
-    "encode_gif",
     "write_result_gif",
 ]
 
-_FONT = cv2.FONT_HERSHEY_SIMPLEX
-_WHITE = (255, 255, 255)
-_GREY = (190, 190, 190)
-_RED = (235, 60, 50)
-_GREEN = (70, 200, 90)
-_TITLE_BG = (32, 32, 32)
 _CONTOUR = (255, 40, 40)
-# Subsample large pixel sets before taking percentiles: the bounds only need to be robust, not exact.
-_MAX_PIXELS_FOR_BOUNDS = 4_000_000
-
-
-def display_bounds(anomaly_maps: Tensor, pixel_threshold: float | None = None) -> tuple[float, float]:
-    """Heatmap colour range shared by a set of maps.
-
-    Args:
-        anomaly_maps: [N, H, W] (or any shape) anomaly scores of the whole set.
-        pixel_threshold: the pixel decision threshold; when finite the range extends to include it, so every
-            pixel at or above it is drawn in the warm end of the colormap.
-
-    Returns:
-        (low, high) with low < high: the 1st percentile and the larger of the 99.9th percentile and the threshold.
-    """
-    values = anomaly_maps.detach().float().reshape(-1).cpu().numpy()
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return 0.0, 1.0
-    if values.size > _MAX_PIXELS_FOR_BOUNDS:
-        values = values[:: math.ceil(values.size / _MAX_PIXELS_FOR_BOUNDS)]
-    low, high = (float(v) for v in np.percentile(values, [1.0, 99.9]))
-    if pixel_threshold is not None and math.isfinite(pixel_threshold):
-        high = max(high, float(pixel_threshold))
-    if not high > low:
-        high = low + 1e-6
-    return low, high
 
 
 def denormalize(image: Tensor) -> np.ndarray:
@@ -75,15 +52,6 @@ def denormalize(image: Tensor) -> np.ndarray:
     chw = image.detach().float().cpu().numpy()
     rgb = chw.transpose(1, 2, 0) * np.asarray(IMAGENET_STD, np.float32) + np.asarray(IMAGENET_MEAN, np.float32)
     return np.ascontiguousarray(np.round(np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8))
-
-
-def _heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, bounds: tuple[float, float], alpha: float = 0.5) -> np.ndarray:
-    """Jet-coloured ``anomaly_map`` [H, W] blended over ``image`` [H, W, 3] uint8 RGB."""
-    low, high = bounds
-    scaled = np.clip((anomaly_map.astype(np.float32) - low) / (high - low), 0.0, 1.0)
-    jet = cv2.applyColorMap(np.round(scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    jet = cv2.cvtColor(jet, cv2.COLOR_BGR2RGB)
-    return cv2.addWeighted(image, 1.0 - alpha, jet, alpha, 0.0)
 
 
 def _region_outline(image: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float) -> np.ndarray:
@@ -97,25 +65,10 @@ def _region_outline(image: np.ndarray, anomaly_map: np.ndarray, pixel_threshold:
     return out
 
 
-def _fit_scale(texts: list[str], width: int, start: float) -> float:
-    """The largest font scale <= ``start`` at which every text fits in ``width`` pixels."""
-    scale = start
-    while scale > 0.25 and max(cv2.getTextSize(t, _FONT, scale, 1)[0][0] for t in texts) > width:
-        scale *= 0.9
-    return scale
-
-
-def _draw_pieces(canvas: np.ndarray, pieces: list[tuple[str, tuple[int, int, int]]], x: int, baseline: int, scale: float, thickness: int) -> None:
-    """Write coloured text pieces one after another on one line."""
-    for text, colour in pieces:
-        cv2.putText(canvas, text, (x, baseline), _FONT, scale, colour, thickness, cv2.LINE_AA)
-        x += cv2.getTextSize(text, _FONT, scale, thickness)[0][0]
-
-
 def _verdict(score: float, threshold: float) -> tuple[str, tuple[int, int, int]]:
     if not math.isfinite(threshold):
-        return "n/a", _GREY
-    return ("NG", _RED) if score >= threshold else ("OK", _GREEN)
+        return "n/a", GREY
+    return ("NG", RED) if score >= threshold else ("OK", GREEN)
 
 
 def render_result(
@@ -146,7 +99,7 @@ def render_result(
     height, width = anomaly_map.shape
     if image.shape[:2] != (height, width):
         raise ValueError(f"image {image.shape[:2]} and anomaly map {(height, width)} differ in size")
-    panels = [image, _heatmap_overlay(image, anomaly_map, bounds), _region_outline(image, anomaly_map, pixel_threshold)]
+    panels = [image, heatmap_overlay(image, anomaly_map, bounds), _region_outline(image, anomaly_map, pixel_threshold)]
     captions = ["input", "heatmap", "prediction"]
     if mask is not None:
         panels.append(np.repeat((mask > 0).astype(np.uint8)[:, :, None] * 255, 3, axis=2))
@@ -155,21 +108,21 @@ def render_result(
 
     verdict, verdict_colour = _verdict(score, image_threshold)
     thr = f" / thr {image_threshold:.3f}" if math.isfinite(image_threshold) else ""
-    pieces = [(f"score {score:.3f}{thr}  pred ", _WHITE), (verdict, verdict_colour)]
+    pieces = [(f"score {score:.3f}{thr}  pred ", WHITE), (verdict, verdict_colour)]
     if label is not None:
         truth = "NG" if label else "OK"
-        pieces += [("  true ", _WHITE), (truth + (f" ({defect})" if label and defect else ""), _RED if label else _GREEN)]
+        pieces += [("  true ", WHITE), (truth + (f" ({defect})" if label and defect else ""), RED if label else GREEN)]
     margin = max(2, width // 64)
-    scale = _fit_scale(["".join(p for p, _ in pieces)], strip.shape[1] - 2 * margin, max(0.35, height / 256 * 0.6))
-    scale = min(scale, _fit_scale(captions, width - 2 * margin, scale))
+    scale = fit_scale(["".join(p for p, _ in pieces)], strip.shape[1] - 2 * margin, max(0.35, height / 256 * 0.6))
+    scale = min(scale, fit_scale(captions, width - 2 * margin, scale))
     thickness = 2 if scale >= 0.9 else 1
-    line = cv2.getTextSize("Ag", _FONT, scale, thickness)[0][1] + 2 * margin + 2
+    line = cv2.getTextSize("Ag", FONT, scale, thickness)[0][1] + 2 * margin + 2
     title = np.empty((2 * line, strip.shape[1], 3), dtype=np.uint8)
-    title[:] = _TITLE_BG
-    _draw_pieces(title, pieces, margin, line - margin - 2, scale, thickness)
+    title[:] = TITLE_BG
+    draw_pieces(title, pieces, margin, line - margin - 2, scale, thickness)
     for i, caption in enumerate(captions):
-        text_width = cv2.getTextSize(caption, _FONT, scale, thickness)[0][0]
-        _draw_pieces(title, [(caption, _GREY)], i * width + (width - text_width) // 2, 2 * line - margin - 2, scale, thickness)
+        text_width = cv2.getTextSize(caption, FONT, scale, thickness)[0][0]
+        draw_pieces(title, [(caption, GREY)], i * width + (width - text_width) // 2, 2 * line - margin - 2, scale, thickness)
     return np.concatenate([title, strip], axis=0)
 
 
@@ -199,13 +152,6 @@ def render_prediction(
     )
 
 
-def _png_bytes(rgb: np.ndarray) -> bytes:
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise RuntimeError("OpenCV could not encode a PNG")
-    return encoded.tobytes()
-
-
 def save_result_images(
     preds: Predictions, dataset: AnomalyDataset, thresholds: dict[str, float], folder: str | Path
 ) -> list[Path]:
@@ -217,7 +163,7 @@ def save_result_images(
     for i in range(len(preds.scores)):
         defect = preds.defects[i] if preds.defects else "images"
         target = folder / defect / (Path(preds.paths[i]).name + ".png")
-        data = _png_bytes(render_prediction(preds, dataset, i, thresholds, bounds))
+        data = png_bytes(render_prediction(preds, dataset, i, thresholds, bounds))
         atomic_write_bytes(target, lambda handle, data=data: handle.write(data))
         written.append(target)
     return written
@@ -244,24 +190,6 @@ def select_frames(labels: Tensor, max_frames: int = 24) -> list[int]:
     for j in range(max(n_normal, n_defective)):
         order += picks_normal[j : j + 1] + picks_defective[j : j + 1]
     return order
-
-
-def encode_gif(frames: list[np.ndarray], max_width: int = 800, duration_ms: int = 700) -> bytes:
-    """Frames ([H, W, 3] uint8 RGB, same size) -> looping palette GIF bytes, downscaled to ``max_width``."""
-    if not frames:
-        raise ValueError("a GIF needs at least one frame")
-    height, width = frames[0].shape[:2]
-    scale = min(1.0, max_width / width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    images = []
-    for frame in frames:
-        if scale < 1.0:
-            frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
-        # No dithering: flat panels and text compress far better, and the heatmap has few distinct colours.
-        images.append(Image.fromarray(frame).quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE))
-    buffer = io.BytesIO()
-    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0, optimize=False)
-    return buffer.getvalue()
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from task.anomaly.unsupervised.image.inference import Predictions
+from task.anomaly.unsupervised.records import Predictions
 from task.common.config import Config, Schema
 
 

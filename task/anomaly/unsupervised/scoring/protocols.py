@@ -59,40 +59,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from task.anomaly.unsupervised.scoring.filters import causal_smooth, fuse, kalman_filter, normalize, smooth_sequences
 from task.anomaly.unsupervised.scoring.score_file import ScoreFile, from_arrays, read_scores
-from task.common.config import F, Field, Schema
-from task.common.errors import UserError, short_repr, short_text
+from task.anomaly.unsupervised.scoring.settings import ProtocolParams
+from task.common.errors import UserError, short_text
 
 log = logging.getLogger("anomaly")
 
 __all__ = [
-    "PAPER_PRESETS",
-    "SCORE_SCHEMA",
-    "KalmanParams",
-    "OnlineParams",
-    "ProtocolParams",
-    "WindowParams",
-    "causal_smooth",
     "evaluate_scores",
     "fit_threshold",
     "fit_train_stats",
-    "fuse",
-    "kalman_filter",
-    "normalize",
     "online_frame_scores",
     "online_protocol",
     "paper_frame_scores",
     "paper_protocol",
-    "robust_smooth",
-    "smooth_sequences",
 ]
 
 ScoreDict = Mapping[str, Sequence[np.ndarray]]
@@ -101,393 +88,15 @@ ScoreDict = Mapping[str, Sequence[np.ndarray]]
 # Presets and schema
 # --------------------------------------------------------------------------
 
-_NAMES = ["deformation", "prediction", "gradient"]
-_OFF = {"enabled": False, "size": 1, "keep": 1, "weights": None, "scope": "video", "shift": 0,
-        "edge_left": "replicate", "edge_right": "replicate", "fill": 0.0}
-
-
-def _avenue_window() -> dict[str, Any]:
-    # A fresh dict and list per use: shared objects would make yaml.safe_dump write &anchors, which configs refuse.
-    return {"enabled": True, "size": 11, "keep": 5, "weights": [0.5, 0.8, 0.8, 1.0, 1.0, 2.5, 1.0, 1.0, 0.8, 0.8, 0.5],
-            "scope": "concat", "shift": 0, "edge_left": "replicate", "edge_right": "replicate", "fill": 0.0}
-
-
-# utils.conf_avg: output at start + (size + 1) // 2 (one past the centre), every other position stays 1.
-_SHANGHAI_WINDOW = {"enabled": True, "scope": "concat", "weights": None, "shift": 1, "edge_left": "fill", "edge_right": "fill", "fill": 1.0}
-
-PAPER_PRESETS: dict[str, dict[str, Any]] = {
-    "ped2": {
-        "names": list(_NAMES), "weights": [0.2, 0.4, 0.6], "signs": [1, 1, 1],
-        "normalize": "per_video", "norm_eps": 1e-8, "polarity": "normality",
-        "PRE_SMOOTH": dict(_OFF),
-        "SMOOTH": {"enabled": True, "size": 11, "keep": 5, "weights": [1.0, 1.0, 1.0, 1.0, 1.2, 1.6, 1.2, 1.0, 1.0, 1.0, 1.0],
-                   "scope": "concat", "shift": 0, "edge_left": "fill", "edge_right": "replicate", "fill": 1.0},
-        "POST_SMOOTH": dict(_OFF),
-        "KALMAN": {"enabled": False, "process_var": 1e-5, "measurement_std": 0.01},
-        "ONLINE": {"window": 6, "keep": 3, "threshold_quantile": 0.99},
-    },
-    "avenue": {
-        "names": ["deformation", "prediction"], "weights": [0.2, 0.4], "signs": [1, 1],
-        "normalize": "global", "norm_eps": 0.0, "polarity": "anomaly",
-        "PRE_SMOOTH": dict(_OFF),
-        "SMOOTH": _avenue_window(),
-        "POST_SMOOTH": _avenue_window(),
-        "KALMAN": {"enabled": False, "process_var": 1e-5, "measurement_std": 0.01},
-        "ONLINE": {"window": 6, "keep": 3, "threshold_quantile": 0.99},
-    },
-    "shanghaitech": {
-        "names": list(_NAMES), "weights": [0.2, 0.4, 0.6], "signs": [1, 1, 1],
-        "normalize": "per_video", "norm_eps": 1e-8, "polarity": "normality",
-        "PRE_SMOOTH": {**_SHANGHAI_WINDOW, "size": 69, "keep": 25, "scope": "video"},  # keep = round(69 * 0.36)
-        "SMOOTH": {**_SHANGHAI_WINDOW, "size": 55, "keep": 49},  # keep = int(55 * 0.9)
-        "POST_SMOOTH": {**_SHANGHAI_WINDOW, "size": 55, "keep": 27},  # keep = 55 // 2
-        "KALMAN": {"enabled": True, "process_var": 1e-5, "measurement_std": 0.01},
-        "ONLINE": {"window": 28, "keep": 14, "threshold_quantile": 0.99},
-    },
-}
-
-
-def _window_schema(d: Mapping[str, Any]) -> Schema:
-    return {
-        "enabled": F(bool, d["enabled"], help="apply this smoothing pass"),
-        "size": F(int, d["size"], min=1, help="window length in frames"),
-        "keep": F(int, d["keep"], min=1, help="how many values closest to the window mean are averaged (<= size)"),
-        "weights": F(list, d["weights"], nullable=True, item_type=float, min=0, min_exclusive=True,
-                     help="position weights inside the window (size values); null: uniform"),
-        "scope": F(str, d["scope"], choices=("concat", "video"),
-                   help="concat: one sequence over all test videos in order (official); video: each video alone"),
-        "shift": F(int, d["shift"], min=0, help="each window's result lands at its start + size // 2 + shift"),
-        "edge_left": F(str, d["edge_left"], choices=("replicate", "fill"), help="positions before the first result"),
-        "edge_right": F(str, d["edge_right"], choices=("replicate", "fill"), help="positions after the last result"),
-        "fill": F(float, d["fill"], help="value of 'fill' edges, in the processing polarity (1 = most normal for normality)"),
-    }
-
-
-def _score_schema(d: Mapping[str, Any]) -> Schema:
-    return {
-        "names": F(list, d["names"], item_type=str, help="score names fused, in summation order"),
-        "weights": F(list, d["weights"], item_type=float, min=0, help="fusion weight per name"),
-        "signs": F(list, d["signs"], item_type=int, min=-1, max=1, help="per name: 1 higher = more anomalous, -1 higher = more normal"),
-        "normalize": F(str, d["normalize"], choices=("per_video", "global", "none"), help="min-max scope of the paper protocol"),
-        "norm_eps": F(float, d["norm_eps"], min=0, help="added to max - min (official: 1e-8 per video, 0 global)"),
-        "polarity": F(str, d["polarity"], choices=("anomaly", "normality"),
-                      help="normality: smooth and fuse 1 - normalised scores, as the official Ped2/ShanghaiTech code"),
-        "PRE_SMOOTH": _window_schema(d["PRE_SMOOTH"]),
-        "SMOOTH": _window_schema(d["SMOOTH"]),
-        "POST_SMOOTH": _window_schema(d["POST_SMOOTH"]),
-        "KALMAN": {
-            "enabled": F(bool, d["KALMAN"]["enabled"], help="scalar Kalman filter of the final score, per video"),
-            "process_var": F(float, d["KALMAN"]["process_var"], min=0, help="Q"),
-            "measurement_std": F(float, d["KALMAN"]["measurement_std"], min=0, min_exclusive=True, help="sqrt(R)"),
-        },
-        "ONLINE": {
-            "window": F(int, d["ONLINE"]["window"], min=1, help="causal window: the frame and window - 1 earlier frames"),
-            "keep": F(int, d["ONLINE"]["keep"], min=1, help="values closest to the causal window's mean that are averaged"),
-            "threshold_quantile": F(float, d["ONLINE"]["threshold_quantile"], min=0, max=1,
-                                    help="alarm threshold = this quantile of fused online training scores"),
-        },
-    }
-
-
-# The YAML section ``SCORE:``; defaults are the Ped2 preset.
-SCORE_SCHEMA: Schema = _score_schema(PAPER_PRESETS["ped2"])
-
-
-def _checked(schema: Schema, data: Any, prefix: str) -> dict[str, Any]:
-    """Defaults of ``schema`` overlaid with ``data``, every key and value checked (``UserError`` on the first problem)."""
-    if not isinstance(data, Mapping):
-        raise UserError(f"config section {prefix} must be a mapping, got {short_repr(data)}")
-    unknown = sorted(set(map(str, data)) - set(schema))
-    if unknown:
-        raise UserError(f"unknown config key {prefix}.{short_text(unknown[0])}; valid keys here: {', '.join(schema)}")
-    out: dict[str, Any] = {}
-    for key, spec in schema.items():
-        if isinstance(spec, dict):
-            out[key] = _checked(spec, data.get(key, {}), f"{prefix}.{key}")
-        else:
-            assert isinstance(spec, Field)
-            out[key] = spec.check(f"{prefix}.{key}", data[key]) if key in data else spec.default
-    return out
-
 
 # --------------------------------------------------------------------------
 # Parameters
 # --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class WindowParams:
-    """One robust smoothing pass (see the module docstring)."""
-
-    enabled: bool
-    size: int
-    keep: int
-    weights: tuple[float, ...] | None
-    scope: str
-    shift: int
-    edge_left: str
-    edge_right: str
-    fill: float
-
-
-@dataclass(frozen=True)
-class KalmanParams:
-    """Scalar Kalman filter: process variance ``q``, measurement variance ``measurement_std ** 2``."""
-
-    enabled: bool
-    process_var: float
-    measurement_std: float
-
-
-@dataclass(frozen=True)
-class OnlineParams:
-    """Causal smoothing window and the threshold quantile of the online protocol."""
-
-    window: int
-    keep: int
-    threshold_quantile: float
-
-
-@dataclass(frozen=True)
-class ProtocolParams:
-    """Everything that differs between datasets: the validated ``SCORE:`` section."""
-
-    names: tuple[str, ...]
-    weights: tuple[float, ...]
-    signs: tuple[int, ...]
-    normalize: str
-    norm_eps: float
-    polarity: str
-    pre_smooth: WindowParams
-    smooth: WindowParams
-    post_smooth: WindowParams
-    kalman: KalmanParams
-    online: OnlineParams
-
-    @classmethod
-    def from_config(cls, section: Any) -> ProtocolParams:
-        """From ``cfg.SCORE`` (a ``Config``) or a plain mapping such as ``PAPER_PRESETS["avenue"]``; missing keys
-        take the schema defaults (the Ped2 preset). Raises ``UserError`` naming the first bad key."""
-        data = section.to_dict() if hasattr(section, "to_dict") else section
-        d = _checked(SCORE_SCHEMA, data, "SCORE")
-        n = len(d["names"])
-        if n == 0:
-            raise UserError("config key SCORE.names must list at least one score name, e.g. [deformation, prediction, gradient]")
-        if len(set(d["names"])) != n:
-            raise UserError(f"config key SCORE.names repeats a name: {short_repr(d['names'])}")
-        for key in ("weights", "signs"):
-            if len(d[key]) != n:
-                raise UserError(f"config key SCORE.{key} has {len(d[key])} values for {n} SCORE.names; give one per name")
-        if any(s == 0 for s in d["signs"]):
-            raise UserError(f"config key SCORE.signs must hold 1 or -1 per name, got {short_repr(d['signs'])}")
-        windows = {}
-        for key in ("PRE_SMOOTH", "SMOOTH", "POST_SMOOTH"):
-            w = d[key]
-            if w["enabled"]:
-                if w["keep"] > w["size"]:
-                    raise UserError(f"config key SCORE.{key}.keep ({w['keep']}) must be <= SCORE.{key}.size ({w['size']})")
-                if w["weights"] is not None and len(w["weights"]) != w["size"]:
-                    raise UserError(f"config key SCORE.{key}.weights has {len(w['weights'])} values; give SCORE.{key}.size = {w['size']} or null")
-                limit = w["size"] - 1 - w["size"] // 2  # the last result must stay inside the sequence
-                if w["shift"] > limit:
-                    raise UserError(f"config key SCORE.{key}.shift ({w['shift']}) moves results past the window; use <= {limit}")
-            windows[key] = WindowParams(**{**w, "weights": None if w["weights"] is None else tuple(w["weights"])})
-        if d["ONLINE"]["keep"] > d["ONLINE"]["window"]:
-            raise UserError(f"config key SCORE.ONLINE.keep ({d['ONLINE']['keep']}) must be <= SCORE.ONLINE.window ({d['ONLINE']['window']})")
-        return cls(
-            names=tuple(d["names"]), weights=tuple(d["weights"]), signs=tuple(d["signs"]),
-            normalize=d["normalize"], norm_eps=d["norm_eps"], polarity=d["polarity"],
-            pre_smooth=windows["PRE_SMOOTH"], smooth=windows["SMOOTH"], post_smooth=windows["POST_SMOOTH"],
-            kalman=KalmanParams(**d["KALMAN"]), online=OnlineParams(**d["ONLINE"]),
-        )
-
-    def to_config(self) -> dict[str, Any]:
-        """The ``SCORE:`` section as plain YAML-ready data (``from_config(p.to_config()) == p``)."""
-
-        def window(w: WindowParams) -> dict[str, Any]:
-            return {**w.__dict__, "weights": None if w.weights is None else list(w.weights)}
-
-        return {
-            "names": list(self.names), "weights": list(self.weights), "signs": list(self.signs),
-            "normalize": self.normalize, "norm_eps": self.norm_eps, "polarity": self.polarity,
-            "PRE_SMOOTH": window(self.pre_smooth), "SMOOTH": window(self.smooth), "POST_SMOOTH": window(self.post_smooth),
-            "KALMAN": dict(self.kalman.__dict__), "ONLINE": dict(self.online.__dict__),
-        }
-
-
 # --------------------------------------------------------------------------
 # Building blocks (pure numpy)
 # --------------------------------------------------------------------------
-
-
-def normalize(videos: Sequence[np.ndarray], scope: str, eps: float, polarity: str, name: str = "score") -> list[np.ndarray]:
-    """Min-max normalise oriented scores (higher = more anomalous) as the official code does.
-
-    Args:
-        videos: V arrays [n_v].
-        scope: ``per_video`` (min/max of each whole video: uses future frames; computed in float64 like the
-            official Python-float code), ``global`` (of all videos; float32 input stays float32, as the official
-            Avenue arrays) or ``none`` (values unchanged).
-        eps: added to ``max - min``.
-        polarity: ``anomaly`` returns ``(x - min) / (max - min + eps)``; ``normality`` returns one minus that
-            (official ``anomaly_score_inv``); with ``none``, ``x`` or ``-x``.
-        name: score name for error messages.
-
-    Returns:
-        V arrays [n_v].
-    """
-    if scope == "none":
-        return [v if polarity == "anomaly" else -v for v in videos]
-    if scope == "global":
-        everything = np.concatenate(list(videos))
-        if everything.size == 0:
-            return list(videos)
-        bounds = [(everything.min(), everything.max())] * len(videos)
-    else:
-        # The official per-video code turns every score into a Python float first: float64 maths.
-        videos = [np.asarray(v, dtype=np.float64) for v in videos]
-        bounds = [(v.min(), v.max()) if v.size else (0.0, 0.0) for v in videos]
-    out = []
-    for v, (low, high) in zip(videos, bounds):
-        if v.size == 0:
-            out.append(v)
-            continue
-        denom = high - low + eps
-        if denom == 0:
-            span = scope.replace("_", " ")
-            raise UserError(f"score '{short_text(name)}' is constant ({float(low)!r}) over a {span} span, so min-max "
-                            "normalisation divides by 0; set SCORE.norm_eps > 0")
-        scaled = (v - low) / denom
-        out.append(scaled if polarity == "anomaly" else 1.0 - scaled)
-    return out
-
-
-def _robust_rows(windows: np.ndarray, keep: int, weights: np.ndarray) -> np.ndarray:
-    """Robust weighted mean of each row: the ``keep`` entries closest to the row mean, weighted by position.
-
-    Args:
-        windows: [M, S] float, C-contiguous (row reductions then match the official 1-D reductions bit for bit).
-        keep: entries kept per row, 1 <= keep <= S.
-        weights: [S] float64 position weights, all > 0.
-
-    Returns:
-        [M] float64.
-    """
-    mean = windows.mean(axis=1, keepdims=True)
-    nearest = np.argsort(np.abs(windows - mean), axis=1)[:, :keep]
-    mask = np.zeros(windows.shape, dtype=windows.dtype)  # official: zeros_like(dif), so weight * mask is float64
-    np.put_along_axis(mask, nearest, 1, axis=1)
-    w = weights * mask
-    return (windows * w).sum(axis=1) / w.sum(axis=1)
-
-
-def robust_smooth(x: np.ndarray, window: WindowParams) -> np.ndarray:
-    """One centred robust smoothing pass over a single sequence (official ``conf_avg``).
-
-    Args:
-        x: [N] float (its dtype is kept for the window mean, as in the official code).
-        window: the pass; ``enabled`` and ``scope`` are ignored here.
-
-    Returns:
-        [N] float64. Window ``i`` (frames ``i .. i + size - 1``) writes position ``i + size // 2 + shift``;
-        positions before the first / after the last written one take ``fill`` or the nearest written value
-        (``edge_left`` / ``edge_right``). With ``N < size`` no window fits: the result is all ``fill`` when an
-        edge is ``fill``, else ``x`` unchanged.
-    """
-    x = np.asarray(x)
-    n, size = x.shape[0], window.size
-    if n < size:
-        if "fill" in (window.edge_left, window.edge_right):
-            return np.full(n, window.fill, dtype=np.float64)
-        return x.astype(np.float64)
-    weights = np.ones(size) if window.weights is None else np.asarray(window.weights, dtype=np.float64)
-    values = _robust_rows(np.ascontiguousarray(sliding_window_view(x, size)), window.keep, weights)
-    out = np.empty(n, dtype=np.float64)
-    first = size // 2 + window.shift
-    last = first + values.size  # one past the last written position
-    out[first:last] = values
-    out[:first] = window.fill if window.edge_left == "fill" else values[0]
-    out[last:] = window.fill if window.edge_right == "fill" else values[-1]
-    return out
-
-
-def smooth_sequences(videos: Sequence[np.ndarray], window: WindowParams) -> list[np.ndarray]:
-    """Apply ``window`` to V arrays [n_v]: each alone (``scope=video``) or concatenated in order (``concat``,
-    official: windows cross video boundaries). Disabled windows return the arrays unchanged."""
-    if not window.enabled:
-        return list(videos)
-    if window.scope == "video":
-        return [robust_smooth(v, window) for v in videos]
-    lengths = [v.shape[0] for v in videos]
-    smoothed = robust_smooth(np.concatenate(list(videos)), window)
-    return np.split(smoothed, np.cumsum(lengths)[:-1])
-
-
-def fuse(per_name: Mapping[str, Sequence[np.ndarray]], names: Sequence[str], weights: Sequence[float]) -> list[np.ndarray]:
-    """Weighted sum per video, added in ``names`` order (float addition order as in the official code).
-
-    Args:
-        per_name: name -> V arrays [n_v].
-
-    Returns:
-        V arrays [n_v]: ``((s0 * w0 + s1 * w1) + s2 * w2) ...``.
-    """
-    n_videos = len(per_name[names[0]])
-    fused = []
-    for v in range(n_videos):
-        total = np.asarray(per_name[names[0]][v]) * weights[0]
-        for name, weight in zip(names[1:], weights[1:]):
-            total = total + np.asarray(per_name[name][v]) * weight
-        fused.append(total)
-    return fused
-
-
-def kalman_filter(z: np.ndarray, process_var: float, measurement_std: float) -> np.ndarray:
-    """Official scalar Kalman filter (``utils.filter``): causal, one video at a time.
-
-    Starts from estimate 0 with variance 1 and updates from frame 1 on; the output's frame 0 is the raw
-    ``z[0]`` (the recursion itself started from 0, as in the official code).
-
-    Args:
-        z: [n] measurements.
-
-    Returns:
-        [n] float64 filtered values.
-    """
-    values = np.asarray(z, dtype=np.float64).tolist()
-    out = np.empty(len(values), dtype=np.float64)
-    if not values:
-        return out
-    r = measurement_std**2  # official: R = R ** 2
-    estimate, variance = 0.0, 1.0
-    for k in range(1, len(values)):
-        predicted_var = variance + process_var
-        gain = predicted_var / (predicted_var + r)
-        estimate = estimate + gain * (values[k] - estimate)
-        variance = (1 - gain) * predicted_var
-        out[k] = estimate
-    out[0] = values[0]
-    return out
-
-
-def causal_smooth(x: np.ndarray, window: int, keep: int) -> np.ndarray:
-    """Trailing robust mean: frame ``t`` averages the ``keep`` values closest to the mean of frames
-    ``max(0, t - window + 1) .. t`` (all of them while fewer than ``keep`` exist). Never looks ahead.
-
-    Args:
-        x: [n] float.
-
-    Returns:
-        [n] float64.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    n = x.shape[0]
-    out = np.empty(n, dtype=np.float64)
-    for t in range(min(window - 1, n)):  # the first frames of a video have a shorter past
-        out[t] = _robust_rows(x[None, : t + 1], min(keep, t + 1), np.ones(t + 1))[0]
-    if n >= window:
-        out[window - 1 :] = _robust_rows(np.ascontiguousarray(sliding_window_view(x, window)), keep, np.ones(window))
-    return out
 
 
 # --------------------------------------------------------------------------

@@ -20,15 +20,16 @@ import numpy as np
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
-from task.anomaly.unsupervised.engine.checkpoints import make_payload
-from task.anomaly.unsupervised.models.dmad_video.templates import background_for, templates_tensor
 from task.anomaly.unsupervised.data.video.clips import ClipDataset, Video, scan_videos
 from task.anomaly.unsupervised.data.video.labels import attach_labels, load_frame_labels
+from task.anomaly.unsupervised.engine.checkpoints import make_payload
 from task.anomaly.unsupervised.engine.engine import Engine
-from task.anomaly.unsupervised.scoring.protocols import ProtocolParams, fit_threshold, fit_train_stats, online_frame_scores, online_protocol, paper_protocol
+from task.anomaly.unsupervised.models.dmad_video.templates import background_for, templates_tensor
+from task.anomaly.unsupervised.scoring.protocols import fit_threshold, fit_train_stats, online_frame_scores, online_protocol, paper_protocol
+from task.anomaly.unsupervised.scoring.score_file import ScoreFile, write_scores
+from task.anomaly.unsupervised.scoring.settings import ProtocolParams
 from task.anomaly.unsupervised.video.inference import FrameScores, score_clips
 from task.anomaly.unsupervised.video.outputs import write_plots_and_gif
-from task.anomaly.unsupervised.scoring.score_file import ScoreFile, write_scores
 from task.common.config import Config
 from task.common.io import csv_cell, ensure_dir, save_checkpoint, write_json, write_text
 

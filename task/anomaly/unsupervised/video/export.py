@@ -40,13 +40,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from task.anomaly.unsupervised.models.dmad_video.templates import background_for, templates_tensor
 from task.anomaly.unsupervised.data.video.clips import ClipDataset, Video, scan_videos, video_from_path
+from task.anomaly.unsupervised.deploy.onnx import ONNX_FILENAME, TOLERANCE, Difference, file_sha256, open_onnx, with_metadata
 from task.anomaly.unsupervised.engine.engine import Engine, LoadedModel
-from task.anomaly.unsupervised.image.export import TOLERANCE, Difference, with_metadata
+from task.anomaly.unsupervised.engine.modes import ModeOptions
+from task.anomaly.unsupervised.engine.settings import load_for_serving
 from task.anomaly.unsupervised.models.base import Method
-from task.anomaly.unsupervised.image.modes import ModeOptions, load_for_serving
-from task.anomaly.unsupervised.image.predict import ONNX_FILENAME, file_sha256, open_onnx
+from task.anomaly.unsupervised.models.dmad_video.templates import background_for, templates_tensor
 from task.anomaly.unsupervised.video.evaluation import Calibration, served_protocol
 from task.common.config import Config
 from task.common.errors import UserError

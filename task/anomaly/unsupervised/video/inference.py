@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from task.anomaly.unsupervised.data.video.clips import Video
 from task.anomaly.unsupervised.engine.engine import Engine
-from task.anomaly.unsupervised.image.inference import autocast
+from task.common.runtime import autocast
 
 
 @dataclass

@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
-from task.anomaly.unsupervised.data.video.synthetic import make_video_demo
 from task.anomaly.unsupervised.data.video.clips import Video
+from task.anomaly.unsupervised.data.video.synthetic import make_video_demo
 from task.anomaly.unsupervised.engine.engine import Engine, LoadedModel
-from task.anomaly.unsupervised.scoring.protocols import ProtocolParams, evaluate_scores
-from task.anomaly.unsupervised.image.modes import ModeFunction, ModeOptions, mode_report, test_output_dir
+from task.anomaly.unsupervised.engine.modes import ModeFunction, ModeOptions, mode_report, test_output_dir
+from task.anomaly.unsupervised.scoring.protocols import evaluate_scores
 from task.anomaly.unsupervised.scoring.score_file import read_scores
+from task.anomaly.unsupervised.scoring.settings import ProtocolParams
 from task.anomaly.unsupervised.video.evaluation import Calibration, background_templates, calibrate, evaluate, video_split
 from task.anomaly.unsupervised.video.export import mode_export
 from task.anomaly.unsupervised.video.predict import mode_predict
@@ -140,7 +141,7 @@ def mode_score(engine: Engine, options: ModeOptions) -> dict[str, Any]:
 
 def mode_benchmark(engine: Engine, options: ModeOptions) -> None:
     """Clips/s for training steps and for evaluation (scores included), as one JSON line."""
-    from task.anomaly.unsupervised.image.benchmark import time_training_steps
+    from task.anomaly.unsupervised.engine.benchmark import time_training_steps
     from task.anomaly.unsupervised.engine.training import Stepper
     from task.anomaly.unsupervised.video.inference import score_clips
 

@@ -1,7 +1,7 @@
 """Pictures of video anomaly scores: the frame score over time, and a GIF of frames with that plot under them.
 
 Everything here is pure rendering (arrays in, uint8 RGB arrays or GIF bytes out) with OpenCV and numpy, no
-plotting library. Colours, the heatmap overlay and the GIF encoder are the ones of ``visualize`` (image results),
+plotting library. Colours, the heatmap overlay and the GIF encoder are the shared ones of ``drawing``,
 so a heatmap colour means the same thing in both.
 
 Plot geometry: the x axis of a score plot ``size = (H, W)`` runs from frame 0 at column ``plot_x(0, N, W)`` to
@@ -21,19 +21,7 @@ import cv2
 import numpy as np
 import torch
 
-from task.anomaly.unsupervised.image.visualize import (
-    _FONT,
-    _GREEN,
-    _GREY,
-    _RED,
-    _TITLE_BG,
-    _WHITE,
-    _draw_pieces,
-    _fit_scale,
-    _heatmap_overlay,
-    display_bounds,
-    encode_gif,
-)
+from task.anomaly.unsupervised.drawing import FONT, GREEN, GREY, RED, TITLE_BG, WHITE, display_bounds, draw_pieces, encode_gif, fit_scale, heatmap_overlay
 from task.common.io import atomic_write_bytes
 
 __all__ = [
@@ -105,7 +93,7 @@ class _Layout:
 def _layout(height: int, width: int) -> _Layout:
     x0, x1 = _x_span(width)
     scale = min(0.7, max(0.33, 0.45 * min(height / 360, width / 800)))
-    text_height = cv2.getTextSize("Ag", _FONT, scale, 1)[0][1]
+    text_height = cv2.getTextSize("Ag", FONT, scale, 1)[0][1]
     row = text_height + max(7, text_height // 2 + 3)
     y0, y1 = 2 * row + 4, height - 1 - (2 * row + 2)  # title + legend above, tick labels + axis name below
     if y1 - y0 < 16:
@@ -161,9 +149,9 @@ def _dashed_hline(canvas: np.ndarray, y: int, x0: int, x1: int, colour: tuple[in
 
 def _text_box(canvas: np.ndarray, text: str, x: int, baseline: int, scale: float, colour, background) -> None:
     """``text`` on a filled box (so grid lines and curves do not run through it)."""
-    (w, h), descent = cv2.getTextSize(text, _FONT, scale, 1)
+    (w, h), descent = cv2.getTextSize(text, FONT, scale, 1)
     cv2.rectangle(canvas, (x - 2, baseline - h - 2), (x + w + 2, baseline + descent), background, -1)
-    cv2.putText(canvas, text, (x, baseline), _FONT, scale, colour, 1, cv2.LINE_AA)
+    cv2.putText(canvas, text, (x, baseline), FONT, scale, colour, 1, cv2.LINE_AA)
 
 
 def _legend(canvas: np.ndarray, layout: _Layout, has_labels: bool, threshold: float | None) -> None:
@@ -176,22 +164,22 @@ def _legend(canvas: np.ndarray, layout: _Layout, has_labels: bool, threshold: fl
     swatch, gap = 18, 14
     width = canvas.shape[1] - layout.x0 - 4
     text = " ".join(t for _, t in items)
-    scale = _fit_scale([text], width - len(items) * (swatch + 6 + gap), layout.scale)
+    scale = fit_scale([text], width - len(items) * (swatch + 6 + gap), layout.scale)
     baseline = 2 * layout.row - 4
-    middle = baseline - cv2.getTextSize("A", _FONT, scale, 1)[0][1] // 2
+    middle = baseline - cv2.getTextSize("A", FONT, scale, 1)[0][1] // 2
     x = layout.x0
     for kind, label in items:
         if kind == "line":
             cv2.line(canvas, (x, middle), (x + swatch, middle), _LINE, 2, cv2.LINE_AA)
         elif kind == "dot":
-            cv2.circle(canvas, (x + swatch // 2, middle), 3, _RED, -1, cv2.LINE_AA)
+            cv2.circle(canvas, (x + swatch // 2, middle), 3, RED, -1, cv2.LINE_AA)
         elif kind == "dash":
             _dashed_hline(canvas, middle, x, x + swatch, _THRESHOLD)
         else:
             cv2.rectangle(canvas, (x, middle - 5), (x + swatch, middle + 5), _SHADE, -1)
         x += swatch + 6
-        cv2.putText(canvas, label, (x, baseline), _FONT, scale, _INK, 1, cv2.LINE_AA)
-        x += cv2.getTextSize(label, _FONT, scale, 1)[0][0] + gap
+        cv2.putText(canvas, label, (x, baseline), FONT, scale, _INK, 1, cv2.LINE_AA)
+        x += cv2.getTextSize(label, FONT, scale, 1)[0][0] + gap
 
 
 def render_score_plot(
@@ -255,25 +243,25 @@ def render_score_plot(
     y_step = _nice_step(value_range[1] - value_range[0], max(3, (layout.y1 - layout.y0) // (2 * layout.row)))
     y_ticks = [k * y_step for k in range(math.ceil(value_range[0] / y_step), math.floor(value_range[1] / y_step) + 1)]
     y_texts = [_tick_text(v, y_step) for v in y_ticks]
-    y_scale = _fit_scale(y_texts, layout.x0 - 10, tick_scale) if y_texts else tick_scale
+    y_scale = fit_scale(y_texts, layout.x0 - 10, tick_scale) if y_texts else tick_scale
     for value, text in zip(y_ticks, y_texts):
         y = _y_at(value, value_range, layout)
         canvas[y, layout.x0 : layout.x1 + 1] = _GRID
         canvas[y, layout.x0 - 5 : layout.x0 - 1] = _AXIS
-        (w, h), _ = cv2.getTextSize(text, _FONT, y_scale, 1)
-        cv2.putText(canvas, text, (layout.x0 - 8 - w, y + h // 2), _FONT, y_scale, _INK, 1, cv2.LINE_AA)
+        (w, h), _ = cv2.getTextSize(text, FONT, y_scale, 1)
+        cv2.putText(canvas, text, (layout.x0 - 8 - w, y + h // 2), FONT, y_scale, _INK, 1, cv2.LINE_AA)
 
-    label_width = cv2.getTextSize(str(max(0, num_frames - 1)), _FONT, tick_scale, 1)[0][0]
+    label_width = cv2.getTextSize(str(max(0, num_frames - 1)), FONT, tick_scale, 1)[0][0]
     max_ticks = max(1, (layout.x1 - layout.x0) // (3 * label_width + 10))
     x_step = max(1, int(_nice_step(max(1, num_frames - 1), max_ticks, (1, 2, 5, 10))))
     baseline = layout.y1 + layout.row
     for frame in range(0, num_frames, x_step):
         x = plot_x(frame, num_frames, width)
         canvas[layout.y1 + 2 : layout.y1 + 6, x] = _AXIS
-        w = cv2.getTextSize(str(frame), _FONT, tick_scale, 1)[0][0]
-        cv2.putText(canvas, str(frame), (x - w // 2, baseline), _FONT, tick_scale, _INK, 1, cv2.LINE_AA)
-    w = cv2.getTextSize("frame", _FONT, tick_scale, 1)[0][0]
-    cv2.putText(canvas, "frame", ((layout.x0 + layout.x1 - w) // 2, baseline + layout.row - 2), _FONT, tick_scale, _AXIS, 1, cv2.LINE_AA)
+        w = cv2.getTextSize(str(frame), FONT, tick_scale, 1)[0][0]
+        cv2.putText(canvas, str(frame), (x - w // 2, baseline), FONT, tick_scale, _INK, 1, cv2.LINE_AA)
+    w = cv2.getTextSize("frame", FONT, tick_scale, 1)[0][0]
+    cv2.putText(canvas, "frame", ((layout.x0 + layout.x1 - w) // 2, baseline + layout.row - 2), FONT, tick_scale, _AXIS, 1, cv2.LINE_AA)
     # The frame goes around the data area, so the first and last frames' columns stay visible.
     cv2.rectangle(canvas, (layout.x0 - 1, layout.y0 - 1), (layout.x1 + 1, layout.y1 + 1), _AXIS, 1)
 
@@ -281,7 +269,7 @@ def render_score_plot(
         y = _y_at(threshold, value_range, layout)
         _dashed_hline(canvas, y, layout.x0, layout.x1, _THRESHOLD)
         text = f"threshold {threshold:.4g}"
-        w = cv2.getTextSize(text, _FONT, tick_scale, 1)[0][0]
+        w = cv2.getTextSize(text, FONT, tick_scale, 1)[0][0]
         # Above the line unless that leaves the axis box; the box hides curve pixels so the value stays readable.
         baseline = y - 5 if y - 5 - layout.row > layout.y0 else y + layout.row
         _text_box(canvas, text, layout.x1 - w - 6, baseline, tick_scale, _THRESHOLD, _BG)
@@ -295,14 +283,14 @@ def render_score_plot(
         cv2.polylines(canvas, [np.stack([xs, ys], axis=1)], False, _LINE, 2, cv2.LINE_AA)
     else:
         text = "no scored frames"
-        (w, h), _ = cv2.getTextSize(text, _FONT, layout.scale, 1)
-        cv2.putText(canvas, text, ((layout.x0 + layout.x1 - w) // 2, (layout.y0 + layout.y1 + h) // 2), _FONT, layout.scale, _GREY, 1, cv2.LINE_AA)
+        (w, h), _ = cv2.getTextSize(text, FONT, layout.scale, 1)
+        cv2.putText(canvas, text, ((layout.x0 + layout.x1 - w) // 2, (layout.y0 + layout.y1 + h) // 2), FONT, layout.scale, GREY, 1, cv2.LINE_AA)
     if threshold is not None:
         for x, y in zip(xs[scores[order] >= threshold], ys[scores[order] >= threshold]):
-            cv2.circle(canvas, (int(x), int(y)), 3, _RED, -1, cv2.LINE_AA)
+            cv2.circle(canvas, (int(x), int(y)), 3, RED, -1, cv2.LINE_AA)
 
-    title_scale = _fit_scale([title], width - layout.x0 - 4, layout.scale * 1.2)
-    cv2.putText(canvas, title, (layout.x0, layout.row - 3), _FONT, title_scale, _INK, 2 if title_scale >= 0.6 else 1, cv2.LINE_AA)
+    title_scale = fit_scale([title], width - layout.x0 - 4, layout.scale * 1.2)
+    cv2.putText(canvas, title, (layout.x0, layout.row - 3), FONT, title_scale, _INK, 2 if title_scale >= 0.6 else 1, cv2.LINE_AA)
     _legend(canvas, layout, labels is not None, threshold)
     return canvas
 
@@ -374,7 +362,7 @@ def render_video_frame(
     height, width = frame.shape[:2]
     error = cv2.resize(error_map.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
     scale = _panel_scale(height, width, plot.shape[1], max_panel_height)
-    panels = np.concatenate([frame, _heatmap_overlay(frame, error, bounds)], axis=1)
+    panels = np.concatenate([frame, heatmap_overlay(frame, error, bounds)], axis=1)
     if scale != 1.0:
         size = (2 * max(1, round(width * scale)), max(1, round(height * scale)))
         panels = cv2.resize(panels, size, interpolation=cv2.INTER_NEAREST if scale > 1 else cv2.INTER_AREA)
@@ -382,10 +370,10 @@ def render_video_frame(
     # Panel names in a dark box inside each panel's top-left corner: no extra row to pay for in the GIF.
     names = ["frame", f"prediction error {bounds[0]:.3g}..{bounds[1]:.3g}"]
     half = panels.shape[1] // 2
-    name_scale = _fit_scale(names, half - 12, max(0.35, min(0.6, half / 400 * 0.5)))
-    name_height = cv2.getTextSize("Ag", _FONT, name_scale, 1)[0][1]
+    name_scale = fit_scale(names, half - 12, max(0.35, min(0.6, half / 400 * 0.5)))
+    name_height = cv2.getTextSize("Ag", FONT, name_scale, 1)[0][1]
     for i, name in enumerate(names):
-        _text_box(panels, name, i * half + 6, name_height + 6, name_scale, _WHITE, _TITLE_BG)
+        _text_box(panels, name, i * half + 6, name_height + 6, name_scale, WHITE, TITLE_BG)
 
     plot = plot.copy()
     layout = _layout(*plot.shape[:2])
@@ -394,23 +382,23 @@ def render_video_frame(
 
     out_width = max(panels.shape[1], plot.shape[1])
     if threshold is None:
-        verdict, verdict_colour, thr = "n/a", _GREY, ""
+        verdict, verdict_colour, thr = "n/a", GREY, ""
     else:
-        verdict, verdict_colour = ("ALARM", _RED) if score >= threshold else ("ok", _GREEN)
+        verdict, verdict_colour = ("ALARM", RED) if score >= threshold else ("ok", GREEN)
         thr = f" / threshold {threshold:.4g}"
-    pieces = [(f"score {score:.4g}{thr}  ", _WHITE), (verdict, verdict_colour)]
+    pieces = [(f"score {score:.4g}{thr}  ", WHITE), (verdict, verdict_colour)]
     if label is not None:
-        truth = {1: ("abnormal", _RED), 0: ("normal", _GREEN)}.get(int(label), ("unknown", _GREY))
-        pieces += [("  true ", _WHITE), truth]
+        truth = {1: ("abnormal", RED), 0: ("normal", GREEN)}.get(int(label), ("unknown", GREY))
+        pieces += [("  true ", WHITE), truth]
     margin = 8
-    scale = _fit_scale([caption, "".join(p for p, _ in pieces)], out_width - 2 * margin, max(0.4, min(0.75, out_width / 800 * 0.6)))
+    scale = fit_scale([caption, "".join(p for p, _ in pieces)], out_width - 2 * margin, max(0.4, min(0.75, out_width / 800 * 0.6)))
     thickness = 2 if scale >= 0.9 else 1
-    line = cv2.getTextSize("Ag", _FONT, scale, thickness)[0][1] + 12
+    line = cv2.getTextSize("Ag", FONT, scale, thickness)[0][1] + 12
     title = np.empty((2 * line, out_width, 3), dtype=np.uint8)
-    title[:] = _TITLE_BG
-    _draw_pieces(title, [(caption, _WHITE)], margin, line - 6, scale, thickness)
-    _draw_pieces(title, pieces, margin, 2 * line - 8, scale, thickness)
-    return np.concatenate([title, _pad_width(panels, out_width, _TITLE_BG), _pad_width(plot, out_width, _BG)], axis=0)
+    title[:] = TITLE_BG
+    draw_pieces(title, [(caption, WHITE)], margin, line - 6, scale, thickness)
+    draw_pieces(title, pieces, margin, 2 * line - 8, scale, thickness)
+    return np.concatenate([title, _pad_width(panels, out_width, TITLE_BG), _pad_width(plot, out_width, _BG)], axis=0)
 
 
 def _spread(items: Sequence[int], count: int) -> list[int]:

@@ -39,16 +39,18 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from task.anomaly.unsupervised.data.video.clips import ClipDataset, Video, video_from_path
+from task.anomaly.unsupervised.deploy.output_folder import OutputFolder
 from task.anomaly.unsupervised.engine.engine import Engine
-from task.anomaly.unsupervised.scoring.protocols import ProtocolParams, online_frame_scores
-from task.anomaly.unsupervised.image.inference import autocast
-from task.anomaly.unsupervised.image.modes import ModeOptions
-from task.anomaly.unsupervised.image.predict import OutputFolder, onnx_source
+from task.anomaly.unsupervised.engine.modes import ModeOptions
+from task.anomaly.unsupervised.image.predict import onnx_source
+from task.anomaly.unsupervised.scoring.protocols import online_frame_scores
+from task.anomaly.unsupervised.scoring.settings import ProtocolParams
 from task.anomaly.unsupervised.video.evaluation import Calibration, served_protocol
 from task.anomaly.unsupervised.video.export import FRAME_OUTPUTS, UNEXPORTABLE_SCORES, load_calibrated, load_onnx_video_model, own_backgrounds, score_module
 from task.anomaly.unsupervised.video.plots import gif_frame_positions, write_video_gif
 from task.common.errors import UserError
 from task.common.io import write_text
+from task.common.runtime import autocast
 
 log = logging.getLogger("anomaly")
 

@@ -8,15 +8,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from task.anomaly.unsupervised.image.inference import Predictions
 from task.anomaly.unsupervised.models.base import ImageMethod
+from task.anomaly.unsupervised.models.registry import register_method
+from task.anomaly.unsupervised.records import Predictions
 from task.common.config import Config
 from task.common.errors import UserError
-from task.anomaly.unsupervised.models.registry import register_method
 
-from .official_import import check_official, convert_official, is_official, log_official_load
 from .config import MODEL_SCHEMA, deform_weight
 from .loss import DMADLoss
+from .official_import import check_official, convert_official, is_official, log_official_load
 from .torch_model import DEFORMATION_MAP, DMADModel
 
 

@@ -8,12 +8,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from task.anomaly.unsupervised.image.inference import InferenceOutput
+from task.anomaly.unsupervised.records import InferenceOutput
 
 from .anomaly_map import AnomalyMapGenerator, fuse_scores
 from .bottleneck import Bottleneck
-from .deformation import Deformation, PyramidDeformation
 from .decoder import ReverseDecoder
+from .deformation import Deformation, PyramidDeformation
 from .encoder import ResNetEncoder, backbone_spec
 
 DEFORMATION_MAP = "deformation_map"

@@ -12,7 +12,8 @@ background``, reduced as ``sum(v * w) / sum(w)`` with the official broadcasting.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields as dataclass_fields
+from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 import torch

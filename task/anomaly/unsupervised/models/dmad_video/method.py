@@ -8,15 +8,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from task.anomaly.unsupervised.scoring.protocols import SCORE_SCHEMA
 from task.anomaly.unsupervised.models.base import VideoMethod
+from task.anomaly.unsupervised.models.registry import register_method
 from task.common.config import Config, F
 from task.common.errors import UserError
-from task.anomaly.unsupervised.models.registry import register_method
 
-from .official_import import convert_official
 from .config import MODEL_SCHEMA
 from .loss import LossWeights, VideoLoss
+from .official_import import convert_official
+from .presets import SCORE_SCHEMA
 from .scores import ScoreSettings, error_map, frame_scores
 from .torch_model import VideoDMADModel, official_background_lr, optimizer_groups
 

@@ -7,7 +7,8 @@ take it per clip, which is the same at batch size 1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields as dataclass_fields
+from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 import cv2
