@@ -73,12 +73,12 @@ def _video_engine(overrides: list[str]):
     """An Engine for the DMAD-PDM video method on the CPU with the video demo config and ``overrides``."""
     import task.anomaly.unsupervised.models.available  # noqa: F401  (registers the methods)
     from task.anomaly.unsupervised.engine.engine import Engine
-    from task.anomaly.unsupervised.engine.schema import run_schema
+    from task.anomaly.unsupervised.engine.schema import method_schema
     from task.anomaly.unsupervised.models.registry import get_method
     from task.common.config import load_config
 
     method = get_method("anomaly", "unsupervised", "dmad", "video")
-    cfg = load_config(run_schema(method.model_schema, method.extra_sections), str(VIDEO_YAML), overrides)
+    cfg = load_config(method_schema(method), str(VIDEO_YAML), overrides)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.cuda, "is_available", lambda: False)
         return Engine(method, cfg)
@@ -90,7 +90,7 @@ def video_run(tmp_path_factory: pytest.TempPathFactory):
     need a calibrated checkpoint; training is covered elsewhere), with predict and export in the video mode table
     (until video_modes.py lists them)."""
     from task.anomaly.unsupervised.engine.checkpoints import make_payload
-    from task.anomaly.unsupervised.video.evaluation import background_templates, calibrate, video_split
+    from task.anomaly.unsupervised.video.evaluation import calibrate, data_root, video_split
     from task.common.io import save_checkpoint
 
     root = tmp_path_factory.mktemp("video-run")
@@ -106,7 +106,7 @@ def video_run(tmp_path_factory: pytest.TempPathFactory):
     method = engine.method
     train_videos, train_set = video_split(engine, "train")
     model = method.build(engine.cfg, num_videos=len(train_videos))
-    method.set_background(model, background_templates(engine, train_videos))
+    method.prepare(model, engine.cfg, train_videos, data_root(engine))
     calibration = calibrate(engine, model.eval(), train_videos, train_set)
     payload = make_payload(method, engine.cfg, model, {"frame": calibration.threshold})
     payload["calibration"] = calibration.to_dict()
@@ -200,11 +200,9 @@ def test_export_writes_a_checked_onnx_with_metadata(video_run: VideoRun, exporte
 def test_onnx_outputs_match_torch(video_run: VideoRun, exported) -> None:
     import onnxruntime as ort
 
-    from task.anomaly.unsupervised.video.export import score_module
-
     engine = _video_engine([a for a in video_run.args if "=" in a])
     loaded = engine.load(video_run.run_dir / "model.pt")
-    module = score_module(engine.method, loaded.model, loaded.cfg)
+    module = engine.method.serving_module(loaded.model, loaded.cfg)
     generator = torch.Generator().manual_seed(0)
     clip = torch.rand(2, CLIP, 1, SIZE, SIZE, generator=generator) * 2 - 1
     target = torch.rand(2, 1, SIZE, SIZE, generator=generator) * 2 - 1
