@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import task.common.io as io_module
+from helpers import REPO
 from task.common.errors import UserError
 from task.common.io import (
     atomic_write_bytes,
@@ -31,8 +32,6 @@ from task.common.io import (
     write_text,
 )
 from task.common.runlock import LOCK_NAME, RunLock
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def one_line(exc: pytest.ExceptionInfo[UserError], *fragments: str) -> str:

@@ -26,7 +26,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import (
+from PIL import Image
+
+from helpers import (
     BASE,
     CATEGORY,
     CONFIGS,
@@ -42,8 +44,6 @@ from conftest import (
     run_cli,
     train_overrides,
 )
-from PIL import Image
-
 from task.anomaly.unsupervised.records import Predictions
 from task.common.errors import UserError
 from task.common.io import load_checkpoint, save_checkpoint
