@@ -11,6 +11,7 @@ import pytest
 import yaml
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from helpers import CONFIGS
 from task.anomaly.unsupervised.models.dmad_video.presets import PAPER_PRESETS, SCORE_SCHEMA
 from task.anomaly.unsupervised.scoring import filters
 from task.anomaly.unsupervised.scoring import protocols as fs
@@ -368,3 +369,10 @@ def test_evaluate_scores_both_protocols(tmp_path):
     normal_only = replace(sf, labels=[np.where(lab > 0, 0, lab).astype(np.int8) for lab in sf.labels])
     with pytest.raises(UserError, match="no abnormal frame among the 10 scored frames"):
         fs.evaluate_scores(normal_only, params)
+
+
+@pytest.mark.parametrize("dataset", ["ped2", "avenue", "shanghaitech"])
+def test_dataset_yaml_score_sections_are_the_presets(dataset: str) -> None:
+    """The YAMLs spell the SCORE section out for users to read; the presets are the method's: they must agree."""
+    section = yaml.safe_load((CONFIGS / f"{dataset}.yaml").read_text())["SCORE"]
+    assert ProtocolParams.from_config({**PAPER_PRESETS["ped2"], **section}) == ProtocolParams.from_config(PAPER_PRESETS[dataset])
