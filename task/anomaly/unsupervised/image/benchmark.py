@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Subset
 
-from task.anomaly.unsupervised.engine.benchmark import synchronize, peak_rss_mb, time_training_steps
+from task.anomaly.unsupervised.engine.benchmark import peak_rss_mb, synchronize, time_training_steps
 from task.anomaly.unsupervised.engine.engine import Engine
 from task.anomaly.unsupervised.engine.training import Stepper
 from task.anomaly.unsupervised.image.inference import predict_loader
