@@ -59,13 +59,13 @@ def run(args: argparse.Namespace) -> int:
     from task.anomaly.unsupervised.engine import Engine
     from task.anomaly.unsupervised.modalities import modes_for
     from task.anomaly.unsupervised.modes import ModeOptions
-    from task.anomaly.unsupervised.schema import run_schema
+    from task.anomaly.unsupervised.schema import method_schema
     from task.common.config import load_config, parse_override
     from task.common.errors import UserError
     from task.registry import get_method
 
     method = get_method(args.task_type, args.model_type, args.model_name, modality_of(args.yaml_config, args.overrides))
-    cfg = load_config(run_schema(method.model_schema, method.extra_sections), args.yaml_config, args.overrides)
+    cfg = load_config(method_schema(method), args.yaml_config, args.overrides)
     overridden = frozenset(parse_override(text)[0] for text in args.overrides)
     modes = modes_for(method.modality)
     if args.mode not in modes:

@@ -145,10 +145,11 @@ def _write_gif_from(engine: Engine, path: Path) -> None:
 
 
 def mode_report(engine: Engine, options: ModeOptions) -> None:
-    """Tables of every run under RESULT.savedir -> stdout and <savedir>/results.md (+ README.md with --update-readme)."""
+    """Tables of this method's runs under RESULT.savedir -> stdout and <savedir>/results.md (+ README.md with
+    --update-readme, between the method's own markers when the README has them)."""
     readme = Path("README.md") if options.update_readme else None
     savedir = Path(engine.cfg.RESULT.savedir).expanduser()
-    print(write_report(savedir, readme), end="")
+    print(write_report(savedir, readme, engine.method.name), end="")
     log.info("report written to %s%s", savedir / "results.md", f" and {readme}" if readme else "")
 
 
@@ -200,14 +201,16 @@ def mode_predict(engine: Engine, options: ModeOptions) -> None:
 
 
 def mode_benchmark(engine: Engine, options: ModeOptions) -> None:
-    """Time BENCHMARK.train_steps training steps and one evaluation pass; print the result as one JSON line."""
+    """Time BENCHMARK.train_steps training steps (a fit method: one fit over that many batches) and one evaluation
+    pass; print the result as one JSON line."""
     from task.anomaly.unsupervised.benchmark import run_benchmark
     from task.anomaly.unsupervised.training import Stepper
 
     if engine.cfg.DATASET.demo:
         engine.prepare_data()
     model = engine.build_model()
-    result = run_benchmark(engine, model, Stepper(engine, model))
+    # a gradient-free method has no optimiser step to time: run_benchmark times its fit instead
+    result = run_benchmark(engine, model, Stepper(engine, model) if engine.method.learning == "gradient" else None)
     if engine.dist.is_main:
         print(json.dumps(result), flush=True)
     engine.dist.barrier()

@@ -1,14 +1,18 @@
 """The run-level configuration schema (every section but MODEL), shared by all methods.
 
-A method contributes its MODEL section (``Method.model_schema``) and any section of its own
-(``Method.extra_sections``); ``run_schema`` assembles the whole. Dataset formats contribute their DATASET keys.
+A method contributes its MODEL section (``Method.model_schema``), any section of its own
+(``Method.extra_sections``) and its defaults for the shared keys (``Method.run_defaults``); ``run_schema`` assembles
+the whole. Dataset formats contribute their DATASET keys.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 from task.anomaly.unsupervised.data.formats import DATASET_SCHEMA_KEYS
 from task.anomaly.unsupervised.data.video import VIDEO_DATASET_KEYS
-from task.common.config import F, Schema
+from task.common.config import F, Field, Schema
 
 RUN_SECTIONS: Schema = {
     "DATASET": {
@@ -80,10 +84,28 @@ RUN_SECTIONS: Schema = {
 }
 
 
-def run_schema(model_schema: Schema, extra_sections: Schema | None = None) -> Schema:
-    """The whole schema of a run: the shared sections, the method's MODEL section and its own extra sections."""
+def run_schema(model_schema: Schema, extra_sections: Schema | None = None, run_defaults: dict[str, Any] | None = None) -> Schema:
+    """The whole schema of a run: the shared sections, the method's MODEL section and its own extra sections.
+
+    ``run_defaults`` (a method's ``Method.run_defaults``, by dotted key) replace the shared sections' defaults; each is
+    checked like a YAML value, so a method cannot default to something the schema refuses.
+    """
     schema: Schema = {key: value for key, value in RUN_SECTIONS.items() if key != "SEED"}
     schema["MODEL"] = model_schema
     schema.update(extra_sections or {})
     schema["SEED"] = RUN_SECTIONS["SEED"]
+    for key, value in (run_defaults or {}).items():
+        *sections, leaf = key.split(".")
+        node = schema = {**schema}  # copy along the path: RUN_SECTIONS is shared by every method
+        for part in sections:
+            node[part] = {**node[part]}
+            node = node[part]
+        if not isinstance(node.get(leaf), Field):
+            raise KeyError(f"run default {key} names no config key")
+        node[leaf] = replace(node[leaf], default=node[leaf].check(f"run default {key}", value))
     return schema
+
+
+def method_schema(method) -> Schema:
+    """The run schema of ``method`` (a ``Method``): its MODEL section, extra sections and run defaults."""
+    return run_schema(method.model_schema, method.extra_sections, method.run_defaults)
