@@ -39,7 +39,7 @@ def stage_names(name: str, layers: list[str]) -> tuple[list[int], list[str]]:
     try:
         with torch.device("meta"):  # no memory, no initialisation cost: only the stage names are read
             probe = timm.create_model(name, pretrained=False, features_only=True)
-    except Exception as exc:  # timm raises RuntimeError/TypeError for models without a feature-map interface
+    except Exception as exc:  # noqa: BLE001  (timm raises several types for models without a feature-map interface)
         raise UserError(f"MODEL.backbone {name!r} has no timm features_only interface ({type(exc).__name__}); choose a CNN such as wide_resnet50_2") from None
     names = list(probe.feature_info.module_name())
     unknown = [layer for layer in layers if layer not in names]
@@ -60,7 +60,7 @@ def read_weights_file(path: str) -> dict[str, Tensor]:
 
         try:
             return load_file(path)
-        except Exception as exc:  # a damaged or foreign file: one message for all of them
+        except Exception as exc:  # noqa: BLE001  (a damaged or foreign file: one message for all of them)
             raise UserError(f"MODEL.backbone_weights {path} is not a readable safetensors file ({type(exc).__name__}); pass another file") from None
     return load_tensor_dict(path, what="MODEL.backbone_weights")
 

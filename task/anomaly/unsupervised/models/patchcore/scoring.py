@@ -23,12 +23,12 @@ def reweighted_score(distances: Tensor, indices: Tensor, patches: Tensor, bank: 
 
     distances [B, P]: each patch's distance to its nearest bank feature; indices [B, P]: that feature's row;
     patches [B, P, D]: the patch features; bank [M, D]. m_test is the patch with the largest distance s*, m* its
-    nearest bank feature, N_b(m*) the b = min(num_neighbors, M) bank features nearest to m* (m* itself first).
+    nearest bank feature, N_b(m*) the b = ``num_neighbors`` (at most M) bank features nearest to m* (m* itself first).
     ``num_neighbors`` 1 gives s* unweighted (a softmax over m* alone would zero every score). Returns [B].
     """
     worst = distances.argmax(dim=1, keepdim=True)  # [B, 1]: m_test
     s_star = distances.gather(1, worst).squeeze(1)  # [B]
-    b = min(num_neighbors, bank.shape[0])
+    b = num_neighbors
     if b == 1:
         return s_star
     m_test = patches.gather(1, worst.unsqueeze(2).expand(-1, -1, patches.shape[2])).squeeze(1)  # [B, D]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +23,14 @@ log = logging.getLogger("anomaly")
 def float32_region(device_type: str):
     """Autocast off: distances, smoothing and scores are computed in float32 under any run precision."""
     return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
+
+
+def bank_rows(bank: Tensor) -> int:
+    """The number of memory-bank features as a Python int. Under ONNX tracing it becomes a constant of the graph,
+    which is right: an exported model's bank is fixed (the tracer's warning about it is silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return int(bank.shape[0])
 
 
 class PatchCoreModel(nn.Module):
@@ -101,7 +110,8 @@ class PatchCoreModel(nn.Module):
 
     def forward(self, images: Tensor) -> InferenceOutput:
         bank = self.memory_bank
-        if bank.shape[0] == 0:
+        rows = bank_rows(bank)
+        if rows == 0:
             raise UserError("the PatchCore memory bank is empty (the model was never fitted); train it first with --mode train")
         embedding = self.embed(images)
         _, dim, height, width = embedding.shape
@@ -110,6 +120,6 @@ class PatchCoreModel(nn.Module):
             distances, indices = nearest_neighbour(patches, bank)
             distances = distances.reshape(-1, height * width)
             indices = indices.reshape(-1, height * width)
-            raw = reweighted_score(distances, indices, patches.reshape(-1, height * width, dim), bank, self.num_neighbors)
+            raw = reweighted_score(distances, indices, patches.reshape(-1, height * width, dim), bank, min(self.num_neighbors, rows))
             maps = anomaly_map(distances.reshape(-1, 1, height, width), tuple(images.shape[-2:]), self.sigma)
             return InferenceOutput(maps, self.normalize(raw))
