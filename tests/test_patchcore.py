@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CATEGORY, SIZE, assert_ok, assert_user_error, data_overrides, main_in_process
 from PIL import Image
 
-from conftest import CATEGORY, SIZE, assert_ok, assert_user_error, data_overrides, main_in_process
 from task.anomaly.unsupervised.export import TOLERANCE
 from task.anomaly.unsupervised.models.patchcore.coreset import (
     coreset_size,
@@ -157,7 +157,9 @@ def test_backbone_weights_file_and_pretrained_fetch_errors(tmp_path, monkeypatch
     path = tmp_path / "resnet18.pth"
     torch.save(source.state_dict(), path)
     model = PatchCoreModel(backbone="resnet18", pretrained=True, backbone_weights=str(path))  # no fetch: the file wins
-    assert torch.equal(model.features.net.state_dict()["layer3.1.conv2.weight"], source.state_dict()["layer3.1.conv2.weight"])
+    assert torch.equal(
+        model.features.net.state_dict()["layer3.1.conv2.weight"], source.state_dict()["layer3.1.conv2.weight"]
+    )
 
     torch.save({k: v for k, v in source.state_dict().items() if not k.startswith("layer3.")}, path)
     with pytest.raises(UserError, match=r"not a state dict of timm resnet18 \(missing"):
@@ -170,13 +172,23 @@ def test_backbone_weights_file_and_pretrained_fetch_errors(tmp_path, monkeypatch
 
     create = timm.create_model
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(UserError, match=r"could not fetch timm ImageNet weights for resnet18 .*MODEL.backbone_weights.*MODEL.pretrained=false"):
+    with pytest.raises(
+        UserError,
+        match=r"could not fetch timm ImageNet weights for resnet18 .*MODEL.backbone_weights.*MODEL.pretrained=false",
+    ):
         PatchCoreModel(backbone="resnet18", pretrained=True)
 
 
 # ------------------------------------------------------------------------------------------------ through the engine
 def _train_args(datadir: Path, savedir: Path, *extra: str) -> list[str]:
-    return [*PC_BASE, *data_overrides(datadir), f"RESULT.savedir={savedir}", "RESULT.assets_dir=null", "TEST.batch_size=4", *extra]
+    return [
+        *PC_BASE,
+        *data_overrides(datadir),
+        f"RESULT.savedir={savedir}",
+        "RESULT.assets_dir=null",
+        "TEST.batch_size=4",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +210,9 @@ def test_train_fits_and_the_engine_saves_a_calibrated_model(pc_run) -> None:
     assert not (run_dir / "last.pt").exists()  # no optimiser state to resume
     assert state["config"]["LOG"]["wandb_project"] == "patchcore"  # the method's run default
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["image_auroc"] is not None and json.loads((run_dir / "run.json").read_text())["method"] == "patchcore"
+    assert (
+        metrics["image_auroc"] is not None and json.loads((run_dir / "run.json").read_text())["method"] == "patchcore"
+    )
     assert re.search(r"metrics: image_auroc=", stdout)
 
     again = main_in_process(*args, "--mode", "test")  # the saved model reproduces the metrics
@@ -208,9 +222,14 @@ def test_train_fits_and_the_engine_saves_a_calibrated_model(pc_run) -> None:
 
 def test_test_mode_with_other_scoring_recalibrates(pc_run, caplog) -> None:
     args, run_dir, _ = pc_run
-    result = main_in_process(*args, "--mode", "test", "--checkpoint", str(run_dir / "model.pt"), "MODEL.num_neighbors=1")
+    result = main_in_process(
+        *args, "--mode", "test", "--checkpoint", str(run_dir / "model.pt"), "MODEL.num_neighbors=1"
+    )
     assert_ok(result)
-    assert "MODEL.num_neighbors: scoring with 1 from the config (the checkpoint was calibrated with 9); recalibrating" in caplog.text
+    assert (
+        "MODEL.num_neighbors: scoring with 1 from the config (the checkpoint was calibrated with 9); recalibrating"
+        in caplog.text
+    )
     line = assert_user_error(main_in_process(*args, "--mode", "test", "MODEL.coreset_ratio=0.5"))
     assert "MODEL.coreset_ratio=0.5 was given on the command line but checkpoint" in line
 
@@ -228,7 +247,11 @@ def test_export_parity_and_predict_with_both_backends(pc_run, dataset: Path, tmp
     scores = {}
     for backend in ("torch", "onnx"):
         out = tmp_path / backend
-        assert_ok(main_in_process(*args, "--mode", "predict", "--backend", backend, "--input", str(images), "--output", str(out)))
+        assert_ok(
+            main_in_process(
+                *args, "--mode", "predict", "--backend", backend, "--input", str(images), "--output", str(out)
+            )
+        )
         with open(out / "predictions.csv", newline="") as handle:
             rows = list(csv.DictReader(handle))
         assert len(rows) == 7 and all((out / row["picture"]).is_file() for row in rows)
@@ -238,12 +261,19 @@ def test_export_parity_and_predict_with_both_backends(pc_run, dataset: Path, tmp
 
 def test_benchmark_times_the_fit_not_optimiser_steps(pc_run, caplog) -> None:
     args, _, _ = pc_run
-    result = main_in_process(*args, "--mode", "benchmark", "BENCHMARK.train_steps=1", "BENCHMARK.warmup=0", "BENCHMARK.eval_images=2")
+    result = main_in_process(
+        *args, "--mode", "benchmark", "BENCHMARK.train_steps=1", "BENCHMARK.warmup=0", "BENCHMARK.eval_images=2"
+    )
     assert_ok(result)
     line = json.loads(result.stdout.strip().splitlines()[-1])
-    assert line["train_s_per_step"] is None and line["train_steps"] == 0 and line["fit_s"] > 0 and line["fit_images"] == 8
+    assert (
+        line["train_s_per_step"] is None and line["train_steps"] == 0 and line["fit_s"] > 0 and line["fit_images"] == 8
+    )
     assert line["method"] == "patchcore" and line["eval_images"] == 2
-    assert "patchcore learns by a gradient-free fit: timing one fit over 1 batch(es) instead of optimiser steps" in caplog.text
+    assert (
+        "patchcore learns by a gradient-free fit: timing one fit over 1 batch(es) instead of optimiser steps"
+        in caplog.text
+    )
 
 
 def test_report_lists_only_this_methods_runs(pc_run, tmp_path: Path, monkeypatch) -> None:
@@ -254,13 +284,14 @@ def test_report_lists_only_this_methods_runs(pc_run, tmp_path: Path, monkeypatch
     (other / "metrics.json").write_text(json.dumps({"image_auroc": 0.123}))
     (other / "run.json").write_text(json.dumps({"method": "dmad", "category": CATEGORY}))
     readme = tmp_path / "README.md"
-    readme.write_text("<!-- results:start -->\nDMAD\n<!-- results:end -->\n<!-- results:patchcore:start -->\n<!-- results:patchcore:end -->\n")
+    shared = "<!-- results:start -->\nDMAD\n<!-- results:end -->\n"
+    readme.write_text(shared + "<!-- results:patchcore:start -->\n<!-- results:patchcore:end -->\n")
     monkeypatch.chdir(tmp_path)
     result = main_in_process(*args, "--mode", "report", "--update-readme")
     assert_ok(result)
     assert "12.3" not in result.stdout and f"patchcore/{CATEGORY}" in result.stdout
     text = readme.read_text()
-    assert text.startswith("<!-- results:start -->\nDMAD\n<!-- results:end -->\n") and "Image-Level AUC" in text
+    assert text.startswith(shared) and "Image-Level AUC" in text
 
 
 # ------------------------------------------------------------------------------------------------ layouts, config
@@ -284,7 +315,15 @@ def _visa(root: Path) -> None:
     for i in range(2):
         _rgb(root / f"candle/Data/Images/Anomaly/{i:03d}.JPG", 10 + i)
         _mask(root / f"candle/Data/Masks/Anomaly/{i:03d}.png")
-        rows.append(["candle", "test", "anomaly", f"candle/Data/Images/Anomaly/{i:03d}.JPG", f"candle/Data/Masks/Anomaly/{i:03d}.png"])
+        rows.append(
+            [
+                "candle",
+                "test",
+                "anomaly",
+                f"candle/Data/Images/Anomaly/{i:03d}.JPG",
+                f"candle/Data/Masks/Anomaly/{i:03d}.png",
+            ]
+        )
     (root / "split_csv").mkdir(parents=True)
     with open(root / "split_csv" / "1cls.csv", "w", newline="") as handle:
         csv.writer(handle).writerows(rows)
@@ -302,20 +341,38 @@ def _folder(root: Path) -> None:
     ("make", "keys"),
     [
         (_visa, ["DATASET.format=visa", "DATASET.target=candle"]),
-        (_folder, ["DATASET.format=folder", "DATASET.target=widgets", "DATASET.normal_dir=ok", "DATASET.abnormal_dir=ng", "DATASET.mask_dir=ng_masks"]),
+        (
+            _folder,
+            [
+                "DATASET.format=folder",
+                "DATASET.target=widgets",
+                "DATASET.normal_dir=ok",
+                "DATASET.abnormal_dir=ng",
+                "DATASET.mask_dir=ng_masks",
+            ],
+        ),
     ],
     ids=["visa", "folder"],
 )
 def test_visa_and_folder_layouts_train_and_test(make, keys, tmp_path: Path) -> None:
     make(tmp_path / "data")
     args = [
-        *PC_BASE, f"DATASET.datadir={tmp_path / 'data'}", "DATASET.demo=false", f"DATASET.resize=[{SIZE},{SIZE}]",
-        f"RESULT.savedir={tmp_path / 'runs'}", "RESULT.assets_dir=null", "TEST.save_images=false", *keys,
+        *PC_BASE,
+        f"DATASET.datadir={tmp_path / 'data'}",
+        "DATASET.demo=false",
+        f"DATASET.resize=[{SIZE},{SIZE}]",
+        f"RESULT.savedir={tmp_path / 'runs'}",
+        "RESULT.assets_dir=null",
+        "TEST.save_images=false",
+        *keys,
     ]
     assert_ok(main_in_process(*args))
     run_dir = next((tmp_path / "runs" / "patchcore").iterdir())
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["pixel_auroc"] is not None and json.loads((run_dir / "run.json").read_text())["format"] == keys[0].split("=")[1]
+    assert (
+        metrics["pixel_auroc"] is not None
+        and json.loads((run_dir / "run.json").read_text())["format"] == keys[0].split("=")[1]
+    )
     assert_ok(main_in_process(*args, "--mode", "test"))
 
 
@@ -333,8 +390,12 @@ def test_run_defaults_and_config_errors(tmp_path: Path) -> None:
     assert load_config(method_schema(patchcore), PC_YAML, ["LOG.wandb_project=mine"]).LOG.wandb_project == "mine"
 
     run = [*PC_BASE, f"RESULT.savedir={tmp_path}", f"DATASET.datadir={tmp_path}"]
-    assert_user_error(main_in_process(*run, "MODEL.backbone=resnet_19"), "MODEL.backbone 'resnet_19' is not a timm model")
+    assert_user_error(
+        main_in_process(*run, "MODEL.backbone=resnet_19"), "MODEL.backbone 'resnet_19' is not a timm model"
+    )
     assert_user_error(main_in_process(*run, "MODEL.layers=[layer3,layer2]"), "must be distinct and ordered")
-    assert_user_error(main_in_process(*run, "MODEL.layers=[layer9]"), "its stages: act1, layer1, layer2, layer3, layer4")
+    assert_user_error(
+        main_in_process(*run, "MODEL.layers=[layer9]"), "its stages: act1, layer1, layer2, layer3, layer4"
+    )
     assert_user_error(main_in_process(*run, "MODEL.coreset_ratio=0"), "MODEL.coreset_ratio must be in (0, 1]")
     assert_user_error(main_in_process(*run, "DATASET.format=video"), "--model_name patchcore has no video variant")

@@ -111,7 +111,10 @@ def time_fit(engine: Engine, model: torch.nn.Module, use_data: bool) -> dict[str
     """A gradient-free method: an untimed fit on BENCHMARK.warmup batches (first-call costs), then one timed fit on
     BENCHMARK.train_steps batches, as training runs it (no_grad, the run's autocast)."""
     cfg, device, bench = engine.cfg, engine.device, engine.cfg.BENCHMARK
-    log.info("%s learns by a gradient-free fit: timing one fit over %d batch(es) instead of optimiser steps", engine.method.name, bench.train_steps)
+    log.info(
+        "%s learns by a gradient-free fit: timing one fit over %d batch(es) instead of optimiser steps",
+        engine.method.name, bench.train_steps,
+    )
     model.eval()
     seconds = 0.0
     for count, timed in ((bench.warmup, False), (bench.train_steps, True)):
@@ -125,7 +128,10 @@ def time_fit(engine: Engine, model: torch.nn.Module, use_data: bool) -> dict[str
         _synchronize(device)
         seconds = time.perf_counter() - start if timed else seconds
     images = bench.train_steps * cfg.DATALOADER.batch_size
-    return {"train_s_per_step": None, "train_images_per_s": None, "train_steps": 0, "fit_s": seconds, "fit_images": images, "fit_images_per_s": images / seconds}
+    return {
+        "train_s_per_step": None, "train_images_per_s": None, "train_steps": 0,
+        "fit_s": seconds, "fit_images": images, "fit_images_per_s": images / seconds,
+    }
 
 
 def run_benchmark(engine: Engine, model: torch.nn.Module, stepper: Stepper | None) -> dict[str, Any]:
@@ -147,9 +153,14 @@ def run_benchmark(engine: Engine, model: torch.nn.Module, stepper: Stepper | Non
         training = time_fit(engine, model, use_data)
     else:
         model.train()
-        times = time_training_steps(stepper, _training_batches(engine, bench.warmup + bench.train_steps, use_data), device, bench.warmup)
+        batches = _training_batches(engine, bench.warmup + bench.train_steps, use_data)
+        times = time_training_steps(stepper, batches, device, bench.warmup)
         train_s = sum(times) / len(times)
-        training = {"train_s_per_step": train_s, "train_images_per_s": cfg.DATALOADER.batch_size / train_s, "train_steps": len(times)}
+        training = {
+            "train_s_per_step": train_s,
+            "train_images_per_s": cfg.DATALOADER.batch_size / train_s,
+            "train_steps": len(times),
+        }
     peak_train_mb = peak_rss_mb()
     if not engine.dist.is_main:
         return {}

@@ -20,7 +20,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +46,7 @@ class Method(ABC):
     learning: str = "gradient"
     # Defaults of the shared run sections for this method, by dotted key (e.g. {"LOG.wandb_project": "dmad"}); they
     # replace the shared schema's defaults, and the YAML and KEY=VALUE overrides still win over them.
-    run_defaults: dict[str, Any] = {}
+    run_defaults: ClassVar[dict[str, Any]] = {}
 
     def validate(self, cfg: Config) -> None:
         """Raise a one-line UserError for settings this method cannot run (checked once, before any work)."""

@@ -176,13 +176,17 @@ def format_report(runs: list[RunRecord]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def replace_results(readme_text: str, block: str, where: str = "README.md", markers: tuple[str, str] = (START_MARKER, END_MARKER)) -> str:
+def replace_results(
+    readme_text: str, block: str, where: str = "README.md", markers: tuple[str, str] = (START_MARKER, END_MARKER)
+) -> str:
     """``readme_text`` with everything between the results ``markers`` replaced by ``block`` (markers kept)."""
     start_marker, end_marker = markers
     start = readme_text.find(start_marker)
     end = readme_text.find(end_marker, start + len(start_marker)) if start >= 0 else -1
     if start < 0 or end < 0:
-        raise UserError(f"{where} lacks the markers {start_marker} ... {end_marker}; add both lines where the results tables belong")
+        raise UserError(
+            f"{where} lacks the markers {start_marker} ... {end_marker}; add both lines where the results tables belong"
+        )
     return readme_text[: start + len(start_marker)] + "\n" + block.rstrip("\n") + "\n" + readme_text[end:]
 
 

@@ -84,7 +84,9 @@ RUN_SECTIONS: Schema = {
 }
 
 
-def run_schema(model_schema: Schema, extra_sections: Schema | None = None, run_defaults: dict[str, Any] | None = None) -> Schema:
+def run_schema(
+    model_schema: Schema, extra_sections: Schema | None = None, run_defaults: dict[str, Any] | None = None
+) -> Schema:
     """The whole schema of a run: the shared sections, the method's MODEL section and its own extra sections.
 
     ``run_defaults`` (a method's ``Method.run_defaults``, by dotted key) replace the shared sections' defaults; each is

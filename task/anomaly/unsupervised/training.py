@@ -209,7 +209,12 @@ def fit_batches(engine: Engine, batches: Iterable[dict[str, Any]]) -> Iterator[d
     return (to_device(batch, engine) for batch in batches)
 
 
-def fit(engine: Engine, train_set, evaluate: Callable[[nn.Module, int | None, bool], dict[str, Any]], model: nn.Module | None = None) -> dict[str, Any]:
+def fit(
+    engine: Engine,
+    train_set,
+    evaluate: Callable[[nn.Module, int | None, bool], dict[str, Any]],
+    model: nn.Module | None = None,
+) -> dict[str, Any]:
     """Gradient-free training: one pass of ``method.fit`` over ``train_set`` in file order (no optimiser, schedule,
     resume or last.pt: a rerun simply fits again), then the engine's own calibration, evaluation and model.pt.
 
@@ -222,7 +227,10 @@ def fit(engine: Engine, train_set, evaluate: Callable[[nn.Module, int | None, bo
         num_workers=cfg.DATALOADER.num_workers, pin_memory=cfg.DATALOADER.pin_memory,
     )
     log.info("run directory: %s", engine.run_dir)
-    log.info("%d training items: %s learns by one gradient-free fit pass on %s (no optimiser steps)", len(train_set), engine.method.name, engine.device)
+    log.info(
+        "%d training items: %s learns by one gradient-free fit pass on %s (no optimiser steps)",
+        len(train_set), engine.method.name, engine.device,
+    )
     progress = tqdm(loader, desc=f"fit {cfg.DATASET.target}", dynamic_ncols=True, disable=not engine.dist.is_main)
     model.eval()
     start = time.perf_counter()

@@ -38,7 +38,9 @@ class PatchEmbedding(nn.Module):
         total = sum(channels)
         self.dim = embedding_dim or total
         # Derived from the sizes alone: not saved in checkpoints.
-        self.register_buffer("pool", adaptive_pool_matrix(total, embedding_dim) if embedding_dim else None, persistent=False)
+        self.register_buffer(
+            "pool", adaptive_pool_matrix(total, embedding_dim) if embedding_dim else None, persistent=False
+        )
 
     def forward(self, features: list[Tensor]) -> Tensor:
         maps = [self.aggregate(f) for f in features]

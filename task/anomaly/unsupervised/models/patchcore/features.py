@@ -35,19 +35,30 @@ def stage_names(name: str, layers: list[str]) -> tuple[list[int], list[str]]:
     """(timm ``out_indices`` of ``layers``, every stage name of ``name``), read from a weightless meta-device model."""
     timm = import_timm()
     if not timm.is_model(name):
-        raise UserError(f"MODEL.backbone {name!r} is not a timm model; use a name from timm.list_models(), e.g. wide_resnet50_2")
+        raise UserError(
+            f"MODEL.backbone {name!r} is not a timm model; use a name from timm.list_models(), e.g. wide_resnet50_2"
+        )
     try:
         with torch.device("meta"):  # no memory, no initialisation cost: only the stage names are read
             probe = timm.create_model(name, pretrained=False, features_only=True)
     except Exception as exc:  # noqa: BLE001  (timm raises several types for models without a feature-map interface)
-        raise UserError(f"MODEL.backbone {name!r} has no timm features_only interface ({type(exc).__name__}); choose a CNN such as wide_resnet50_2") from None
+        raise UserError(
+            f"MODEL.backbone {name!r} has no timm features_only interface ({type(exc).__name__}); "
+            "choose a CNN such as wide_resnet50_2"
+        ) from None
     names = list(probe.feature_info.module_name())
     unknown = [layer for layer in layers if layer not in names]
     if unknown or not layers:
-        raise UserError(f"MODEL.layers {layers} are not stages of {name} (its stages: {', '.join(names)}); e.g. MODEL.layers=[layer2,layer3]")
+        raise UserError(
+            f"MODEL.layers {layers} are not stages of {name} (its stages: {', '.join(names)}); "
+            "e.g. MODEL.layers=[layer2,layer3]"
+        )
     indices = [names.index(layer) for layer in layers]
     if indices != sorted(set(indices)):
-        raise UserError(f"MODEL.layers {layers} must be distinct and ordered from shallow to deep (stages of {name}: {', '.join(names)})")
+        raise UserError(
+            f"MODEL.layers {layers} must be distinct and ordered from shallow to deep "
+            f"(stages of {name}: {', '.join(names)})"
+        )
     return indices, names
 
 
@@ -55,13 +66,18 @@ def read_weights_file(path: str) -> dict[str, Tensor]:
     """A local state dict: ``.safetensors`` (timm's hub format) or a torch file read with ``weights_only=True``."""
     if path.endswith(".safetensors"):
         if not Path(path).is_file():
-            raise UserError(f"MODEL.backbone_weights not found: {path}; give the path of the backbone's state dict file")
+            raise UserError(
+                f"MODEL.backbone_weights not found: {path}; give the path of the backbone's state dict file"
+            )
         from safetensors.torch import load_file
 
         try:
             return load_file(path)
         except Exception as exc:  # noqa: BLE001  (a damaged or foreign file: one message for all of them)
-            raise UserError(f"MODEL.backbone_weights {path} is not a readable safetensors file ({type(exc).__name__}); pass another file") from None
+            raise UserError(
+                f"MODEL.backbone_weights {path} is not a readable safetensors file ({type(exc).__name__}); "
+                "pass another file"
+            ) from None
     return load_tensor_dict(path, what="MODEL.backbone_weights")
 
 
@@ -74,7 +90,9 @@ def load_backbone_weights(net: nn.Module, state: dict[str, Tensor], name: str, s
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or wrong:
         detail = f"missing {missing[:3]}" if missing else f"shape mismatch at {wrong[:3]}"
-        raise UserError(f"{source} is not a state dict of timm {name} ({detail}); check MODEL.backbone and MODEL.backbone_weights")
+        raise UserError(
+            f"{source} is not a state dict of timm {name} ({detail}); check MODEL.backbone and MODEL.backbone_weights"
+        )
     net.load_state_dict({k: state[k] for k in own})
 
 
@@ -96,8 +114,9 @@ class FeatureExtractor(nn.Module):
                 raise
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
             raise UserError(
-                f"could not fetch timm ImageNet weights for {name} ({type(exc).__name__}: {first}); set MODEL.backbone_weights "
-                "to a local state dict file (.pth or .safetensors), or MODEL.pretrained=false for a random-init backbone"
+                f"could not fetch timm ImageNet weights for {name} ({type(exc).__name__}: {first}); "
+                "set MODEL.backbone_weights to a local state dict file (.pth or .safetensors), "
+                "or MODEL.pretrained=false for a random-init backbone"
             ) from None
         if weights_path:
             load_backbone_weights(self.net, read_weights_file(weights_path), name, source=weights_path)

@@ -68,7 +68,11 @@ class PatchCoreImageMethod(ImageMethod):
         model.set_memory_bank(select_coreset(chunks, model.coreset_ratio, generator))
         log.info(
             "memory bank: %d of %d patch features (MODEL.coreset_ratio %g), %d dims, %.1f MB",
-            len(model.memory_bank), total, model.coreset_ratio, model.dim, model.memory_bank.numel() * 4 / 2**20,
+            len(model.memory_bank),
+            total,
+            model.coreset_ratio,
+            model.dim,
+            model.memory_bank.numel() * 4 / 2**20,
         )
 
     def calibrate(self, model: nn.Module, preds: Predictions) -> None:
@@ -86,7 +90,11 @@ class PatchCoreImageMethod(ImageMethod):
         return {"MODEL.sigma": float(cfg.MODEL.sigma), "MODEL.num_neighbors": int(cfg.MODEL.num_neighbors)}
 
     def describe(self, cfg: Config) -> dict[str, Any]:
-        return {"backbone": cfg.MODEL.backbone, "layers": list(cfg.MODEL.layers), "coreset_ratio": cfg.MODEL.coreset_ratio}
+        return {
+            "backbone": cfg.MODEL.backbone,
+            "layers": list(cfg.MODEL.layers),
+            "coreset_ratio": cfg.MODEL.coreset_ratio,
+        }
 
 
 register_method(PatchCoreImageMethod())

@@ -1,4 +1,4 @@
-"""The PatchCore torch model: frozen backbone -> patch embedding -> nearest neighbour in the memory bank -> map, score."""
+"""The PatchCore torch model: frozen backbone -> patch embedding -> nearest memory-bank neighbour -> map, score."""
 
 from __future__ import annotations
 
@@ -22,7 +22,11 @@ log = logging.getLogger("anomaly")
 
 def float32_region(device_type: str):
     """Autocast off: distances, smoothing and scores are computed in float32 under any run precision."""
-    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
+    return (
+        torch.autocast(device_type, enabled=False)
+        if torch.is_autocast_enabled(device_type)
+        else contextlib.nullcontext()
+    )
 
 
 def bank_rows(bank: Tensor) -> int:
@@ -102,8 +106,9 @@ class PatchCoreModel(nn.Module):
         if not high - low > 1e-6 * max(1.0, abs(high)):
             # e.g. MODEL.coreset_ratio=1: every training patch is in the bank, so every training score is 0.
             log.warning(
-                "the training images' PatchCore scores are all %.4g, which gives no scale; image scores are left unscaled "
-                "(shifted by it only)", low,
+                "the training images' PatchCore scores are all %.4g, which gives no scale; "
+                "image scores are left unscaled (shifted by it only)",
+                low,
             )
             high = low + 1.0
         self.score_stats.copy_(torch.tensor([low, high]))
@@ -112,7 +117,9 @@ class PatchCoreModel(nn.Module):
         bank = self.memory_bank
         rows = bank_rows(bank)
         if rows == 0:
-            raise UserError("the PatchCore memory bank is empty (the model was never fitted); train it first with --mode train")
+            raise UserError(
+                "the PatchCore memory bank is empty (the model was never fitted); train it first with --mode train"
+            )
         embedding = self.embed(images)
         _, dim, height, width = embedding.shape
         with float32_region(images.device.type):
@@ -120,6 +127,8 @@ class PatchCoreModel(nn.Module):
             distances, indices = nearest_neighbour(patches, bank)
             distances = distances.reshape(-1, height * width)
             indices = indices.reshape(-1, height * width)
-            raw = reweighted_score(distances, indices, patches.reshape(-1, height * width, dim), bank, min(self.num_neighbors, rows))
+            raw = reweighted_score(
+                distances, indices, patches.reshape(-1, height * width, dim), bank, min(self.num_neighbors, rows)
+            )
             maps = anomaly_map(distances.reshape(-1, 1, height, width), tuple(images.shape[-2:]), self.sigma)
             return InferenceOutput(maps, self.normalize(raw))
