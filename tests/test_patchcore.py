@@ -399,3 +399,18 @@ def test_run_defaults_and_config_errors(tmp_path: Path) -> None:
     )
     assert_user_error(main_in_process(*run, "MODEL.coreset_ratio=0"), "MODEL.coreset_ratio must be in (0, 1]")
     assert_user_error(main_in_process(*run, "DATASET.format=video"), "--model_name patchcore has no video variant")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+def test_search_and_coreset_on_cuda_match_the_cpu() -> None:
+    generator = torch.Generator().manual_seed(0)
+    features, queries = torch.randn(4000, 64, generator=generator), torch.randn(500, 64, generator=generator)
+    cuda = torch.device("cuda")
+    assert torch.equal(greedy_coreset(features.to(cuda), 50, start=3).cpu(), greedy_coreset(features, 50, start=3))
+    distance, index = nearest_neighbour(queries.to(cuda), features.to(cuda), chunk=1000)
+    expected = nearest_neighbour(queries, features, chunk=1000)
+    assert torch.equal(index.cpu(), expected[1]) and torch.allclose(distance.cpu(), expected[0], atol=1e-5)
+    chunks = [c.to(cuda) for c in features.split(1000)]
+    bank = select_coreset(chunks, 0.1, torch.Generator().manual_seed(0))
+    assert bank.device.type == "cuda" and bank.shape == (400, 64)
