@@ -159,3 +159,20 @@ def video_args(datadir: Path, savedir: Path, *extra: str, mode: str = "train") -
 def run_dir(savedir: Path) -> Path:
     """The run directory of a video demo run under ``savedir``."""
     return savedir / "dmad" / "video_demo"
+
+
+# ----------------------------------------------------------------------------------------------- PatchCore runs
+PC_YAML = REPO / "configs" / "anomaly" / "unsupervised" / "patchcore" / "demo.yaml"
+PC_BASE = ["--task_type", "anomaly", "--model_name", "patchcore", "--yaml_config", str(PC_YAML)]
+
+
+
+def patchcore_args(datadir: Path, savedir: Path, *extra: str) -> list[str]:
+    return [
+        *PC_BASE,
+        *data_overrides(datadir),
+        f"RESULT.savedir={savedir}",
+        "RESULT.assets_dir=null",
+        "TEST.batch_size=4",
+        *extra,
+    ]
