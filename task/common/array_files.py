@@ -27,7 +27,9 @@ import numpy as np
 
 from task.common.errors import UserError, short_text
 
-__all__ = ["MAX_ARRAY_BYTES", "MAX_NPZ_MEMBERS", "check_file_size", "load_npy", "load_npz"]
+__all__ = [
+    "MAX_ARRAY_BYTES", "MAX_NPZ_MEMBERS", "check_file_size", "check_zip_expansion", "load_npy", "load_npz", "zip_expansion_limit",
+]
 
 # Bytes all arrays read from one user file may occupy (1 GiB): far above any label or score file (ShanghaiTech's
 # 40,791 test frames x 3 float64 scores are 1 MB), far below the memory of the machines this runs on.
@@ -63,11 +65,36 @@ def check_file_size(path: Path, what: str, fix: str, limit: int) -> int:
     return info.st_size
 
 
+def zip_expansion_limit(file_size: int) -> int:
+    """Most bytes a checkpoint zip of ``file_size`` bytes may declare uncompressed: ``torch.save`` stores members
+    uncompressed, so twice the file plus 64 MiB leaves ample room while a zip bomb is refused unopened."""
+    return 2 * file_size + (64 << 20)
+
+
+def check_zip_expansion(path: Path, what: str, fix: str) -> None:
+    """Refuse a zip archive whose central directory declares more uncompressed bytes than ``zip_expansion_limit``
+    (read from the directory only: nothing is decompressed). Files that are not zip archives pass unchanged."""
+    shown = short_text(str(path), 160)
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(m.file_size for m in archive.infolist())
+        size = os.path.getsize(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # the loader names a damaged archive
+    if declared > zip_expansion_limit(size):
+        raise UserError(
+            f"{what} {shown} is a {_gib(size)} zip archive whose records declare {_gib(declared)} uncompressed (a zip "
+            f"bomb or a damaged file); nothing was decompressed; {fix}"
+        )
+
+
 def _not_npy(head: bytes) -> str:
     """What a file that lacks the .npy magic looks like, for the message."""
     if head.startswith(b"PK"):
         return "a zip archive (an .npz?), not a .npy array"
-    if head.startswith(b"\x80") or head.startswith(b"\x89HDF") or head.startswith(b"MATLAB"):
+    if head.startswith((b"\x80", b"\x89HDF", b"MATLAB")):
         return "not a .npy array (a pickle, HDF5 or MATLAB file?)"
     try:
         head.decode("utf-8")

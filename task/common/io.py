@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from task.common.array_files import check_zip_expansion
 from task.common.errors import UserError, short_text
 
 if TYPE_CHECKING:
@@ -278,6 +279,8 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
     # torch.save writes a zip archive (PK..); old torch versions wrote a bare pickle (protocol byte 0x80).
     if not head.startswith(b"PK") and head[0] != 0x80:
         raise UserError(f"{what} {shown} is not a PyTorch checkpoint (neither a zip archive nor a pickle); pass a .pt file written by this toolkit")
+    # The zip directory's declared sizes, before torch inflates (and allocates) anything.
+    check_zip_expansion(path, what, "re-create it or pass another file")
     try:
         with warnings.catch_warnings():  # e.g. torch's note on pickle protocols: noise next to the one-line error
             warnings.simplefilter("ignore")
