@@ -29,6 +29,7 @@ are kept for the GIF's frames only (a video longer than the GIF scores those cli
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ from task.anomaly.unsupervised.video.evaluation import Calibration, served_proto
 from task.anomaly.unsupervised.video.export import FRAME_OUTPUTS, UNEXPORTABLE_SCORES, load_calibrated, load_onnx_video_model, own_backgrounds, score_module
 from task.anomaly.unsupervised.video.plots import gif_frame_positions, write_video_gif
 from task.common.errors import UserError
-from task.common.io import write_text
+from task.common.io import write_together
 from task.common.runtime import autocast
 
 log = logging.getLogger("anomaly")
@@ -159,7 +160,7 @@ def predict_video(serving: VideoServing, input_path: Path, out_dir: Path, batch_
     raw, frames, maps, pictures = run_scorer(serving, dataset, background, batch_size, every)
     params, threshold = serving.params, serving.calibration.threshold
     online = online_frame_scores({name: [raw[name]] for name in params.names}, serving.calibration.train_stats, params)[0]
-    write_text(out_dir / csv_name, predictions_csv(video.num_frames, frames, online, threshold))
+    csv_text = predictions_csv(video.num_frames, frames, online, threshold)  # written with the GIF, below
 
     positions = gif_frame_positions(len(frames), online, None, MAX_GIF_FRAMES)
     if not every:
@@ -168,9 +169,17 @@ def predict_video(serving: VideoServing, input_path: Path, out_dir: Path, batch_
         maps, pictures = [shown_maps[0]] * len(frames), [shown_pictures[0]] * len(frames)
         for slot, position in enumerate(positions):
             maps[position], pictures[position] = shown_maps[slot], shown_pictures[slot]
-    shown = write_video_gif(pictures, maps, online, frames, video.num_frames, None, threshold, video.name, [out_dir / gif_name], MAX_GIF_FRAMES)
-    if not every and shown != positions:  # the placeholders above would have been drawn
-        raise RuntimeError(f"the GIF showed frames {shown[:5]}... but predict rendered {positions[:5]}...")
+    # The pair is replaced together (io.write_together): a SIGTERM never leaves this input's csv beside an older gif.
+    with tempfile.TemporaryDirectory(prefix="dmad-predict-") as scratch:
+        rendered = Path(scratch) / gif_name
+        shown = write_video_gif(pictures, maps, online, frames, video.num_frames, None, threshold, video.name, [rendered], MAX_GIF_FRAMES)
+        if not every and shown != positions:  # the placeholders above would have been drawn
+            raise RuntimeError(f"the GIF showed frames {shown[:5]}... but predict rendered {positions[:5]}...")
+        gif_bytes = rendered.read_bytes()
+    write_together({
+        out_dir / csv_name: lambda handle: handle.write(csv_text.encode("utf-8")),
+        out_dir / gif_name: lambda handle: handle.write(gif_bytes),
+    })
 
     alarms = int((online >= threshold).sum())
     peak = int(np.argmax(online))
