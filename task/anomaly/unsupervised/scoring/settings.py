@@ -175,8 +175,8 @@ class ProtocolParams:
             raise UserError(f"config key SCORE.weights {short_repr(d['weights'])} are all 0: every frame would get the same "
                             "fused score (AUROC 0.5); give at least one weight > 0")
         if not math.isfinite(sum(d["weights"])) or max(d["weights"]) > MAX_WEIGHT:
-            raise UserError(f"config key SCORE.weights {short_repr(d['weights'])} would overflow the fused score to inf; "
-                            f"keep each weight <= {MAX_WEIGHT:g} (only their ratios matter, e.g. [0.2, 0.4, 0.6])")
+            raise UserError(f"config key SCORE.weights {short_repr(d['weights'])} are too large (fused scores could overflow "
+                            f"to inf); keep each weight <= {MAX_WEIGHT:.0f} (only their ratios matter, e.g. [0.2, 0.4, 0.6])")
         if d["KALMAN"]["enabled"] and d["KALMAN"]["process_var"] == 0:
             raise UserError("config key SCORE.KALMAN.process_var is 0: the filter then trusts its start forever and flattens "
                             "every video's score; set it > 0 (the presets use 1e-5) or SCORE.KALMAN.enabled=false")
