@@ -19,6 +19,7 @@ background templates) reversed, or the frames flipped to BGR before the forward 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -108,7 +109,7 @@ def _check_frame_file(path: Path) -> None:
 
 def _warn_gaps(folder: Path, numbered: list[tuple[int, Path]]) -> None:
     """One warning per folder whose frame numbers skip values (clips then span the gap)."""
-    gaps = [(x, y) for x, y in zip(numbered, numbered[1:]) if y[0] - x[0] > 1]
+    gaps = [(x, y) for x, y in itertools.pairwise(numbered) if y[0] - x[0] > 1]
     if gaps:
         (a, pa), (b, pb) = gaps[0]
         missing = sum(y[0] - x[0] - 1 for x, y in gaps)
