@@ -11,6 +11,7 @@ import pytest
 import yaml
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from helpers import CONFIGS
 from task.anomaly.unsupervised.models.dmad_video.presets import PAPER_PRESETS, SCORE_SCHEMA
 from task.anomaly.unsupervised.scoring import filters
 from task.anomaly.unsupervised.scoring import protocols as fs
@@ -449,3 +450,10 @@ def test_command_line_score_override_applies_to_a_file_with_its_own_protocol(cap
     assert merged["names"] == own["names"] and merged["SMOOTH"] == own["SMOOTH"] and own["weights"] == [0.2, 0.4]
     assert "SCORE.KALMAN.enabled, SCORE.weights replace(s) the file's own SCORE settings" in caplog.text
     assert with_command_line_score(SimpleNamespace(cfg=cfg, overridden=frozenset()), own, "x.npz") is own
+
+
+@pytest.mark.parametrize("dataset", ["ped2", "avenue", "shanghaitech"])
+def test_dataset_yaml_score_sections_are_the_presets(dataset: str) -> None:
+    """The YAMLs spell the SCORE section out for users to read; the presets are the method's: they must agree."""
+    section = yaml.safe_load((CONFIGS / f"{dataset}.yaml").read_text())["SCORE"]
+    assert ProtocolParams.from_config({**PAPER_PRESETS["ped2"], **section}) == ProtocolParams.from_config(PAPER_PRESETS[dataset])

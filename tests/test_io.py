@@ -18,9 +18,9 @@ from typing import IO, Any, Callable
 
 import pytest
 import torch
-from conftest import crc32_of_zeros, npy_header, write_zero_bomb
 
 import task.common.io as io_module
+from helpers import REPO, crc32_of_zeros, npy_header, write_zero_bomb
 from task.common.array_files import MAX_ARRAY_BYTES, load_npy, load_npz
 from task.common.errors import UserError
 from task.common.io import (
@@ -34,8 +34,6 @@ from task.common.io import (
     write_together,
 )
 from task.common.runlock import LOCK_NAME, RunLock
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def one_line(exc: pytest.ExceptionInfo[UserError], *fragments: str) -> str:

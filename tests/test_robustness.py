@@ -26,7 +26,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import (
+from PIL import Image
+
+from helpers import (
     BASE,
     CATEGORY,
     CONFIGS,
@@ -43,8 +45,6 @@ from conftest import (
     train_overrides,
     write_zero_bomb,
 )
-from PIL import Image
-
 from task.anomaly.unsupervised.records import Predictions
 from task.common.errors import UserError
 from task.common.io import load_checkpoint, save_checkpoint

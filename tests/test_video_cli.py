@@ -9,39 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_ok, assert_user_error, main_in_process
 
-from task.anomaly.unsupervised.data.video.synthetic import make_video_demo
+from helpers import assert_ok, assert_user_error, main_in_process, run_dir, video_args
 from task.anomaly.unsupervised.scoring.score_file import read_scores
-
-VIDEO_YAML = REPO / "configs" / "anomaly" / "unsupervised" / "dmad" / "video_demo.yaml"
-# A tiny DMAD-PDM: the checks are about the plumbing, not about accuracy.
-TINY = ["MODEL.memory_dim=16", "MODEL.memory_size=8", "MODEL.pdm_width=8", "TEST.batch_size=64", "DATASET.demo=false"]
-
-
-def video_args(datadir: Path, savedir: Path, *extra: str, mode: str = "train") -> list[str]:
-    return [
-        "--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(VIDEO_YAML), "--mode", mode,
-        f"DATASET.datadir={datadir}", f"RESULT.savedir={savedir}", "RESULT.assets_dir=null", *TINY, *extra,
-    ]
-
-
-@pytest.fixture(scope="module")
-def video_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("video_data")
-    make_video_demo(root, "video_demo", size=64, seed=0)
-    return root
-
-
-@pytest.fixture(scope="module")
-def video_run(video_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    savedir = tmp_path_factory.mktemp("video_runs")
-    assert_ok(main_in_process(*video_args(video_data, savedir, "TRAIN.num_training_steps=2", "TRAIN.save_interval=1")))
-    return savedir
-
-
-def run_dir(savedir: Path) -> Path:
-    return savedir / "dmad" / "video_demo"
 
 
 def test_training_writes_every_video_output(video_run: Path) -> None:

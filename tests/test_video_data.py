@@ -111,7 +111,7 @@ def test_unreadable_frame_named(tmp_path: Path) -> None:
     (folder / "3.png").write_bytes(b"not a png")
     dataset_videos = scan_videos(config(tmp_path, "ds"), "train")
     with pytest.raises(UserError, match=r"cannot read frame .*3\.png"):
-        ClipDataset(dataset_videos, 2, (SIZE, SIZE), False, True, False)
+        ClipDataset(dataset_videos, 2, (SIZE, SIZE), False, True)
 
 
 def test_duplicate_frame_numbers(tmp_path: Path) -> None:
@@ -140,8 +140,8 @@ def test_video_file_decoding_and_seeking(tmp_path: Path, suffix: str, fourcc: st
     assert full.shape == (8, SIZE, SIZE, 3)
     assert np.allclose(first_values(full), values, atol=6)  # lossy codec
     assert np.array_equal(frames_of(video, (SIZE, SIZE), False, [3, 4, 6]), full[[3, 4, 6]])
-    cached = ClipDataset([video], 3, (SIZE, SIZE), False, True, False)
-    streamed = ClipDataset([video], 3, (SIZE, SIZE), False, False, False)
+    cached = ClipDataset([video], 3, (SIZE, SIZE), False, True)
+    streamed = ClipDataset([video], 3, (SIZE, SIZE), False, False)
     for item in range(len(cached)):
         assert torch.equal(cached[item]["clip"], streamed[item]["clip"])
 
@@ -167,19 +167,18 @@ def test_clip_items(tmp_path: Path) -> None:
     write_frames(tmp_path / "b", [50, 60, 70], ["1.png", "2.png", "3.png"])
     videos = attach_labels([video_from_path(tmp_path / "a"), video_from_path(tmp_path / "b")], [np.array([0, 0, 1, 1]), np.array([0, 1, 0])])
     videos[1].labels = None
-    dataset = ClipDataset(videos, 2, (SIZE, SIZE), False, True, True)
+    dataset = ClipDataset(videos, 2, (SIZE, SIZE), False, True)
     assert len(dataset) == 2 + 1
     item = dataset[1]
     assert item["clip"].shape == (2, 3, SIZE, SIZE) and item["target"].shape == (3, SIZE, SIZE)
     assert item["clip"].is_contiguous() and item["clip"].dtype == torch.float32
     expected = torch.tensor([[20, 235, 10], [30, 225, 15], [40, 215, 20]], dtype=torch.float32) / 127.5 - 1
     assert torch.allclose(item["clip"][:, :, 0, 0], expected[:2]) and torch.allclose(item["target"][:, 0, 0], expected[2])
-    assert (int(item["video"]), int(item["frame"]), int(item["label"]), int(item["background"])) == (0, 3, 1, 0)
+    assert (int(item["video"]), int(item["frame"]), int(item["label"])) == (0, 3, 1)
     last = dataset[2]
-    assert (int(last["video"]), int(last["frame"]), int(last["label"]), int(last["background"])) == (1, 2, -1, 1)
-    grey = ClipDataset(videos, 2, (SIZE, SIZE), True, False, False)[0]
+    assert (int(last["video"]), int(last["frame"]), int(last["label"])) == (1, 2, -1)
+    grey = ClipDataset(videos, 2, (SIZE, SIZE), True, False)[0]
     assert grey["clip"].shape == (2, 1, SIZE, SIZE)
-    assert int(ClipDataset(videos, 2, (SIZE, SIZE), False, True, False)[2]["background"]) == 0
 
 
 def test_pixels_match_official_decoding_up_to_channel_order(tmp_path: Path) -> None:
@@ -188,10 +187,10 @@ def test_pixels_match_official_decoding_up_to_channel_order(tmp_path: Path) -> N
     for k in range(3):
         assert cv2.imwrite(str(tmp_path / f"{k}.png"), rng.integers(0, 256, size=(13, 19, 3), dtype=np.uint8))
     video = video_from_path(tmp_path)
-    colour = ClipDataset([video], 2, (8, 12), False, True, False)[0]["target"].permute(1, 2, 0).numpy()
+    colour = ClipDataset([video], 2, (8, 12), False, True)[0]["target"].permute(1, 2, 0).numpy()
     official = cv2.resize(cv2.imread(str(tmp_path / "2.png")), (12, 8)).astype(np.float32) / 127.5 - 1.0
     assert np.allclose(colour[:, :, ::-1], official, atol=1e-6)
-    grey = ClipDataset([video], 2, (8, 12), True, True, False)[0]["target"][0].numpy()
+    grey = ClipDataset([video], 2, (8, 12), True, True)[0]["target"][0].numpy()
     official_grey = cv2.resize(cv2.imread(str(tmp_path / "2.png"), 0), (12, 8)).astype(np.float32) / 127.5 - 1.0
     assert np.allclose(grey, official_grey, atol=1e-6)
 

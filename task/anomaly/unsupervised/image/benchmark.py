@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Subset
 
-from task.anomaly.unsupervised.engine.benchmark import _synchronize, peak_rss_mb, time_training_steps
+from task.anomaly.unsupervised.engine.benchmark import peak_rss_mb, synchronize, time_training_steps
 from task.anomaly.unsupervised.engine.engine import Engine
 from task.anomaly.unsupervised.engine.training import Stepper
 from task.anomaly.unsupervised.image.inference import predict_loader
@@ -104,10 +104,10 @@ def run_benchmark(engine: Engine, model: torch.nn.Module, stepper: Stepper) -> d
     first = next(iter(batches))
     # One untimed batch: first-call costs (allocator, oneDNN primitive creation, compilation) are not throughput.
     predict_loader(model, [first], device, engine.amp, desc="warm-up", channels_last=engine.channels_last)
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     preds = predict_loader(model, batches, device, engine.amp, desc="benchmark", channels_last=engine.channels_last)
-    _synchronize(device)
+    synchronize(device)
     eval_s = time.perf_counter() - start
     start = time.perf_counter()
     compute_metrics(preds.scores, preds.labels, preds.anomaly_maps, preds.masks)

@@ -16,7 +16,9 @@ Settings are sorted by what they define (the rule the README documents):
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,8 @@ class Method(ABC):
     checkpoint_format: str  # the "format" tag of this method's checkpoints
     model_schema: Schema  # the MODEL section of the run schema
     extra_sections: Schema = {}  # further sections of the method's own (e.g. video scoring)
+    dataset_keys: Schema = {}  # DATASET keys of the method's own (e.g. DMAD-PDM's background templates)
+    run_defaults: dict[str, Any] = {}  # dotted key -> the method's default for a shared key (e.g. OPTIMIZER.lr)
     network_keys: tuple[str, ...] = ()
     scoring_keys: tuple[str, ...] = ()
     resume_keys: tuple[str, ...] = ()  # MODEL keys that shape the optimisation (a resumed run must share them)
@@ -131,8 +135,10 @@ class ImageMethod(Method):
 class VideoMethod(Method):
     """A method that scores the frame after each clip: raw per-frame scores, fused over time by the SCORE protocol.
 
-    Its calibration is the statistics of those scores on the training frames (video_evaluation.py), stored in the
-    checkpoint; batches are ClipDataset items ``{"clip", "target", "background", "video", "frame", "label"}``.
+    Batches are ClipDataset items ``{"clip", "target", "video", "frame", "label"}`` (``video`` indexes the list of
+    videos being scored). The calibration is the statistics of the raw scores on normal frames (video/evaluation.py),
+    stored in the checkpoint. Shared video code reaches what the method keeps about the data (e.g. DMAD-PDM's
+    background templates) only through ``prepare``, ``scoring_context`` and ``video_inputs``.
     """
 
     modality = "video"
@@ -150,5 +156,22 @@ class VideoMethod(Method):
         """Eval forward of one batch on the device: (raw scores name -> [B], prediction-error maps [B, 1, H, W])."""
 
     @abstractmethod
-    def set_background(self, model: nn.Module, templates: Tensor) -> None:
-        """Initialise the model's background templates [V, C, H, W] in [-1, 1] from the data."""
+    def score_names(self, cfg: Config, exportable: bool = False) -> tuple[str, ...]:
+        """The raw scores ``score_batch`` returns for ``cfg``; ``exportable``: only those an exported graph computes."""
+
+    @abstractmethod
+    def serving_module(self, model: nn.Module, cfg: Config) -> nn.Module:
+        """The graph ``--mode export`` writes: an eval module ``(clip [B, T, C, H, W], target [B, C, H, W],
+        video_input [B, C, H, W] or absent) -> (predicted_frame [B, Cm, H, W], error_map [B, 1, H, W], *raw scores [B]
+        in score_names(cfg, exportable=True) order)``; it takes ``video_input`` when ``video_inputs`` gives one."""
+
+    def prepare(self, model: nn.Module, cfg: Config, videos: list[Any], cache_dir: Path | None) -> None:
+        """Set data-dependent state of a new model from its training ``videos`` (default: none)."""
+
+    def scoring_context(self, model: nn.Module, cfg: Config, videos: list[Any], cache_dir: Path | None) -> AbstractContextManager[None]:
+        """State ``model`` needs while scoring ``videos`` it was not trained on, put back afterwards (default: none)."""
+        return contextlib.nullcontext()
+
+    def video_inputs(self, cfg: Config, videos: list[Any]) -> Tensor | None:
+        """Per-video inputs [V, C, H, W] of the serving graph besides clip and target (default: None, none)."""
+        return None

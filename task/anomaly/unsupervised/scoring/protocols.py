@@ -1,7 +1,7 @@
 """Frame-level scoring for video anomaly detection: the official DMAD-PDM protocol and an online protocol.
 
-DMAD-PDM gives every scored frame raw scores (``deformation``, ``prediction``, ``gradient``; higher = more
-anomalous). Two protocols turn them into one anomaly score per frame and into frame AUROC / AUPR:
+A video method gives every scored frame raw scores (DMAD-PDM: ``deformation``, ``prediction``, ``gradient``;
+higher = more anomalous). Two protocols turn them into one anomaly score per frame and into frame AUROC / AUPR:
 
 **Paper protocol** (``paper_protocol``): the official evaluation's maths, step by step and bit for bit:
 
@@ -21,27 +21,7 @@ or a constant (``fill``). With ``scope = concat`` the window runs over all test 
 as the official code does, so it crosses video boundaries. Normalisation over whole videos and centred windows
 use future frames: the paper protocol is an offline benchmark, not something a camera can run.
 
-Official settings (``PAPER_PRESETS``; Evaluate_ped2.py, process_avenue.py, Evaluate_shanghai.py + utils.py):
-
-=================  ===========================  ============================  =================================
-step               ped2                         avenue                        shanghaitech
-=================  ===========================  ============================  =================================
-normalise          per video, eps 1e-8, 1 - x   global, eps 0                 per video, eps 1e-8, 1 - x
-PRE_SMOOTH         -                            -                             per video, 69, keep 25, uniform,
-                                                                              shift 1, fill 1 both edges
-SMOOTH             concat, 11, keep 5, weights  concat, 11, keep 5, weights   concat, 55, keep 49, uniform,
-                   1,1,1,1,1.2,1.6,1.2,1,1,1,1  .5,.8,.8,1,1,2.5,1,1,.8,.8,.5  shift 1, fill 1 both edges
-                   edges: fill 1 / replicate    edges: replicate / replicate
-fusion             .2 def + .4 pred + .6 grad   .2 def + .4 pred              .2 def + .4 pred + .6 grad
-POST_SMOOTH        -                            = SMOOTH                      concat, 55, keep 27, uniform,
-                                                                              shift 1, fill 1 both edges
-KALMAN             -                            -                             per video, q 1e-5, r 0.01**2
-=================  ===========================  ============================  =================================
-
-Every dataset drops the first 4 frames of each video (``clip_length = 4`` input frames predict frame 4). The
-official Avenue number is computed on two post-processed scores (``process_avenue.py``: static-object removal on
-the prediction-error map -> ``prediction``, and on the deformation offsets -> ``deformation``), not on the raw
-model scores.
+The official settings of each dataset are DMAD-PDM's presets (``models/dmad_video/presets.py``).
 
 **Online protocol** (``online_protocol``): what a deployed camera can do. Each score is normalised with
 statistics of TRAINING frames only (``fit_train_stats``: robust low/high quantiles), smoothed causally (each

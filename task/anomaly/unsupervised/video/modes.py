@@ -21,7 +21,7 @@ from task.anomaly.unsupervised.engine.modes import ModeFunction, ModeOptions, mo
 from task.anomaly.unsupervised.scoring.protocols import evaluate_scores
 from task.anomaly.unsupervised.scoring.score_file import read_scores
 from task.anomaly.unsupervised.scoring.settings import ProtocolParams
-from task.anomaly.unsupervised.video.evaluation import Calibration, background_templates, calibrate, evaluate, video_split
+from task.anomaly.unsupervised.video.evaluation import Calibration, calibrate, data_root, evaluate, video_split
 from task.anomaly.unsupervised.video.export import mode_export
 from task.anomaly.unsupervised.video.predict import mode_predict
 from task.common.errors import UserError
@@ -40,11 +40,11 @@ def prepare_video_data(engine: Engine) -> None:
 
 
 def fresh_model(engine: Engine, train_videos: list[Video]) -> torch.nn.Module:
-    """A new model for training (or timing it): one background template per training video or one shared, initialised
-    from the training frames; on the device, compiled with TRAIN.compile."""
+    """A new model for training (or timing it), its data-dependent state prepared from the training videos (e.g.
+    DMAD-PDM's background templates); on the device, compiled with TRAIN.compile."""
     method = engine.method
     model = method.build(engine.cfg, num_videos=len(train_videos))
-    method.set_background(model, background_templates(engine, train_videos))
+    method.prepare(model, engine.cfg, train_videos, data_root(engine))
     return engine.maybe_compile(method.to_device(model, engine.device, engine.channels_last))
 
 
@@ -112,7 +112,7 @@ def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:
 def mode_gif(engine: Engine, options: ModeOptions) -> None:
     """Rebuild the score plots and the GIF from a checkpoint (no training; model.pt and metrics are left alone)."""
     from task.anomaly.unsupervised.scoring.protocols import online_frame_scores
-    from task.anomaly.unsupervised.video.evaluation import test_backgrounds
+    from task.anomaly.unsupervised.video.evaluation import scoring_unseen
     from task.anomaly.unsupervised.video.inference import score_clips
     from task.anomaly.unsupervised.video.outputs import write_plots_and_gif
 
@@ -123,7 +123,7 @@ def mode_gif(engine: Engine, options: ModeOptions) -> None:
         prepare_video_data(engine)
         test_videos, test_set = video_split(engine, "test")
         calibration = _calibration(engine, loaded)
-        with test_backgrounds(engine, loaded.model, test_videos):
+        with scoring_unseen(engine, loaded.model, test_videos):
             scored = score_clips(engine, loaded.model, test_set, test_videos, "gif")
             params = ProtocolParams.from_config(engine.cfg.SCORE)
             online = online_frame_scores({n: scored.scores[n] for n in params.names}, calibration.train_stats, params)

@@ -51,7 +51,6 @@ VIDEO_DATASET_KEYS: Schema = {
     "clip_length": F(int, 4, min=1, help="input frames per clip; the frame after them is the prediction target"),
     "labels": F(str, None, nullable=True, help="test frame labels: a .npy, .m or folder; null: where the dataset keeps them"),
     "grayscale": F(bool, False, help="decode frames as one grey channel"),
-    "background": F(str, "shared", choices=("shared", "per_video"), help="one background template, or one per video (ShanghaiTech)"),
 }
 
 # (folder under <root>/<name>, holds frame folders (True) or video files (False)) per split, in search order.
@@ -300,7 +299,6 @@ class ClipDataset(Dataset):
     * ``video``: int64, index into ``videos``; ``frame``: int64, the target's frame index within its video
       (``clip_length .. num_frames - 1``: the first ``clip_length`` frames of a video are never targets);
     * ``label``: int64 0/1 of the target frame, -1 when the video has no labels;
-    * ``background``: int64, the video index with per-video backgrounds, else 0 (row of ``background_for``).
 
     ``cache=True`` decodes every video once at construction and keeps one uint8 ``[N, H, W, C]`` array per video;
     overlapping clips are slices of it. ``cache=False`` decodes the ``T + 1`` frames of each item on demand (for a
@@ -315,7 +313,6 @@ class ClipDataset(Dataset):
         size: tuple[int, int],
         grayscale: bool,
         cache: bool,
-        per_video_background: bool,
     ) -> None:
         if clip_length < 1:
             raise ValueError(f"clip_length must be >= 1, got {clip_length}")
@@ -325,7 +322,6 @@ class ClipDataset(Dataset):
         self.clip_length = int(clip_length)
         self.size = (int(size[0]), int(size[1]))
         self.grayscale = bool(grayscale)
-        self.per_video_background = bool(per_video_background)
         # One row (video index, target frame) per item: [M, 2] int64.
         rows = [(i, t) for i, v in enumerate(self.videos) for t in range(clip_length, v.num_frames)]
         self.index = np.array(rows, dtype=np.int64).reshape(-1, 2)
@@ -351,5 +347,4 @@ class ClipDataset(Dataset):
             "video": torch.tensor(video_index, dtype=torch.int64),
             "frame": torch.tensor(target, dtype=torch.int64),
             "label": torch.tensor(label, dtype=torch.int64),
-            "background": torch.tensor(video_index if self.per_video_background else 0, dtype=torch.int64),
         }
