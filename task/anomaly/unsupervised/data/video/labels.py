@@ -10,7 +10,11 @@
     Default places: ``<root>/<name>/frame_labels_<name>.npy``, ``<root>/frame_labels_<name>.npy``.
 (b) ShanghaiTech: a folder of ``<video>.npy``, one 0/1 per frame (``<root>/<name>/testing/test_frame_mask``).
 (c) UCSD Ped1/Ped2: the ``.m`` file with lines ``TestDataset.gt_frame{1} = [61:180];`` (1-based, inclusive,
-    several ranges allowed; ``<root>/<name>/Test/*.m``).
+    several ranges allowed; ``<root>/<name>/Test/*.m``). MATLAB comments (``% ...``, ``%{ ... %}``) are ignored; a
+    repeated ``gt_frame{k}`` and a negative, fractional, stepped or non-numeric range are one-line errors.
+
+Every file is measured before it is read (``array_files``): an empty, oversized or truncated file, or a ``.npy``
+whose header declares more than ``MAX_ARRAY_BYTES``, is refused before anything is allocated.
 (d) Avenue: a folder of ``<n>_label.mat`` whose ``volLabel`` holds one mask per frame; a frame is abnormal when its
     mask has a non-zero pixel (``<root>/<name>/ground_truth_demo/testing_label_mask``, or under ``<root>``).
 """
