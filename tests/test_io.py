@@ -593,3 +593,35 @@ def test_write_together_replaces_a_symlink_not_its_target_and_keeps_pairs(tmp_pa
         write_together({run / "scores.npz": lambda h: h.write(b"newer"), run / "b.gif": fails})
     one_line(info, "b.gif", "No space left")
     assert (run / "scores.npz").read_bytes() == b"new" and only_files(run) == ["b.gif", "scores.npz"]
+
+
+_PAIR_CHILD = """
+import os, signal, sys
+from pathlib import Path
+import task.common.io as io
+folder, when = Path(sys.argv[1]), sys.argv[2]
+def gif(handle):
+    if when == "while-writing":
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the second temp file is written
+    handle.write(b"new gif")
+real_replace = os.replace
+def replace(a, b):
+    real_replace(a, b)
+    if when == "between-renames":
+        os.kill(os.getpid(), signal.SIGTERM)  # held back until both files are in place
+io.os.replace = replace
+io.write_together({folder / "v.csv": lambda h: h.write(b"new csv"), folder / "v.gif": gif})
+print("survived")
+"""
+
+
+@pytest.mark.parametrize("when, expected", [("while-writing", (b"old csv", b"old gif")), ("between-renames", (b"new csv", b"new gif"))])
+def test_sigterm_never_splits_a_pair(when: str, expected: tuple[bytes, bytes], tmp_path: Path) -> None:
+    """SIGTERM while the pair is written keeps both old files; SIGTERM between the renames is held until both are
+    new. Either way the process then ends by SIGTERM and leaves no temp file."""
+    (tmp_path / "v.csv").write_bytes(b"old csv")
+    (tmp_path / "v.gif").write_bytes(b"old gif")
+    child = subprocess.run([sys.executable, "-c", _PAIR_CHILD, str(tmp_path), when], cwd=REPO, capture_output=True, timeout=60, check=False)
+    assert child.returncode == -signal.SIGTERM, child.stderr
+    assert ((tmp_path / "v.csv").read_bytes(), (tmp_path / "v.gif").read_bytes()) == expected
+    assert only_files(tmp_path) == ["v.csv", "v.gif"]
