@@ -176,3 +176,78 @@ def patchcore_args(datadir: Path, savedir: Path, *extra: str) -> list[str]:
         "TEST.batch_size=4",
         *extra,
     ]
+# --------------------------------------------------------------------------- hostile files
+
+
+def npy_header(shape: tuple[int, ...], descr: str = "<i8") -> bytes:
+    """The bytes of a version 1.0 .npy header for an array of ``shape`` (the data is up to the caller)."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+def crc32_of_zeros(crc: int, count: int) -> int:
+    """``zlib.crc32(bytes(count), crc)`` without touching ``count`` bytes: CRC-32 over zero bytes is an affine map
+    of the register, so it is raised to the ``count``-th power by repeated squaring (32 columns and an offset)."""
+    import zlib
+
+    def step(c: int) -> int:
+        return zlib.crc32(b"\0", c)
+
+    offset = step(0)
+    one = ([step(1 << i) ^ offset for i in range(32)], offset)  # (linear part's columns, offset) of one zero byte
+
+    def apply(m: tuple[list[int], int], c: int) -> int:
+        out = m[1]
+        for i in range(32):
+            if c >> i & 1:
+                out ^= m[0][i]
+        return out
+
+    def compose(g: tuple[list[int], int], f: tuple[list[int], int]) -> tuple[list[int], int]:  # g after f
+        return [apply(g, col) ^ g[1] for col in f[0]], apply(g, f[1])
+
+    result: tuple[list[int], int] = ([1 << i for i in range(32)], 0)
+    power = one
+    while count:
+        if count & 1:
+            result = compose(power, result)
+        power = compose(power, power)
+        count >>= 1
+    return apply(result, crc)
+
+
+def write_zero_bomb(path: Path, member: str, count: int) -> int:
+    """An honest .npz (zip64, deflate) holding ``count`` float64 zeros in ``member``, built in well under a second:
+    once zlib's state is periodic, every 16 MiB block of zeros compresses to the same bytes after a sync flush, so
+    the stream is repeated rather than computed. Returns the file size."""
+    import struct
+    import zlib
+
+    header = npy_header((count,), "<f8")
+    size = len(header) + 8 * count
+    chunk = 1 << 24
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    first = compressor.compress(header + bytes(chunk - len(header))) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    blocks = [compressor.compress(bytes(chunk)) + compressor.flush(zlib.Z_SYNC_FLUSH) for _ in range(3)]
+    assert blocks[0] == blocks[1] == blocks[2], "zlib's output is not periodic here; cannot build the bomb quickly"
+    full, tail = divmod(size - chunk, chunk)
+    assert full >= 3
+    stream = first + blocks[0] * full + compressor.compress(bytes(tail)) + compressor.flush()
+    crc = crc32_of_zeros(zlib.crc32(header), 8 * count)
+    name = member.encode()
+    zip64 = struct.pack("<HHQQ", 1, 16, size, len(stream))
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, 0, 8, 0, 0x21, crc, 0xFFFFFFFF, 0xFFFFFFFF, len(name), len(zip64)) + name + zip64
+    central = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, 8, 0, 0x21, crc, 0xFFFFFFFF, 0xFFFFFFFF, len(name), len(zip64),
+                          0, 0, 0, 0, 0) + name + zip64
+    central_at = len(local) + len(stream)
+    end64_at = central_at + len(central)
+    end64 = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, 1, 1, len(central), central_at)
+    locator = struct.pack("<IIQI", 0x07064B50, 0, end64_at, 1)
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(central), central_at, 0)
+    path.write_bytes(local + stream + central + end64 + locator + end)
+    return path.stat().st_size

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from task.common.errors import UserError
+from task.common.errors import UserError, short_repr
 from task.common.io import write_text
 
 log = logging.getLogger("anomaly")
@@ -33,6 +33,8 @@ TABLES: dict[str, str] = {"image_auroc": "Image-Level AUC", "pixel_auroc": "Pixe
 VIDEO_TABLE: dict[str, str] = {
     "frame_auroc": "Frame AUC", "frame_aupr": "Frame AUPR", "frame_auroc_online": "Frame AUC (online)", "frame_aupr_online": "Frame AUPR (online)",
 }
+# Every metric a table shows: fractions in [0, 1].
+REPORTED = (*TABLES, *VIDEO_TABLE)
 START_MARKER = "<!-- results:start -->"
 END_MARKER = "<!-- results:end -->"
 MISSING = "–"
@@ -59,6 +61,23 @@ def _number(value: Any) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
+
+
+def _shown_metrics(metrics: dict[str, Any], path: Path) -> dict[str, float | None]:
+    """Numbers of ``metrics``; a reported metric (AUROC, AUPR, F1: fractions) that is not a finite number in [0, 1]
+    (7.5, NaN, a string, a list) becomes None, shown as a dash, with one warning naming the file and key. JSON null
+    (a metric the data cannot define) is None without a warning."""
+    out = {k: _number(v) for k, v in metrics.items()}
+    for key in REPORTED:
+        value = metrics.get(key)
+        if value is None:
+            continue
+        number = out.get(key)
+        if number is None or not 0.0 <= number <= 1.0:
+            log.warning("%s: %s = %s is not a number in [0, 1]; shown as %s (re-run --mode test to rewrite the file)",
+                        path, key, short_repr(value, 40), MISSING)
+            out[key] = None
+    return out
 
 
 def _read_json(path: Path) -> Any:
@@ -90,7 +109,7 @@ def collect_runs(savedir: str | Path, method: str | None = None) -> list[RunReco
         category = info.get("category")
         if not isinstance(category, str) or not category:
             category = _category_from_path(path.parent, savedir)
-        records.append(RunRecord(category, path.parent, {k: _number(v) for k, v in metrics.items()}, path.stat().st_mtime, info))
+        records.append(RunRecord(category, path.parent, _shown_metrics(metrics, path), path.stat().st_mtime, info))
     return records
 
 

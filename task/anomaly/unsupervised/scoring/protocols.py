@@ -116,9 +116,7 @@ def _metrics(ranking: Sequence[np.ndarray], labels: Sequence[np.ndarray], higher
     y = np.concatenate([np.asarray(lab, dtype=np.int64) for lab in labels])
     s = np.concatenate(list(ranking))
     n_abnormal = int(y.sum())
-    if n_abnormal == 0 or n_abnormal == y.size:
-        kind = "abnormal" if n_abnormal == 0 else "normal"
-        raise UserError(f"no {kind} frame among the {y.size} scored frames; frame AUROC needs both classes")
+    one_class = n_abnormal == 0 or n_abnormal == y.size
 
     def auc(yy: np.ndarray, ss: np.ndarray) -> float:
         return float(roc_auc_score(1 - yy, ss) if higher_is_normal else roc_auc_score(yy, ss))
@@ -133,6 +131,12 @@ def _metrics(ranking: Sequence[np.ndarray], labels: Sequence[np.ndarray], higher
         else:
             per_video[name] = None
             notes[name] = "no scored frames" if yy.size == 0 else f"all {yy.size} scored frames are {'abnormal' if k else 'normal'}"
+    if one_class:  # as image runs without defective images: null metrics and the reason, never a made-up number
+        kind = "abnormal" if n_abnormal == 0 else "normal"
+        reason = f"no {kind} frame among the {y.size} scored frames, so frame AUROC/AUPR are undefined (null)"
+        log.warning("%s; check the test labels (DATASET.labels)", reason)
+        return {f"frame_auroc{suffix}": None, f"frame_aupr{suffix}": None, f"per_video_auroc{suffix}": per_video,
+                f"per_video_note{suffix}": notes, f"note{suffix}": reason}
     return {
         f"frame_auroc{suffix}": auc(y, s),
         # Negation reverses the order exactly, so AP ranks frames as the AUROC does.
@@ -306,8 +310,8 @@ def online_protocol(
         alarm = np.concatenate(fused) >= threshold
         result.update({
             "online_threshold": float(threshold),
-            "online_tpr": float(alarm[y].mean()),
-            "online_fpr": float(alarm[~y].mean()),
+            "online_tpr": float(alarm[y].mean()) if y.any() else None,  # None: no abnormal frame to alarm on
+            "online_fpr": float(alarm[~y].mean()) if not y.all() else None,
         })
     return result
 
@@ -324,7 +328,8 @@ def evaluate_scores(source: str | Path | Mapping[str, np.ndarray] | ScoreFile, p
         ``dataset``, ``videos``, ``frames`` (scored), ``abnormal_frames``, the ``paper_protocol`` keys and,
         when the file carries ``train_stats``, the ``online_protocol`` keys (else ``online_note`` says why not).
         Raises ``UserError`` naming the first problem (missing key, length mismatch, non-finite values, a score
-        the protocol needs but the file lacks, no abnormal or no normal frame, ...).
+        the protocol needs but the file lacks, ...); with no abnormal or no normal frame the AUROC/AUPR are None
+        and ``note`` / ``note_online`` say why (a warning is logged).
     """
     if isinstance(source, ScoreFile):
         sf = source
@@ -337,6 +342,7 @@ def evaluate_scores(source: str | Path | Mapping[str, np.ndarray] | ScoreFile, p
         raise UserError(f"the score file has no score '{short_text(missing[0])}' (it has: {', '.join(sf.score_names)}); "
                         "set SCORE.names to stored scores")
     labels = sf.aligned_labels()
+    params.check_lengths([lab.size for lab in labels], f"score file {sf.dataset!r}")
     scores = {n: sf.scores[n] for n in params.names}
     n_frames = sum(lab.size for lab in labels)
     result: dict[str, Any] = {

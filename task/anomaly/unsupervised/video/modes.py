@@ -56,6 +56,7 @@ def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
         prepare_video_data(engine)
         train_videos, train_set = video_split(engine, "train")
         test_videos, test_set = video_split(engine, "test")
+        check_scoring(engine, test_videos)  # before training: a meaningless SCORE section would waste the run
         ensure_dir(engine.run_dir)
         engine.setup_log_file()
         if engine.dist.is_main:
@@ -72,6 +73,12 @@ def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
             return evaluate(engine, trained, calibration, test_videos, test_set, step, None, final)
 
         return train(engine, train_set, evaluate_now, model=model)
+
+
+def check_scoring(engine: Engine, test_videos: list[Video]) -> None:
+    """The SCORE section against the test videos' lengths (``ProtocolParams.check_lengths``), before any work."""
+    clip_length = engine.cfg.DATASET.clip_length
+    ProtocolParams.from_config(engine.cfg.SCORE).check_lengths([v.num_frames - clip_length for v in test_videos], "the test videos")
 
 
 def _calibration(engine: Engine, loaded: LoadedModel) -> Calibration:
@@ -96,6 +103,7 @@ def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:
         engine.adopt(loaded.cfg)  # frame size, colour and clip length follow the checkpoint
         prepare_video_data(engine)
         test_videos, test_set = video_split(engine, "test")
+        check_scoring(engine, test_videos)
         out_dir = test_output_dir(engine, path)
         calibration = _calibration(engine, loaded)
         return evaluate(engine, loaded.model, calibration, test_videos, test_set, None, out_dir, True)
@@ -131,12 +139,31 @@ def mode_score(engine: Engine, options: ModeOptions) -> dict[str, Any]:
     if isinstance(settings, dict):
         # e.g. converted official files: their values already went through some protocol steps
         log.info("%s carries its own SCORE settings (%s); they replace the YAML's SCORE section", options.input, scores.extra.get("source", "no source given"))
+        settings = with_command_line_score(engine, settings, options.input)
         params = ProtocolParams.from_config(settings)
     else:
         params = ProtocolParams.from_config(engine.cfg.SCORE)
     result = evaluate_scores(scores, params)
     print(json.dumps(result, indent=2, default=float))
     return {k: v for k, v in result.items() if isinstance(v, float)}
+
+
+def with_command_line_score(engine: Engine, settings: dict[str, Any], source: str) -> dict[str, Any]:
+    """A score file's own SCORE settings with the SCORE.* keys given explicitly on the command line applied on top
+    (an explicit override is never ignored silently); each applied key is logged."""
+    keys = sorted(k for k in engine.overridden if k.startswith("SCORE."))
+    if not keys:
+        return settings
+    merged = json.loads(json.dumps(settings))  # a deep copy of plain JSON data
+    for key in keys:
+        *path, last = key.split(".")[1:]
+        node: Any = merged
+        for part in path:
+            node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else node
+        value = engine.cfg.get(key)
+        node[last] = value.to_dict() if hasattr(value, "to_dict") else value
+    log.warning("%s: the command line's %s replace(s) the file's own SCORE settings", source, ", ".join(keys))
+    return merged
 
 
 def mode_benchmark(engine: Engine, options: ModeOptions) -> None:

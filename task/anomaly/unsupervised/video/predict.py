@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,7 @@ from task.anomaly.unsupervised.video.inference import ClipScorer, FrameScores, M
 from task.anomaly.unsupervised.video.plots import gif_frame_positions, write_video_gif
 from task.common.config import Config
 from task.common.errors import UserError
-from task.common.io import write_text
+from task.common.io import write_together
 
 log = logging.getLogger("anomaly")
 
@@ -143,7 +144,7 @@ def predict_video(method: VideoMethod, serving: VideoServing, input_path: Path, 
     frames = scored.frames[0]
     params, threshold = serving.params, serving.calibration.threshold
     online = online_frame_scores({name: [scored.scores[name][0]] for name in params.names}, serving.calibration.train_stats, params)[0]
-    write_text(out_dir / csv_name, predictions_csv(video.num_frames, frames, online, threshold))
+    csv_text = predictions_csv(video.num_frames, frames, online, threshold)  # written with the GIF, below
 
     positions = gif_frame_positions(len(frames), online, None, MAX_GIF_FRAMES)
     kept = scored.error_maps.get(0, {})
@@ -154,9 +155,17 @@ def predict_video(method: VideoMethod, serving: VideoServing, input_path: Path, 
     placeholder = next(iter(kept.values()))
     maps = [kept.get(int(f), placeholder) for f in frames]  # write_video_gif reads only the shown positions
     pictures = [np.repeat(pixels[f], 3, axis=2) if pixels.shape[-1] == 1 else pixels[f] for f in frames.tolist()]
-    shown = write_video_gif(pictures, maps, online, frames, video.num_frames, None, threshold, video.name, [out_dir / gif_name], MAX_GIF_FRAMES)
-    if not every and shown != positions:  # the placeholders above would have been drawn
-        raise RuntimeError(f"the GIF showed frames {shown[:5]}... but predict rendered {positions[:5]}...")
+    # The pair is replaced together (io.write_together): a SIGTERM never leaves this input's csv beside an older gif.
+    with tempfile.TemporaryDirectory(prefix="dmad-predict-") as scratch:
+        rendered = Path(scratch) / gif_name
+        shown = write_video_gif(pictures, maps, online, frames, video.num_frames, None, threshold, video.name, [rendered], MAX_GIF_FRAMES)
+        if not every and shown != positions:  # the placeholders above would have been drawn
+            raise RuntimeError(f"the GIF showed frames {shown[:5]}... but predict rendered {positions[:5]}...")
+        gif_bytes = rendered.read_bytes()
+    write_together({
+        out_dir / csv_name: lambda handle: handle.write(csv_text.encode("utf-8")),
+        out_dir / gif_name: lambda handle: handle.write(gif_bytes),
+    })
 
     alarms = int((online >= threshold).sum())
     peak = int(np.argmax(online))

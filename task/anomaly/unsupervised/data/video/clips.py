@@ -19,7 +19,12 @@ background templates) reversed, or the frames flipped to BGR before the forward 
 
 from __future__ import annotations
 
+import itertools
+import logging
+import os
 import re
+import stat
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +36,8 @@ from torch.utils.data import Dataset
 
 from task.common.config import F, Schema
 from task.common.errors import UserError
+
+log = logging.getLogger("anomaly")
 
 __all__ = [
     "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "VIDEO_DATASET_KEYS", "Video", "ClipDataset",
@@ -84,13 +91,49 @@ def _frame_number(path: Path) -> int:
     return int(digits[-1])
 
 
+def _check_frame_file(path: Path) -> None:
+    """A listed frame must be a readable regular file: a dangling link, a FIFO or a folder named like a frame would
+    otherwise be dropped and a clip would span the hole."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise UserError(f"frame {path} is a dangling symbolic link (its target is missing); restore the frame or delete the link") from None
+    except OSError as exc:
+        raise UserError(f"cannot read frame {path} ({exc.strerror}); fix its permissions or delete it") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise UserError(f"frame {path} is a folder, not an image; move it out of {path.parent}")
+    if not stat.S_ISREG(info.st_mode):
+        raise UserError(f"frame {path} is not a regular file (a FIFO, socket or device); replace it with the image or delete it")
+
+
+def _warn_gaps(folder: Path, numbered: list[tuple[int, Path]]) -> None:
+    """One warning per folder whose frame numbers skip values (clips then span the gap)."""
+    gaps = [(x, y) for x, y in itertools.pairwise(numbered) if y[0] - x[0] > 1]
+    if gaps:
+        (a, pa), (b, pb) = gaps[0]
+        missing = sum(y[0] - x[0] - 1 for x, y in gaps)
+        log.warning(
+            "%s: %d frame number(s) missing in %d gap(s), the first between %s and %s (numbers %d-%d); clips span the "
+            "gaps, so restore the missing frames if they exist", folder, missing, len(gaps), pa.name, pb.name, a + 1, b - 1,
+        )
+
+
 def _frame_paths(folder: Path) -> tuple[Path, ...]:
-    """The image files of ``folder`` ordered by frame number (hidden files and other extensions ignored)."""
-    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()]
-    numbered = sorted((_frame_number(p), p) for p in files)
+    """The image files of ``folder`` ordered by frame number (hidden files and other extensions ignored).
+
+    An entry named like a frame that is not a readable regular file is a one-line error; gaps in the numbering
+    are a warning."""
+    try:
+        entries = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
+    except OSError as exc:
+        raise UserError(f"cannot list frames of {folder} ({exc.strerror}); fix its permissions") from None
+    for path in entries:
+        _check_frame_file(path)
+    numbered = sorted((_frame_number(p), p) for p in entries)
     for (n_a, a), (n_b, b) in zip(numbered, numbered[1:]):
         if n_a == n_b:
             raise UserError(f"frames {a.name} and {b.name} in {folder} have the same number {n_a}; keep one of them")
+    _warn_gaps(folder, numbered)
     return tuple(p for _, p in numbered)
 
 
@@ -119,6 +162,22 @@ def check_length(video: Video, clip_length: int) -> None:
         )
 
 
+def check_names(videos: Sequence[Video]) -> None:
+    """Video names key every per-video output (scores.npz, frame_scores.csv, plots): they must be unique and plain,
+    checked at scan time so that a run never fails after training over them."""
+    for video in videos:
+        if not video.name or video.name != video.name.strip() or not video.name.isprintable():
+            raise UserError(f"video {str(video.source)!r} has a name with surrounding spaces or control characters; rename it")
+    counts = Counter(v.name for v in videos)
+    repeated = [name for name, count in counts.items() if count > 1]
+    if repeated:
+        sources = [v.source.name for v in videos if v.name == repeated[0]]
+        raise UserError(
+            f"{len(repeated)} video name(s) repeat in {videos[0].source.parent}, e.g. {', '.join(sources)} are all named "
+            f"{repeated[0]!r}; keep one file per name (outputs are keyed by it)"
+        )
+
+
 def scan_videos(ds_cfg: Any, split: str) -> list[Video]:
     """The videos of ``split`` ("train" | "test") under ``<ds_cfg.datadir>/<ds_cfg.target>``, naturally sorted.
 
@@ -141,6 +200,7 @@ def scan_videos(ds_cfg: Any, split: str) -> list[Video]:
             videos = [_video_file(p) for p in sorted(entries, key=lambda p: _natural_key(p.stem))]
         if not videos:
             continue  # e.g. an empty training/frames next to training/videos
+        check_names(videos)
         for video in videos:
             check_length(video, ds_cfg.clip_length)
         return videos

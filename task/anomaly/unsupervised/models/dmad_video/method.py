@@ -69,6 +69,12 @@ class DMADVideoMethod(VideoMethod):
         # Grey frames may feed a 3-channel model (replicated, as the official Avenue/ShanghaiTech loaders do).
         if cfg.MODEL.channels == 1 and not cfg.DATASET.grayscale:
             raise UserError("MODEL.channels=1 needs grey frames; set DATASET.grayscale=true or MODEL.channels=3")
+        height, width = cfg.DATASET.resize
+        for key in ("deformation_window", "prediction_window", "gradient_window"):
+            h, w = cfg.MODEL[key]
+            if h > height or w > width:  # a box beyond the frame pads it by its size: hours of work for no score
+                raise UserError(f"MODEL.{key}={[h, w]} is larger than the frames (DATASET.resize={[height, width]}); "
+                                f"use a window of at most [{height}, {width}] (the presets use [7, 18])")
         per_video = cfg.DATASET.background == "per_video"
         if per_video != (cfg.MODEL.num_backgrounds is None):
             fix = "MODEL.num_backgrounds=null" if per_video else "DATASET.background=per_video or MODEL.num_backgrounds=1"
