@@ -195,7 +195,7 @@ def _train_args(datadir: Path, savedir: Path, *extra: str) -> list[str]:
 def pc_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path, str]:
     """One PatchCore run on the shared 64x64 dataset: (args, run directory, stdout of the training)."""
     savedir = tmp_path_factory.mktemp("patchcore") / "runs"
-    args = _train_args(dataset, savedir, "MODEL.coreset_ratio=0.25")
+    args = _train_args(dataset, savedir, "MODEL.coreset_ratio=0.25", "TEST.save_images=false")  # pictures: DMAD's tests
     result = main_in_process(*args)
     assert_ok(result)
     return args, savedir / "patchcore" / CATEGORY, result.stdout
