@@ -98,10 +98,11 @@ def run_schema(
     schema["SEED"] = RUN_SECTIONS["SEED"]
     for key, value in (run_defaults or {}).items():
         *sections, leaf = key.split(".")
-        node = schema = {**schema}  # copy along the path: RUN_SECTIONS is shared by every method
+        node = schema  # a fresh dict; the sections along the path are copied, as RUN_SECTIONS is shared by every method
         for part in sections:
-            node[part] = {**node[part]}
-            node = node[part]
+            copied = {**node[part]}
+            node[part] = copied
+            node = copied
         if not isinstance(node.get(leaf), Field):
             raise KeyError(f"run default {key} names no config key")
         node[leaf] = replace(node[leaf], default=node[leaf].check(f"run default {key}", value))
