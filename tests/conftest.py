@@ -125,7 +125,7 @@ def video_run(video_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def patchcore_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path, str]:
     """THE PatchCore run on the shared 64x64 dataset: (args, run directory, stdout of the training). Read-only."""
     savedir = tmp_path_factory.mktemp("patchcore") / "runs"
-    args = patchcore_args(dataset, savedir, "MODEL.coreset_ratio=0.25")
+    args = patchcore_args(dataset, savedir, "MODEL.coreset_ratio=0.25", "TEST.save_images=false")  # pictures: DMAD's tests
     result = main_in_process(*args)
     assert_ok(result)
     return args, savedir / "patchcore" / CATEGORY, result.stdout

@@ -67,7 +67,7 @@ class PatchCoreImageMethod(ImageMethod):
         generator = torch.Generator().manual_seed(cfg.SEED)  # projection and start point: the same bank on every rerun
         model.set_memory_bank(select_coreset(chunks, model.coreset_ratio, generator))
         log.info(
-            "memory bank: %d of %d patch features (MODEL.coreset_ratio %g), %d dims, %.1f MB",
+            "memory bank: %d of %d patch features (MODEL.coreset_ratio %g), %d dims, %.1f MiB",
             len(model.memory_bank),
             total,
             model.coreset_ratio,
