@@ -42,6 +42,7 @@ RUN_SECTIONS: Schema = {
         "save_maps": F(bool, False, help="write maps/<defect>/<name>.npz per test image"),
         "save_images": F(bool, True, help="write images/<defect>/<name>.png per test image (video: a score plot per video) and the result GIF"),
         "save_scores": F(bool, True, help="video: write scores.npz with the raw per-frame scores and labels (--mode score reads it)"),
+        "region_min_area": F(int, 16, min=1, help="defect regions (regions.json, predict, pictures): smallest connected region of map >= pixel threshold kept, in pixels at model resolution"),
     },
     "OPTIMIZER": {
         "name": F(str, "adamw", choices=("adamw", "adam")),
