@@ -27,7 +27,7 @@ def best_box_iou(regions: list[Region], mask: np.ndarray) -> tuple[float, float]
     return ious[0], max(ious)
 
 
-def test_regions(preds: Predictions, pixel_threshold: float, min_area: int) -> dict[str, Any]:
+def regions_of_test_set(preds: Predictions, pixel_threshold: float, min_area: int) -> dict[str, Any]:
     """The regions.json record: settings, per image its regions and, with masks, the box IoUs and their means over
     the defective images (``mean_top_box_iou``, ``mean_best_box_iou``)."""
     images, top, best = [], [], []
@@ -53,7 +53,7 @@ def test_regions(preds: Predictions, pixel_threshold: float, min_area: int) -> d
 
 def write_regions(target: Path, preds: Predictions, pixel_threshold: float, min_area: int) -> None:
     """Write regions.json (atomically) and log the mean box IoUs."""
-    record = test_regions(preds, pixel_threshold, min_area)
+    record = regions_of_test_set(preds, pixel_threshold, min_area)
     write_json(target, record)
     if record["mean_best_box_iou"] is not None:
         log.info(

@@ -76,7 +76,7 @@ def outline_regions(image: np.ndarray, regions: list[Region]) -> np.ndarray:
     scale = max(0.35, min(1.0, image.shape[1] / 512))
     for number, region in enumerate(regions, start=1):
         x, y, w, h = region.box
-        cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), _BOX, thickness, cv2.LINE_AA)
+        cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), _BOX, thickness, cv2.LINE_8)
         text = str(number)
         (tw, th), _ = cv2.getTextSize(text, FONT, scale, 1)
         ty = y - 3 if y - th - 4 >= 0 else min(image.shape[0] - 1, y + h + th + 3)
