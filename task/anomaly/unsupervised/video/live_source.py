@@ -11,6 +11,7 @@ and the time spent disconnected are counted. The kept frames after a reconnectio
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -26,6 +27,8 @@ URL_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
 # OpenCV's FFMPEG backend waits this long to open a source or for a frame before it gives up (then: reconnect).
 OPEN_TIMEOUT_MS = 5000
 READ_TIMEOUT_MS = 5000
+CAPTURE_OPTIONS_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+FAST_START_OPTIONS = "analyzeduration;500000|probesize;65536"
 
 
 def is_live_source(text: str | None) -> bool:
@@ -96,7 +99,16 @@ class LiveSource:
             capture = cv2.VideoCapture(self.source)
         else:
             params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, OPEN_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, READ_TIMEOUT_MS]
-            capture = cv2.VideoCapture(self.source, cv2.CAP_FFMPEG, params)
+            # FFmpeg analyses 5 s of a stream before the first frame by default; a live source starts sooner with less
+            # (unless the user set OpenCV's FFmpeg options, which then apply as they are).
+            own = CAPTURE_OPTIONS_ENV not in os.environ
+            if own:
+                os.environ[CAPTURE_OPTIONS_ENV] = FAST_START_OPTIONS
+            try:
+                capture = cv2.VideoCapture(self.source, cv2.CAP_FFMPEG, params)
+            finally:
+                if own:
+                    os.environ.pop(CAPTURE_OPTIONS_ENV, None)
         if capture.isOpened():
             return capture
         capture.release()
