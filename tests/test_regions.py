@@ -66,9 +66,15 @@ def test_regions_json_record_of_a_test_set():
     maps = torch.from_numpy(np.stack([_map(), np.zeros((32, 48), np.float32)]))
     masks = torch.zeros(2, 32, 48, dtype=torch.uint8)
     masks[0, 20:30, 30:33] = 1
-    preds = Predictions(maps, torch.tensor([2.0, 0.1]), torch.tensor([1, 0]), masks, ["a.png", "b.png"], ["cut", "good"])
+    preds = Predictions(
+        maps, torch.tensor([2.0, 0.1]), torch.tensor([1, 0]), masks, ["a.png", "b.png"], ["cut", "good"]
+    )
     record = regions_of_test_set(preds, 0.5, 4)
-    assert record["mean_top_box_iou"] == 1.0 and record["mean_best_box_iou"] == 1.0 and record["defective_images_with_masks"] == 1
+    assert (
+        record["mean_top_box_iou"] == 1.0
+        and record["mean_best_box_iou"] == 1.0
+        and record["defective_images_with_masks"] == 1
+    )
     assert [len(image["regions"]) for image in record["images"]] == [2, 0]
     assert "top_box_iou" not in record["images"][1]
     assert regions_of_test_set(preds, math.nan, 4)["pixel_threshold"] is None

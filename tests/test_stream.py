@@ -12,14 +12,15 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
-from conftest import assert_ok, assert_user_error
-from test_video_predict_export import VideoRun, _frames, _write_mp4, video_run  # noqa: F401  (the calibrated tiny run)
 
+from helpers import VIDEO_YAML, assert_ok, assert_user_error, main_in_process, run_dir, video_args
 from task.anomaly.unsupervised.scoring.protocols import online_frame_scores
 from task.anomaly.unsupervised.scoring.running import RunningOnlineScore
 from task.anomaly.unsupervised.scoring.settings import ProtocolParams
@@ -27,19 +28,16 @@ from task.anomaly.unsupervised.video.alarms import AlarmTracker
 from task.anomaly.unsupervised.video.live_source import is_live_source, source_name
 
 FFMPEG = shutil.which("ffmpeg")
-needs_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason="ffmpeg is not installed (apt-get install -y ffmpeg; .ci/run does it)")
+needs_ffmpeg = pytest.mark.skipif(
+    FFMPEG is None, reason="ffmpeg is not installed (apt-get install -y ffmpeg; .ci/run does it)"
+)
 
 
 def _params(post_smooth: bool, kalman: bool) -> ProtocolParams:
-    from conftest import CONFIGS
-
+    """The video demo's SCORE settings with POST_SMOOTH and KALMAN switched as asked."""
     from task.common.config import read_yaml
 
-    section = read_yaml(str(CONFIGS / "video_demo.yaml")).get("SCORE") or {}
-    params = ProtocolParams.from_config(section) if section else None
-    if params is None:
-        pytest.skip("video_demo.yaml has no SCORE section")
-    config = params.to_config()
+    config = ProtocolParams.from_config(read_yaml(str(VIDEO_YAML))["SCORE"]).to_config()
     config["POST_SMOOTH"]["enabled"] = post_smooth
     config["KALMAN"]["enabled"] = kalman
     return ProtocolParams.from_config(config)
@@ -88,15 +86,61 @@ def _serve(clip: Path, port: int) -> subprocess.Popen:
     """ffmpeg sends ``clip`` in a loop, in real time, as MPEG-TS (MPEG-2 video: its headers repeat in the stream, so a
     client can start anywhere) to the first client of http://127.0.0.1:port/live, until it is killed."""
     return subprocess.Popen(
-        [FFMPEG, "-hide_banner", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip), "-c:v", "mpeg2video", "-q:v", "4", "-f", "mpegts", "-listen", "1", f"http://127.0.0.1:{port}/live"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            FFMPEG,
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-re",
+            "-stream_loop",
+            "-1",
+            "-i",
+            str(clip),
+            "-c:v",
+            "mpeg2video",
+            "-q:v",
+            "4",
+            "-f",
+            "mpegts",
+            "-listen",
+            "1",
+            f"http://127.0.0.1:{port}/live",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
+@dataclass
+class LiveRun:
+    args: list[str]  # main.py arguments of a copy of the suite's trained video run
+    root: Path
+
+    def call(self, *extra: str):
+        return main_in_process(*self.args, *extra)
+
+
 @pytest.fixture(scope="module")
-def clip(video_run: VideoRun) -> Path:  # noqa: F811
-    """A 4-second clip (40 frames at 10 fps) with the moving square of the tiny run."""
-    return _write_mp4(video_run.root / "live.mp4", _frames(40, 3, 1))
+def live_run(video_data: Path, video_run: Path, tmp_path_factory: pytest.TempPathFactory) -> LiveRun:
+    """A copy of the suite's trained video run (grey 64x64 demo, clips of 4) that predict writes beside."""
+    root = tmp_path_factory.mktemp("video-live")
+    shutil.copytree(video_run, root / "runs", ignore=shutil.ignore_patterns(".lock"))
+    assert (run_dir(root / "runs") / "model.pt").is_file()
+    return LiveRun(video_args(video_data, root / "runs"), root)
+
+
+@pytest.fixture(scope="module")
+def clip(live_run: LiveRun, video_data: Path) -> Path:
+    """A 4-second clip (40 frames at 10 fps) of one of the demo's test videos."""
+    frames = sorted((video_data / "video_demo" / "testing" / "frames" / "01").iterdir())[:40]
+    assert len(frames) == 40, "the video demo layout changed"
+    first = cv2.imread(str(frames[0]))
+    path = live_run.root / "live.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (first.shape[1], first.shape[0]))
+    for frame in frames:
+        writer.write(cv2.imread(str(frame)))
+    writer.release()
+    return path
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -105,14 +149,25 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 @needs_ffmpeg
-def test_predict_on_a_loopback_stream(video_run: VideoRun, clip: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_predict_on_a_loopback_stream(live_run: LiveRun, clip: Path, tmp_path: Path) -> None:
     port = _free_port()
     server = _serve(clip, port)
     try:
         out = tmp_path / "out"
-        result = video_run.call(
-            "--mode", "predict", "--input", f"http://127.0.0.1:{port}/live", "--output", str(out), "--max-frames", "4", "--duration", "90",
-            "STREAM.plot_interval_s=0.5", "STREAM.min_alarm_frames=1", "STREAM.hysteresis=0",
+        result = live_run.call(
+            "--mode",
+            "predict",
+            "--input",
+            f"http://127.0.0.1:{port}/live",
+            "--output",
+            str(out),
+            "--max-frames",
+            "4",
+            "--duration",
+            "90",
+            "STREAM.plot_interval_s=0.5",
+            "STREAM.min_alarm_frames=1",
+            "STREAM.hysteresis=0",
         )
     finally:
         server.kill()
@@ -124,7 +179,9 @@ def test_predict_on_a_loopback_stream(video_run: VideoRun, clip: Path, tmp_path:
     frames = [int(r["frame"]) for r in rows]
     assert frames == sorted(set(frames)) and frames[0] >= 4  # the first frame scored has 4 frames before it
     summary = json.loads((out / f"{name}.stream.json").read_text())
-    assert summary["frames_scored"] == 4 and summary["stopped"] == "--max-frames reached" and summary["reconnections"] == 0
+    assert (
+        summary["frames_scored"] == 4 and summary["stopped"] == "--max-frames reached" and summary["reconnections"] == 0
+    )
     # Every frame read was scored, was context of a scored one, or was dropped to keep up (never queued).
     assert summary["frames_read"] >= 8 and summary["latency_ms_mean"] > 0
     assert [int(r["dropped"]) for r in rows] == sorted(int(r["dropped"]) for r in rows)
@@ -137,7 +194,7 @@ def test_predict_on_a_loopback_stream(video_run: VideoRun, clip: Path, tmp_path:
 
 
 @needs_ffmpeg
-def test_predict_reconnects_when_the_stream_comes_back(video_run: VideoRun, clip: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_predict_reconnects_when_the_stream_comes_back(live_run: LiveRun, clip: Path, tmp_path: Path) -> None:
     """The server dies after a few scored frames and comes back 1.5 s later; predict reconnects and scores frames that
     arrived after the restart; then SIGINT stops it cleanly."""
     port = _free_port()
@@ -166,7 +223,9 @@ def test_predict_reconnects_when_the_stream_comes_back(video_run: VideoRun, clip
     thread = threading.Thread(target=control)
     thread.start()
     try:
-        result = video_run.call("--mode", "predict", "--input", f"http://127.0.0.1:{port}/live", "--output", str(out), "--duration", "90")
+        result = live_run.call(
+            "--mode", "predict", "--input", f"http://127.0.0.1:{port}/live", "--output", str(out), "--duration", "90"
+        )
     finally:
         thread.join()
         for server in servers:
@@ -184,7 +243,7 @@ def test_predict_reconnects_when_the_stream_comes_back(video_run: VideoRun, clip
     assert table.read_text().endswith("\n")
 
 
-def test_stream_errors(video_run: VideoRun, tmp_path: Path) -> None:  # noqa: F811
+def test_stream_errors(live_run: LiveRun, tmp_path: Path) -> None:
     predict = ("--mode", "predict", "--input", "rtsp://127.0.0.1:9/none", "--output", str(tmp_path / "out"))
-    assert_user_error(video_run.call(*predict, "--max-frames", "0"), "--max-frames")
-    assert_user_error(video_run.call(*predict, "--duration", "-1"), "--duration")
+    assert_user_error(live_run.call(*predict, "--max-frames", "0"), "--max-frames")
+    assert_user_error(live_run.call(*predict, "--duration", "-1"), "--duration")

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_ok, assert_user_error, main_in_process
 from PIL import Image
 
+from helpers import assert_ok, assert_user_error, main_in_process
 from task.anomaly.unsupervised.image.predict import CSV_HEADER, Runner
 from task.anomaly.unsupervised.image.watch import STATE_FILE, WatchLimits, watch_folder
 from task.anomaly.unsupervised.records import InferenceOutput
@@ -147,7 +147,9 @@ def test_watch_from_the_command_line(trained_run, tmp_path: Path) -> None:
     inbox.mkdir()
     source = next((trained_run.category_dir / "test").rglob("*.png"))
     (inbox / "one.png").write_bytes(source.read_bytes())
-    args = trained_run.args(None, "--mode", "predict", "--input", str(inbox), "--output", str(tmp_path / "out"), "--watch")
+    args = trained_run.args(
+        None, "--mode", "predict", "--input", str(inbox), "--output", str(tmp_path / "out"), "--watch"
+    )
     result = main_in_process(*args, "--max-images", "1", "--duration", "60")
     assert_ok(result)
     assert [Path(r["path"]).name for r in _rows(tmp_path / "out")] == ["one.png"]

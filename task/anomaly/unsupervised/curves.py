@@ -74,11 +74,20 @@ def render_curve(kind: str, series: Sequence[Series], title: str, size: tuple[in
             if kind == "roc":
                 fpr, tpr, _ = roc_curve(y, s)
                 x_values, y_values = _thin(fpr, tpr)
-                axes.plot(x_values, y_values, color=colour, linewidth=1.6, label=f"{name} AUROC {roc_auc_score(y, s):.3f}")
+                axes.plot(
+                    x_values, y_values, color=colour, linewidth=1.6, label=f"{name} AUROC {roc_auc_score(y, s):.3f}"
+                )
             else:
                 precision, recall, _ = precision_recall_curve(y, s)
                 x_values, y_values = _thin(recall[::-1], precision[::-1])
-                axes.step(x_values, y_values, where="post", color=colour, linewidth=1.6, label=f"{name} AP {average_precision_score(y, s):.3f}")
+                axes.step(
+                    x_values,
+                    y_values,
+                    where="post",
+                    color=colour,
+                    linewidth=1.6,
+                    label=f"{name} AP {average_precision_score(y, s):.3f}",
+                )
                 axes.axhline(y.mean(), color=colour, linestyle=":", linewidth=1.0)
         if kind == "roc":
             axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1.0)
@@ -112,7 +121,9 @@ def write_curves(folder: Path, levels: Mapping[str, Sequence[Series]], prefix: s
     return written
 
 
-def image_levels(scores: np.ndarray, labels: np.ndarray, anomaly_maps: np.ndarray | None = None, masks: np.ndarray | None = None) -> dict[str, list[Series]]:
+def image_levels(
+    scores: np.ndarray, labels: np.ndarray, anomaly_maps: np.ndarray | None = None, masks: np.ndarray | None = None
+) -> dict[str, list[Series]]:
     """The levels of an image evaluation: ``image`` (scores [N], labels [N]) and, with masks [N, H, W], ``pixel``
     (anomaly maps [N, H, W] against the masks)."""
     levels = {"image": [("image score", np.asarray(labels), np.asarray(scores))]}

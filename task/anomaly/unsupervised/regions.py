@@ -59,7 +59,9 @@ def find_regions(anomaly_map: np.ndarray, threshold: float, min_area: int = 1) -
         x, y, width, height, area = (int(v) for v in stats[index])
         if area < max(1, min_area):
             continue
-        window = np.where(labels[y : y + height, x : x + width] == index, scores[y : y + height, x : x + width], -np.inf)
+        window = np.where(
+            labels[y : y + height, x : x + width] == index, scores[y : y + height, x : x + width], -np.inf
+        )
         flat = int(np.argmax(window))
         peak_y, peak_x = divmod(flat, width)
         regions.append(Region(x, y, width, height, area, float(window.flat[flat]), x + peak_x, y + peak_y))
@@ -73,10 +75,18 @@ def scale_regions(regions: list[Region], sx: float, sy: float) -> list[Region]:
     for r in regions:
         x0, y0 = math.floor(r.x * sx), math.floor(r.y * sy)
         x1, y1 = math.ceil((r.x + r.width) * sx), math.ceil((r.y + r.height) * sy)
-        out.append(Region(
-            x0, y0, x1 - x0, y1 - y0, max(1, round(r.area * sx * sy)), r.peak,
-            math.floor((r.peak_x + 0.5) * sx), math.floor((r.peak_y + 0.5) * sy),
-        ))
+        out.append(
+            Region(
+                x0,
+                y0,
+                x1 - x0,
+                y1 - y0,
+                max(1, round(r.area * sx * sy)),
+                r.peak,
+                math.floor((r.peak_x + 0.5) * sx),
+                math.floor((r.peak_y + 0.5) * sy),
+            )
+        )
     return out
 
 
@@ -100,5 +110,12 @@ def regions_record(regions: list[Region]) -> list[dict]:
     out = []
     for r in regions:
         d = asdict(r)
-        out.append({"box": [d["x"], d["y"], d["width"], d["height"]], "area": d["area"], "peak": round(d["peak"], 6), "peak_xy": [d["peak_x"], d["peak_y"]]})
+        out.append(
+            {
+                "box": [d["x"], d["y"], d["width"], d["height"]],
+                "area": d["area"],
+                "peak": round(d["peak"], 6),
+                "peak_xy": [d["peak_x"], d["peak_y"]],
+            }
+        )
     return out

@@ -85,7 +85,8 @@ def write_outputs(engine: Engine, out_dir: Path, model: nn.Module, preds: Predic
     # --- live: defect regions and ROC/PR curves (regions.json, curves/*.png)
     write_regions(out_dir / "regions.json", preds, thresholds.get("pixel", math.nan), cfg.TEST.region_min_area)
     masks = None if preds.masks is None else preds.masks.numpy()
-    curves = run_curves(out_dir / "curves", image_levels(preds.scores.numpy(), preds.labels.numpy(), preds.anomaly_maps.numpy(), masks))
+    levels = image_levels(preds.scores.numpy(), preds.labels.numpy(), preds.anomaly_maps.numpy(), masks)
+    curves = run_curves(out_dir / "curves", levels)
     # --- end live
     if cfg.TEST.save_maps:
         save_maps(preds, out_dir / "maps")

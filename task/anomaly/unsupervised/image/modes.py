@@ -115,7 +115,8 @@ def mode_predict(engine: Engine, options: ModeOptions) -> None:
     if options.watch:  # live: score new images as they arrive
         from task.anomaly.unsupervised.image.watch import WatchLimits, watch_folder
 
-        watch_folder(runner, Path(options.input), out_dir, f"{source} ({options.backend})", WatchLimits.from_options(options))
+        limits = WatchLimits.from_options(options)
+        watch_folder(runner, Path(options.input), out_dir, f"{source} ({options.backend})", limits)
         return
     predict.predict_folder(runner, Path(options.input), out_dir, f"{source} ({options.backend})")
 

@@ -179,7 +179,8 @@ def picture_names(paths: list[Path], root: Path) -> list[Path]:
 
 
 def render_picture(
-    path: Path, anomaly_map: np.ndarray, bounds: tuple[float, float], score: float, thresholds: dict[str, float], min_area: int = 1,
+    path: Path, anomaly_map: np.ndarray, bounds: tuple[float, float], score: float, thresholds: dict[str, float],
+    min_area: int = 1,
 ) -> tuple[bytes, list[Region]]:
     """PNG bytes of input | heatmap | region for one input, at its original size (longest side <= MAX_PICTURE_SIDE),
     and its defect regions in the input's pixels (boxed and numbered in the picture).
@@ -198,7 +199,8 @@ def render_picture(
     resized = cv2.resize(anomaly_map.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
     shown = scale_regions(found, width / anomaly_map.shape[1], height / anomaly_map.shape[0])
     picture = render_result(
-        np.ascontiguousarray(image), resized, bounds, score, thresholds.get("image", math.nan), thresholds.get("pixel", math.nan), regions=shown,
+        np.ascontiguousarray(image), resized, bounds, score, thresholds.get("image", math.nan),
+        thresholds.get("pixel", math.nan), regions=shown,
     )
     buffer = io.BytesIO()
     Image.fromarray(picture).save(buffer, format="PNG")
@@ -252,7 +254,9 @@ def predict_folder(runner: Runner, input_path: Path, out_dir: Path, source: str)
         data, regions = render_picture(path, anomaly_map.numpy(), bounds, score, thresholds, runner.region_min_area)
         atomic_write_bytes(out_dir / name, lambda handle, data=data: handle.write(data))
         prediction, label = verdict(score, thresholds.get("image", math.nan))
-        writer.writerow([csv_cell(str(path)), f"{score:.6f}", prediction, label, csv_cell(name.as_posix()), regions_cell(regions)])
+        writer.writerow(
+            [csv_cell(str(path)), f"{score:.6f}", prediction, label, csv_cell(name.as_posix()), regions_cell(regions)]
+        )
         print(f"{path}: score={score:.6f} {label} regions={len(regions)}")
     write_text(out_dir / "predictions.csv", buffer.getvalue())
     log.info("pictures and predictions.csv written to %s", out_dir)

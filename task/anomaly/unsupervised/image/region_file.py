@@ -33,16 +33,24 @@ def regions_of_test_set(preds: Predictions, pixel_threshold: float, min_area: in
     images, top, best = [], [], []
     for i, path in enumerate(preds.paths):
         regions = find_regions(preds.anomaly_maps[i].numpy(), pixel_threshold, min_area)
-        entry: dict[str, Any] = {"path": path, "label": int(preds.labels[i]), "score": round(float(preds.scores[i]), 6), "regions": regions_record(regions)}
+        entry: dict[str, Any] = {
+            "path": path,
+            "label": int(preds.labels[i]),
+            "score": round(float(preds.scores[i]), 6),
+            "regions": regions_record(regions),
+        }
         if preds.defects:
             entry["defect"] = preds.defects[i]
         if preds.masks is not None and int(preds.labels[i]) == 1:
-            entry["top_box_iou"], entry["best_box_iou"] = (round(v, 4) for v in best_box_iou(regions, preds.masks[i].numpy()))
+            entry["top_box_iou"], entry["best_box_iou"] = (
+                round(v, 4) for v in best_box_iou(regions, preds.masks[i].numpy())
+            )
             top.append(entry["top_box_iou"])
             best.append(entry["best_box_iou"])
         images.append(entry)
     summary = {
-        "pixel_threshold": pixel_threshold if math.isfinite(pixel_threshold) else None, "min_area": min_area,
+        "pixel_threshold": pixel_threshold if math.isfinite(pixel_threshold) else None,
+        "min_area": min_area,
         "units": "pixels of the anomaly map (model resolution); box = [x, y, width, height]",
         "defective_images_with_masks": len(best),
         "mean_top_box_iou": round(float(np.mean(top)), 4) if top else None,
@@ -57,6 +65,10 @@ def write_regions(target: Path, preds: Predictions, pixel_threshold: float, min_
     write_json(target, record)
     if record["mean_best_box_iou"] is not None:
         log.info(
-            "defect regions: mean IoU with the ground-truth boxes over %d defective images: top box %.3f, best box %.3f (%s)",
-            record["defective_images_with_masks"], record["mean_top_box_iou"], record["mean_best_box_iou"], target,
+            "defect regions: mean IoU with the ground-truth boxes over %d defective images: "
+            "top box %.3f, best box %.3f (%s)",
+            record["defective_images_with_masks"],
+            record["mean_top_box_iou"],
+            record["mean_best_box_iou"],
+            target,
         )

@@ -161,7 +161,8 @@ def _input_image(dataset: AnomalyDataset, preds: Predictions, index: int) -> np.
 
 
 def render_prediction(
-    preds: Predictions, dataset: AnomalyDataset, index: int, thresholds: dict[str, float], bounds: tuple[float, float], min_area: int = 1
+    preds: Predictions, dataset: AnomalyDataset, index: int, thresholds: dict[str, float], bounds: tuple[float, float],
+    min_area: int = 1,
 ) -> np.ndarray:
     """``render_result`` for entry ``index`` of ``preds`` (computed on ``dataset`` in order, unshuffled); regions of
     at least ``min_area`` pixels are boxed."""
@@ -242,7 +243,8 @@ def write_result_gif(
     """Render ``select_frames`` of the predictions and write the same GIF to every path in ``targets``."""
     bounds = display_bounds(preds.anomaly_maps, thresholds["pixel"])
     frames = select_frames(preds.labels, max_frames)
-    data = encode_gif([render_prediction(preds, dataset, i, thresholds, bounds, min_area) for i in frames], max_width, duration_ms)
+    pictures = [render_prediction(preds, dataset, i, thresholds, bounds, min_area) for i in frames]
+    data = encode_gif(pictures, max_width, duration_ms)
     for target in targets:
         atomic_write_bytes(target, lambda handle: handle.write(data))
     return GifResult(list(targets), frames)

@@ -87,9 +87,13 @@ class WatchState:
                 recorded = json.loads(path.read_text(encoding="utf-8"))
                 self.done = set(recorded["done"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise UserError(f"{path} is unreadable ({type(exc).__name__}); move it away to rescore the whole folder") from None
+                raise UserError(
+                    f"{path} is unreadable ({type(exc).__name__}); move it away to rescore the whole folder"
+                ) from None
             if recorded.get("input") != str(input_folder.resolve()):
-                raise UserError(f"{path} belongs to a watch of {recorded.get('input')}, not {input_folder}; choose another --output")
+                raise UserError(
+                    f"{path} belongs to a watch of {recorded.get('input')}, not {input_folder}; choose another --output"
+                )
         self.input = str(input_folder.resolve())
 
     def add(self, name: str) -> None:
@@ -123,7 +127,9 @@ def _score(runner: Runner, paths: list[Path]) -> list[tuple[Path, torch.Tensor, 
     for start in range(0, len(batch), runner.batch_size):
         chunk = batch[start : start + runner.batch_size]
         loader = [{"image": torch.stack([t for _, t in chunk]), "path": [str(p) for p, _ in chunk]}]
-        preds = predict_loader(runner.model, loader, runner.device, runner.amp, desc="watch", channels_last=runner.channels_last)
+        preds = predict_loader(
+            runner.model, loader, runner.device, runner.amp, desc="watch", channels_last=runner.channels_last
+        )
         results += [(p, m, float(s)) for (p, _), m, s in zip(chunk, preds.anomaly_maps, preds.scores.tolist())]
     return results
 
@@ -139,13 +145,17 @@ def watch_folder(runner: Runner, input_folder: Path, out_dir: Path, source: str,
     table = AppendLog(out_dir / "predictions.csv", ",".join(CSV_HEADER))
     state.done |= _recorded_in_csv(table, input_folder)
     thresholds = runner.thresholds
-    log.info("watching %s with %s: %d image(s) already scored; outputs in %s", input_folder, source, len(state.done), out_dir)
+    log.info(
+        "watching %s with %s: %d image(s) already scored; outputs in %s", input_folder, source, len(state.done), out_dir
+    )
     seen: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) at the previous poll
     unreadable: dict[str, tuple[int, int]] = {}  # name -> the version that did not decode (retried when it changes)
     scored = 0
     with StopSignal(limits.duration) as stop:
         while not stop.is_set():
-            current = {n: (st.st_size, st.st_mtime_ns) for n, st in _candidates(input_folder).items() if n not in state.done}
+            current = {
+                n: (st.st_size, st.st_mtime_ns) for n, st in _candidates(input_folder).items() if n not in state.done
+            }
             ready = sorted(n for n, v in current.items() if v[0] > 0 and seen.get(n) == v and unreadable.get(n) != v)
             seen = current
             if limits.max_images is not None:
@@ -160,12 +170,26 @@ def watch_folder(runner: Runner, input_folder: Path, out_dir: Path, source: str,
                 anomaly_map, score = results[str(path)]
                 picture = Path(name).with_name(Path(name).name + ".png")
                 output.claim([picture])
-                data, regions = render_picture(path, anomaly_map.numpy(), display_bounds(anomaly_map, thresholds.get("pixel", math.nan)), score, thresholds, runner.region_min_area)
+                data, regions = render_picture(
+                    path,
+                    anomaly_map.numpy(),
+                    display_bounds(anomaly_map, thresholds.get("pixel", math.nan)),
+                    score,
+                    thresholds,
+                    runner.region_min_area,
+                )
                 atomic_write_bytes(out_dir / picture, lambda handle, data=data: handle.write(data))
                 prediction, label = verdict(score, thresholds.get("image", math.nan))
                 row = io.StringIO()
                 csv.writer(row, lineterminator="\n").writerow(
-                    [csv_cell(str(path)), f"{score:.6f}", prediction, label, csv_cell(picture.as_posix()), regions_cell(regions)]
+                    [
+                        csv_cell(str(path)),
+                        f"{score:.6f}",
+                        prediction,
+                        label,
+                        csv_cell(picture.as_posix()),
+                        regions_cell(regions),
+                    ]
                 )
                 table.write(row.getvalue())
                 state.add(name)

@@ -1,7 +1,8 @@
 """TensorBoard reporter: event files under ``<run_dir>/tensorboard`` (``tensorboard --logdir runs``).
 
 Scalars: ``train/<term>`` per logged step, ``eval/<metric>`` per evaluation, ``results/<metric>`` at the end; the
-sample result pictures as images, the ROC/PR curves as ``curves/<name>`` images. The writer is created on first use, so a run that logs nothing writes nothing.
+sample result pictures as images, the ROC/PR curves as ``curves/<name>`` images. The writer is created on first use,
+so a run that logs nothing writes nothing.
 """
 
 from __future__ import annotations

@@ -23,9 +23,14 @@ class RunningOnlineScore:
     def __init__(self, train_stats: Mapping[str, Mapping[str, float]], params: ProtocolParams) -> None:
         for name in params.names:
             if name not in train_stats:
-                raise UserError(f"train_stats has no entry for score '{short_text(name)}'; refit them with fit_train_stats on training scores")
+                raise UserError(
+                    f"train_stats has no entry for score '{short_text(name)}'; "
+                    "refit them with fit_train_stats on training scores"
+                )
         self.params = params
-        self.bounds = {name: (float(train_stats[name]["low"]), float(train_stats[name]["high"])) for name in params.names}
+        self.bounds = {
+            name: (float(train_stats[name]["low"]), float(train_stats[name]["high"])) for name in params.names
+        }
         window = params.online.window
         self.history = {name: deque(maxlen=window) for name in params.names}
         self.fused = deque(maxlen=window)
@@ -39,7 +44,9 @@ class RunningOnlineScore:
         for name, sign, weight in zip(p.names, p.signs, p.weights):
             value = float(raw[name])
             if not np.isfinite(value):
-                raise UserError(f"score '{short_text(name)}' is not finite at frame {self.count}; the model produced NaN or inf")
+                raise UserError(
+                    f"score '{short_text(name)}' is not finite at frame {self.count}; the model produced NaN or inf"
+                )
             low, high = self.bounds[name]
             scaled = (value - low) / (high - low)
             self.history[name].append(scaled if sign > 0 else 1.0 - scaled)

@@ -179,7 +179,9 @@ def write_outputs(engine: Engine, out_dir: Path, model: nn.Module, test_set: Cli
     log.info("outputs written to %s", out_dir)
 
 
-def write_frame_curves(folder: Path, scored: FrameScores, online: list[np.ndarray], params: ProtocolParams) -> list[Path]:
+def write_frame_curves(
+    folder: Path, scored: FrameScores, online: list[np.ndarray], params: ProtocolParams
+) -> list[Path]:
     """curves/roc_frame.png and pr_frame.png: the paper and the online protocol's frame scores against the labels."""
     if any(v.labels is None for v in scored.videos) or not scored.videos:
         return []

@@ -35,7 +35,11 @@ def is_live_source(text: str | None) -> bool:
     """True for a stream URL, a camera index (``0``) or a V4L2 device (``/dev/video0``)."""
     if not text:
         return False
-    return bool(re.match(rf"^({'|'.join(URL_SCHEMES)})://", text, re.IGNORECASE) or re.fullmatch(r"\d{1,3}", text) or re.fullmatch(r"/dev/video\d+", text))
+    return bool(
+        re.match(rf"^({'|'.join(URL_SCHEMES)})://", text, re.IGNORECASE)
+        or re.fullmatch(r"\d{1,3}", text)
+        or re.fullmatch(r"/dev/video\d+", text)
+    )
 
 
 def source_name(text: str) -> str:
@@ -63,7 +67,9 @@ class Frame:
 class LiveSource:
     """Reads ``source`` on a daemon thread; ``latest(after)`` returns the kept frames once a newer one arrives."""
 
-    def __init__(self, source: str, keep: int, reconnect_timeout_s: float | None = 60.0, max_backoff_s: float = 8.0) -> None:
+    def __init__(
+        self, source: str, keep: int, reconnect_timeout_s: float | None = 60.0, max_backoff_s: float = 8.0
+    ) -> None:
         self.source = source
         self.keep = keep
         self.reconnect_timeout_s = reconnect_timeout_s

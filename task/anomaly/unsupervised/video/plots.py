@@ -179,11 +179,14 @@ def render_score_plot(
         order = np.argsort(frames, kind="stable")
         xs, ys = frames[order] + first_frame, scores[order]
         if xs.size:
-            axes.plot(xs, ys, color=_LINE, linewidth=1.6, marker="o" if xs.size == 1 else None, markersize=3, label="frame score")
+            marker = "o" if xs.size == 1 else None
+            axes.plot(xs, ys, color=_LINE, linewidth=1.6, marker=marker, markersize=3, label="frame score")
         else:
             axes.text(0.5, 0.5, "no scored frames", transform=axes.transAxes, ha="center", va="center", color="grey")
         if threshold is not None:
-            axes.axhline(threshold, color=_THRESHOLD, linestyle=(0, (5, 3)), linewidth=1.6, label=f"threshold {threshold:.4g}")
+            axes.axhline(
+                threshold, color=_THRESHOLD, linestyle=(0, (5, 3)), linewidth=1.6, label=f"threshold {threshold:.4g}"
+            )
             alarm = ys >= threshold
             if alarm.any():
                 axes.scatter(xs[alarm], ys[alarm], s=12, color=_ALARM, zorder=3, label="alarm (score >= threshold)")

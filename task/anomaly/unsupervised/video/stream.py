@@ -2,11 +2,16 @@
 
 Frames are read by ``live_source.LiveSource`` (a thread keeping the latest ``clip_length + 1`` frames, so every scored
 clip is made of consecutive frames and a slow model drops frames instead of queueing them). Each time a new frame is
-there, the newest one is scored with the ``clip_length`` frames before it by the model ``video.predict.serving_from``
-loads (``--backend torch`` or ``onnx``, the same scorer as a video file) and fused by ``RunningOnlineScore`` (the
-training statistics of the calibration, causal smoothing: the values ``--mode predict`` gives for a file of the same
-frames). Alarm events come from ``alarms.AlarmTracker`` (the calibration's threshold, ``STREAM.hysteresis`` and
-``STREAM.min_alarm_frames``).
+there, the newest one is scored with the ``clip_length`` frames before it by the scorer ``video.predict.serving_from``
+loads (``--backend torch`` or ``onnx``: the ``ClipScorer`` a video file goes through, given a batch of one clip) and
+fused by ``RunningOnlineScore`` (the training statistics of the calibration, causal smoothing: the values
+``--mode predict`` gives for a file of the same frames). Alarm events come from ``alarms.AlarmTracker`` (the
+calibration's threshold, ``STREAM.hysteresis`` and ``STREAM.min_alarm_frames``).
+
+What a method needs per video (``VideoMethod.scoring_context`` / ``video_inputs``; DMAD-PDM with per-video
+background templates: the video's median frame) is computed from the stream's first ``STREAM.background_frames``
+frames, saved as a frame folder in a temporary directory that stands for "the video"; a first frame tells whether the
+method needs anything at all, so other models start scoring at once.
 
 Outputs, in ``--output`` (default: ``predict/`` beside the model), named after the source (``camera0``,
 ``127.0.0.1_8554_live``, ...); the CSV and the events are appended to by a later run on the same source:
@@ -31,11 +36,13 @@ end the run after the frame in hand, with every output complete.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import math
+import tempfile
 import time
 from collections import deque
 from datetime import UTC, datetime
@@ -46,6 +53,7 @@ import cv2
 import numpy as np
 import torch
 
+from task.anomaly.unsupervised.data.video.clips import Video, video_from_path
 from task.anomaly.unsupervised.deploy.append_log import AppendLog
 from task.anomaly.unsupervised.deploy.output_folder import OutputFolder
 from task.anomaly.unsupervised.deploy.stop import StopSignal
@@ -53,6 +61,7 @@ from task.anomaly.unsupervised.drawing import display_bounds, png_bytes
 from task.anomaly.unsupervised.engine.engine import Engine
 from task.anomaly.unsupervised.engine.modes import ModeOptions
 from task.anomaly.unsupervised.image.visualize import render_result
+from task.anomaly.unsupervised.models.base import VideoMethod
 from task.anomaly.unsupervised.regions import find_regions, regions_record, scale_regions
 from task.anomaly.unsupervised.scoring.running import RunningOnlineScore
 from task.anomaly.unsupervised.video.alarms import AlarmEvent, AlarmTracker
@@ -93,44 +102,88 @@ def _to_tensor(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -3).float().div(127.5).sub(1.0)
 
 
+def _frame_folder(folder: Path, frames: list[np.ndarray]) -> Video:
+    """``frames`` (uint8 [H, W, C] at model size) as a numbered PNG folder -> the Video that a method's per-video
+    hooks take."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, pixels in enumerate(frames):
+        cv2.imwrite(
+            str(folder / f"{i:05d}.png"), pixels if pixels.shape[2] == 1 else cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
+        )
+    return video_from_path(folder)
+
+
 class StreamScorer:
     """Scores the newest frame of a window of consecutive frames: raw scores, the online score, the error map."""
 
-    def __init__(self, serving: VideoServing) -> None:
-        self.serving = serving
+    def __init__(self, method: VideoMethod, serving: VideoServing) -> None:
+        self.method, self.serving = method, serving
+        ds = serving.cfg.DATASET
+        self.size, self.grayscale = (int(ds.resize[0]), int(ds.resize[1])), bool(ds.grayscale)
         self.online = RunningOnlineScore(serving.calibration.train_stats, serving.params)
-        self.background: torch.Tensor | None = None  # [1, C, H, W]
+        self.video_input: torch.Tensor | None = None  # [1, C, H, W]: the exported graph's per-video input
+        self.ready = False  # the per-video state is set (or none is needed)
         self._converted: dict[int, np.ndarray] = {}
+        self._context = contextlib.ExitStack()
 
     def converted(self, frame: Frame) -> np.ndarray:
         if frame.number not in self._converted:
-            self._converted[frame.number] = convert_frame(frame.pixels, self.serving.size, self.serving.grayscale)
+            self._converted[frame.number] = convert_frame(frame.pixels, self.size, self.grayscale)
         return self._converted[frame.number]
 
     def forget_before(self, number: int) -> None:
         for key in [k for k in self._converted if k < number]:
             del self._converted[key]
 
-    def set_background(self, frames: list[np.ndarray]) -> None:
-        """The stream's own template: the per-pixel median of ``frames`` (uint8 [H, W, C]), rounded half to even."""
-        median = np.rint(np.median(np.stack(frames), axis=0)).astype(np.uint8)
-        self.background = _to_tensor(median)[None]
+    def needs_video(self, first: np.ndarray) -> bool:
+        """Whether the method computes anything per video (tried on a one-frame video of ``first``)."""
+        if self.serving.model is None:
+            needed = bool(getattr(self.serving.scorer, "takes_video_input", False))
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                needed = self.method.video_inputs(self.serving.cfg, [_frame_folder(Path(folder), [first])]) is not None
+        self.ready = not needed
+        return needed
+
+    def set_video(self, frames: list[np.ndarray]) -> None:
+        """The per-video state from the stream's first ``frames``, held until ``close``."""
+        with tempfile.TemporaryDirectory() as folder:
+            video = _frame_folder(Path(folder), frames)
+            if self.serving.model is None:
+                self.video_input = self.method.video_inputs(self.serving.cfg, [video])
+            else:
+                self._context.enter_context(
+                    self.method.scoring_context(self.serving.model, self.serving.cfg, [video], None)
+                )
+        self.ready = True
+
+    def close(self) -> None:
+        self._context.close()
 
     @torch.no_grad()
     def score(self, window: list[Frame]) -> tuple[float, dict[str, float], np.ndarray]:
         """``window``: ``clip_length + 1`` consecutive frames -> (online score, raw scores, error map [h, w])."""
         serving = self.serving
-        pixels = np.stack([self.converted(f) for f in window])
-        clip, target = _to_tensor(pixels[:-1])[None], _to_tensor(pixels[-1])[None]
-        given = None if self.background is None else self.background.to(serving.device)
-        with autocast(serving.device, serving.amp):
-            outputs = serving.scorer(clip.to(serving.device), target.to(serving.device), given)
-        raw = {name: float(values.float().reshape(-1)[0]) for name, values in zip(serving.names, outputs[2:])}
-        error_map = outputs[1][0, 0].float().cpu().numpy()
-        return self.online.push(raw), raw, error_map
+        device = serving.device
+        pixels = _to_tensor(np.stack([self.converted(f) for f in window]))
+        batch = {
+            "clip": pixels[None, :-1].to(device),
+            "target": pixels[None, -1].to(device),
+            "video": torch.zeros(1, dtype=torch.int64, device=device),
+            "frame": torch.tensor([window[-1].number], device=device),
+            "label": torch.full((1,), -1, dtype=torch.int64, device=device),
+        }
+        if self.video_input is not None:
+            batch["video_input"] = self.video_input[:1].to(device)
+        with autocast(device, serving.amp):
+            scores, maps = serving.scorer(batch)
+        raw = {name: float(values.float().reshape(-1)[0]) for name, values in scores.items()}
+        return self.online.push(raw), raw, maps[0, 0].float().cpu().numpy()
 
 
-def _snapshot(frame: Frame, error_map: np.ndarray, score: float, threshold: float, pixel_threshold: float, min_area: int) -> tuple[bytes, list]:
+def _snapshot(
+    frame: Frame, error_map: np.ndarray, score: float, threshold: float, pixel_threshold: float, min_area: int
+) -> tuple[bytes, list]:
     """PNG of frame | error heatmap | regions at the frame's size (capped), and the regions in the frame's pixels."""
     image = frame.pixels if frame.pixels.ndim == 3 else cv2.cvtColor(frame.pixels, cv2.COLOR_GRAY2BGR)
     image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -144,7 +197,9 @@ def _snapshot(frame: Frame, error_map: np.ndarray, score: float, threshold: floa
     resized = cv2.resize(error_map.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
     shown = scale_regions(found, width / error_map.shape[1], height / error_map.shape[0])
     bounds = display_bounds(torch.from_numpy(resized), pixel_threshold)
-    picture = render_result(np.ascontiguousarray(image), resized, bounds, score, threshold, pixel_threshold, regions=shown)
+    picture = render_result(
+        np.ascontiguousarray(image), resized, bounds, score, threshold, pixel_threshold, regions=shown
+    )
     return png_bytes(picture), regions
 
 
@@ -168,9 +223,17 @@ class StreamOutputs:
 
     def event(self, event: AlarmEvent, number: int, snapshot: tuple[bytes, list] | None, ended: str) -> dict[str, Any]:
         record: dict[str, Any] = {
-            "event": number, "start_frame": event.start_frame, "end_frame": event.end_frame,
-            "start_time": _iso(event.start_time), "end_time": _iso(event.end_time), "frames": event.frames,
-            "peak_score": round(event.peak_score, 6), "peak_frame": event.peak_frame, "snapshot": None, "regions": [], "ended": ended,
+            "event": number,
+            "start_frame": event.start_frame,
+            "end_frame": event.end_frame,
+            "start_time": _iso(event.start_time),
+            "end_time": _iso(event.end_time),
+            "frames": event.frames,
+            "peak_score": round(event.peak_score, 6),
+            "peak_frame": event.peak_frame,
+            "snapshot": None,
+            "regions": [],
+            "ended": ended,
         }
         if snapshot is not None:
             picture = Path("events") / f"{self.name}_{number:04d}.png"
@@ -198,11 +261,17 @@ def predict_stream(engine: Engine, options: ModeOptions) -> dict[str, Any]:
     out_dir = Path(options.output).expanduser() if options.output else serving.source.parent / "predict"
     outputs = StreamOutputs(out_dir, name)
     threshold = serving.calibration.threshold
-    scorer = StreamScorer(serving)
+    scorer = StreamScorer(engine.method, serving)
     alarms = AlarmTracker(threshold, settings.hysteresis, settings.min_alarm_frames)
-    window_size = serving.clip_length + 1
+    window_size = int(serving.cfg.DATASET.clip_length) + 1
     source = LiveSource(options.input, window_size, settings.reconnect_timeout_s, settings.max_backoff_s)
-    log.info("predicting the live source %s with %s (%s); outputs in %s", options.input, serving.source, serving.backend, out_dir)
+    log.info(
+        "predicting the live source %s with %s (%s); outputs in %s",
+        options.input,
+        serving.source,
+        serving.backend,
+        out_dir,
+    )
 
     plot_scores: deque[tuple[int, float]] = deque(maxlen=settings.plot_frames)
     latencies: deque[float] = deque(maxlen=_LATENCIES)
@@ -226,7 +295,14 @@ def predict_stream(engine: Engine, options: ModeOptions) -> dict[str, Any]:
             snapshot = _snapshot(peak[0], peak[1], peak[2], threshold, pixel_threshold(), min_area)
         records.append(outputs.event(event, outputs.event_count, snapshot, ended))
         peak = None
-        log.info("alarm event %d: frames %d-%d, peak score %.4f at frame %d", outputs.event_count, event.start_frame, event.end_frame, event.peak_score, event.peak_frame)
+        log.info(
+            "alarm event %d: frames %d-%d, peak score %.4f at frame %d",
+            outputs.event_count,
+            event.start_frame,
+            event.end_frame,
+            event.peak_score,
+            event.peak_frame,
+        )
 
     def write_plot() -> None:
         if not plot_scores:
@@ -234,7 +310,14 @@ def predict_stream(engine: Engine, options: ModeOptions) -> dict[str, Any]:
         frames = np.array([f for f, _ in plot_scores])
         values = np.array([s for _, s in plot_scores])
         picture = render_score_plot(
-            values, frames, int(frames[-1] - frames[0]) + 1, None, threshold, f"{name}: online frame score (live)", (300, 900), first_frame=int(frames[0]),
+            values,
+            frames,
+            int(frames[-1] - frames[0]) + 1,
+            None,
+            threshold,
+            f"{name}: online frame score (live)",
+            (300, 900),
+            first_frame=int(frames[0]),
         )
         data = png_bytes(picture)
         atomic_write_bytes(out_dir / outputs.plot_name, lambda handle: handle.write(data))
@@ -244,8 +327,17 @@ def predict_stream(engine: Engine, options: ModeOptions) -> dict[str, Any]:
         p95 = float(np.percentile(latencies, 95)) if latencies else math.nan
         mean = float(np.mean(latencies)) if latencies else math.nan
         log.info(
-            "%s: %d frames read, %d scored (%.1f/s), %d dropped to keep up, latency mean %.0f ms / p95 %.0f ms, %d reconnection(s), %.1f s disconnected",
-            name, source.read, scored, scored / elapsed, source.dropped, mean, p95, source.reconnects, source.disconnected_s,
+            "%s: %d frames read, %d scored (%.1f/s), %d dropped to keep up, latency mean %.0f ms / p95 %.0f ms, "
+            "%d reconnection(s), %.1f s disconnected",
+            name,
+            source.read,
+            scored,
+            scored / elapsed,
+            source.dropped,
+            mean,
+            p95,
+            source.reconnects,
+            source.disconnected_s,
         )
 
     source.start()
@@ -260,12 +352,16 @@ def predict_stream(engine: Engine, options: ModeOptions) -> dict[str, Any]:
                 else:
                     newest = window[-1]
                     scorer.forget_before(window[0].number)
-                    if serving.per_video_background and scorer.background is None:
+                    if not scorer.ready and (background or scorer.needs_video(scorer.converted(newest))):
                         background.append(scorer.converted(newest))
                         if len(background) >= settings.background_frames:
-                            scorer.set_background(background)
+                            scorer.set_video(background)
                             background = []
-                            log.info("%s: background template from the first %d frames", name, settings.background_frames)
+                            log.info(
+                                "%s: per-video state of the model from the first %d frames",
+                                name,
+                                settings.background_frames,
+                            )
                         warmup += 1
                     elif len(window) < window_size or window[-1].number - window[0].number != window_size - 1:
                         warmup += 1  # not yet clip_length consecutive frames before the newest (start, reconnection)
@@ -277,14 +373,30 @@ def predict_stream(engine: Engine, options: ModeOptions) -> dict[str, Any]:
                         if finished is not None:
                             finish_event(finished, "score fell")
                         if confirmed is not None:
-                            log.warning("ALARM: %s from frame %d (score %.4f >= threshold %.4f)", name, confirmed.start_frame, score, threshold)
+                            log.warning(
+                                "ALARM: %s from frame %d (score %.4f >= threshold %.4f)",
+                                name,
+                                confirmed.start_frame,
+                                score,
+                                threshold,
+                            )
                         current = alarms.current
                         if current is not None and current.peak_frame == newest.number:
                             peak = (newest, error_map, score)
                         if score < threshold:
                             normal_levels.append(float(np.quantile(error_map, settings.region_quantile)))
                         in_event = outputs.event_count + 1 if current is not None and current.confirmed else ""
-                        outputs.row([newest.number, _iso(newest.time), f"{score:.6f}", int(score >= threshold), in_event, f"{latency_ms:.1f}", source.dropped])
+                        outputs.row(
+                            [
+                                newest.number,
+                                _iso(newest.time),
+                                f"{score:.6f}",
+                                int(score >= threshold),
+                                in_event,
+                                f"{latency_ms:.1f}",
+                                source.dropped,
+                            ]
+                        )
                         plot_scores.append((newest.number, score))
                         scored += 1
                         if options.max_frames is not None and scored >= options.max_frames:
@@ -295,6 +407,7 @@ def predict_stream(engine: Engine, options: ModeOptions) -> dict[str, Any]:
                     next_plot = time.monotonic() + settings.plot_interval_s
     finally:
         source.stop()
+        scorer.close()
         last = alarms.close()
         if last is not None:
             finish_event(last, "stream stopped")
@@ -302,19 +415,31 @@ def predict_stream(engine: Engine, options: ModeOptions) -> dict[str, Any]:
         outputs.close()
     elapsed = time.monotonic() - started
     summary = {
-        "source": options.input if "@" not in options.input else "<credentials hidden>", "model": str(serving.source), "backend": serving.backend,
-        "stopped": stop.reason, "seconds": round(elapsed, 3), "frames_read": source.read, "frames_scored": scored,
-        "frames_warmup": warmup, "frames_dropped": source.dropped, "reconnections": source.reconnects,
-        "disconnected_s": round(source.disconnected_s, 3), "threshold": threshold,
+        "source": options.input if "@" not in options.input else "<credentials hidden>",
+        "model": str(serving.source),
+        "backend": serving.backend,
+        "stopped": stop.reason,
+        "seconds": round(elapsed, 3),
+        "frames_read": source.read,
+        "frames_scored": scored,
+        "frames_warmup": warmup,
+        "frames_dropped": source.dropped,
+        "reconnections": source.reconnects,
+        "disconnected_s": round(source.disconnected_s, 3),
+        "threshold": threshold,
         "latency_ms_mean": round(float(np.mean(latencies)), 1) if latencies else None,
         "latency_ms_p95": round(float(np.percentile(latencies, 95)), 1) if latencies else None,
-        "events": len(records), "csv": outputs.csv_name.as_posix(), "events_file": outputs.events_name.as_posix(), "plot": outputs.plot_name.as_posix(),
+        "events": len(records),
+        "csv": outputs.csv_name.as_posix(),
+        "events_file": outputs.events_name.as_posix(),
+        "plot": outputs.plot_name.as_posix(),
     }
     write_json(out_dir / outputs.summary_name, summary)
     log_progress()
     print(
-        f"{name}: {scored} frames scored of {source.read} read ({source.dropped} dropped), {len(records)} alarm event(s), "
-        f"{source.reconnects} reconnection(s) ({source.disconnected_s:.1f} s disconnected); stopped: {stop.reason}; outputs in {out_dir}",
+        f"{name}: {scored} frames scored of {source.read} read ({source.dropped} dropped), "
+        f"{len(records)} alarm event(s), {source.reconnects} reconnection(s) ({source.disconnected_s:.1f} s "
+        f"disconnected); stopped: {stop.reason}; outputs in {out_dir}",
         flush=True,
     )
     return summary
