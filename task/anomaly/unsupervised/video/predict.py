@@ -174,7 +174,7 @@ def mode_predict(engine: Engine, options: ModeOptions) -> None:
     if is_live_source(options.input):  # live: streams and cameras (stream.py)
         from task.anomaly.unsupervised.video.stream import predict_stream
 
-        predict_stream(engine, options)
+        predict_stream(engine, options, serving_from(engine, options))
         return
     input_path = Path(options.input).expanduser()
     if not input_path.exists():

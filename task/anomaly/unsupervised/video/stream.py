@@ -47,7 +47,7 @@ import time
 from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -67,10 +67,12 @@ from task.anomaly.unsupervised.scoring.running import RunningOnlineScore
 from task.anomaly.unsupervised.video.alarms import AlarmEvent, AlarmTracker
 from task.anomaly.unsupervised.video.live_source import Frame, LiveSource, source_name
 from task.anomaly.unsupervised.video.plots import render_score_plot
-from task.anomaly.unsupervised.video.predict import VideoServing, serving_from
 from task.common.errors import UserError
 from task.common.io import atomic_write_bytes, write_json
 from task.common.runtime import autocast
+
+if TYPE_CHECKING:  # predict.py calls this module: the type only, no import at run time
+    from task.anomaly.unsupervised.video.predict import VideoServing
 
 log = logging.getLogger("anomaly")
 
@@ -248,14 +250,14 @@ class StreamOutputs:
         self.events.close()
 
 
-def predict_stream(engine: Engine, options: ModeOptions) -> dict[str, Any]:
-    """Score the live source ``options.input`` until a stop; returns the summary (also ``<name>.stream.json``)."""
+def predict_stream(engine: Engine, options: ModeOptions, serving: VideoServing) -> dict[str, Any]:
+    """Score the live source ``options.input`` with ``serving`` (``video.predict.serving_from``) until a stop; returns
+    the summary (also ``<name>.stream.json``)."""
     if options.max_frames is not None and options.max_frames < 1:
         raise UserError(f"--max-frames must be at least 1, got {options.max_frames}")
     if options.duration is not None and not options.duration > 0:
         raise UserError(f"--duration must be a positive number of seconds, got {options.duration}")
     settings = engine.cfg.STREAM
-    serving = serving_from(engine, options)
     serving.check()
     name = source_name(options.input)
     out_dir = Path(options.output).expanduser() if options.output else serving.source.parent / "predict"
