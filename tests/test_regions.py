@@ -84,8 +84,8 @@ def test_pictures_box_and_number_the_regions():
     image = np.full((32, 48, 3), 100, np.uint8)
     regions = find_regions(_map(), 0.5, min_area=4)
     outlined = outline_regions(image, regions)
-    yellow = np.all(outlined == (255, 230, 0), axis=-1)
-    assert yellow[20, 30:33].all() and yellow[2, 3:10].all()  # the top edges of both boxes
-    assert not yellow[15, 15]
+    boxed = np.all(outlined == (0, 230, 255), axis=-1)
+    assert boxed[20, 30:33].all() and boxed[2, 3:10].all()  # the top edges of both boxes
+    assert not boxed[15, 15]
     picture = render_result(image, _map(), (0.0, 1.0), 2.0, 1.0, 0.5, regions=regions)
-    assert np.all(picture[-32:, 96:][yellow] == (255, 230, 0))  # the prediction panel carries the boxes
+    assert np.all(picture[-32:, 96:][boxed] == (0, 230, 255))  # the prediction panel carries the boxes

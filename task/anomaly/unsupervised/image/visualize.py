@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 _CONTOUR = (255, 40, 40)
-_BOX = (255, 230, 0)  # region boxes: yellow, apart from the red outline and the heatmap's colours
+_BOX = (0, 230, 255)  # region boxes: cyan, apart from the red outline and from typical defect colours
 
 
 def denormalize(image: Tensor) -> np.ndarray:
