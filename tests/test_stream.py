@@ -247,3 +247,42 @@ def test_stream_errors(live_run: LiveRun, tmp_path: Path) -> None:
     predict = ("--mode", "predict", "--input", "rtsp://127.0.0.1:9/none", "--output", str(tmp_path / "out"))
     assert_user_error(live_run.call(*predict, "--max-frames", "0"), "--max-frames")
     assert_user_error(live_run.call(*predict, "--duration", "-1"), "--duration")
+
+
+def test_stream_scores_equal_predict_on_the_file(live_run: LiveRun, clip: Path, tmp_path: Path) -> None:
+    """The stream path (frame conversion, one-clip batches, running online score) gives the scores that --mode
+    predict gives for a file of the same frames."""
+    import torch
+
+    import task.anomaly.unsupervised.models.available  # noqa: F401  (registers the methods)
+    from task.anomaly.unsupervised.engine.engine import Engine
+    from task.anomaly.unsupervised.engine.modes import ModeOptions
+    from task.anomaly.unsupervised.engine.schema import method_schema
+    from task.anomaly.unsupervised.models.registry import get_method
+    from task.anomaly.unsupervised.video.live_source import Frame
+    from task.anomaly.unsupervised.video.predict import serving_from
+    from task.anomaly.unsupervised.video.stream import StreamScorer
+    from task.common.config import load_config
+
+    result = live_run.call("--mode", "predict", "--input", str(clip), "--output", str(tmp_path / "file"))
+    assert_ok(result)
+    expected = {int(r["frame"]): float(r["score"]) for r in _rows(tmp_path / "file" / "live.csv") if r["score"]}
+
+    method = get_method("anomaly", "unsupervised", "dmad", "video")
+    overrides = [a for a in live_run.args if "=" in a and not a.startswith("-")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        engine = Engine(method, load_config(method_schema(method), str(VIDEO_YAML), overrides))
+    scorer = StreamScorer(method, serving_from(engine, ModeOptions()))
+    capture = cv2.VideoCapture(str(clip))
+    frames = []
+    while True:
+        ok, pixels = capture.read()
+        if not ok:
+            break
+        frames.append(Frame(len(frames), 0.0, pixels, 0))
+    capture.release()
+    assert not scorer.needs_video(scorer.converted(frames[0]))  # a shared background: nothing per video
+    got = {t: scorer.score(frames[t - 4 : t + 1])[0] for t in range(4, len(frames))}
+    assert sorted(got) == sorted(expected)
+    np.testing.assert_allclose([got[t] for t in sorted(got)], [expected[t] for t in sorted(got)], rtol=0, atol=2e-6)
