@@ -22,7 +22,8 @@ Outputs, in ``--output`` (default: ``predict/`` beside the model), named after t
 * ``<name>.events.jsonl``: one line per alarm event when it ends (``event``, ``start_frame``, ``end_frame``,
   ``start_time``, ``end_time``, ``frames``, ``peak_score``, ``peak_frame``, ``snapshot``, ``regions``, ``ended``);
 * ``events/<name>_<event>.png``: the event's peak frame | error heatmap | regions, at the frame's size (longest side
-  capped at 1024), regions of the error map above the ``STREAM.region_quantile`` quantile of recent normal frames;
+  capped at 1024), regions of the error map above the highest ``STREAM.region_quantile`` quantile of the error maps
+  of the last 256 normal frames (no regions before a normal frame has been seen: there is no pixel threshold);
 * ``<name>.plot.png``: the latest ``STREAM.plot_frames`` scores with the threshold and alarms, every
   ``STREAM.plot_interval_s`` seconds and at the end;
 * ``<name>.stream.json``: the run's summary (frames read/scored/dropped, reconnections and time disconnected, latency,
@@ -283,19 +284,20 @@ def predict_stream(engine: Engine, options: ModeOptions, serving: VideoServing) 
     scored = warmup = 0
     started = time.monotonic()
     next_plot = started + settings.plot_interval_s
-    records: list[dict[str, Any]] = []
+    events = 0  # written by this run (a count, not a list: a long stream may raise many)
     min_area = engine.cfg.TEST.region_min_area
 
     def pixel_threshold() -> float:
         return max(normal_levels) if normal_levels else math.nan
 
     def finish_event(event: AlarmEvent, ended: str) -> None:
-        nonlocal peak
+        nonlocal peak, events
         outputs.event_count += 1
         snapshot = None
         if peak is not None and peak[0].number == event.peak_frame:
             snapshot = _snapshot(peak[0], peak[1], peak[2], threshold, pixel_threshold(), min_area)
-        records.append(outputs.event(event, outputs.event_count, snapshot, ended))
+        outputs.event(event, outputs.event_count, snapshot, ended)
+        events += 1
         peak = None
         log.info(
             "alarm event %d: frames %d-%d, peak score %.4f at frame %d",
@@ -431,7 +433,7 @@ def predict_stream(engine: Engine, options: ModeOptions, serving: VideoServing) 
         "threshold": threshold,
         "latency_ms_mean": round(float(np.mean(latencies)), 1) if latencies else None,
         "latency_ms_p95": round(float(np.percentile(latencies, 95)), 1) if latencies else None,
-        "events": len(records),
+        "events": events,
         "csv": outputs.csv_name.as_posix(),
         "events_file": outputs.events_name.as_posix(),
         "plot": outputs.plot_name.as_posix(),
@@ -440,7 +442,7 @@ def predict_stream(engine: Engine, options: ModeOptions, serving: VideoServing) 
     log_progress()
     print(
         f"{name}: {scored} frames scored of {source.read} read ({source.dropped} dropped), "
-        f"{len(records)} alarm event(s), {source.reconnects} reconnection(s) ({source.disconnected_s:.1f} s "
+        f"{events} alarm event(s), {source.reconnects} reconnection(s) ({source.disconnected_s:.1f} s "
         f"disconnected); stopped: {stop.reason}; outputs in {out_dir}",
         flush=True,
     )
