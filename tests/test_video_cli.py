@@ -19,6 +19,7 @@ def test_training_writes_every_video_output(video_run: Path) -> None:
     for name in ("model.pt", "last.pt", "metrics.json", "run.json", "frame_scores.csv", "scores.npz", "video_demo.gif", "train.log"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "plots").iterdir()) == [f"{i:02d}.png" for i in range(1, 7)]
+    assert sorted(p.name for p in (out / "curves").iterdir()) == ["pr_frame.png", "roc_frame.png"]  # paper, online
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("frame_auroc", "frame_aupr", "frame_auroc_online", "frame_aupr_online", "online_threshold"):
         assert 0.0 <= metrics[key] <= 1.0 or key == "online_threshold", key
