@@ -161,6 +161,23 @@ def run_dir(savedir: Path) -> Path:
     return savedir / "dmad" / "video_demo"
 
 
+# ----------------------------------------------------------------------------------------------- PatchCore runs
+PC_YAML = REPO / "configs" / "anomaly" / "unsupervised" / "patchcore" / "demo.yaml"
+PC_BASE = ["--task_type", "anomaly", "--model_name", "patchcore", "--yaml_config", str(PC_YAML)]
+
+
+
+def patchcore_args(datadir: Path, savedir: Path, *extra: str) -> list[str]:
+    return [
+        *PC_BASE,
+        *data_overrides(datadir),
+        f"RESULT.savedir={savedir}",
+        "RESULT.assets_dir=null",
+        "TEST.batch_size=4",
+        *extra,
+    ]
+
+
 # --------------------------------------------------------------------------- hostile files
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_ok, main_in_process, run_dir, video_args
 
 import task.anomaly.unsupervised.models.available  # noqa: F401  (registers the methods)
+from helpers import assert_ok, main_in_process, run_dir, video_args
 from task.anomaly.unsupervised.models.registry import METHODS
 
 
@@ -31,6 +31,7 @@ class ContractRun:
 CASES = {
     ("anomaly", "unsupervised", "dmad", "image"): "dmad_image_contract",
     ("anomaly", "unsupervised", "dmad", "video"): "dmad_video_contract",
+    ("anomaly", "unsupervised", "patchcore", "image"): "patchcore_contract",
 }
 
 
@@ -47,6 +48,15 @@ def dmad_video_contract(video_data: Path, video_run: Path, tmp_path_factory: pyt
     shutil.copytree(video_run, savedir, ignore=shutil.ignore_patterns(".lock"))
     frames = video_data / "video_demo" / "testing" / "frames" / "01"
     return ContractRun(video_args(video_data, savedir), run_dir(savedir), frames, "01.csv")
+
+
+@pytest.fixture(scope="module")
+def patchcore_contract(patchcore_run, dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> ContractRun:
+    args, source, _ = patchcore_run
+    savedir = tmp_path_factory.mktemp("contract-patchcore") / "runs"
+    shutil.copytree(source, savedir / "patchcore" / source.name, ignore=shutil.ignore_patterns(".lock"))
+    args = [a for a in args if not a.startswith("RESULT.savedir=")] + [f"RESULT.savedir={savedir}"]
+    return ContractRun(args, savedir / "patchcore" / source.name, dataset / source.name / "test", "predictions.csv")
 
 
 def test_every_registered_method_has_a_case() -> None:
