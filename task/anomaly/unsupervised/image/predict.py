@@ -82,7 +82,7 @@ class OnnxModel(nn.Module):
         self.metadata: dict[str, str] = meta
         try:
             self.input_format: str = meta["input"]
-            self.image_size: tuple[int, int] = metadata_image_size(meta, self.session, name)  # checked: ints, limits, graph
+            self.image_size: tuple[int, int] = metadata_image_size(meta, self.session, name)  # ints, limits, graph
             self.thresholds: dict[str, float] = {k: float(v) for k, v in json.loads(meta["thresholds"]).items()}
             self.outputs: tuple[str, ...] = tuple(out.name for out in self.session.get_outputs())
         except (KeyError, ValueError, TypeError, AttributeError) as exc:

@@ -159,7 +159,9 @@ def predict_video(method: VideoMethod, serving: VideoServing, input_path: Path, 
     # The pair is replaced together (io.write_together): a SIGTERM never leaves this input's csv beside an older gif.
     with tempfile.TemporaryDirectory(prefix="dmad-predict-") as scratch:
         rendered = Path(scratch) / gif_name
-        shown = write_video_gif(pictures, maps, online, frames, video.num_frames, None, threshold, video.name, [rendered], MAX_GIF_FRAMES)
+        shown = write_video_gif(
+            pictures, maps, online, frames, video.num_frames, None, threshold, video.name, [rendered], MAX_GIF_FRAMES
+        )
         if not every and shown != positions:  # the placeholders above would have been drawn
             raise RuntimeError(f"the GIF showed frames {shown[:5]}... but predict rendered {positions[:5]}...")
         gif_bytes = rendered.read_bytes()
