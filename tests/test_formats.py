@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import CONFIGS, assert_user_error, main_in_process
 from task.anomaly.unsupervised.data.image.dataset import AnomalyDataset, Sample
 from task.anomaly.unsupervised.data.image.formats import DATASET_SCHEMA_KEYS, FORMATS, scan_dataset
 from task.anomaly.unsupervised.data.image.preprocess import (
@@ -402,8 +403,23 @@ def test_schema_keys_validate():
     for bad in (0, 1, 1.5):
         with pytest.raises(UserError, match="normal_split_ratio"):
             fields["normal_split_ratio"].check("DATASET.normal_split_ratio", bad)
-    with pytest.raises(UserError, match="mvtec, visa, folder, video"):
+    with pytest.raises(UserError, match="mvtec, visa, folder"):
         fields["format"].check("DATASET.format", "coco")
+
+
+@pytest.mark.parametrize(
+    ("yaml_name", "key", "value"),
+    [("demo.yaml", "DATASET.clip_length", "4"), ("video_demo.yaml", "DATASET.normal_dir", "good")],
+)
+def test_each_modality_refuses_the_other_modalitys_keys(yaml_name: str, key: str, value: str) -> None:
+    """An image run has no clip length and a video run no folder layout: the per-modality schemas refuse them."""
+    result = main_in_process("--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(CONFIGS / yaml_name), f"{key}={value}")
+    assert_user_error(result, f"unknown config key {key}")
+
+
+def test_an_unknown_format_is_refused_before_the_schema_is_chosen() -> None:
+    result = main_in_process("--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(CONFIGS / "demo.yaml"), "DATASET.format=coco")
+    assert_user_error(result, "DATASET.format", "mvtec, visa, folder, video", "'coco'")
 
 
 def test_unscanned_format_and_unknown_split(tmp_path):
