@@ -24,7 +24,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--mode", default="train", choices=MODES, help="train (then evaluate), test a checkpoint, or another mode")
     parser.add_argument("--checkpoint", default=None, help="checkpoint for test/gif/export/predict (default: the run's model.pt)")
     parser.add_argument("--input", default=None, help="--mode predict: an image or a folder of images, or a video/frame folder (--mode export: images for the ONNX check; --mode score: a scores.npz)")
-    parser.add_argument("--backend", default="torch", choices=("torch", "onnx"), help="--mode predict: run with PyTorch or the exported ONNX model")
+    parser.add_argument("--backend", default="torch", choices=("torch", "onnx", "openvino"), help="--mode predict: run with PyTorch, the exported ONNX model or the OpenVINO IR (EXPORT.precision)")
     parser.add_argument("--output", default=None, help="--mode predict: output folder (default: predict/ next to the checkpoint)")
     parser.add_argument("--update-readme", dest="update_readme", action="store_true", help="--mode report: rewrite the tables in README.md")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. TRAIN.num_training_steps=50")

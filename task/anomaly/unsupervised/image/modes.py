@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from task.anomaly.unsupervised.engine.engine import Engine
 from task.anomaly.unsupervised.engine.modes import ModeFunction, ModeOptions, mode_report, test_output_dir
 from task.anomaly.unsupervised.engine.settings import apply_test_scoring, load_for_serving
@@ -86,15 +88,22 @@ def _write_gif_from(engine: Engine, path: Path) -> None:
 
 def mode_export(engine: Engine, options: ModeOptions) -> None:
     """Export the checkpoint's whole inference path to model.onnx beside it, checked against PyTorch."""
-    from task.anomaly.unsupervised.image.export import check_image_paths, export_run
+    from task.anomaly.unsupervised.image.export import check_image_paths, export_run, prepare_export
 
+    cfg = engine.cfg
     loaded = load_for_serving(engine, options.checkpoint)
     paths = check_image_paths(loaded.cfg, options.input)
-    export_run(loaded, paths, engine.method.extra_map_names(loaded.cfg), engine.cfg.EXPORT.input, engine.cfg.EXPORT.opset)
+    prepared = prepare_export(loaded, paths, engine.method.extra_map_names(loaded.cfg), cfg.EXPORT.input, cfg.EXPORT.opset)
+    if cfg.EXPORT.format in ("onnx", "both"):
+        export_run(loaded, paths, engine.method.extra_map_names(loaded.cfg), cfg.EXPORT.input, cfg.EXPORT.opset, prepared)
+    if cfg.EXPORT.format in ("openvino", "both"):  # OpenVINO IR (issue 17)
+        from task.anomaly.unsupervised.image.openvino import export_openvino
+
+        export_openvino(prepared, loaded, cfg, len(paths), torch.get_num_threads())
 
 
 def mode_predict(engine: Engine, options: ModeOptions) -> None:
-    """Maps, scores and OK/NG verdicts for unlabelled images, with PyTorch or ONNX Runtime."""
+    """Maps, scores and OK/NG verdicts for unlabelled images, with PyTorch, ONNX Runtime or OpenVINO."""
     from task.anomaly.unsupervised.image import predict
 
     if not options.input:
@@ -102,6 +111,12 @@ def mode_predict(engine: Engine, options: ModeOptions) -> None:
     if options.backend == "onnx":
         source, paired = predict.onnx_source(options.checkpoint, engine.run_dir)
         model = predict.load_onnx_model(source, paired)
+        runner = predict.Runner(model, model.image_size, model.thresholds, engine.cfg.TEST.batch_size)
+    elif options.backend == "openvino":  # OpenVINO IR of EXPORT.precision (issue 17)
+        from task.anomaly.unsupervised.image.openvino import ir_source, load_ir_model
+
+        source, paired = ir_source(options.checkpoint, engine.run_dir, engine.cfg.EXPORT.precision)
+        model = load_ir_model(source, paired, torch.get_num_threads())
         runner = predict.Runner(model, model.image_size, model.thresholds, engine.cfg.TEST.batch_size)
     else:
         loaded = load_for_serving(engine, options.checkpoint)
