@@ -245,7 +245,7 @@ class IRRunner:
         try:
             # A model in memory is cloned: the split below rewires the graph it works on.
             model = core.read_model(str(source)) if isinstance(source, Path) else source.clone()
-        except Exception as exc:  # OpenVINO raises RuntimeError with a long C++ trace for bad files
+        except Exception as exc:  # noqa: BLE001  (OpenVINO raises RuntimeError and others, with a C++ trace, for bad files)
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise UserError(f"cannot load OpenVINO IR {name} ({reason}); re-create it with --mode export EXPORT.format=openvino") from None
         self.metadata = read_metadata(model)

@@ -130,12 +130,18 @@ def mode_predict(engine: Engine, options: ModeOptions) -> None:
 
 
 def mode_benchmark(engine: Engine, options: ModeOptions) -> None:
-    """Time BENCHMARK.train_steps training steps and one evaluation pass; print the result as one JSON line."""
+    """Time BENCHMARK.train_steps training steps and one evaluation pass; print the result as one JSON line.
+    With BENCHMARK.backends=true: one table of every inference backend instead (backend_table.py)."""
     from task.anomaly.unsupervised.engine.training import Stepper
     from task.anomaly.unsupervised.image.benchmark import run_benchmark
 
     if engine.cfg.DATASET.demo:
         engine.prepare_data()
+    if engine.cfg.BENCHMARK.backends:  # one table of every inference backend (issue 17)
+        from task.anomaly.unsupervised.image.backend_table import run_backend_table
+
+        run_backend_table(engine, options.checkpoint)
+        return
     model = engine.build_model()
     result = run_benchmark(engine, model, Stepper(engine, model))
     if engine.dist.is_main:

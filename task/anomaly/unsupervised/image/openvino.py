@@ -25,7 +25,15 @@ from task.anomaly.unsupervised.data.image.formats import scan_dataset
 from task.anomaly.unsupervised.data.image.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from task.anomaly.unsupervised.deploy.onnx import file_sha256
 from task.anomaly.unsupervised.deploy.openvino import (
-    PRECISIONS, TOLERANCES, IRRunner, compress_weights_to_fp16, ir_filename, onnx_to_openvino, quantize_int8, save_ir, with_metadata,
+    PRECISIONS,
+    TOLERANCES,
+    IRRunner,
+    compress_weights_to_fp16,
+    ir_filename,
+    onnx_to_openvino,
+    quantize_int8,
+    save_ir,
+    with_metadata,
 )
 from task.anomaly.unsupervised.engine.engine import LoadedModel
 from task.anomaly.unsupervised.image.export import PreparedExport, compare, preprocess
