@@ -93,13 +93,17 @@ def mode_export(engine: Engine, options: ModeOptions) -> None:
     cfg = engine.cfg
     loaded = load_for_serving(engine, options.checkpoint)
     paths = check_image_paths(loaded.cfg, options.input)
+    openvino = cfg.EXPORT.format in ("openvino", "both")  # OpenVINO IR (issue 17)
+    if openvino:
+        from task.anomaly.unsupervised.image.openvino import calibration_batches, export_openvino
+
+        # Before the (slow) trace: int8 needs the training images, and a missing dataset should stop the run at once.
+        calibration = calibration_batches(loaded.cfg, cfg.EXPORT.calibration_images, cfg.EXPORT.input == "raw") if cfg.EXPORT.precision == "int8" else []
     prepared = prepare_export(loaded, paths, engine.method.extra_map_names(loaded.cfg), cfg.EXPORT.input, cfg.EXPORT.opset)
     if cfg.EXPORT.format in ("onnx", "both"):
         export_run(loaded, paths, engine.method.extra_map_names(loaded.cfg), cfg.EXPORT.input, cfg.EXPORT.opset, prepared)
-    if cfg.EXPORT.format in ("openvino", "both"):  # OpenVINO IR (issue 17)
-        from task.anomaly.unsupervised.image.openvino import export_openvino
-
-        export_openvino(prepared, loaded, cfg, len(paths), torch.get_num_threads())
+    if openvino:
+        export_openvino(prepared, loaded, cfg, len(paths), torch.get_num_threads(), calibration)
 
 
 def mode_predict(engine: Engine, options: ModeOptions) -> None:

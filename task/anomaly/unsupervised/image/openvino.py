@@ -166,14 +166,13 @@ def compare_on_split(prepared: PreparedExport, ir: OpenVinoImageModel, held: Hel
     return f"on the {len(scores)} test images: {change}; {flips}"
 
 
-def export_openvino(prepared: PreparedExport, loaded: LoadedModel, cfg: Config, check_count: int, threads: int) -> Path:
-    """Write ``model-<EXPORT.precision>.xml/.bin`` beside the checkpoint after checking the IR against PyTorch."""
+def export_openvino(prepared: PreparedExport, loaded: LoadedModel, cfg: Config, check_count: int, threads: int, batches: list[np.ndarray]) -> Path:
+    """Write ``model-<EXPORT.precision>.xml/.bin`` beside the checkpoint after checking the IR against PyTorch;
+    ``batches``: the int8 calibration inputs (``calibration_batches``), unused for the other precisions."""
     precision = cfg.EXPORT.precision
     assert precision in PRECISIONS, precision
     model = onnx_to_openvino(prepared.data)
-    raw = prepared.metadata["input"] == "raw"
     if precision == "int8":
-        batches = calibration_batches(loaded.cfg, cfg.EXPORT.calibration_images, raw)
         log.info("NNCF int8 calibration on %d normal training image(s)", len(batches))
         model = quantize_int8(model, [{model.inputs[0].get_any_name(): b} for b in batches])
     elif precision == "fp16":
