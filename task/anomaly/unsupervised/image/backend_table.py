@@ -8,9 +8,10 @@ Inputs: the dataset's test split (``BENCHMARK.eval_images`` of it) when ``DATASE
 seeded random tensors; INT8 calibrates on ``EXPORT.calibration_images`` training images (random ones without data).
 
 Columns: images/s, the best (and the median) of ``TIMED_PASSES`` passes over the test batches after one untimed
-warm-up batch (the best, because other processes sharing the CPU only ever slow a pass down), latency of one image (median of 3 single-image
-calls), peak resident memory while the backend was built and run (the process's high-water mark, reset before each
-backend on Linux: it includes the PyTorch reference model that stays loaded), the largest map and score difference
+warm-up batch (the best, because other processes sharing the CPU only ever slow a pass down; the passes after the
+first run round-robin over the backends), latency of one image (median of 3 single-image
+calls), the memory the backend adds: the process's peak RSS while it was built and run (the high-water mark is reset
+before each backend on Linux) minus the RSS before (for PyTorch fp32: before the model was built), the largest map and score difference
 from PyTorch float32 (relative to the reference map range / to max(1, |score|)), image AUROC and its change, and
 the time it took to prepare the backend (export, conversion, quantisation, compilation). Nothing is written to disk.
 """
@@ -65,7 +66,7 @@ class Row:
     images_per_s: float  # the best of TIMED_PASSES passes (the machine may be shared)
     median_images_per_s: float
     latency_ms: float
-    peak_rss_mb: float
+    memory_mb: float  # peak RSS while built and run, minus the RSS before (its model, graph and working memory)
     map_diff: float  # max |map - reference| / reference map range
     score_diff: float  # max |score - reference| / max(1, |reference|)
     image_auroc: float | None
@@ -81,10 +82,19 @@ def reset_peak_rss() -> bool:
     return False
 
 
+def _status_mb(field: str) -> float | None:
+    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration), open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith(field + ":")) / 1024
+    return None
+
+
 def current_peak_rss_mb() -> float:
-    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/status") as handle:
-        return next(int(line.split()[1]) for line in handle if line.startswith("VmHWM")) / 1024
-    return peak_rss_mb()
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else peak_rss_mb()
+
+
+def current_rss_mb() -> float:
+    return _status_mb("VmRSS") or 0.0
 
 
 def cpu_name() -> str:
@@ -115,25 +125,24 @@ def _inputs(engine: Engine) -> tuple[list[dict], list[torch.Tensor], str]:
 
 
 TIMED_PASSES = 3
+CPU = torch.device("cpu")
 
 
-def _timed(model: nn.Module, batches: list[dict], amp: str, channels_last: bool) -> tuple[Predictions, list[float], float]:
-    """(predictions, images/s of each of ``TIMED_PASSES`` passes, median latency of one image in ms) on the CPU, after
-    one warm-up batch."""
-    device = torch.device("cpu")
-    predict_loader(model, batches[:1], device, amp, desc="warm-up", channels_last=channels_last)
-    rates = []
-    for _ in range(TIMED_PASSES):
-        start = time.perf_counter()
-        preds = predict_loader(model, batches, device, amp, desc="benchmark", channels_last=channels_last)
-        rates.append(len(preds.scores) / (time.perf_counter() - start))
-    one = [{"image": batches[0]["image"][:1]}]
+def _pass(model: nn.Module, batches: list[dict], amp: str, channels_last: bool) -> tuple[Predictions, float]:
+    """(predictions, images/s) of one pass over ``batches`` on the CPU."""
+    start = time.perf_counter()
+    preds = predict_loader(model, batches, CPU, amp, desc="benchmark", channels_last=channels_last)
+    return preds, len(preds.scores) / (time.perf_counter() - start)
+
+
+def _latency_ms(model: nn.Module, image: torch.Tensor, amp: str, channels_last: bool) -> float:
+    """Median of 3 calls on one image [1, 3, H, W], in ms."""
     latencies = []
     for _ in range(3):
         start = time.perf_counter()
-        predict_loader(model, one, device, amp, desc="latency", channels_last=channels_last)
+        predict_loader(model, [{"image": image}], CPU, amp, desc="latency", channels_last=channels_last)
         latencies.append(time.perf_counter() - start)
-    return preds, rates, 1000 * float(np.median(latencies))
+    return 1000 * float(np.median(latencies))
 
 
 def _auroc(preds: Predictions) -> float | None:
@@ -147,6 +156,7 @@ def run_backend_table(engine: Engine, checkpoint: str | None) -> list[Row]:
     """Build, time and compare every backend; prints the table and returns its rows."""
     cfg = engine.cfg
     threads = torch.get_num_threads()
+    base_rss = current_rss_mb()  # before the reference model: its memory counts for the PyTorch fp32 row
     if checkpoint:
         loaded = load_for_serving(engine, checkpoint)
         model, thresholds, source = loaded.model, loaded.thresholds, str(loaded.path)
@@ -200,24 +210,34 @@ def run_backend_table(engine: Engine, checkpoint: str | None) -> list[Row]:
         ("OpenVINO int8", openvino("int8")),
     ]
 
-    rows: list[Row] = []
+    # Built and measured one after the other (peak memory, first pass, latency); then the remaining timed passes run
+    # round-robin over all backends, so a burst of load from other processes on a shared machine hits every backend.
+    built, rows, rates = [], [], []
     reference: Predictions | None = None
     for name, build in backends:
+        before = base_rss if not rows else current_rss_mb()
         reset_peak_rss()
         start = time.perf_counter()
         backend_model, amp, channels_last = build()
         prepare_s = time.perf_counter() - start
-        preds, rates, latency = _timed(backend_model, batches, amp, channels_last)
-        peak = current_peak_rss_mb()
-        if reference is None:
-            reference = preds
+        predict_loader(backend_model, batches[:1], CPU, amp, desc="warm-up", channels_last=channels_last)
+        preds, rate = _pass(backend_model, batches, amp, channels_last)
+        latency = _latency_ms(backend_model, batches[0]["image"][:1], amp, channels_last)
+        peak = current_peak_rss_mb() - before
+        reference = reference if reference is not None else preds
         span = float(reference.anomaly_maps.max() - reference.anomaly_maps.min()) or float(np.finfo(np.float32).eps)
         map_diff = float((preds.anomaly_maps - reference.anomaly_maps).abs().max()) / span
         score_diff = float((preds.scores - reference.scores).abs().max()) / max(1.0, float(reference.scores.abs().max()))
-        rows.append(Row(name, max(rates), float(np.median(rates)), latency, peak, map_diff, score_diff, _auroc(preds), prepare_s))
-        log.info("%s: %s images/s", name, ", ".join(f"{r:.2f}" for r in rates))
-        if backend_model is not model:
-            del backend_model
+        rows.append(Row(name, rate, rate, latency, peak, map_diff, score_diff, _auroc(preds), prepare_s))
+        built.append((backend_model, amp, channels_last))
+        rates.append([rate])
+        log.info("%s: %.2f images/s (first pass)", name, rate)
+    for _ in range(TIMED_PASSES - 1):
+        for (backend_model, amp, channels_last), row_rates in zip(built, rates):
+            row_rates.append(_pass(backend_model, batches, amp, channels_last)[1])
+    for row, row_rates in zip(rows, rates):
+        row.images_per_s, row.median_images_per_s = max(row_rates), float(np.median(row_rates))
+        log.info("%s: %s images/s", row.backend, ", ".join(f"{r:.2f}" for r in row_rates))
     print_table(rows, {
         "cpu": f"{cpu_name()} ({os.cpu_count()} logical CPUs; bf16 units: {'yes' if bf16 else 'no'})",
         "threads": threads,
@@ -238,14 +258,14 @@ def print_table(rows: list[Row], conditions: dict[str, Any]) -> None:
     reference = rows[0]
     base_auroc = reference.image_auroc
     lines = [
-        "| backend | images/s, best (median) of 3 | vs PyTorch fp32 | latency, 1 image (ms) | peak RSS (MB) | max map diff (of range) | max score diff | image AUROC | AUROC change | prepare (s) |",
+        "| backend | images/s, best (median) of 3 | vs PyTorch fp32 | latency, 1 image (ms) | memory added, peak (MB) | max map diff (of range) | max score diff | image AUROC | AUROC change | prepare (s) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         change = None if row.image_auroc is None or base_auroc is None else row.image_auroc - base_auroc
         lines.append(
             f"| {row.backend} | {row.images_per_s:.2f} ({row.median_images_per_s:.2f}) | {row.images_per_s / reference.images_per_s:.2f}x | {row.latency_ms:.0f} | "
-            f"{row.peak_rss_mb:.0f} | {row.map_diff:.2e} | {row.score_diff:.2e} | {_fmt(row.image_auroc, '.4f')} | "
+            f"{row.memory_mb:.0f} | {row.map_diff:.2e} | {row.score_diff:.2e} | {_fmt(row.image_auroc, '.4f')} | "
             f"{_fmt(change, '+.4f')} | {row.prepare_s:.1f} |"
         )
     print("\n".join(lines))
