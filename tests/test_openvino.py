@@ -153,3 +153,19 @@ def test_sensitive_nodes_and_the_split_keep_float32_results() -> None:
     again = runner.run({"image": x[:1]})["anomaly_map"]  # a smaller batch after a larger one
     np.testing.assert_allclose(again, got[:1], rtol=0, atol=1e-6)
     assert torch.from_numpy(got).isfinite().all()
+
+
+@pytest.mark.slow
+def test_benchmark_prints_one_table_of_every_backend(ir_run) -> None:
+    run_dir, args, _ = ir_run
+    result = main_in_process(*args, "--mode", "benchmark", "BENCHMARK.backends=true", "BENCHMARK.eval_images=4", "EXPORT.calibration_images=2", "--checkpoint", str(run_dir / "model.pt"))
+    assert_ok(result)
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| backend")]
+    names = [r[0].strip() for r in rows]
+    assert names[0] == "PyTorch fp32" and {"ONNX Runtime fp32", "OpenVINO fp32", "OpenVINO int8"} <= set(names)
+    assert any(n.startswith("OpenVINO fp16") for n in names)
+    for row in rows:
+        assert float(row[1].split()[0]) > 0  # images/s
+        if row[0].strip() in ("ONNX Runtime fp32", "OpenVINO fp32"):
+            assert float(row[5]) <= TOLERANCE and float(row[6]) <= TOLERANCE  # map and score differences
+    assert "conditions: cpu:" in result.stdout

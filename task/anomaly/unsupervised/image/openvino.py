@@ -45,6 +45,8 @@ from task.common.metrics import auroc
 
 log = logging.getLogger("anomaly")
 
+TIE = 1e-4  # relative distance from the image threshold within which a changed verdict is a tie, not a change
+
 
 class OpenVinoImageModel(nn.Module):
     """An exported IR behind the eval interface of the image methods (as ``predict.OnnxModel`` for ONNX files).
@@ -162,7 +164,12 @@ def compare_on_split(prepared: PreparedExport, ir: OpenVinoImageModel, held: Hel
         change = "image AUROC undefined (the split needs good and defective images)"
     flips = "verdicts not compared (the checkpoint has no image threshold)"
     if math.isfinite(threshold):
-        flips = f"{int(((reference >= threshold) != (scores >= threshold)).sum())} of {len(scores)} OK/NG verdicts changed"
+        flipped = (reference >= threshold) != (scores >= threshold)
+        # The F1 threshold is one of the scores: that image's verdict flips on a difference of float rounding.
+        at_threshold = (reference - threshold).abs() <= TIE * max(1.0, abs(threshold))
+        flips = f"{int((flipped & ~at_threshold).sum())} of {len(scores)} OK/NG verdicts changed"
+        if bool((flipped & at_threshold).any()):
+            flips += f" (and {int((flipped & at_threshold).sum())} whose score lies within {TIE:g} of the threshold)"
     return f"on the {len(scores)} test images: {change}; {flips}"
 
 
