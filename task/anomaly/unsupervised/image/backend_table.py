@@ -112,7 +112,9 @@ def _inputs(engine: Engine) -> tuple[list[dict], list[torch.Tensor], str]:
     if data_root.is_dir():
         test_set = engine.dataset("test")
         count = len(test_set) if cfg.BENCHMARK.eval_images is None else min(cfg.BENCHMARK.eval_images, len(test_set))
-        batches = list(engine.eval_loader(Subset(test_set, range(count))))
+        # Spread over the split (which lists good images first), so that both classes are in it for the AUROC.
+        picks = np.linspace(0, len(test_set) - 1, count).round().astype(int).tolist()
+        batches = list(engine.eval_loader(Subset(test_set, picks)))
         train_set = engine.dataset("train")
         picks = np.linspace(0, len(train_set) - 1, min(calibration_count, len(train_set))).round().astype(int)
         calibration = [train_set[int(i)]["image"].unsqueeze(0) for i in picks]
