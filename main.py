@@ -29,7 +29,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "http(s)://), camera index or /dev/videoN (--mode export: images for the ONNX check; --mode score: a "
         "scores.npz)",
     )
-    parser.add_argument("--backend", default="torch", choices=("torch", "onnx"), help="--mode predict: run with PyTorch or the exported ONNX model")
+    parser.add_argument("--backend", default="torch", choices=("torch", "onnx", "openvino"), help="--mode predict: run with PyTorch, the exported ONNX model or the OpenVINO IR (EXPORT.precision)")
     parser.add_argument("--output", default=None, help="--mode predict: output folder (default: predict/ next to the checkpoint)")
     parser.add_argument("--update-readme", dest="update_readme", action="store_true", help="--mode report: rewrite the tables in README.md")
     parser.add_argument(

@@ -67,6 +67,9 @@ RUN_SECTIONS: Schema = {
     "EXPORT": {
         "input": F(str, "raw", choices=("raw", "imagenet"), help="ONNX input: raw RGB in [0, 1] (normalised inside the graph) or ImageNet-normalised"),
         "opset": F(int, 17, min=16, help="ONNX opset, at least 16 (GridSample)"),
+        "format": F(str, "onnx", choices=("onnx", "openvino", "both"), help="--mode export writes model.onnx, the OpenVINO IR model-<precision>.xml/.bin, or both"),
+        "precision": F(str, "fp32", choices=("fp32", "fp16", "int8"), help="OpenVINO IR precision to write (export) and to read (predict --backend openvino)"),
+        "calibration_images": F(int, 32, min=1, max=10000, help="int8: normal training images NNCF calibrates on", reason="each one is a full forward pass at export"),
     },
     "RESULT": {
         "savedir": F(str, "runs", help="root of the run directories (~ is expanded)"),
@@ -81,6 +84,7 @@ RUN_SECTIONS: Schema = {
         "train_steps": F(int, 5, min=1, help="--mode benchmark: timed training steps"),
         "warmup": F(int, 1, min=0, help="--mode benchmark: untimed training steps before them"),
         "eval_images": F(int, 16, nullable=True, min=1, help="--mode benchmark: test images (clips) to evaluate (null: the whole test set)"),
+        "backends": F(bool, False, help="--mode benchmark: one table of every inference backend (PyTorch fp32/bf16, onnxruntime, OpenVINO fp32/fp16/int8) instead of the training timing"),
     },
     # live: --mode predict on a stream or camera (video/stream.py)
     "STREAM": {

@@ -32,6 +32,7 @@ import io
 import json
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -123,7 +124,8 @@ def preprocess(paths: list[Path], size: tuple[int, int]) -> tuple[Tensor, Tensor
 
 
 def compare(onnx_model: OnnxModel, inputs: np.ndarray, reference: dict[str, Tensor]) -> list[Difference]:
-    """Run ``onnx_model`` on ``inputs`` as one batch and as a batch of one; differences against ``reference``."""
+    """Run ``onnx_model`` (anything with ``run(inputs) -> {name: array}``: ONNX Runtime, an OpenVINO IR) on ``inputs``
+    as one batch and as a batch of one; differences against ``reference``."""
     full = onnx_model.run(inputs)
     single = onnx_model.run(inputs[:1])
     differences = []
@@ -138,8 +140,20 @@ def compare(onnx_model: OnnxModel, inputs: np.ndarray, reference: dict[str, Tens
     return differences
 
 
-def export_run(loaded: LoadedModel, paths: list[Path], extra_names: tuple[str, ...], input_format: str, opset: int) -> Path:
-    """Export ``loaded`` to ``model.onnx`` beside its checkpoint, after checking the graph against PyTorch on ``paths``."""
+@dataclass
+class PreparedExport:
+    """What every export format starts from: the traced ONNX graph with its metadata, the check images in the graph's
+    input format [N, 3, H, W] and PyTorch's outputs on them (the reference)."""
+
+    module: ExportModule
+    inputs: Tensor
+    reference: dict[str, Tensor]
+    metadata: dict[str, str]
+    data: bytes
+
+
+def prepare_export(loaded: LoadedModel, paths: list[Path], extra_names: tuple[str, ...], input_format: str, opset: int) -> PreparedExport:
+    """Trace ``loaded``'s inference path into ONNX bytes and run PyTorch on the check images ``paths``."""
     checkpoint, cfg, thresholds = loaded.path, loaded.cfg, loaded.thresholds
     model = loaded.model.float().cpu().to(memory_format=torch.contiguous_format).eval()
     size = tuple(cfg.DATASET.resize)
@@ -170,9 +184,17 @@ def export_run(loaded: LoadedModel, paths: list[Path], extra_names: tuple[str, .
         "outputs": ", ".join(["anomaly_map [B, 1, H, W]", "score [B]", *(f"{n} [B, 1, H, W]" for n in extra_names)]),
         "checkpoint_sha256": file_sha256(checkpoint),
     }
-    data = with_metadata(export_onnx(module, example, opset), metadata)
+    return PreparedExport(module, inputs, reference, metadata, export_onnx(module, example, opset))
 
-    differences = compare(OnnxModel(data, "the exported graph"), inputs.numpy(), reference)
+
+def export_run(
+    loaded: LoadedModel, paths: list[Path], extra_names: tuple[str, ...], input_format: str, opset: int, prepared: PreparedExport | None = None
+) -> Path:
+    """Export ``loaded`` to ``model.onnx`` beside its checkpoint, after checking the graph against PyTorch on ``paths``."""
+    prepared = prepared or prepare_export(loaded, paths, extra_names, input_format, opset)
+    data = with_metadata(prepared.data, prepared.metadata)
+
+    differences = compare(OnnxModel(data, "the exported graph"), prepared.inputs.numpy(), prepared.reference)
     summary = "; ".join(str(d) for d in differences)
     print(f"ONNX check on {len(paths)} image(s), onnxruntime CPU vs PyTorch CPU: {summary}; tolerance {TOLERANCE:g} relative")
     failed = [d for d in differences if not d.relative <= TOLERANCE]  # NaN fails too
@@ -181,7 +203,7 @@ def export_run(loaded: LoadedModel, paths: list[Path], extra_names: tuple[str, .
             f"ONNX output differs from PyTorch beyond the tolerance {TOLERANCE:g} ({'; '.join(map(str, failed))}); "
             "nothing was written; a VQ near tie can cause this (see export.py), report it with the checkpoint otherwise"
         )
-    target = checkpoint.parent / ONNX_FILENAME
+    target = loaded.path.parent / ONNX_FILENAME
     atomic_write_bytes(target, lambda handle: handle.write(data))
     print(f"exported {target} ({len(data) / 2**20:.1f} MiB)")
     return target

@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from task.anomaly.unsupervised.engine.engine import Engine
 from task.anomaly.unsupervised.engine.modes import ModeFunction, ModeOptions, mode_report, test_output_dir
 from task.anomaly.unsupervised.engine.settings import apply_test_scoring, load_for_serving
@@ -86,15 +88,26 @@ def _write_gif_from(engine: Engine, path: Path) -> None:
 
 def mode_export(engine: Engine, options: ModeOptions) -> None:
     """Export the checkpoint's whole inference path to model.onnx beside it, checked against PyTorch."""
-    from task.anomaly.unsupervised.image.export import check_image_paths, export_run
+    from task.anomaly.unsupervised.image.export import check_image_paths, export_run, prepare_export
 
+    cfg = engine.cfg
     loaded = load_for_serving(engine, options.checkpoint)
     paths = check_image_paths(loaded.cfg, options.input)
-    export_run(loaded, paths, engine.method.extra_map_names(loaded.cfg), engine.cfg.EXPORT.input, engine.cfg.EXPORT.opset)
+    openvino = cfg.EXPORT.format in ("openvino", "both")  # OpenVINO IR (issue 17)
+    if openvino:
+        from task.anomaly.unsupervised.image.openvino import calibration_batches, export_openvino
+
+        # Before the (slow) trace: int8 needs the training images, and a missing dataset should stop the run at once.
+        calibration = calibration_batches(loaded.cfg, cfg.EXPORT.calibration_images, cfg.EXPORT.input == "raw") if cfg.EXPORT.precision == "int8" else []
+    prepared = prepare_export(loaded, paths, engine.method.extra_map_names(loaded.cfg), cfg.EXPORT.input, cfg.EXPORT.opset)
+    if cfg.EXPORT.format in ("onnx", "both"):
+        export_run(loaded, paths, engine.method.extra_map_names(loaded.cfg), cfg.EXPORT.input, cfg.EXPORT.opset, prepared)
+    if openvino:
+        export_openvino(prepared, loaded, cfg, len(paths), torch.get_num_threads(), calibration)
 
 
 def mode_predict(engine: Engine, options: ModeOptions) -> None:
-    """Maps, scores and OK/NG verdicts for unlabelled images, with PyTorch or ONNX Runtime."""
+    """Maps, scores and OK/NG verdicts for unlabelled images, with PyTorch, ONNX Runtime or OpenVINO."""
     from task.anomaly.unsupervised.image import predict
 
     if not options.input:
@@ -102,6 +115,12 @@ def mode_predict(engine: Engine, options: ModeOptions) -> None:
     if options.backend == "onnx":
         source, paired = predict.onnx_source(options.checkpoint, engine.run_dir)
         model = predict.load_onnx_model(source, paired)
+        runner = predict.Runner(model, model.image_size, model.thresholds, engine.cfg.TEST.batch_size)
+    elif options.backend == "openvino":  # OpenVINO IR of EXPORT.precision (issue 17)
+        from task.anomaly.unsupervised.image.openvino import ir_source, load_ir_model
+
+        source, paired = ir_source(options.checkpoint, engine.run_dir, engine.cfg.EXPORT.precision)
+        model = load_ir_model(source, paired, torch.get_num_threads())
         runner = predict.Runner(model, model.image_size, model.thresholds, engine.cfg.TEST.batch_size)
     else:
         loaded = load_for_serving(engine, options.checkpoint)
@@ -123,12 +142,18 @@ def mode_predict(engine: Engine, options: ModeOptions) -> None:
 
 def mode_benchmark(engine: Engine, options: ModeOptions) -> None:
     """Time BENCHMARK.train_steps training steps (a fit method: one fit over that many batches) and one evaluation
-    pass; print the result as one JSON line."""
+    pass; print the result as one JSON line. With BENCHMARK.backends=true: one table of every inference backend
+    instead (backend_table.py)."""
     from task.anomaly.unsupervised.engine.training import Stepper
     from task.anomaly.unsupervised.image.benchmark import run_benchmark
 
     if engine.cfg.DATASET.demo:
         engine.prepare_data()
+    if engine.cfg.BENCHMARK.backends:  # one table of every inference backend (issue 17)
+        from task.anomaly.unsupervised.image.backend_table import run_backend_table
+
+        run_backend_table(engine, options.checkpoint)
+        return
     model = engine.build_model()
     # a gradient-free method has no optimiser step to time: run_benchmark times its fit instead
     result = run_benchmark(engine, model, Stepper(engine, model) if engine.method.learning == "gradient" else None)

@@ -243,5 +243,7 @@ def export_video_run(engine: Engine, loaded: LoadedModel, calibration: Calibrati
 
 def mode_export(engine: Engine, options: ModeOptions) -> None:
     """Export the checkpoint's clip-to-scores path to model.onnx beside it, checked against PyTorch."""
+    if engine.cfg.EXPORT.format != "onnx":  # OpenVINO IR (issue 17): the image half only, so far
+        raise UserError(f"EXPORT.format={engine.cfg.EXPORT.format} is available for image runs only; video runs export ONNX (EXPORT.format=onnx)")
     loaded, calibration = load_calibrated(engine, options.checkpoint)
     export_video_run(engine, loaded, calibration, options.input)

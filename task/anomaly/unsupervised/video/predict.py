@@ -90,6 +90,8 @@ class VideoServing:
 def serving_from(engine: Engine, options: ModeOptions) -> VideoServing:
     """The model ``--backend`` asks for: the checkpoint (``--checkpoint`` or the run's model.pt), or the model.onnx
     beside it (or ``--checkpoint FILE.onnx``)."""
+    if options.backend == "openvino":  # OpenVINO IR (issue 17): the image half only, so far
+        raise UserError("--backend openvino is available for image runs only; video runs predict with --backend torch or onnx")
     if options.backend == "onnx":
         path, paired = onnx_source(options.checkpoint, engine.run_dir)
         model = load_onnx_video_model(path, paired)

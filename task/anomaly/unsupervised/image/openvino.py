@@ -1,0 +1,207 @@
+"""The image half on OpenVINO: ``--mode export EXPORT.format=openvino`` and ``--backend openvino`` for predict.
+
+Export converts the checked ONNX graph of ``export.py`` (the whole inference path, metadata included) into an IR
+``model-<precision>.xml`` + ``.bin`` beside the checkpoint (``deploy/openvino.py`` says what each precision means).
+INT8 is calibrated on ``EXPORT.calibration_images`` normal *training* images of the run's dataset, never test images.
+Before anything is written, the IR runs (as predict will run it on this CPU) on the check images and is compared with
+PyTorch float32: the export fails past ``TOLERANCES[precision]`` of the map range. When the run's labelled test split
+is available, both also score the whole split and the export prints the image AUROC of each, its change, and how many
+OK/NG verdicts (at the checkpoint's image threshold) the IR changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from task.anomaly.unsupervised.data.image.formats import scan_dataset
+from task.anomaly.unsupervised.data.image.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from task.anomaly.unsupervised.deploy.onnx import file_sha256
+from task.anomaly.unsupervised.deploy.openvino import (
+    PRECISIONS,
+    TOLERANCES,
+    IRRunner,
+    compress_weights_to_fp16,
+    ir_filename,
+    onnx_to_openvino,
+    quantize_int8,
+    save_ir,
+    with_metadata,
+)
+from task.anomaly.unsupervised.engine.engine import LoadedModel
+from task.anomaly.unsupervised.image.export import PreparedExport, compare, preprocess
+from task.anomaly.unsupervised.image.predict import ONNX_FORMAT
+from task.anomaly.unsupervised.records import InferenceOutput
+from task.common.config import Config
+from task.common.errors import UserError
+from task.common.metrics import auroc
+
+log = logging.getLogger("anomaly")
+
+TIE = 1e-4  # relative distance from the image threshold within which a changed verdict is a tie, not a change
+
+
+class OpenVinoImageModel(nn.Module):
+    """An exported IR behind the eval interface of the image methods (as ``predict.OnnxModel`` for ONNX files).
+
+    ``forward``: ImageNet-normalised [B, 3, H, W] -> ``InferenceOutput`` (anomaly_map [B, 1, H, W], score [B], extras);
+    ``run``: an array in the IR's own input format -> {output name: array}.
+    """
+
+    def __init__(self, source: Path | object, name: str, threads: int) -> None:
+        super().__init__()
+        self.runner = IRRunner(source, name, threads)
+        meta = self.runner.metadata
+        if meta.get("format") != ONNX_FORMAT:
+            raise UserError(f"{name} is not a model exported by this toolkit (no format={ONNX_FORMAT} metadata); re-create it with --mode export EXPORT.format=openvino")
+        self.metadata = meta
+        try:
+            self.input_format: str = meta["input"]
+            self.image_size: tuple[int, int] = tuple(int(v) for v in json.loads(meta["image_size"]))
+            self.thresholds: dict[str, float] = {k: float(v) for k, v in json.loads(meta["thresholds"]).items()}
+        except (KeyError, ValueError, TypeError) as exc:
+            raise UserError(f"{name} has incomplete metadata ({type(exc).__name__}: {str(exc)[:80]}); re-create it with --mode export") from None
+        if self.input_format not in ("raw", "imagenet") or self.runner.output_names[:2] != ["anomaly_map", "score"]:
+            raise UserError(f"{name} has metadata this toolkit does not know; re-create it with --mode export EXPORT.format=openvino")
+        self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        return self.runner.run({self.runner.input_names[0]: np.ascontiguousarray(images, dtype=np.float32)})
+
+    def forward(self, images: Tensor) -> InferenceOutput:
+        x = images.detach().float().cpu()
+        if self.input_format == "raw":
+            x = x * self._std + self._mean
+        out = {k: torch.from_numpy(v) for k, v in self.run(x.numpy()).items()}
+        return InferenceOutput(out.pop("anomaly_map"), out.pop("score"), out)
+
+
+def ir_source(checkpoint: str | None, run_dir: Path, precision: str) -> tuple[Path, Path | None]:
+    """(IR .xml, checkpoint it must come from) for ``--backend openvino``: ``--checkpoint`` itself when it ends in .xml,
+    else ``model-<EXPORT.precision>.xml`` beside the checkpoint (``--checkpoint`` or the run's model.pt)."""
+    if checkpoint and Path(checkpoint).suffix.lower() == ".xml":
+        if not Path(checkpoint).is_file():
+            raise UserError(f"OpenVINO IR not found: {checkpoint}; check the path or run --mode export EXPORT.format=openvino")
+        return Path(checkpoint), None
+    source = Path(checkpoint) if checkpoint else run_dir / "model.pt"
+    path = source.parent / ir_filename(precision)
+    if not path.is_file():
+        raise UserError(
+            f"OpenVINO IR not found: {path}; run --mode export EXPORT.format=openvino EXPORT.precision={precision} first, or pass --checkpoint FILE.xml"
+        )
+    return path, source
+
+
+def load_ir_model(path: Path, checkpoint: Path | None, threads: int) -> OpenVinoImageModel:
+    """The IR at ``path``; refused when ``checkpoint`` exists and is not the file it was exported from."""
+    model = OpenVinoImageModel(path, str(path), threads)
+    recorded = model.metadata.get("checkpoint_sha256")
+    if recorded and checkpoint is not None and checkpoint.is_file() and file_sha256(checkpoint) != recorded:
+        raise UserError(f"{path} was exported from a different {checkpoint.name} than {checkpoint}; rerun --mode export EXPORT.format=openvino to refresh it")
+    log.info("OpenVINO: %s (%s)", path, model.runner.description)
+    return model
+
+
+# --------------------------------------------------------------------------------------------- export
+def spread(items: list, count: int) -> list:
+    """``count`` items evenly spread over ``items`` (all of them when there are fewer)."""
+    if len(items) <= count:
+        return list(items)
+    return [items[round(i)] for i in np.linspace(0, len(items) - 1, count)]
+
+
+def calibration_batches(cfg: Config, count: int, raw: bool) -> list[np.ndarray]:
+    """``count`` normal training images of the run's dataset, one [1, 3, H, W] array each, in the graph's input format."""
+    try:
+        samples = scan_dataset(cfg.DATASET, "train", cfg.SEED)
+    except UserError as exc:
+        raise UserError(f"EXPORT.precision=int8 calibrates on the normal training images: point DATASET.datadir at the dataset ({exc})") from None
+    paths = [Path(s.path) for s in spread(samples, count)]
+    normalized, unit = preprocess(paths, tuple(cfg.DATASET.resize))
+    images = unit if raw else normalized
+    return [images[i : i + 1].numpy() for i in range(len(images))]
+
+
+@dataclass
+class HeldOut:
+    """The labelled test split the export also scores with both models (AUROC and verdict changes)."""
+
+    paths: list[Path]
+    labels: Tensor  # [N] 1 = defective
+
+
+def held_out_split(cfg: Config) -> HeldOut | None:
+    try:
+        samples = scan_dataset(cfg.DATASET, "test", cfg.SEED)
+    except UserError:
+        return None
+    return HeldOut([Path(s.path) for s in samples], torch.tensor([s.label for s in samples])) if samples else None
+
+
+def _scores(run, images: Tensor, batch_size: int) -> Tensor:
+    return torch.cat([torch.as_tensor(np.asarray(run(images[i : i + batch_size]))) for i in range(0, len(images), batch_size)])
+
+
+def compare_on_split(prepared: PreparedExport, ir: OpenVinoImageModel, held: HeldOut, size: tuple[int, int], batch_size: int, threshold: float) -> str:
+    """Image AUROC of PyTorch and of the IR on the held-out split, the change, and the verdicts the IR changes."""
+    normalized, unit = preprocess(held.paths, size)
+    images = unit if ir.input_format == "raw" else normalized
+    with torch.no_grad():
+        reference = _scores(lambda x: prepared.module(x)[1], images, batch_size)
+    scores = _scores(lambda x: ir.run(x.numpy())["score"], images, batch_size)
+    try:
+        before, after = auroc(reference, held.labels), auroc(scores, held.labels)
+        change = f"image AUROC {before:.4f} -> {after:.4f} ({after - before:+.4f})"
+    except ValueError:
+        change = "image AUROC undefined (the split needs good and defective images)"
+    flips = "verdicts not compared (the checkpoint has no image threshold)"
+    if math.isfinite(threshold):
+        flipped = (reference >= threshold) != (scores >= threshold)
+        # The F1 threshold is one of the scores: that image's verdict flips on a difference of float rounding.
+        at_threshold = (reference - threshold).abs() <= TIE * max(1.0, abs(threshold))
+        flips = f"{int((flipped & ~at_threshold).sum())} of {len(scores)} OK/NG verdicts changed"
+        if bool((flipped & at_threshold).any()):
+            flips += f" (and {int((flipped & at_threshold).sum())} whose score lies within {TIE:g} of the threshold)"
+    return f"on the {len(scores)} test images: {change}; {flips}"
+
+
+def export_openvino(prepared: PreparedExport, loaded: LoadedModel, cfg: Config, check_count: int, threads: int, batches: list[np.ndarray]) -> Path:
+    """Write ``model-<EXPORT.precision>.xml/.bin`` beside the checkpoint after checking the IR against PyTorch;
+    ``batches``: the int8 calibration inputs (``calibration_batches``), unused for the other precisions."""
+    precision = cfg.EXPORT.precision
+    assert precision in PRECISIONS, precision
+    model = onnx_to_openvino(prepared.data)
+    if precision == "int8":
+        log.info("NNCF int8 calibration on %d normal training image(s)", len(batches))
+        model = quantize_int8(model, [{model.inputs[0].get_any_name(): b} for b in batches])
+    elif precision == "fp16":
+        compress_weights_to_fp16(model)
+    with_metadata(model, {**prepared.metadata, "precision": precision})
+    ir = OpenVinoImageModel(model, "the converted IR", threads)
+
+    tolerance = TOLERANCES[precision]
+    differences = compare(ir, prepared.inputs.numpy(), prepared.reference)
+    summary = "; ".join(str(d) for d in differences)
+    print(f"OpenVINO {precision} check on {check_count} image(s) ({ir.runner.description}) vs PyTorch float32: {summary}; tolerance {tolerance:g} relative")
+    held = held_out_split(loaded.cfg)
+    if held is not None:
+        threshold = float(loaded.thresholds.get("image", math.nan))
+        print(f"OpenVINO {precision} vs PyTorch float32 " + compare_on_split(prepared, ir, held, tuple(loaded.cfg.DATASET.resize), cfg.TEST.batch_size, threshold))
+    failed = [d for d in differences if not d.relative <= tolerance]
+    if failed:
+        raise UserError(
+            f"OpenVINO {precision} output differs from PyTorch beyond the tolerance {tolerance:g} ({'; '.join(map(str, failed))}); "
+            "nothing was written; try a higher precision (EXPORT.precision=fp16 or fp32)"
+        )
+    target = loaded.path.parent / ir_filename(precision)
+    size = save_ir(model, target)
+    print(f"exported {target} and {target.with_suffix('.bin').name} ({size / 2**20:.1f} MiB)")
+    return target
