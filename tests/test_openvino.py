@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CATEGORY, SIZE, assert_ok, assert_user_error, main_in_process
 from PIL import Image
 
+from helpers import CATEGORY, SIZE, assert_ok, assert_user_error, main_in_process
 from task.anomaly.unsupervised.deploy.onnx import TOLERANCE
 from task.anomaly.unsupervised.deploy.openvino import TOLERANCES, IRRunner, read_metadata, sensitive_nodes
 
@@ -172,7 +172,7 @@ def test_benchmark_prints_one_table_of_every_backend(ir_run) -> None:
 
 
 def test_video_runs_say_openvino_is_for_images(tmp_path: Path) -> None:
-    from conftest import CONFIGS
+    from helpers import CONFIGS
 
     video = ["--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(CONFIGS / "video_demo.yaml"), f"RESULT.savedir={tmp_path}"]
     assert_user_error(main_in_process(*video, "--mode", "export", "EXPORT.format=openvino"), "EXPORT.format=openvino", "image runs only")
