@@ -39,6 +39,12 @@ RUN_SECTIONS: Schema = {
         "save_maps": F(bool, False, help="write maps/<defect>/<name>.npz per test image"),
         "save_images": F(bool, True, help="write images/<defect>/<name>.png per test image (video: a score plot per video) and the result GIF"),
         "save_scores": F(bool, True, help="video: write scores.npz with the raw per-frame scores and labels (--mode score reads it)"),
+        "target_fpr": F(float, 0.01, min=0, max=1, min_exclusive=True, max_exclusive=True,
+                        help="false-alarm target of the image (video: frame) threshold: conformal order statistic of the calibration scores; changeable at predict/export without retraining"),
+        "pixel_target_fpr": F(float, 0.01, min=0, max=1, min_exclusive=True, max_exclusive=True,
+                              help="false-alarm target of the pixel threshold (fraction of normal calibration pixels)"),
+        "image_threshold": F(float, None, nullable=True, help="explicit image threshold, served instead of the one TEST.target_fpr derives"),
+        "pixel_threshold": F(float, None, nullable=True, help="explicit pixel threshold, served instead of the one TEST.pixel_target_fpr derives"),
     },
     "OPTIMIZER": {
         "name": F(str, "adamw", choices=("adamw", "adam")),

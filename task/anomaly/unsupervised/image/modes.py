@@ -15,11 +15,12 @@ from typing import Any
 from task.anomaly.unsupervised.engine.engine import Engine
 from task.anomaly.unsupervised.engine.modes import ModeFunction, ModeOptions, mode_report, test_output_dir
 from task.anomaly.unsupervised.engine.settings import apply_test_scoring, load_for_serving
-from task.anomaly.unsupervised.image.evaluation import calibrate, evaluate, thresholds_from, write_gif
+from task.anomaly.unsupervised.engine.thresholds import resolve
+from task.anomaly.unsupervised.image.calibration import ImageCalibration, calibrate
+from task.anomaly.unsupervised.image.evaluation import evaluate, write_gif
 from task.anomaly.unsupervised.image.inference import predict_loader
 from task.common.errors import UserError
 from task.common.io import ensure_dir, write_text
-from task.common.metrics import compute_metrics
 
 log = logging.getLogger("anomaly")
 
@@ -33,14 +34,15 @@ def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
         engine.prepare_data()
         train_set = engine.dataset("train")
         test_set = engine.dataset("test")
+        calibration_data = engine.calibration_data()
         ensure_dir(engine.run_dir)
         engine.setup_log_file()
         if engine.dist.is_main:
             import yaml
 
             write_text(engine.run_dir / "config.yaml", yaml.safe_dump(engine.cfg.to_dict(), sort_keys=False))
-        log.info("%d training images, %d test images", len(train_set), len(test_set))
-        return train(engine, train_set, lambda model, step, final: evaluate(engine, model, train_set, test_set, step=step, final=final))
+        log.info("%d training images, %d calibration images (%s), %d test images", len(train_set), len(calibration_data[0]), calibration_data[1], len(test_set))
+        return train(engine, train_set, lambda model, step, final: evaluate(engine, model, calibration_data, test_set, step=step, final=final))
 
 
 def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:
@@ -56,10 +58,13 @@ def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:
         out_dir = test_output_dir(engine, path)
         recalibrate = apply_test_scoring(engine, loaded)
         engine.maybe_compile(loaded.model)
-        train_set = engine.dataset("train") if recalibrate or not loaded.calibrated else None
+        calibration = ImageCalibration.from_dict(loaded.calibration)
+        if calibration is None and loaded.calibrated:
+            log.info("%s holds no calibration scores (its thresholds came from its test set); calibrating on held-out normal images", path)
+        calibration_data = engine.calibration_data() if recalibrate or calibration is None else None
         if out_dir != engine.run_dir:
             log.info("testing a checkpoint from outside this run: outputs go to %s", out_dir)
-        return evaluate(engine, loaded.model, train_set, test_set, final=True, out_dir=out_dir)
+        return evaluate(engine, loaded.model, calibration_data, test_set, final=True, out_dir=out_dir, calibration=calibration)
 
 
 def mode_gif(engine: Engine, options: ModeOptions) -> None:
@@ -74,12 +79,11 @@ def _write_gif_from(engine: Engine, path: Path) -> None:
     engine.adopt(loaded.cfg)
     engine.prepare_data()
     test_set = engine.dataset("test")
-    if not loaded.calibrated:
-        calibrate(engine, loaded.model, engine.dataset("train"))
+    calibration = ImageCalibration.from_dict(loaded.calibration)
+    if calibration is None:  # e.g. an official checkpoint: calibrate on held-out normal images (never the test set)
+        calibration = calibrate(engine, loaded.model, *engine.calibration_data())
     preds = predict_loader(loaded.model, engine.eval_loader(test_set), engine.device, engine.amp, desc="gif", channels_last=engine.channels_last)
-    thresholds = loaded.thresholds
-    if not {"image", "pixel"} <= thresholds.keys():  # e.g. an official checkpoint: thresholds from this test set
-        thresholds = thresholds_from(compute_metrics(preds.scores, preds.labels, preds.anomaly_maps, preds.masks))
+    thresholds, _ = resolve(engine.cfg, calibration.samples, str(path))
     shown = {"image": thresholds.get("image", float("nan")), "pixel": thresholds.get("pixel", float("nan"))}
     write_gif(engine, test_output_dir(engine, path), preds, test_set, shown)
 

@@ -124,8 +124,9 @@ class ImageMethod(Method):
         return self.extra_maps
 
     @abstractmethod
-    def calibrate(self, model: nn.Module, preds: Predictions) -> None:
-        """Set the model's score normalisation from predictions on normal training data (never the test set)."""
+    def calibrate(self, model: nn.Module, preds: Predictions) -> Tensor:
+        """Set the model's score normalisation from predictions on normal calibration images (never the test set);
+        return the [N] image scores of ``preds`` under the new normalisation (what the model now scores them)."""
 
 
 class VideoMethod(Method):
