@@ -1,11 +1,12 @@
 """Which decision thresholds a model serves: derived from its calibration scores and the false-alarm targets.
 
 A calibrated checkpoint stores, besides the thresholds it was written with, a small sample of the calibration scores
-per kind (``calibration["samples"]``: image, pixel, frame; ``task/common/conformal.py``). The thresholds are a
+per kind (``calibration["samples"]``: image, pixel; ``task/common/conformal.py``). Video alarm thresholds follow
+``SCORE.ONLINE.threshold_quantile`` (``video/evaluation.py``). The thresholds are a
 function of those scores and of settings that are not the network's or the scoring's, so any mode may change them
 without retraining or recalibrating:
 
-* ``TEST.target_fpr`` (image and video frames) and ``TEST.pixel_target_fpr`` (pixels): the conformal order statistic
+* ``TEST.target_fpr`` (images) and ``TEST.pixel_target_fpr`` (pixels): the conformal order statistic
   of the calibration scores for that false-alarm target;
 * ``TEST.image_threshold`` / ``TEST.pixel_threshold``: an explicit value, served as given.
 
@@ -28,7 +29,6 @@ log = logging.getLogger("anomaly")
 KINDS: dict[str, tuple[str, str | None]] = {
     "image": ("TEST.target_fpr", "TEST.image_threshold"),
     "pixel": ("TEST.pixel_target_fpr", "TEST.pixel_threshold"),
-    "frame": ("TEST.target_fpr", None),
 }
 
 
@@ -83,7 +83,7 @@ def served(cfg: Config, calibration: Any, stored: dict[str, float], what: str) -
     given explicitly); a checkpoint without calibration scores serves its stored ones, with a warning."""
     samples = stored_samples(calibration)
     if not samples:
-        if stored:
+        if stored and not isinstance(calibration, dict):  # (a video calibration keeps its threshold itself)
             log.warning(
                 "%s holds no calibration scores (an older model.pt, whose thresholds were chosen on its test labels); "
                 "serving them as stored: rerun --mode test to calibrate them on held-out normal images", what,

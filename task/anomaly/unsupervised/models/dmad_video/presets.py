@@ -28,6 +28,11 @@ def _avenue_window() -> dict[str, Any]:
 _SHANGHAI_WINDOW = {"enabled": True, "scope": "concat", "weights": None, "shift": 1, "edge_left": "fill", "edge_right": "fill", "fill": 1.0}
 
 
+# The online protocol (not the paper's): each video's running median of its past raw scores as the baseline, from a
+# warm-up of 16 frames' weight on the calibration mean, over the whole video so far.
+ONLINE_ADAPTIVE = {"adapt": "running", "memory": 0, "warmup": 16}
+
+
 PAPER_PRESETS: dict[str, dict[str, Any]] = {
     "ped2": {
         "names": list(_NAMES), "weights": [0.2, 0.4, 0.6], "signs": [1, 1, 1],
@@ -37,7 +42,7 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
                    "scope": "concat", "shift": 0, "edge_left": "fill", "edge_right": "replicate", "fill": 1.0},
         "POST_SMOOTH": dict(_OFF),
         "KALMAN": {"enabled": False, "process_var": 1e-5, "measurement_std": 0.01},
-        "ONLINE": {"window": 6, "keep": 3, "threshold_quantile": 0.99},
+        "ONLINE": {"window": 6, "keep": 3, "threshold_quantile": 0.99, **ONLINE_ADAPTIVE},
     },
     "avenue": {
         "names": ["deformation", "prediction"], "weights": [0.2, 0.4], "signs": [1, 1],
@@ -46,7 +51,7 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
         "SMOOTH": _avenue_window(),
         "POST_SMOOTH": _avenue_window(),
         "KALMAN": {"enabled": False, "process_var": 1e-5, "measurement_std": 0.01},
-        "ONLINE": {"window": 6, "keep": 3, "threshold_quantile": 0.99},
+        "ONLINE": {"window": 6, "keep": 3, "threshold_quantile": 0.99, **ONLINE_ADAPTIVE},
     },
     "shanghaitech": {
         "names": list(_NAMES), "weights": [0.2, 0.4, 0.6], "signs": [1, 1, 1],
@@ -55,7 +60,7 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
         "SMOOTH": {**_SHANGHAI_WINDOW, "size": 55, "keep": 49},  # keep = int(55 * 0.9)
         "POST_SMOOTH": {**_SHANGHAI_WINDOW, "size": 55, "keep": 27},  # keep = 55 // 2
         "KALMAN": {"enabled": True, "process_var": 1e-5, "measurement_std": 0.01},
-        "ONLINE": {"window": 28, "keep": 14, "threshold_quantile": 0.99},
+        "ONLINE": {"window": 28, "keep": 14, "threshold_quantile": 0.99, **ONLINE_ADAPTIVE},
     },
 }
 
