@@ -165,3 +165,73 @@ def test_relabelled_test_set_changes_no_byte_of_model_pt_and_predict_rederives_t
         assert_ok(main_in_process(*args, "TEST.image_threshold=0.123", "--output", str(tmp_path / "given")))
     assert "image threshold 0.123: given by TEST.image_threshold" in caplog.text
     assert math.isfinite(served)
+
+
+# ----------------------------------------------------------------------------------------------- video
+def test_video_calibration_split_holds_out_the_end_of_each_video(caplog) -> None:
+    from task.anomaly.unsupervised.data.video.calibration import split_rows
+
+    index = np.array([(v, t) for v in range(3) for t in range(4, 4 + 200)], dtype=np.int64)
+    train, calibration, source = split_rows(index, 0.25)
+    assert source == "calibration_split" and len(calibration) == 150 and not set(train) & set(calibration)
+    for v in range(3):
+        held = index[calibration][index[calibration][:, 0] == v, 1]
+        kept = index[train][index[train][:, 0] == v, 1]
+        assert held.min() > kept.max() and held.size == 50  # the last quarter of every video
+    with caplog.at_level(logging.WARNING):
+        train, calibration, source = split_rows(index[:40], 0.25)  # 10 frames: too few
+    assert source == "train" and np.array_equal(train, calibration) and "calibrating on the training frames" in caplog.text
+
+
+def test_running_baseline_is_causal_and_warms_up_from_the_calibration_mean() -> None:
+    from task.anomaly.unsupervised.scoring.protocols import running_baseline
+
+    x = np.array([10.0, 10.0, 10.0, 10.0, 50.0])
+    np.testing.assert_array_equal(running_baseline(x, 0.0, 0, 0), [10.0, 10.0, 10.0, 10.0, 10.0])  # frame 0: itself
+    assert running_baseline(x, 0.0, 0, 3)[0] == 0.0 and running_baseline(x, 0.0, 0, 3)[4] == 10.0  # median(0,0,0,10,10,10,10)
+    assert running_baseline(x, 0.0, 2, 0)[4] == 10.0  # the frame itself never lifts its own baseline
+
+
+def _offset_videos(rng: np.random.Generator, names: tuple[str, ...], anomaly: tuple[int, int], length: int = 300):
+    """Three videos of normal scores around different levels (1, 3, 5) with one anomaly (+1.5) each."""
+    scores = {n: [] for n in names}
+    labels = []
+    for level in (1.0, 3.0, 5.0):
+        lab = np.zeros(length)
+        lab[anomaly[0] : anomaly[1]] = 1
+        labels.append(lab)
+        for n in names:
+            scores[n].append(level + rng.normal(scale=0.3, size=length) + 1.5 * lab)
+    return scores, labels
+
+
+@pytest.mark.parametrize("adapt", ["none", "running"])
+def test_adaptive_online_protocol_on_videos_at_different_levels(adapt: str) -> None:
+    """Calibration frames mix the levels; without adaptation a video's level decides its alarms, with it the anomaly
+    does. A long anomaly fades with a short memory (the documented trade-off)."""
+    from dataclasses import replace
+
+    from task.anomaly.unsupervised.models.dmad_video.presets import PAPER_PRESETS
+    from task.anomaly.unsupervised.scoring import protocols as fs
+    from task.anomaly.unsupervised.scoring.settings import ProtocolParams
+
+    rng = np.random.default_rng(0)
+    params = ProtocolParams.from_config(PAPER_PRESETS["ped2"])
+    params = replace(params, online=replace(params.online, adapt=adapt))
+    calibration, _ = _offset_videos(rng, params.names, (0, 0), 60)
+    stats = fs.fit_train_stats(calibration)
+    threshold = fs.fit_threshold(calibration, stats, params)
+    scores, labels = _offset_videos(rng, params.names, (150, 190))
+    result = fs.online_protocol(scores, labels, stats, params, threshold.value)
+    if adapt == "none":
+        assert result["frame_auroc_online"] < 0.8  # the level of a video, not the anomaly, decides
+    else:
+        assert result["frame_auroc_online"] > 0.95 and result["online_fpr"] < 0.05 and result["online_tpr"] > 0.8
+        long_scores, long_labels = _offset_videos(rng, params.names, (50, 300))
+        whole = [lab.astype(bool) & (np.arange(lab.size) < 95) for lab in long_labels]
+        kept = np.concatenate([(f >= threshold.value)[m] for f, m in zip(fs.online_frame_scores(long_scores, stats, params), whole)])
+        assert kept.mean() > 0.8  # memory 0: alarms while the anomaly is under half of the video so far
+        short = replace(params, online=replace(params.online, memory=40))
+        late = [lab.astype(bool) & (np.arange(lab.size) >= 150) for lab in long_labels]
+        alarms = np.concatenate([(f >= threshold.value)[m] for f, m in zip(fs.online_frame_scores(long_scores, stats, short), late)])
+        assert alarms.mean() < 0.2  # 100 frames into an anomaly, a 40-frame memory treats it as the new normal

@@ -51,7 +51,10 @@ causally again when the paper protocol smooths the fused score, and Kalman-filte
 does. With ``ONLINE.adapt = running`` each raw score is first referred to its video's own level, causally: the
 running median of the frames before it (the last ``ONLINE.memory``, or all), to which the calibration mean
 contributes ``ONLINE.warmup`` frames' weight, is subtracted (the causal counterpart of the paper protocol's per-video
-normalisation). A baseline that follows the video also follows an anomaly that lasts long enough: once it fills about
+normalisation). With ``warmup = 0`` a video's first frame is its own baseline: videos are assumed to start normal,
+and one that starts inside an anomaly takes it for its normal level until normal frames outnumber it; a warm-up
+weight on the calibration mean avoids that but makes the first frames of a video whose level differs from the
+calibration videos' alarm (or go blind) until its own past outweighs the warm-up. A baseline that follows the video also follows an anomaly that lasts long enough: once it fills about
 half of the median's memory, its frames score as normal (``memory: 0`` keeps the whole past, so that takes as long as
 the video has run so far); ``adapt: none`` never adapts.
 ``fit_threshold`` picks the alarm threshold as the conformal order statistic of the fused online scores of the
@@ -264,7 +267,8 @@ def fit_train_stats(train_scores: ScoreDict, quantiles: tuple[float, float] = (0
 
 def running_baseline(x: np.ndarray, prior: float, memory: int, warmup: int) -> np.ndarray:
     """Causal per-video baseline: ``b[t]`` = median of ``warmup`` copies of ``prior`` and ``x[t - memory : t]``
-    (``memory = 0``: ``x[:t]``), frames strictly before ``t`` (a sudden anomaly does not lift its own baseline).
+    (``memory = 0``: ``x[:t]``), frames strictly before ``t`` (a sudden anomaly does not lift its own baseline). With
+    ``warmup = 0`` the first frame, having no past, is its own baseline (a video is assumed to start normal).
 
     Args:
         x: [n] raw scores of one video, in frame order.
@@ -277,7 +281,7 @@ def running_baseline(x: np.ndarray, prior: float, memory: int, warmup: int) -> n
     head = np.full(warmup, float(prior))
     for t in range(x.shape[0]):
         past = x[max(0, t - memory) if memory else 0 : t]
-        out[t] = np.median(np.concatenate([head, past])) if head.size or past.size else prior
+        out[t] = np.median(np.concatenate([head, past])) if head.size or past.size else x[t]
     return out
 
 

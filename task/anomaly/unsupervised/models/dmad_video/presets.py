@@ -28,9 +28,9 @@ def _avenue_window() -> dict[str, Any]:
 _SHANGHAI_WINDOW = {"enabled": True, "scope": "concat", "weights": None, "shift": 1, "edge_left": "fill", "edge_right": "fill", "fill": 1.0}
 
 
-# The online protocol (not the paper's): each video's running median of its past raw scores as the baseline, from a
-# warm-up of 16 frames' weight on the calibration mean, over the whole video so far.
-ONLINE_ADAPTIVE = {"adapt": "running", "memory": 0, "warmup": 16}
+# The online protocol (not the paper's): each video's running median of its own past raw scores (the whole video so
+# far) as the baseline, without a warm-up weight on the calibration mean (scoring/protocols.py explains the choice).
+ONLINE_ADAPTIVE = {"adapt": "running", "memory": 0, "warmup": 0}
 
 
 PAPER_PRESETS: dict[str, dict[str, Any]] = {
