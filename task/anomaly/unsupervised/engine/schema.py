@@ -32,6 +32,8 @@ RUN_SECTIONS: Schema = {
         "save_interval": F(int, 200, min=1, help="steps between resumable checkpoints"),
         "amp": F(str, "none", choices=("none", "bf16", "fp16"), help="autocast dtype for training and evaluation (fp16: CUDA only); maps and scores stay float32"),
         "channels_last": F(bool, False, help="NHWC memory layout for the model and inputs (implied by amp=bf16 on CPU)"),
+        "validation": F(str, "off", choices=("off", "synthetic"),
+                        help="images: synthetic = keep the evaluated checkpoint (LOG.eval_interval) that best detects CutPaste defects on the calibration images; off = the last"),
         "compile": F(bool, False, help="torch.compile the model's forward (first steps compile; falls back to eager on failure)"),
     },
     "TEST": {

@@ -51,7 +51,7 @@ def calibration_summary(calibration: ImageCalibration, record: dict[str, Any]) -
 
 def evaluate(
     engine: Engine, model: nn.Module, calibration_data: tuple[Any, str] | None, test_set, step: int | None = None, final: bool = False,
-    out_dir: Path | None = None, calibration: ImageCalibration | None = None,
+    out_dir: Path | None = None, calibration: ImageCalibration | None = None, extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Calibrate (when ``calibration_data`` = (normal images, source) is given; else use ``calibration``), predict the
     test set, compute metrics at the calibrated thresholds, write outputs (rank 0)."""
@@ -71,7 +71,7 @@ def evaluate(
     )
     engine.reporters.log_eval(step, metrics)
     if final:
-        summary = calibration_summary(calibration, record)
+        summary = {**calibration_summary(calibration, record), **(extra or {})}
         write_outputs(engine, out_dir or engine.run_dir, model, preds, metrics, test_set, step, calibration, thresholds, summary)
     return metrics
 

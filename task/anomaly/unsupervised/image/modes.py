@@ -42,7 +42,31 @@ def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
 
             write_text(engine.run_dir / "config.yaml", yaml.safe_dump(engine.cfg.to_dict(), sort_keys=False))
         log.info("%d training images, %d calibration images (%s), %d test images", len(train_set), len(calibration_data[0]), calibration_data[1], len(test_set))
-        return train(engine, train_set, lambda model, step, final: evaluate(engine, model, calibration_data, test_set, step=step, final=final))
+        return train(engine, train_set, evaluation_with_selection(engine, calibration_data, test_set))
+
+
+def evaluation_with_selection(engine: Engine, calibration_data, test_set):
+    """The training loop's evaluate(model, step, final); with TRAIN.validation=synthetic it also scores each evaluated
+    model on synthetic defects and, at the end, puts back the best weights before the final evaluation."""
+    from task.anomaly.unsupervised.image.validation import Selection, SyntheticSet, observe
+
+    if engine.cfg.TRAIN.validation != "synthetic":
+        return lambda model, step, final: evaluate(engine, model, calibration_data, test_set, step=step, final=final)
+    if not engine.cfg.LOG.eval_interval:
+        log.warning("TRAIN.validation=synthetic chooses among evaluated checkpoints, but LOG.eval_interval is null: only the last is evaluated")
+    selection = Selection()
+    synthetic = SyntheticSet(calibration_data[0], engine.cfg.SEED)
+
+    def evaluate_and_select(model, step: int, final: bool) -> dict[str, Any]:
+        if engine.dist.is_main:
+            observe(engine, model, synthetic, selection, step)
+            if final and selection.step != step:
+                model.load_state_dict(selection.weights)
+                log.info("TRAIN.validation=synthetic: keeping the weights of step %d (validation %.4f)", selection.step, selection.score)
+        extra = {"selected_step": selection.step, "synthetic_validation": selection.score} if final else None
+        return evaluate(engine, model, calibration_data, test_set, step=step, final=final, extra=extra)
+
+    return evaluate_and_select
 
 
 def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:

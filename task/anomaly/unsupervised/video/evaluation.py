@@ -28,7 +28,13 @@ from task.anomaly.unsupervised.data.video.labels import attach_labels, load_fram
 from task.anomaly.unsupervised.engine.checkpoints import make_payload
 from task.anomaly.unsupervised.engine.engine import Engine
 from task.anomaly.unsupervised.models.dmad_video.templates import background_for, templates_tensor
-from task.anomaly.unsupervised.scoring.protocols import fit_threshold, fit_train_stats, online_frame_scores, online_protocol, paper_protocol
+from task.anomaly.unsupervised.scoring.protocols import (
+    fit_threshold,
+    fit_train_stats,
+    online_frame_scores,
+    online_protocol,
+    paper_protocol,
+)
 from task.anomaly.unsupervised.scoring.score_file import ScoreFile, write_scores
 from task.anomaly.unsupervised.scoring.settings import ProtocolParams
 from task.anomaly.unsupervised.video.inference import FrameScores, score_clips

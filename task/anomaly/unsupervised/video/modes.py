@@ -21,7 +21,14 @@ from task.anomaly.unsupervised.engine.modes import ModeFunction, ModeOptions, mo
 from task.anomaly.unsupervised.scoring.protocols import evaluate_scores
 from task.anomaly.unsupervised.scoring.score_file import read_scores
 from task.anomaly.unsupervised.scoring.settings import ProtocolParams
-from task.anomaly.unsupervised.video.evaluation import Calibration, background_templates, calibrate, calibration_split, evaluate, video_split
+from task.anomaly.unsupervised.video.evaluation import (
+    Calibration,
+    background_templates,
+    calibrate,
+    calibration_split,
+    evaluate,
+    video_split,
+)
 from task.anomaly.unsupervised.video.export import mode_export
 from task.anomaly.unsupervised.video.predict import mode_predict
 from task.common.errors import UserError
