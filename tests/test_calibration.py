@@ -235,3 +235,26 @@ def test_adaptive_online_protocol_on_videos_at_different_levels(adapt: str) -> N
         late = [lab.astype(bool) & (np.arange(lab.size) >= 150) for lab in long_labels]
         alarms = np.concatenate([(f >= threshold.value)[m] for f, m in zip(fs.online_frame_scores(long_scores, stats, short), late)])
         assert alarms.mean() < 0.2  # 100 frames into an anomaly, a 40-frame memory treats it as the new normal
+
+
+# ----------------------------------------------------------------------------------------------- synthetic validation
+def test_cutpaste_and_selection_keep_the_best_weights(held_data: Path, tmp_path: Path) -> None:
+    from task.anomaly.unsupervised.data.image.synthetic_defects import cutpaste
+    from task.anomaly.unsupervised.image.validation import Selection, SyntheticSet, observe
+
+    image = torch.arange(3 * 32 * 32, dtype=torch.float32).reshape(3, 32, 32)
+    out, mask = cutpaste(image, torch.Generator().manual_seed(0))
+    assert mask.sum() >= 4 and torch.equal(out[:, mask == 0], image[:, mask == 0]) and not torch.equal(out, image)
+
+    engine = make_engine(*overrides(held_data, tmp_path))
+    calibration_set, _ = engine.calibration_data()
+    data = SyntheticSet(calibration_set, seed=0)
+    assert len(data) == 2 * len(calibration_set) and [int(data[i]["label"]) for i in range(4)] == [0, 1, 0, 1]
+    assert torch.equal(SyntheticSet(calibration_set, seed=0)[1]["image"], data[1]["image"])  # same defects every time
+    selection = Selection()
+    models = [engine.build_model().eval() for _ in range(2)]
+    for step, model in enumerate(models, start=1):
+        observe(engine, model, data, selection, step)
+    assert selection.step in (1, 2) and 0.0 <= selection.score <= 1.0
+    best = models[selection.step - 1].state_dict()
+    assert all(torch.equal(best[k], v) for k, v in selection.weights.items())
