@@ -130,6 +130,9 @@ def mode_predict(engine: Engine, options: ModeOptions) -> None:
     if options.backend == "onnx":
         source, paired = predict.onnx_source(options.checkpoint, engine.run_dir)
         model = predict.load_onnx_model(source, paired)
+        asked = sorted(k for k in engine.overridden if k in ("TEST.target_fpr", "TEST.pixel_target_fpr", "TEST.image_threshold", "TEST.pixel_threshold"))
+        if asked:
+            log.warning("%s: the ONNX file serves the thresholds it was exported with; export again with %s to change them", ", ".join(asked), asked[0])
         runner = predict.Runner(model, model.image_size, model.thresholds, engine.cfg.TEST.batch_size)
     else:
         loaded = load_for_serving(engine, options.checkpoint)
