@@ -183,13 +183,19 @@ def test_video_calibration_split_holds_out_the_end_of_each_video(caplog) -> None
     assert source == "train" and np.array_equal(train, calibration) and "calibrating on the training frames" in caplog.text
 
 
-def test_running_baseline_is_causal_and_warms_up_from_the_calibration_mean() -> None:
-    from task.anomaly.unsupervised.scoring.protocols import running_baseline
+def test_running_stats_are_causal_and_warm_up_from_the_calibration() -> None:
+    from task.anomaly.unsupervised.scoring.protocols import running_stats
 
     x = np.array([10.0, 10.0, 10.0, 10.0, 50.0])
-    np.testing.assert_array_equal(running_baseline(x, 0.0, 0, 0), [10.0, 10.0, 10.0, 10.0, 10.0])  # frame 0: itself
-    assert running_baseline(x, 0.0, 0, 3)[0] == 0.0 and running_baseline(x, 0.0, 0, 3)[4] == 10.0  # median(0,0,0,10,10,10,10)
-    assert running_baseline(x, 0.0, 2, 0)[4] == 10.0  # the frame itself never lifts its own baseline
+    location, scale = running_stats(x, 0.0, 8.0, 0, 0)
+    np.testing.assert_array_equal(location, [10.0, 10.0, 10.0, 10.0, 10.0])  # frame 0: itself; 50 never lifts its own
+    np.testing.assert_array_equal(scale, [2.0] * 5)  # fewer than 8 past frames: spread / 4
+    location, _ = running_stats(x, 0.0, 8.0, 0, 3)
+    assert location[0] == 0.0 and location[4] == 10.0  # median(0, 0, 0, 10, 10, 10, 10)
+    y = np.r_[np.tile([1.0, 3.0], 10), 100.0]
+    location, scale = running_stats(y, 0.0, 8.0, 0, 0)
+    assert location[-1] == 2.0 and scale[-1] == pytest.approx(1.4826)  # MAD 1 of the 20 frames before
+    assert running_stats(np.ones(20), 0.0, 8.0, 0, 0)[1][-1] == pytest.approx(0.4)  # a constant video: the floor
 
 
 def _offset_videos(rng: np.random.Generator, names: tuple[str, ...], anomaly: tuple[int, int], length: int = 300):

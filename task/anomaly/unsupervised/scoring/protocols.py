@@ -48,10 +48,10 @@ statistics of CALIBRATION frames only (``fit_train_stats``: robust low/high quan
 name is historical), smoothed causally (each frame's value depends only on itself and earlier frames of its video: a
 trailing robust window of ``ONLINE.window`` frames, ``ONLINE.keep`` kept), fused with the same weights, smoothed
 causally again when the paper protocol smooths the fused score, and Kalman-filtered (causal) when the paper protocol
-does. With ``ONLINE.adapt = running`` each raw score is first referred to its video's own level, causally: the
-running median of the frames before it (the last ``ONLINE.memory``, or all), to which the calibration mean
-contributes ``ONLINE.warmup`` frames' weight, is subtracted (the causal counterpart of the paper protocol's per-video
-normalisation). With ``warmup = 0`` a video's first frame is its own baseline: videos are assumed to start normal,
+does. With ``ONLINE.adapt = running`` each raw score is instead standardised against its video's own past,
+causally (``running_stats``): minus the running median of the frames before it (the last ``ONLINE.memory``, or all;
+the calibration mean contributes ``ONLINE.warmup`` frames' weight), divided by their running MAD (the causal
+counterpart of the paper protocol's per-video min-max normalisation). With ``warmup = 0`` a video's first frame is its own baseline: videos are assumed to start normal,
 and one that starts inside an anomaly takes it for its normal level until normal frames outnumber it; a warm-up
 weight on the calibration mean avoids that but makes the first frames of a video whose level differs from the
 calibration videos' alarm (or go blind) until its own past outweighs the warm-up. A baseline that follows the video also follows an anomaly that lasts long enough: once it fills about
@@ -265,24 +265,39 @@ def fit_train_stats(train_scores: ScoreDict, quantiles: tuple[float, float] = (0
     return stats
 
 
-def running_baseline(x: np.ndarray, prior: float, memory: int, warmup: int) -> np.ndarray:
-    """Causal per-video baseline: ``b[t]`` = median of ``warmup`` copies of ``prior`` and ``x[t - memory : t]``
-    (``memory = 0``: ``x[:t]``), frames strictly before ``t`` (a sudden anomaly does not lift its own baseline). With
-    ``warmup = 0`` the first frame, having no past, is its own baseline (a video is assumed to start normal).
+# The running scale needs this many past frames of a video; before that the calibration's spread / 4 (about one
+# standard deviation of normal frames) stands in. The scale never falls below 5 % of the calibration spread, so a
+# video that happens to be nearly constant does not turn noise into alarms.
+MIN_SCALE_FRAMES = 8
+SCALE_FLOOR = 0.05
+
+
+def running_stats(x: np.ndarray, prior: float, spread: float, memory: int, warmup: int) -> tuple[np.ndarray, np.ndarray]:
+    """Causal per-video location and scale: at frame ``t`` the median and the MAD (x 1.4826) of ``warmup`` copies of
+    ``prior`` and the frames before ``t`` (the last ``memory`` of them; ``memory = 0``: all), so a sudden anomaly does
+    not lift its own baseline. With no past (and no warm-up) the first frame is its own baseline: a video is assumed to
+    start normal. The scale falls back to ``spread / 4`` while fewer than ``MIN_SCALE_FRAMES`` frames are in the set
+    and is at least ``SCALE_FLOOR * spread``.
 
     Args:
-        x: [n] raw scores of one video, in frame order.
+        x: [n] raw scores of one video, in frame order (oriented: higher = more anomalous).
+        prior, spread: the calibration mean and ``high - low`` of this score.
 
     Returns:
-        [n] float64.
+        (location [n], scale [n]) float64.
     """
     x = np.asarray(x, dtype=np.float64)
-    out = np.empty(x.shape[0], dtype=np.float64)
+    location = np.empty(x.shape[0], dtype=np.float64)
+    scale = np.empty(x.shape[0], dtype=np.float64)
     head = np.full(warmup, float(prior))
     for t in range(x.shape[0]):
-        past = x[max(0, t - memory) if memory else 0 : t]
-        out[t] = np.median(np.concatenate([head, past])) if head.size or past.size else x[t]
-    return out
+        past = np.concatenate([head, x[max(0, t - memory) if memory else 0 : t]])
+        if past.size == 0:
+            past = x[t : t + 1]
+        location[t] = np.median(past)
+        mad = 1.4826 * np.median(np.abs(past - location[t])) if past.size >= MIN_SCALE_FRAMES else spread / 4
+        scale[t] = max(mad, SCALE_FLOOR * spread)
+    return location, scale
 
 
 def _online_fused(scores: ScoreDict, train_stats: Mapping[str, Mapping[str, float]], params: ProtocolParams) -> list[np.ndarray]:
@@ -299,7 +314,8 @@ def _online_fused(scores: ScoreDict, train_stats: Mapping[str, Mapping[str, floa
             if o.adapt == "running":
                 # oriented so that higher = more anomalous, referred to the video's own running level
                 oriented, prior = (v, train_stats[name]["mean"]) if sign > 0 else (-v, -train_stats[name]["mean"])
-                scaled = (oriented - running_baseline(oriented, prior, o.memory, o.warmup)) / (high - low)
+                location, scale = running_stats(oriented, prior, high - low, o.memory, o.warmup)
+                scaled = (oriented - location) / scale
             else:
                 scaled = (v - low) / (high - low)
                 scaled = scaled if sign > 0 else 1.0 - scaled

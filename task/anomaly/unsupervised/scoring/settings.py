@@ -54,9 +54,9 @@ def score_schema(d: Mapping[str, Any]) -> Schema:
             "threshold_quantile": F(float, d["ONLINE"]["threshold_quantile"], min=0, max=1, min_exclusive=True, max_exclusive=True,
                                     help="1 - the false-alarm target of the alarm threshold: conformal order statistic of the calibration frames' online scores"),
             "adapt": F(str, d["ONLINE"]["adapt"], choices=("none", "running"),
-                       help="running: subtract each video's running median of past raw scores (warm-up: the calibration mean); none: calibration statistics only"),
+                       help="running: standardise each raw score by its video's running median and MAD of past frames; none: calibration statistics only"),
             "memory": F(int, d["ONLINE"]["memory"], min=0,
-                        help="adapt=running: past frames in the running median (0: the whole video so far); an anomaly lasting over about half of it raises the baseline and fades"),
+                        help="adapt=running: past frames in the running statistics (0: the whole video so far); an anomaly lasting over about half of it becomes the baseline and fades"),
             "warmup": F(int, d["ONLINE"]["warmup"], min=0, help="adapt=running: weight, in frames, of the calibration mean in the running median"),
         },
     }

@@ -28,8 +28,8 @@ def _avenue_window() -> dict[str, Any]:
 _SHANGHAI_WINDOW = {"enabled": True, "scope": "concat", "weights": None, "shift": 1, "edge_left": "fill", "edge_right": "fill", "fill": 1.0}
 
 
-# The online protocol (not the paper's): each video's running median of its own past raw scores (the whole video so
-# far) as the baseline, without a warm-up weight on the calibration mean (scoring/protocols.py explains the choice).
+# The online protocol (not the paper's): each raw score standardised by its video's running median and MAD over the
+# whole video so far, without a warm-up weight on the calibration mean (scoring/protocols.py explains the choice).
 ONLINE_ADAPTIVE = {"adapt": "running", "memory": 0, "warmup": 0}
 
 
