@@ -132,8 +132,8 @@ class ImageMethod(Method):
 class VideoMethod(Method):
     """A method that scores the frame after each clip: raw per-frame scores, fused over time by the SCORE protocol.
 
-    Its calibration is the statistics of those scores on the training frames (video_evaluation.py), stored in the
-    checkpoint; batches are ClipDataset items ``{"clip", "target", "background", "video", "frame", "label"}``.
+    Its calibration is the statistics of those scores on held-out calibration frames (video/evaluation.py), stored in
+    the checkpoint; batches are ClipDataset items ``{"clip", "target", "background", "video", "frame", "label"}``.
     """
 
     modality = "video"

@@ -1,7 +1,7 @@
 """The modes of a video run (``DATASET.format=video``), as an explicit table of functions with typed arguments.
 
 Same commands as the image runs; the last epoch is the model (nothing is selected with test labels), and the
-calibration (training-frame score statistics and the alarm threshold) is stored in model.pt.
+calibration (the held-out calibration frames' score statistics and the alarm threshold) is stored in model.pt.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def fresh_model(engine: Engine, train_videos: list[Video]) -> torch.nn.Module:
 
 
 def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
-    """Train on the training videos, calibrate on them, evaluate the last model on the test videos."""
+    """Train on the training videos but the last ``DATASET.calibration_split`` of each, calibrate on those, evaluate
+    the last model on the test videos."""
     from task.anomaly.unsupervised.engine.training import train
 
     with engine.owning_run_dir(), engine.reporting("train"):
