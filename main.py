@@ -42,15 +42,19 @@ def setup_logging() -> None:
 
 
 def modality_of(yaml_path: str, overrides: list[str]) -> str:
-    """"video" when the run's DATASET.format is video (YAML or override), else "image": it picks the method variant."""
+    """"video" when the run's DATASET.format is video (YAML or override), else "image": it picks the method variant
+    and with it the schema the whole config is then validated against."""
     from task.common.config import parse_override, read_yaml
+    from task.common.errors import UserError
 
     dataset = read_yaml(yaml_path).get("DATASET")
-    fmt = dataset.get("format") if isinstance(dataset, dict) else None
+    fmt = dataset.get("format", "mvtec") if isinstance(dataset, dict) else "mvtec"
     for text in overrides:
         key, value = parse_override(text)
         if key == "DATASET.format":
             fmt = value
+    if fmt not in ("mvtec", "visa", "folder", "video"):
+        raise UserError(f"config key DATASET.format must be one of mvtec, visa, folder, video, got {str(fmt)[:40]!r}")
     return "video" if fmt == "video" else "image"
 
 
@@ -58,14 +62,14 @@ def run(args: argparse.Namespace) -> int:
     import task.anomaly.unsupervised.models.available  # noqa: F401  (registers the methods)
     from task.anomaly.unsupervised.engine.engine import Engine
     from task.anomaly.unsupervised.engine.modes import ModeOptions
-    from task.anomaly.unsupervised.engine.schema import run_schema
+    from task.anomaly.unsupervised.engine.schema import method_schema
     from task.anomaly.unsupervised.modalities import modes_for
     from task.anomaly.unsupervised.models.registry import get_method
     from task.common.config import load_config, parse_override
     from task.common.errors import UserError
 
     method = get_method(args.task_type, args.model_type, args.model_name, modality_of(args.yaml_config, args.overrides))
-    cfg = load_config(run_schema(method.model_schema, method.extra_sections), args.yaml_config, args.overrides)
+    cfg = load_config(method_schema(method), args.yaml_config, args.overrides)
     overridden = frozenset(parse_override(text)[0] for text in args.overrides)
     modes = modes_for(method.modality)
     if args.mode not in modes:

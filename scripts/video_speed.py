@@ -84,7 +84,7 @@ class OurClips(Dataset):
         target = i + CLIP
         pixels = torch.from_numpy(self.frames[i : target + 1]).permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1.0)
         zero = torch.tensor(0, dtype=torch.int64)
-        return {"clip": pixels[:-1], "target": pixels[-1], "video": zero, "frame": torch.tensor(target), "label": zero, "background": zero}
+        return {"clip": pixels[:-1], "target": pixels[-1], "video": zero, "frame": torch.tensor(target), "label": zero}
 
 
 class OfficialClips(Dataset):
@@ -123,7 +123,7 @@ def timed_alternating(fns: dict, warmup: int, repeats: int) -> dict[str, list[tu
 def build_ours(args):
     import task.anomaly.unsupervised.models.available  # noqa: F401  (registers the methods)
     from task.anomaly.unsupervised.engine.engine import Engine
-    from task.anomaly.unsupervised.engine.schema import run_schema
+    from task.anomaly.unsupervised.engine.schema import method_schema
     from task.anomaly.unsupervised.models.registry import get_method
     from task.common.config import load_config
 
@@ -131,7 +131,7 @@ def build_ours(args):
     overrides = ["DATASET.resize=[256,256]", "DATASET.clip_length=4", "DATASET.grayscale=false", "DATALOADER.batch_size=8", "DATALOADER.num_workers=0"]
     if args.eval_batch:
         overrides.append(f"TEST.batch_size={args.eval_batch}")
-    cfg = load_config(run_schema(method.model_schema, method.extra_sections), args.yaml, overrides)
+    cfg = load_config(method_schema(method), args.yaml, overrides)
     engine = Engine(method, cfg, frozenset())
     model = method.build(cfg, num_videos=1)
     randomise(model, args.seed)

@@ -1,9 +1,5 @@
-"""Shared test configuration: markers, the command-line helpers, and one small trained run shared by the suite.
+"""Shared test fixtures: markers and the small trained runs the suite shares (helpers live in ``helpers.py``).
 
-* ``run_cli(*args, env=...)``: ``python main.py ARGS`` in a real subprocess (CPU only) -> CompletedProcess. Kept for
-  the end-to-end path, a killed run, DDP and "no traceback" checks; everything else goes through
-  ``main_in_process(*args)``, the same ``main.main`` without an interpreter start-up per case.
-* ``assert_user_error(result, *needles)``: exit code 2, exactly one ``error: ...`` line naming every needle, no traceback.
 * ``dataset`` / ``trained_run`` (session): one 64x64 synthetic category ``widget`` and ONE 4-step resnet18 training
   run on it through the real CLI, with pictures, GIF, maps, W&B offline and TensorBoard. Tests read it; a test that
   modifies a run copies it first (``trained_run.copy_to``). ``exported_run`` (session) is such a copy with model.onnx.
@@ -11,105 +7,21 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
-import os
-import re
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # main.py lives at the repository root
-    sys.path.insert(0, str(REPO))
-
-CONFIGS = REPO / "configs" / "anomaly" / "unsupervised" / "dmad"
-DEMO_YAML = CONFIGS / "demo.yaml"
-BASE = ["--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(DEMO_YAML)]
-CATEGORY = "widget"  # not "demo": the run must not depend on the demo's own category name
-SIZE = 64
-N_TRAIN, N_GOOD, N_DEFECT = 6, 3, 4  # 6 images in batches of 2: 3 steps per epoch, so STEPS crosses an epoch end
-STEPS = 4  # last.pt every 2 steps: the step-2 checkpoint is mid-run and mid-epoch
-SECRET = "tnv-test-secret-9f3c1a7e5b"  # WANDB_API_KEY of the shared run: must never reach its files
-_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+from helpers import BASE, CATEGORY, N_DEFECT, N_GOOD, N_TRAIN, SECRET, SIZE, Result, assert_ok, main_in_process, patchcore_args, run_cli, train_overrides, video_args
+from task.anomaly.unsupervised.data.video.synthetic import make_video_demo
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long end-to-end runs (deselect with -m 'not slow')")
     config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU; skipped without one")
-
-
-# ----------------------------------------------------------------------------------------------- command line
-def cpu_env(**extra: str) -> dict[str, str]:
-    """This environment, CPU only (runs are bit-reproducible and comparable with ONNX Runtime's CPU float32; on a GPU,
-    TF32 convolutions are not), without torchrun's variables (should pytest itself run under torchrun)."""
-    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
-    return {**env, "CUDA_VISIBLE_DEVICES": "", **extra}
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python main.py ARGS`` in a subprocess on the CPU; ``env`` adds variables to this environment."""
-    return subprocess.run(
-        [sys.executable, str(REPO / "main.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=cpu_env(**(env or {}))
-    )
-
-
-@dataclass
-class Result:
-    """What an in-process ``main.main`` call returned and printed (the fields of a CompletedProcess the tests read)."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def main_in_process(*args: str) -> Result:
-    """``main.main(ARGS)`` in this process on the CPU, capturing stdout and stderr (tqdm writes there too).
-
-    main.py's logging set-up is skipped (pytest owns the root logger's handlers; log records reach ``caplog``), and the
-    root level is INFO for the call so that the engine's messages are recorded.
-    """
-    import torch
-
-    import main
-
-    out, err = io.StringIO(), io.StringIO()
-    root = logging.getLogger()
-    level = root.level
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        mp.setattr(main, "setup_logging", lambda: None)
-        mp.setattr(torch.cuda, "is_available", lambda: False)
-        root.setLevel(logging.INFO)
-        try:
-            code = main.main(list(args))
-        finally:
-            root.setLevel(level)
-            main.close_progress_bars()
-    return Result(code, out.getvalue(), err.getvalue())
-
-
-def assert_user_error(result, *needles: str) -> str:
-    """Exit code 2, exactly one ``error: ...`` line on stderr containing every needle, no traceback; returns the line."""
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    # What a terminal shows: a progress bar redrawn with '\r' and cleared when the error closes it leaves no line.
-    lines = [line.split("\r")[-1] for line in result.stderr.split("\n")]
-    lines = [line for line in lines if line.strip()]
-    assert result.returncode == 2, result.stderr[-3000:]
-    # A training bar stopped mid-run stays on screen (tqdm's leave=True) above the error; nothing else may.
-    assert lines and all(re.search(r"\| *\d+/\d+ \[", line) for line in lines[:-1]), result.stderr[-3000:]
-    assert lines[-1].startswith("error: ") and sum(line.startswith("error") for line in lines) == 1, result.stderr[-3000:]
-    for needle in needles:
-        assert needle in lines[-1], lines[-1]
-    return lines[-1]
-
-
-def assert_ok(result) -> None:
-    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
 
 
 @pytest.fixture(autouse=True)
@@ -121,48 +33,6 @@ def _no_leaked_log_handlers():
     for handler in [h for h in root.handlers if h not in before]:
         root.removeHandler(handler)
         handler.close()
-
-
-# ----------------------------------------------------------------------------------------------- engine helpers
-def load_run_config(*overrides: str, yaml: Path | None = DEMO_YAML):
-    """The demo run's config (the DMAD run schema) with ``overrides``."""
-    from task.anomaly.unsupervised.engine.schema import run_schema
-    from task.anomaly.unsupervised.models.dmad.config import MODEL_SCHEMA
-    from task.common.config import load_config
-
-    return load_config(run_schema(MODEL_SCHEMA), yaml, list(overrides))
-
-
-def dmad_method():
-    import task.anomaly.unsupervised.models.available  # noqa: F401  (registers the methods)
-    from task.anomaly.unsupervised.models.registry import get_method
-
-    return get_method("anomaly", "unsupervised", "dmad", "image")
-
-
-def make_engine(*overrides: str, overridden: frozenset[str] = frozenset(), yaml: Path | None = DEMO_YAML):
-    """An Engine for the DMAD image method (on the CPU) and the demo config with ``overrides``."""
-    import torch
-
-    from task.anomaly.unsupervised.engine.engine import Engine
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.cuda, "is_available", lambda: False)
-        return Engine(dmad_method(), load_run_config(*overrides, yaml=yaml), overridden)
-
-
-# ----------------------------------------------------------------------------------------------- shared data and run
-def data_overrides(datadir: Path) -> list[str]:
-    return [f"DATASET.datadir={datadir}", f"DATASET.target={CATEGORY}", "DATASET.demo=false", f"DATASET.resize=[{SIZE},{SIZE}]"]
-
-
-def train_overrides(datadir: Path, savedir: Path, assets: Path | None = None) -> list[str]:
-    """The shared run's settings: resnet18 (demo.yaml), 64x64, batch 2, STEPS steps, last.pt every 2 steps, maps on."""
-    return data_overrides(datadir) + [
-        "DATALOADER.batch_size=2", f"TRAIN.num_training_steps={STEPS}", "TRAIN.save_interval=2", "TEST.batch_size=8",
-        "TEST.save_maps=true", "LOG.log_interval=1", f"RESULT.savedir={savedir}",
-        f"RESULT.assets_dir={assets}" if assets else "RESULT.assets_dir=null",
-    ]
 
 
 @pytest.fixture(scope="session")
@@ -233,3 +103,29 @@ def exported_run(trained_run: TrainedRun, tmp_path_factory: pytest.TempPathFacto
     export = main_in_process(*args, "--mode", "export")
     assert_ok(export)
     return ExportedRun(run_dir, args, export)
+
+
+@pytest.fixture(scope="session")
+def video_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic video demo at 64x64 (6 training and 6 test videos)."""
+    root = tmp_path_factory.mktemp("video_data")
+    make_video_demo(root, "video_demo", size=64, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def video_run(video_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """THE trained video run (2 steps through main.py, in-process); returns its RESULT.savedir. Read-only for tests."""
+    savedir = tmp_path_factory.mktemp("video_runs")
+    assert_ok(main_in_process(*video_args(video_data, savedir, "TRAIN.num_training_steps=2", "TRAIN.save_interval=1")))
+    return savedir
+
+
+@pytest.fixture(scope="session")
+def patchcore_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path, str]:
+    """THE PatchCore run on the shared 64x64 dataset: (args, run directory, stdout of the training). Read-only."""
+    savedir = tmp_path_factory.mktemp("patchcore") / "runs"
+    args = patchcore_args(dataset, savedir, "MODEL.coreset_ratio=0.25", "TEST.save_images=false")  # pictures: DMAD's tests
+    result = main_in_process(*args)
+    assert_ok(result)
+    return args, savedir / "patchcore" / CATEGORY, result.stdout

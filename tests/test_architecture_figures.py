@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 _spec = importlib.util.spec_from_file_location("draw_architecture", REPO / "scripts" / "draw_architecture.py")
 draw = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = draw  # dataclasses look their module up there

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CATEGORY, CONFIGS, DEMO_YAML, N_DEFECT, N_GOOD, assert_ok, load_run_config, main_in_process
 
+from helpers import CATEGORY, CONFIGS, DEMO_YAML, N_DEFECT, N_GOOD, assert_ok, load_run_config, main_in_process
 from task.anomaly.unsupervised.engine.schema import run_schema
 from task.anomaly.unsupervised.models.dmad.config import MODEL_SCHEMA, deform_weight
 from task.common.config import load_config, parse_override

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import REPO
 from task.anomaly.unsupervised.data.image.synthetic import make_demo_dataset
 
 pytestmark = [
@@ -26,7 +27,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)"),
 ]
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "anomaly" / "unsupervised" / "dmad" / "demo.yaml"
 STEP_LINE = re.compile(r"step (\d+) .*\bloss=(\S+)")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BASE, REPO, assert_ok, cpu_env, main_in_process
 
+from helpers import BASE, REPO, assert_ok, cpu_env, main_in_process
 from task.anomaly.unsupervised.data.image.synthetic import make_demo_dataset
 from task.common.runtime import DistributedContext
 

@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import BASE, CATEGORY, DEMO_YAML, SIZE, assert_ok, main_in_process, make_engine, train_overrides
 from PIL import Image
 
+from helpers import BASE, CATEGORY, DEMO_YAML, SIZE, assert_ok, main_in_process, make_engine, train_overrides
 from task.anomaly.unsupervised.engine.engine import run_dir_for
 from task.common.io import save_checkpoint
 

@@ -19,9 +19,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import CATEGORY, DEMO_YAML, SIZE, assert_ok, main_in_process, make_engine, train_overrides
 from PIL import Image
 
+from helpers import CATEGORY, DEMO_YAML, SIZE, assert_ok, main_in_process, make_engine, train_overrides
 from task.anomaly.unsupervised.data.image.formats import scan_dataset
 from task.anomaly.unsupervised.data.image.preprocess import load_image, resize_image, to_tensor
 from task.anomaly.unsupervised.deploy.onnx import TOLERANCE

@@ -173,6 +173,31 @@ def test_visa_scans_object_rows(tmp_path):
     assert ds[2]["mask"].sum() == 0
 
 
+def _edit_rows(root: Path, edit) -> None:
+    _write_csv(root, edit(_read_csv(root)))
+
+
+def _set_cell(root: Path, row: int, column: int, value: str) -> None:
+    rows = _read_csv(root)
+    rows[row][column] = value
+    _write_csv(root, rows)
+
+
+def test_visa_byte_order_mark_and_duplicate_rows(tmp_path):
+    """A BOM (spreadsheet export) is accepted; an identical repeated row is used once, with a warning and its count."""
+    root = _visa(tmp_path / "visa")
+    rows = _read_csv(root)
+    _write_csv(root, rows + [rows[1], rows[5]])
+    path = root / "split_csv" / "1cls.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    cfg = _cfg(format="visa", datadir=str(root), target="candle")
+    with pytest.warns(UserWarning, match=r"2 duplicated row\(s\) of candle ignored"):
+        train = scan_dataset(cfg, "train", 0)
+    with pytest.warns(UserWarning):
+        test = scan_dataset(cfg, "test", 0)
+    assert len(train) == 3 and len(test) == 3
+
+
 def _drop_column(root: Path) -> None:
     _write_csv(root, [row[:4] for row in _read_csv(root)])
 
@@ -198,6 +223,17 @@ def _anomaly_in_train(root: Path) -> None:
         (lambda r: (r / "candle/Data/Masks/Anomaly/000.png").unlink(), "test", ["line 6", "000.png", "does not exist"]),
         (_bad_label, "train", ["line 2", "defective"]),
         (_anomaly_in_train, "train", ["line 6", "anomalous"]),
+        (lambda r: _edit_rows(r, lambda rows: rows[:1]), "train", ["1cls.csv", "header but no rows"]),
+        (lambda r: _edit_rows(r, lambda rows: rows[:2] + [rows[2][:3]] + rows[3:]), "train", ["line 3", "has 3 field(s)", "header has 5"]),
+        (lambda r: _edit_rows(r, lambda rows: rows + [["candle", "test", "normal", rows[1][3], ""]]), "test",
+         ["1 image(s) of candle are listed in both train and test", "0000.JPG", "lines 2 and 9"]),
+        (lambda r: _edit_rows(r, lambda rows: rows + [["candle", "train", "anomaly", rows[1][3], ""]]), "train",
+         ["listed twice with different label or mask", "lines 2 and 9"]),
+        (lambda r: _set_cell(r, 1, 3, str(r / "candle/Data/Images/Normal/0000.JPG")), "train", ["line 2", "outside the VisA root"]),
+        (lambda r: _set_cell(r, 1, 3, "../visa/candle/Data/Images/Normal/0000.JPG"), "train", ["line 2", "'../visa/", "outside the VisA root"]),
+        (lambda r: _set_cell(r, 5, 4, "candle/../../etc/passwd"), "test", ["line 6", "outside the VisA root"]),
+        (lambda r: _set_cell(r, 4, 4, "candle/Data/Masks/Anomaly/000.png"), "test", ["line 5", "mask", "for a normal image"]),
+        (lambda r: _set_cell(r, 4, 1, "val"), "test", ["line 5", "split 'val'"]),
     ],
 )
 def test_visa_malformed(tmp_path, break_it, split, needles):
@@ -306,6 +342,12 @@ def test_no_warning_when_every_defect_has_a_mask(tmp_path):
     assert ds.unmasked == []
 
 
+def _link_images(source: Path, folder: Path) -> None:
+    folder.mkdir()
+    for image in source.iterdir():
+        (folder / image.name).symlink_to(image)
+
+
 def _rm(path: Path) -> None:
     shutil.rmtree(path)
 
@@ -323,6 +365,16 @@ def _rm(path: Path) -> None:
         ({"mask_dir": "empty"}, lambda r: _mask(r / "empty" / "zzz.png"), "test", ["no mask in", "empty", "same stem"]),
         ({"normal_test_dir": "t"}, lambda r: (r / "t").mkdir(), "test", ["no images", "normal_test_dir"]),
         ({}, lambda r: [p.unlink() for p in sorted((r / "good").iterdir())[1:]], "train", ["1 normal image", "normal_test_dir"]),
+        # overlapping roles: refused for both splits, before training
+        ({"abnormal_dir": "good"}, None, "train", ["DATASET.normal_dir and DATASET.abnormal_dir are the same folder"]),
+        ({"abnormal_dir": "./good/"}, None, "test", ["DATASET.normal_dir and DATASET.abnormal_dir are the same folder"]),
+        ({"mask_dir": "bad"}, None, "train", ["DATASET.abnormal_dir and DATASET.mask_dir are the same folder"]),
+        ({"mask_dir": "good"}, None, "test", ["DATASET.normal_dir and DATASET.mask_dir are the same folder"]),
+        ({"normal_test_dir": "good"}, None, "train", ["DATASET.normal_dir and DATASET.normal_test_dir are the same folder"]),
+        ({"abnormal_dir": "good/bad"}, lambda r: shutil.copytree(r / "bad", r / "good" / "bad"), "train",
+         ["DATASET.abnormal_dir", "lies inside DATASET.normal_dir"]),
+        ({"normal_test_dir": "alias"}, lambda r: (r / "alias").symlink_to(r / "good"), "train", ["normal_dir and DATASET.normal_test_dir are the same"]),
+        ({"normal_test_dir": "t"}, lambda r: _link_images(r / "good", r / "t"), "test", ["10 image(s) of DATASET.normal_test_dir", "normal_dir (links)"]),
     ],
 )
 def test_folder_malformed(tmp_path, keys, break_it, split, needles):
@@ -411,6 +463,22 @@ def test_float_tiff_values_kept_and_bad_ones_refused(tmp_path):
         p = tmp_path / name
         Image.fromarray(np.array([[0.5, bad]], dtype=np.float32), "F").save(p)
         _one_line_error(lambda: load_image(p), str(p), needle)
+
+
+def test_float_colour_tiff_written_by_opencv(tmp_path):
+    """Pillow cannot identify 3-channel float32 TIFFs (OpenCV writes them): decoded by OpenCV, exact for 8-bit data."""
+    import cv2
+
+    from task.anomaly.unsupervised.data.image.preprocess import image_size
+
+    rgb = np.random.RandomState(0).randint(0, 256, (H, W, 3)).astype(np.uint8)
+    path = tmp_path / "x.tiff"
+    assert cv2.imwrite(str(path), rgb[:, :, ::-1].astype(np.float32) / 255)  # OpenCV takes BGR
+    img = load_image(path)
+    assert img.mode == "RGB" and np.array_equal(np.asarray(img), rgb) and image_size(path) == (W, H)
+    bad = tmp_path / "bad.tiff"
+    assert cv2.imwrite(str(bad), np.full((H, W, 3), 2.0, np.float32))
+    _one_line_error(lambda: load_image(bad), str(bad), "[2, 2]", "[0, 1]")
 
 
 def test_32bit_int_tiff(tmp_path):

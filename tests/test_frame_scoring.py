@@ -11,6 +11,7 @@ import pytest
 import yaml
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from helpers import CONFIGS
 from task.anomaly.unsupervised.models.dmad_video.presets import PAPER_PRESETS, SCORE_SCHEMA
 from task.anomaly.unsupervised.scoring import filters
 from task.anomaly.unsupervised.scoring import protocols as fs
@@ -193,8 +194,9 @@ def test_paper_protocol_matches_sklearn_and_per_video_notes():
     # paper_frame_scores gives 1 - (1 - m) for normality: m up to one rounding of values in [0, 1].
     np.testing.assert_allclose(np.concatenate(fs.paper_frame_scores({"s": x}, plain_params(polarity="normality", normalize="global"))),
                                (xs - xs.min()) / (xs.max() - xs.min() + 1e-8), rtol=0, atol=1e-15)
-    with pytest.raises(UserError, match="no abnormal frame"):
-        fs.paper_protocol({"s": x}, [np.zeros(30, int), np.zeros(20, int)], plain_params())
+    # One class only (as image runs without defective images): null metrics, the reason, and a warning.
+    normal = fs.paper_protocol({"s": x}, [np.zeros(30, int), np.zeros(20, int)], plain_params())
+    assert normal["frame_auroc"] is None and normal["frame_aupr"] is None and "no abnormal frame among the 50" in normal["note"]
     with pytest.raises(UserError, match="shape"):
         fs.paper_protocol({"s": [x[0][:-1], x[1]]}, y, plain_params())
     with pytest.raises(UserError, match=r"no score 's' \(have: q\)"):
@@ -244,6 +246,11 @@ def test_presets_round_trip_and_yaml_section(tmp_path):
     ({"SMOOTH": {"scope": "global"}}, "SCORE.SMOOTH.scope"),
     ({"normalise": "global"}, "unknown config key SCORE.normalise"),
     ({"ONLINE": {"keep": 7}}, "SCORE.ONLINE.keep"),
+    # settings that make the metric meaningless
+    ({"weights": [0.0, 0.0, 0.0]}, "are all 0"),
+    ({"weights": [1e308, 1e308, 1e308]}, "are too large"),
+    ({"weights": [1e7, 1.0, 1.0]}, "keep each weight <= 1000000"),
+    ({"KALMAN": {"enabled": True, "process_var": 0.0}}, "SCORE.KALMAN.process_var is 0"),
 ])
 def test_bad_config_is_one_line_user_error(change, message):
     cfg = {**PAPER_PRESETS["ped2"], **{k: v for k, v in change.items() if not isinstance(v, dict)}}
@@ -367,5 +374,87 @@ def test_evaluate_scores_both_protocols(tmp_path):
     with pytest.raises(UserError, match="no score 'gradient'"):
         fs.evaluate_scores(sf, ProtocolParams.from_config(PAPER_PRESETS["ped2"]))
     normal_only = replace(sf, labels=[np.where(lab > 0, 0, lab).astype(np.int8) for lab in sf.labels])
-    with pytest.raises(UserError, match="no abnormal frame among the 10 scored frames"):
-        fs.evaluate_scores(normal_only, params)
+    res = fs.evaluate_scores(normal_only, params)
+    assert res["frame_auroc"] is None and "no abnormal frame among the 10 scored frames" in res["note"]
+
+
+def test_smoothing_window_longer_than_every_video_is_refused():
+    """A window longer than every video cannot smooth within one (AUROC 0.5 or mixed videos): refused, before the
+    run where the lengths are known (``check_lengths``); longer than only some videos (per video) is a warning."""
+    params = ProtocolParams.from_config(PAPER_PRESETS["ped2"])  # SMOOTH: size 11, concat
+    params.check_lengths([40, 11, 12], "the test videos")
+    with pytest.raises(UserError) as info:
+        params.check_lengths([6, 10], "the test videos")
+    assert "SCORE.SMOOTH.size=11 is longer than every video (the longest of 2 has 10 scored frames in the test videos)" in str(info.value)
+    avenue = replace(ProtocolParams.from_config(PAPER_PRESETS["avenue"]), smooth=window(11, 5, scope="video"))
+    with pytest.raises(UserError, match="SCORE.SMOOTH.size=11"):
+        fs.evaluate_scores(make_file(), avenue)  # 6 scored frames per video in the file
+
+
+def test_short_videos_only_warned_about(caplog):
+    params = ProtocolParams.from_config(PAPER_PRESETS["ped2"])
+    per_video = replace(params, smooth=replace(params.smooth, scope="video"))
+    with caplog.at_level("WARNING", logger="anomaly"):
+        per_video.check_lengths([40, 5, 12], "score file 'ped2'")
+    assert "SCORE.SMOOTH.size=11 is longer than 1 of 3 videos in score file 'ped2'" in caplog.text
+
+
+def test_fused_overflow_is_one_line():
+    big = {"a": [np.array([1e303, 2e303])], "b": [np.array([1e303, 1e303])]}
+    with pytest.raises(UserError, match="overflows to inf; scale SCORE.weights down"):
+        filters.fuse(big, ["a", "b"], [1e6, 1e6])
+
+
+def test_score_file_inputs_with_misleading_messages_before(tmp_path):
+    """A directory as --input, and repeated video names, are named as such (not 'not found' / 'unexpected key')."""
+    (tmp_path / "run").mkdir()
+    with pytest.raises(UserError, match=r"score file .*run is a directory; .* e\.g\. .*run/scores\.npz"):
+        sfm.read_scores(tmp_path / "run")
+    arrays = _arrays(videos=np.array(["01", "02", "01"]))
+    with pytest.raises(UserError, match=r"video '01' appears 2 times in 'videos' \(1 name\(s\) repeat\)"):
+        sfm.from_arrays(arrays)
+
+
+def test_score_file_write_is_atomic_and_never_through_a_symlink(tmp_path, monkeypatch):
+    outside = tmp_path / "my-data.npz"
+    outside.write_bytes(b"user's own file")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "scores.npz").symlink_to(outside)
+    sfm.write_scores(run / "scores.npz", make_file())
+    assert outside.read_bytes() == b"user's own file" and not (run / "scores.npz").is_symlink()
+    good = (run / "scores.npz").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", crash)
+    with pytest.raises(UserError, match="cannot write .*scores.npz .No space left on device"):
+        sfm.write_scores(run / "scores.npz", make_file())
+    assert (run / "scores.npz").read_bytes() == good and sorted(p.name for p in run.iterdir()) == ["scores.npz"]
+
+
+def test_command_line_score_override_applies_to_a_file_with_its_own_protocol(caplog):
+    """--mode score with a file that carries its own SCORE settings: an explicit SCORE.* override is applied on top
+    and logged, never ignored."""
+    from types import SimpleNamespace
+
+    from task.anomaly.unsupervised.video.modes import with_command_line_score
+    from task.common.config import Config
+
+    own = PAPER_PRESETS["avenue"]
+    cfg = Config({"SCORE": {**PAPER_PRESETS["ped2"], "weights": [0.1, 0.9], "KALMAN": {**PAPER_PRESETS["ped2"]["KALMAN"], "enabled": True}}})
+    engine = SimpleNamespace(cfg=cfg, overridden=frozenset({"SCORE.weights", "SCORE.KALMAN.enabled", "DATASET.target"}))
+    with caplog.at_level("WARNING", logger="anomaly"):
+        merged = with_command_line_score(engine, own, "x.npz")
+    assert merged["weights"] == [0.1, 0.9] and merged["KALMAN"]["enabled"] is True
+    assert merged["names"] == own["names"] and merged["SMOOTH"] == own["SMOOTH"] and own["weights"] == [0.2, 0.4]
+    assert "SCORE.KALMAN.enabled, SCORE.weights replace(s) the file's own SCORE settings" in caplog.text
+    assert with_command_line_score(SimpleNamespace(cfg=cfg, overridden=frozenset()), own, "x.npz") is own
+
+
+@pytest.mark.parametrize("dataset", ["ped2", "avenue", "shanghaitech"])
+def test_dataset_yaml_score_sections_are_the_presets(dataset: str) -> None:
+    """The YAMLs spell the SCORE section out for users to read; the presets are the method's: they must agree."""
+    section = yaml.safe_load((CONFIGS / f"{dataset}.yaml").read_text())["SCORE"]
+    assert ProtocolParams.from_config({**PAPER_PRESETS["ped2"], **section}) == ProtocolParams.from_config(PAPER_PRESETS[dataset])

@@ -20,6 +20,8 @@ import pytest
 import torch
 
 import task.common.io as io_module
+from helpers import REPO, crc32_of_zeros, npy_header, write_zero_bomb
+from task.common.array_files import MAX_ARRAY_BYTES, load_npy, load_npz
 from task.common.errors import UserError
 from task.common.io import (
     atomic_write_bytes,
@@ -29,10 +31,9 @@ from task.common.io import (
     remove_stale_temps,
     save_checkpoint,
     write_text,
+    write_together,
 )
 from task.common.runlock import LOCK_NAME, RunLock
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def one_line(exc: pytest.ExceptionInfo[UserError], *fragments: str) -> str:
@@ -418,3 +419,213 @@ def test_release_is_idempotent_and_acquire_is_not_reentrant(tmp_path: Path) -> N
     lock.release()
     lock.release()
     assert not lock.held
+
+
+# --------------------------------------------------------------------------- bounded reads of user arrays
+
+FIX = "pass a proper file"
+
+
+def _npz(path: Path, members: dict[str, bytes]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def _valid_npy(tmp: Path) -> bytes:
+    import numpy as np
+
+    np.save(tmp / "ok.npy", np.arange(3))
+    return (tmp / "ok.npy").read_bytes()
+
+
+def _dup(tmp: Path) -> Path:
+    import warnings
+    import zipfile
+
+    data = _valid_npy(tmp)
+    with warnings.catch_warnings(), zipfile.ZipFile(tmp / "dup.npz", "w") as archive:
+        warnings.simplefilter("ignore")
+        archive.writestr("a.npy", data)
+        archive.writestr("a.npy", data)
+    return tmp / "dup.npz"
+
+
+def _fifo(tmp: Path) -> Path:
+    os.mkfifo(tmp / "pipe.npy")
+    return tmp / "pipe.npy"
+
+
+# name -> (make the file in tmp, loader (load_npy / load_npz), fragments of the one-line error)
+BAD_ARRAY_FILES: dict[str, tuple[Callable[[Path], Path], Callable[..., Any], tuple[str, ...]]] = {
+    "npy-zero-bytes": (lambda t: _write(t / "e.npy", b""), load_npy, ("e.npy", "is empty (0 bytes)", FIX)),
+    "npy-header-claims-1e11-int64": (
+        lambda t: _write(t / "big.npy", npy_header((10**11,)) + bytes(65)), load_npy, ("big.npy", "shape 100000000000", "745 GiB", "nothing was loaded"),
+    ),
+    "npy-text-file": (lambda t: _write(t / "labels.npy", b"0 0 1 1\n0 1\n"), load_npy, ("labels.npy", "a text file, not a .npy array")),
+    "npy-is-a-zip": (lambda t: _npz(t / "z.npy", {"x.npy": b"1"}), load_npy, ("z.npy", "a zip archive (an .npz?)")),
+    "npy-truncated": (lambda t: _write(t / "cut.npy", npy_header((1000,)) + bytes(80)), load_npy, ("cut.npy", "truncated", "8000 bytes")),
+    "npy-object-array": (lambda t: _write(t / "obj.npy", npy_header((2,), "|O") + b"\x80\x04N."), load_npy, ("obj.npy", "unreadable without pickle")),
+    "npy-bad-header": (lambda t: _write(t / "h.npy", b"\x93NUMPY\x01\x00\x10\x00{'descr': ???}   \n"), load_npy, ("h.npy", "damaged .npy header")),
+    "npy-directory": (lambda t: _mkdir(t / "d.npy"), load_npy, ("d.npy", "is a directory")),
+    "npy-fifo": (_fifo, load_npy, ("pipe.npy", "not a regular file")),
+    "npy-dangling-link": (lambda t: _link(t / "gone.npy", t / "nowhere"), load_npy, ("gone.npy", "dangling link")),
+    "npz-member-header-claims-1e11": (
+        lambda t: _npz(t / "s.npz", {"labels/01.npy": npy_header((10**11,)) + bytes(16)}), load_npz, ("s.npz", "labels/01.npy", "nothing was loaded"),
+    ),
+    "npz-member-truncated": (
+        lambda t: _npz(t / "s.npz", {"a.npy": npy_header((100,), "<f8") + bytes(8)}), load_npz, ("s.npz", "'a.npy'", "truncated"),
+    ),
+    "npz-duplicate-member": (_dup, load_npz, ("dup.npz", "'a.npy' twice")),
+    "npz-foreign-member": (lambda t: _npz(t / "s.npz", {"notes.txt": b"hello"}), load_npz, ("s.npz", "'notes.txt'", "not a .npy array")),
+    "npz-damaged": (lambda t: _write(t / "s.npz", b"PK\x03\x04" + bytes(60)), load_npz, ("s.npz", "damaged")),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _link(path: Path, target: Path) -> Path:
+    path.symlink_to(target)
+    return path
+
+
+@pytest.mark.parametrize("name", list(BAD_ARRAY_FILES))
+def test_bad_array_file_is_one_line_before_allocating(name: str, tmp_path: Path) -> None:
+    make, loader, fragments = BAD_ARRAY_FILES[name]
+    path = make(tmp_path)
+    with pytest.raises(UserError) as info:
+        loader(path, "labels", FIX)
+    one_line(info, *fragments)
+
+
+def test_npz_whose_directory_declares_more_than_the_budget_is_not_inflated(tmp_path: Path) -> None:
+    import numpy as np
+
+    with open(tmp_path / "zeros.npz", "wb") as handle:
+        np.savez_compressed(handle, zeros=np.zeros(300_000))  # 2.4 MB of zeros in a few kB
+    with pytest.raises(UserError) as info:
+        load_npz(tmp_path / "zeros.npz", "score file", FIX, budget=1 << 20)
+    one_line(info, "zeros.npz", "declares 2.29 MiB of uncompressed data", "1 MiB", "nothing was decompressed")
+    assert load_npz(tmp_path / "zeros.npz", "score file", FIX)["zeros"].shape == (300_000,)  # within the default budget
+
+
+def test_small_crc_of_zeros_matches_zlib() -> None:
+    import zlib
+
+    for count in (0, 1, 5, 1000, 70_001):
+        assert crc32_of_zeros(0x1234, count) == zlib.crc32(bytes(count), 0x1234)
+
+
+def test_11_mb_npz_bomb_is_refused_in_bounded_memory_and_time(tmp_path: Path) -> None:
+    """1.5e9 float64 zeros (12 GB) in an 11 MB scores.npz: refused from the zip directory, peak RSS under 1 GB.
+
+    Measured in a fresh process: its peak resident set (VmHWM) after the refusal, and its growth over the peak
+    after the imports."""
+    import zipfile
+
+    bomb = tmp_path / "scores.npz"
+    size = write_zero_bomb(bomb, "deformation/01.npy", 1_500_000_000)
+    assert 10e6 < size < 13e6
+    with zipfile.ZipFile(bomb) as archive:  # an honest archive: the directory says 12 GB, the stream starts right
+        info = archive.getinfo("deformation/01.npy")
+        assert info.file_size == 12_000_000_128
+        with archive.open(info) as handle:
+            assert handle.read(6) == b"\x93NUMPY" and handle.read(1 << 20).count(0) > 1 << 19
+    # VmHWM (the peak resident set of this process image): unlike ru_maxrss it starts afresh at exec, so the
+    # memory of the forking pytest process does not count.
+    code = (
+        "import sys, time\n"
+        "def hwm():\n"
+        "    return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
+        "from task.anomaly.unsupervised.scoring.score_file import read_scores\n"
+        "from task.common.errors import UserError\n"
+        "base = hwm()\n"
+        "start = time.perf_counter()\n"
+        "try:\n"
+        "    read_scores(sys.argv[1])\n"
+        "    print('accepted')\n"
+        "except UserError as exc:\n"
+        "    print(exc)\n"
+        "print(base, hwm(), time.perf_counter() - start)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(bomb)], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    message, numbers = done.stdout.strip().splitlines()
+    base_kib, peak_kib, seconds = (float(x) for x in numbers.split())
+    assert "declares 11.2 GiB of uncompressed data" in message and "nothing was decompressed" in message, message
+    assert peak_kib * 1024 < 1e9, f"peak RSS {peak_kib / 1024:.0f} MiB"
+    assert (peak_kib - base_kib) * 1024 < 100e6, f"grew {(peak_kib - base_kib) / 1024:.0f} MiB while refusing"
+    assert seconds < 5, seconds
+    print(f"bomb {size / 1e6:.1f} MB refused in {seconds:.3f} s, peak RSS {peak_kib / 1024:.0f} MiB (+{(peak_kib - base_kib) / 1024:.1f})")
+    assert MAX_ARRAY_BYTES == 1 << 30  # the README's stated budget
+
+
+def test_checkpoint_zip_whose_records_claim_gigabytes_is_refused_unread(tmp_path: Path) -> None:
+    """A 3 MB torch-style zip whose data record claims 3 GiB: refused from the directory before torch.load."""
+    path = tmp_path / "bomb.pt"
+    write_zero_bomb(path, "archive/data/0", 3 * 2**30 // 8)
+    with pytest.raises(UserError) as info:
+        load_checkpoint(path)
+    one_line(info, "bomb.pt", "zip archive whose records declare 3 GiB", "nothing was decompressed")
+
+
+def test_write_together_replaces_a_symlink_not_its_target_and_keeps_pairs(tmp_path: Path) -> None:
+    outside = tmp_path / "user-file.txt"
+    outside.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "scores.npz").symlink_to(outside)
+    write_together({run / "scores.npz": lambda h: h.write(b"new"), run / "b.gif": lambda h: h.write(b"gif")})
+    assert outside.read_text() == "precious" and not (run / "scores.npz").is_symlink()
+    assert (run / "scores.npz").read_bytes() == b"new" and (run / "b.gif").read_bytes() == b"gif"
+
+    def fails(handle: IO[bytes]) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserError) as info:  # the second file fails: the first is not replaced either
+        write_together({run / "scores.npz": lambda h: h.write(b"newer"), run / "b.gif": fails})
+    one_line(info, "b.gif", "No space left")
+    assert (run / "scores.npz").read_bytes() == b"new" and only_files(run) == ["b.gif", "scores.npz"]
+
+
+_PAIR_CHILD = """
+import os, signal, sys
+from pathlib import Path
+import task.common.io as io
+folder, when = Path(sys.argv[1]), sys.argv[2]
+def gif(handle):
+    if when == "while-writing":
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the second temp file is written
+    handle.write(b"new gif")
+real_replace = os.replace
+def replace(a, b):
+    real_replace(a, b)
+    if when == "between-renames":
+        os.kill(os.getpid(), signal.SIGTERM)  # held back until both files are in place
+io.os.replace = replace
+io.write_together({folder / "v.csv": lambda h: h.write(b"new csv"), folder / "v.gif": gif})
+print("survived")
+"""
+
+
+@pytest.mark.parametrize("when, expected", [("while-writing", (b"old csv", b"old gif")), ("between-renames", (b"new csv", b"new gif"))])
+def test_sigterm_never_splits_a_pair(when: str, expected: tuple[bytes, bytes], tmp_path: Path) -> None:
+    """SIGTERM while the pair is written keeps both old files; SIGTERM between the renames is held until both are
+    new. Either way the process then ends by SIGTERM and leaves no temp file."""
+    (tmp_path / "v.csv").write_bytes(b"old csv")
+    (tmp_path / "v.gif").write_bytes(b"old gif")
+    child = subprocess.run([sys.executable, "-c", _PAIR_CHILD, str(tmp_path), when], cwd=REPO, capture_output=True, timeout=60, check=False)
+    assert child.returncode == -signal.SIGTERM, child.stderr
+    assert ((tmp_path / "v.csv").read_bytes(), (tmp_path / "v.gif").read_bytes()) == expected
+    assert only_files(tmp_path) == ["v.csv", "v.gif"]

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BASE, REPO, assert_user_error, dmad_method, load_run_config, main_in_process, make_engine
 from PIL import Image
 from torch import Tensor
 from torchvision.models import resnet18
 
+from helpers import BASE, REPO, assert_user_error, dmad_method, load_run_config, main_in_process, make_engine
 from task.anomaly.unsupervised.data.image.dataset import AnomalyDataset, Sample
 from task.anomaly.unsupervised.data.image.synthetic import make_demo_dataset
 from task.anomaly.unsupervised.engine.checkpoints import make_payload

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BASE, CATEGORY, N_DEFECT, N_GOOD, SIZE, assert_ok, assert_user_error, main_in_process
 from PIL import Image
 
+from helpers import BASE, CATEGORY, N_DEFECT, N_GOOD, SIZE, assert_ok, assert_user_error, main_in_process
 from task.anomaly.unsupervised.engine.report import END_MARKER, MISSING, START_MARKER, write_report
 from task.anomaly.unsupervised.image.visualize import render_result, select_frames
 

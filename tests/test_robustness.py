@@ -26,7 +26,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import (
+from PIL import Image
+
+from helpers import (
     BASE,
     CATEGORY,
     CONFIGS,
@@ -41,9 +43,8 @@ from conftest import (
     make_engine,
     run_cli,
     train_overrides,
+    write_zero_bomb,
 )
-from PIL import Image
-
 from task.anomaly.unsupervised.records import Predictions
 from task.common.errors import UserError
 from task.common.io import load_checkpoint, save_checkpoint
@@ -89,6 +90,18 @@ def write_evil_checkpoint(path: Path, marker: Path) -> None:
 def write_evil_pickle(path: Path, marker: Path) -> None:
     """A bare pickle (the pre-zip torch format) of the payload."""
     path.write_bytes(pickle.dumps(_Evil(marker), protocol=2))
+
+
+def onnx_with(source: Path, target: Path, key: str, value: str) -> Path:
+    """A copy of an exported model.onnx whose metadata ``key`` is edited to ``value``."""
+    import onnx
+
+    model = onnx.load(source)
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+    onnx.save(model, target)
+    return target
 
 
 def onnx_without(source: Path, target: Path, key: str) -> Path:
@@ -168,6 +181,11 @@ class Case:
 
 
 
+def _zip_bomb(path: Path) -> Path:
+    write_zero_bomb(path, "archive/data/0", 3 * 2**30 // 8)  # 3 MB on disk
+    return path
+
+
 def _yaml_file(ctx: Ctx, text: str) -> list[str]:
     return ["--yaml_config", str(ctx.file("bad.yaml", text.encode())), *ctx.train()]
 
@@ -183,7 +201,7 @@ def _nothing_inside_input(ctx: Ctx) -> None:
 
 CASES: dict[str, Case] = {
     # command line and configuration
-    "unknown-model": Case(lambda c: ["--model_name", "patchcore"], ("patchcore", "registered: anomaly/unsupervised/dmad")),
+    "unknown-model": Case(lambda c: ["--model_name", "efficientad"], ("efficientad", "registered: anomaly/unsupervised/dmad")),
     "yaml-missing": Case(lambda c: ["--yaml_config", str(c.tmp / "nope.yaml"), *c.train()], ("config file not found", "nope.yaml")),
     "yaml-syntax": Case(lambda c: _yaml_file(c, "DATASET:\n  resize: [64, 64\nTRAIN: {"), ("YAML syntax error", "bad.yaml", "line")),
     "yaml-unknown-key": Case(lambda c: _yaml_file(c, "DATASET:\n  resise: [64, 64]\n"), ("unknown config key DATASET.resise", "did you mean resize")),
@@ -303,6 +321,14 @@ CASES: dict[str, Case] = {
     "predict-onnx-not-ours": Case(
         lambda c: c.predict("--backend", "onnx", "--checkpoint", str(onnx_without(c.exported / "model.onnx", c.tmp / "plain.onnx", "format")), images=c.images()),
         ("plain.onnx", "not a model exported by this toolkit"),
+    ),
+    "predict-onnx-edited-image-size": Case(
+        lambda c: c.predict("--backend", "onnx", "--checkpoint", str(onnx_with(c.exported / "model.onnx", c.tmp / "edited.onnx", "image_size", "[128, 64]")),
+                            images=c.images()),
+        ("edited.onnx", "metadata image_size [128, 64] differs from the graph input", "64x64", "--mode export"),
+    ),
+    "checkpoint-zip-claims-3-gib": Case(
+        lambda c: c.test_with(_zip_bomb(c.tmp / "bomb.pt")), ("bomb.pt", "records declare 3 GiB uncompressed", "nothing was decompressed")
     ),
     "export-scoring-override": Case(lambda c: c.predict("--mode", "export", "MODEL.deform_weight=0.3"), ("MODEL.deform_weight=0.3", "--mode test")),
 }
@@ -675,3 +701,153 @@ def test_run_directory_holds_no_credentials(trained_run) -> None:
     assert any((run_dir / "wandb").iterdir()), "the W&B offline run should have written its files"
     leaks = [str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert not leaks, f"WANDB_API_KEY found in {leaks}"
+
+
+# --------------------------------------------------------------------------- damaged official video checkpoints
+
+
+def _official_module(depth: int = 1) -> torch.nn.Module:
+    root = module = torch.nn.Module()
+    for _ in range(depth - 1):
+        module.inner = torch.nn.Module()
+        module = module.inner
+    module.bkg = torch.nn.Parameter(torch.rand(3, 4, 4))
+    return root
+
+
+def _rezip(source: Path, target: Path, edit: Callable[[str, bytes], bytes | None]) -> Path:
+    """A copy of a torch zip with each member passed through ``edit(name, data)`` (None drops the member)."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as new:
+        for info in old.infolist():
+            data = edit(info.filename, old.read(info))
+            if data is not None:
+                new.writestr(info.filename, data)
+    return target
+
+
+def _official_with(tmp: Path, edit: Callable[[str, bytes], bytes | None]) -> Path:
+    torch.save(_official_module(), tmp / "good.pth")
+    return _rezip(tmp / "good.pth", tmp / "model.pth", edit)
+
+
+def _nested_lists(depth: int) -> bytes:
+    return b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b"."  # EMPTY_LIST x depth, APPEND x depth - 1
+
+
+DAMAGED_OFFICIAL: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
+    "empty": (lambda t: _write(t / "model.pth", b""), ("model.pth", "not a torch zip checkpoint")),
+    "garbage": (lambda t: _write(t / "model.pth", np.random.RandomState(0).bytes(4096)), ("model.pth", "not a torch zip checkpoint")),
+    "garbage-pickle": (lambda t: _official_with(t, lambda n, d: os.urandom(64) if n.endswith("data.pkl") else d), ("model.pth", "damaged")),
+    "empty-pickle": (lambda t: _official_with(t, lambda n, d: b"" if n.endswith("data.pkl") else d), ("model.pth", "damaged", "EOFError")),
+    "truncated-pickle": (lambda t: _official_with(t, lambda n, d: d[: len(d) // 2] if n.endswith("data.pkl") else d), ("model.pth", "damaged")),
+    "deeply-nested-pickle": (lambda t: _official_with(t, lambda n, d: _nested_lists(200_000) if n.endswith("data.pkl") else d), ("model.pth", "damaged")),
+    "deeply-nested-modules": (lambda t: _save(t / "model.pth", _official_module(100)), ("model.pth", "nested deeper than 64")),
+    "storage-record-missing": (lambda t: _official_with(t, lambda n, d: None if "/data/" in n else d), ("model.pth", "storage record", "missing")),
+    "storage-out-of-bounds": (lambda t: _official_with(t, lambda n, d: d[:8] if "/data/" in n else d), ("model.pth", "beyond its 8-byte record")),
+    "record-claims-3-gib": (lambda t: _zip_bomb(t / "model.pth"), ("model.pth", "declare 3 GiB", "nothing was decompressed")),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _save(path: Path, obj: object) -> Path:
+    torch.save(obj, path)
+    return path
+
+
+@pytest.mark.parametrize("name", list(DAMAGED_OFFICIAL))
+def test_damaged_official_video_checkpoint_is_one_line(name: str, tmp_path: Path) -> None:
+    """Garbage, empty, truncated or absurdly nested pickles, out-of-bounds storages and zip bombs: one line each,
+    in bounded memory (sizes are checked against the zip records before anything is read)."""
+    import resource
+
+    from task.anomaly.unsupervised.models.dmad_video.official_import import convert_official
+
+    make, fragments = DAMAGED_OFFICIAL[name]
+    path = make(tmp_path)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(UserError) as info:
+        convert_official(path)
+    message = str(info.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 < 500e6  # never inflated
+
+
+def test_official_reader_still_reads_nested_modules(tmp_path: Path) -> None:
+    from task.anomaly.unsupervised.models.dmad_video.official_import import read_official
+
+    source = _official_module(3)
+    torch.save(source, tmp_path / "model.pth")
+    assert torch.equal(read_official(tmp_path / "model.pth")["inner.inner.bkg"], source.inner.inner.bkg.detach())
+
+
+# --------------------------------------------------------------------------- report of hand-edited metrics
+
+
+@pytest.mark.parametrize(
+    "value, shown",
+    [(7.5, "7.5"), ("0.9", "'0.9'"), ([0.9], "[0.9]"), (float("nan"), "nan"), (-0.1, "-0.1"), (True, "True")],
+)
+def test_report_refuses_metrics_outside_0_1(value: object, shown: str, tmp_path: Path, caplog) -> None:
+    """A hand-edited metrics.json never reaches the tables (or README): a dash and one warning naming file and key."""
+    from task.anomaly.unsupervised.engine.report import MISSING, write_report
+
+    run = tmp_path / "runs" / "dmad" / "bottle"
+    run.mkdir(parents=True)
+    text = json.dumps({"image_auroc": value, "pixel_auroc": 0.95, "pixel_f1": None}, allow_nan=True)
+    (run / "metrics.json").write_text(text)
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- results:start -->\nold\n<!-- results:end -->\n")
+    with caplog.at_level("WARNING", logger="anomaly"):
+        report = write_report(tmp_path / "runs", readme)
+    warnings_seen = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings_seen) == 1, warnings_seen
+    assert str(run / "metrics.json") in warnings_seen[0] and f"image_auroc = {shown} is not a number in [0, 1]" in warnings_seen[0]
+    bottle_row = [line for line in report.splitlines() if line.startswith("| ")][2]  # image table: header, rule, values
+    assert bottle_row.split(" | ")[7] == MISSING  # Avg, 5 textures, then Bottle
+    assert "750.0" not in readme.read_text() and "95.0" in readme.read_text()
+
+
+# --------------------------------------------------------------------------- ONNX metadata
+
+
+class _Input:
+    def __init__(self, name: str, shape: list) -> None:
+        self.name, self.shape = name, shape
+
+
+class _Session:
+    def __init__(self, *inputs: _Input) -> None:
+        self.inputs = list(inputs)
+
+    def get_inputs(self) -> list[_Input]:
+        return self.inputs
+
+
+@pytest.mark.parametrize(
+    "value, inputs, fragments",
+    [
+        ("[64, 64", [], ("model.onnx", "image_size [64, 64 is not [height, width]")),
+        ('"64x64"', [], ("not [height, width]",)),
+        ("[64]", [], ("not [height, width]",)),
+        ("[64, 64, 3]", [], ("not [height, width]",)),
+        ("[0, 64]", [], ("whole numbers in [64, 1024]",)),
+        ("[64.5, 64]", [], ("whole numbers",)),
+        ("[true, 64]", [], ("whole numbers",)),
+        ("[100000, 64]", [], ("whole numbers in [64, 1024]",)),
+        ("[128, 64]", [_Input("image", ["batch", 3, 64, 64])], ("differs from the graph input 'image' (64x64)", "--mode export")),
+        ("[128, 64]", [_Input("clip", [1, 4, 3, 64, 64])], ("graph input 'clip'",)),
+    ],
+)
+def test_onnx_image_size_metadata_is_checked(value: str, inputs: list, fragments: tuple[str, ...]) -> None:
+    from task.anomaly.unsupervised.deploy.onnx import metadata_image_size
+
+    with pytest.raises(UserError) as info:
+        metadata_image_size({"image_size": value}, _Session(*inputs), "model.onnx")
+    assert "\n" not in str(info.value) and all(f in str(info.value) for f in fragments), str(info.value)
+    assert metadata_image_size({"image_size": "[128, 64]"}, _Session(_Input("image", ["batch", 3, "h", "w"])), "m") == (128, 64)

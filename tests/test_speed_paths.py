@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BASE, assert_ok, main_in_process, make_engine
 
+from helpers import BASE, assert_ok, main_in_process, make_engine
 from task.anomaly.unsupervised.engine.training import Stepper, make_optimizer
 from task.anomaly.unsupervised.image.benchmark import random_test_batches
 from task.anomaly.unsupervised.image.inference import predict_loader

@@ -9,39 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_ok, assert_user_error, main_in_process
 
-from task.anomaly.unsupervised.data.video.synthetic import make_video_demo
+from helpers import assert_ok, assert_user_error, main_in_process, run_dir, video_args
 from task.anomaly.unsupervised.scoring.score_file import read_scores
-
-VIDEO_YAML = REPO / "configs" / "anomaly" / "unsupervised" / "dmad" / "video_demo.yaml"
-# A tiny DMAD-PDM: the checks are about the plumbing, not about accuracy.
-TINY = ["MODEL.memory_dim=16", "MODEL.memory_size=8", "MODEL.pdm_width=8", "TEST.batch_size=64", "DATASET.demo=false"]
-
-
-def video_args(datadir: Path, savedir: Path, *extra: str, mode: str = "train") -> list[str]:
-    return [
-        "--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(VIDEO_YAML), "--mode", mode,
-        f"DATASET.datadir={datadir}", f"RESULT.savedir={savedir}", "RESULT.assets_dir=null", *TINY, *extra,
-    ]
-
-
-@pytest.fixture(scope="module")
-def video_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("video_data")
-    make_video_demo(root, "video_demo", size=64, seed=0)
-    return root
-
-
-@pytest.fixture(scope="module")
-def video_run(video_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    savedir = tmp_path_factory.mktemp("video_runs")
-    assert_ok(main_in_process(*video_args(video_data, savedir, "TRAIN.num_training_steps=2", "TRAIN.save_interval=1")))
-    return savedir
-
-
-def run_dir(savedir: Path) -> Path:
-    return savedir / "dmad" / "video_demo"
 
 
 def test_training_writes_every_video_output(video_run: Path) -> None:
@@ -102,6 +72,11 @@ def _copy(src: Path, dst: Path) -> Path:
         ("labels-length", ("432", "408", "labels")),
         ("video-too-short", ("has 3 frames but a clip needs 5", "training/frames/01")),
         ("frame-unreadable", ("cannot read", "000.png")),
+        # refused at scan time / from the config, before any training
+        ("duplicate-video-names", ("video name(s) repeat", "01.avi", "01.mp4")),
+        ("test-name-trailing-space", ("testing/frames/03 ", "surrounding spaces")),
+        ("smooth-window-too-long", ("SCORE.SMOOTH.size=100 is longer than every video", "68 scored frames")),
+        ("deformation-window-too-large", ("MODEL.deformation_window=[1000, 1000] is larger than the frames", "[64, 64]")),
     ],
 )
 def test_bad_video_input_is_a_one_line_error(video_data: Path, tmp_path: Path, breakage: str, needles: tuple[str, ...]) -> None:
@@ -116,11 +91,53 @@ def test_bad_video_input_is_a_one_line_error(video_data: Path, tmp_path: Path, b
         frames = sorted((root / "training" / "frames" / "01").iterdir(), key=lambda p: int(p.stem))
         for frame in frames[3:]:
             frame.unlink()
-    else:
+    elif breakage == "frame-unreadable":
         (root / "testing" / "frames" / "01" / "000.png").write_bytes(b"not an image")
-    result = main_in_process(*video_args(data, tmp_path / "runs", "TRAIN.num_training_steps=1"))
+    elif breakage == "duplicate-video-names":
+        shutil.rmtree(root / "testing" / "frames")
+        for name, fourcc in (("01.avi", "MJPG"), ("01.mp4", "mp4v")):
+            _write_video(root / "testing" / "videos" / name, fourcc)
+    elif breakage == "test-name-trailing-space":
+        (root / "testing" / "frames" / "03").rename(root / "testing" / "frames" / "03 ")
+    extra = {"smooth-window-too-long": ["SCORE.SMOOTH.size=100", "SCORE.SMOOTH.weights=null"],
+             "deformation-window-too-large": ["MODEL.deformation_window=[1000,1000]"]}.get(breakage, [])
+    result = main_in_process(*video_args(data, tmp_path / "runs", "TRAIN.num_training_steps=1", *extra))
     assert_user_error(result, *needles)
     assert not (tmp_path / "runs" / "dmad" / "video_demo" / "model.pt").exists()
+
+
+def _write_video(path: Path, fourcc: str) -> None:
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 10, (64, 64))
+    for value in range(8):
+        writer.write(np.full((64, 64, 3), 30 * value, np.uint8))
+    writer.release()
+
+
+def test_failing_test_mode_keeps_the_good_metrics(video_data: Path, video_run: Path, tmp_path: Path) -> None:
+    """A test set that cannot be evaluated (a video named '03 ') stops --mode test before it writes anything."""
+    savedir = tmp_path / "runs"
+    shutil.copytree(video_run, savedir)
+    data = _copy(video_data, tmp_path / "data")
+    (data / "video_demo" / "testing" / "frames" / "03").rename(data / "video_demo" / "testing" / "frames" / "03 ")
+    before = {p.name: p.read_bytes() for p in run_dir(savedir).iterdir() if p.is_file() and p.suffix in (".json", ".npz", ".csv", ".pt")}
+    assert_user_error(main_in_process(*video_args(data, savedir, mode="test")), "03 ", "surrounding spaces")
+    after = {name: (run_dir(savedir) / name).read_bytes() for name in before}
+    assert after == before
+
+
+def test_all_normal_test_labels_give_null_metrics_and_a_reason(video_data: Path, video_run: Path, tmp_path: Path, caplog) -> None:
+    """As image runs without defective images: a warning and null metrics, not a hard error."""
+    savedir = tmp_path / "runs"
+    shutil.copytree(video_run, savedir)
+    np.save(tmp_path / "normal.npy", np.zeros(6 * 72, dtype=np.int64))
+    with caplog.at_level("WARNING", logger="anomaly"):
+        assert_ok(main_in_process(*video_args(video_data, savedir, f"DATASET.labels={tmp_path / 'normal.npy'}", "TEST.save_images=false", mode="test")))
+    metrics = json.loads((run_dir(savedir) / "metrics.json").read_text())
+    assert metrics["frame_auroc"] is None and metrics["frame_auroc_online"] is None and metrics["online_tpr"] is None
+    assert "no abnormal frame among the 408 scored frames" in caplog.text
 
 
 def test_per_video_backgrounds_stay_the_training_videos(video_data: Path, tmp_path: Path) -> None:

@@ -111,7 +111,7 @@ def test_unreadable_frame_named(tmp_path: Path) -> None:
     (folder / "3.png").write_bytes(b"not a png")
     dataset_videos = scan_videos(config(tmp_path, "ds"), "train")
     with pytest.raises(UserError, match=r"cannot read frame .*3\.png"):
-        ClipDataset(dataset_videos, 2, (SIZE, SIZE), False, True, False)
+        ClipDataset(dataset_videos, 2, (SIZE, SIZE), False, True)
 
 
 def test_duplicate_frame_numbers(tmp_path: Path) -> None:
@@ -140,8 +140,8 @@ def test_video_file_decoding_and_seeking(tmp_path: Path, suffix: str, fourcc: st
     assert full.shape == (8, SIZE, SIZE, 3)
     assert np.allclose(first_values(full), values, atol=6)  # lossy codec
     assert np.array_equal(frames_of(video, (SIZE, SIZE), False, [3, 4, 6]), full[[3, 4, 6]])
-    cached = ClipDataset([video], 3, (SIZE, SIZE), False, True, False)
-    streamed = ClipDataset([video], 3, (SIZE, SIZE), False, False, False)
+    cached = ClipDataset([video], 3, (SIZE, SIZE), False, True)
+    streamed = ClipDataset([video], 3, (SIZE, SIZE), False, False)
     for item in range(len(cached)):
         assert torch.equal(cached[item]["clip"], streamed[item]["clip"])
 
@@ -167,19 +167,18 @@ def test_clip_items(tmp_path: Path) -> None:
     write_frames(tmp_path / "b", [50, 60, 70], ["1.png", "2.png", "3.png"])
     videos = attach_labels([video_from_path(tmp_path / "a"), video_from_path(tmp_path / "b")], [np.array([0, 0, 1, 1]), np.array([0, 1, 0])])
     videos[1].labels = None
-    dataset = ClipDataset(videos, 2, (SIZE, SIZE), False, True, True)
+    dataset = ClipDataset(videos, 2, (SIZE, SIZE), False, True)
     assert len(dataset) == 2 + 1
     item = dataset[1]
     assert item["clip"].shape == (2, 3, SIZE, SIZE) and item["target"].shape == (3, SIZE, SIZE)
     assert item["clip"].is_contiguous() and item["clip"].dtype == torch.float32
     expected = torch.tensor([[20, 235, 10], [30, 225, 15], [40, 215, 20]], dtype=torch.float32) / 127.5 - 1
     assert torch.allclose(item["clip"][:, :, 0, 0], expected[:2]) and torch.allclose(item["target"][:, 0, 0], expected[2])
-    assert (int(item["video"]), int(item["frame"]), int(item["label"]), int(item["background"])) == (0, 3, 1, 0)
+    assert (int(item["video"]), int(item["frame"]), int(item["label"])) == (0, 3, 1)
     last = dataset[2]
-    assert (int(last["video"]), int(last["frame"]), int(last["label"]), int(last["background"])) == (1, 2, -1, 1)
-    grey = ClipDataset(videos, 2, (SIZE, SIZE), True, False, False)[0]
+    assert (int(last["video"]), int(last["frame"]), int(last["label"])) == (1, 2, -1)
+    grey = ClipDataset(videos, 2, (SIZE, SIZE), True, False)[0]
     assert grey["clip"].shape == (2, 1, SIZE, SIZE)
-    assert int(ClipDataset(videos, 2, (SIZE, SIZE), False, True, False)[2]["background"]) == 0
 
 
 def test_pixels_match_official_decoding_up_to_channel_order(tmp_path: Path) -> None:
@@ -188,10 +187,10 @@ def test_pixels_match_official_decoding_up_to_channel_order(tmp_path: Path) -> N
     for k in range(3):
         assert cv2.imwrite(str(tmp_path / f"{k}.png"), rng.integers(0, 256, size=(13, 19, 3), dtype=np.uint8))
     video = video_from_path(tmp_path)
-    colour = ClipDataset([video], 2, (8, 12), False, True, False)[0]["target"].permute(1, 2, 0).numpy()
+    colour = ClipDataset([video], 2, (8, 12), False, True)[0]["target"].permute(1, 2, 0).numpy()
     official = cv2.resize(cv2.imread(str(tmp_path / "2.png")), (12, 8)).astype(np.float32) / 127.5 - 1.0
     assert np.allclose(colour[:, :, ::-1], official, atol=1e-6)
-    grey = ClipDataset([video], 2, (8, 12), True, True, False)[0]["target"][0].numpy()
+    grey = ClipDataset([video], 2, (8, 12), True, True)[0]["target"][0].numpy()
     official_grey = cv2.resize(cv2.imread(str(tmp_path / "2.png"), 0), (12, 8)).astype(np.float32) / 127.5 - 1.0
     assert np.allclose(grey, official_grey, atol=1e-6)
 
@@ -279,6 +278,119 @@ def test_labels_avenue_mat(tmp_path: Path) -> None:
     assert [g.tolist() for g in load_frame_labels(config(tmp_path, "avenue"), videos, 2)] == [[0, 1, 0, 1]]
 
 
+# Label files of a careless or hostile user: (file name, content, fragments of the one-line error). Two test videos of
+# 6 and 5 frames (UCSD layout); the .m cases name the line, the .npy/.mat cases the file.
+_M_HEAD = "TestDataset = {};\n"
+BAD_LABEL_FILES: dict[str, tuple[str, bytes, tuple[str, ...]]] = {
+    "m-repeated-key": ("l.m", b"gt_frame{1} = [2:4];\ngt_frame{2} = [1:2];\ngt_frame{1} = [5:6];\n",
+                       ("l.m line 3", "gt_frame{1} again", "first on line 1")),
+    "m-negative-range": ("l.m", b"gt_frame{1} = [-3:5];\ngt_frame{2} = [1:2];\n", ("l.m line 1", "-3:5", "negative frame")),
+    "m-fractional-range": ("l.m", b"gt_frame{1} = [3.5:5];\ngt_frame{2} = [1:2];\n", ("l.m line 1", "3.5:5", "whole frame numbers")),
+    "m-names-not-numbers": ("l.m", b"gt_frame{1} = [a:b];\ngt_frame{2} = [1:2];\n", ("l.m line 1", "a:b", "not a frame range")),
+    "m-stepped-range": ("l.m", b"gt_frame{1} = [1:2:5];\ngt_frame{2} = [1:2];\n", ("l.m line 1", "stepped range 1:2:5", "first:last")),
+    "m-key-not-a-number": ("l.m", b"gt_frame{k} = [1:2];\ngt_frame{2} = [1:2];\n", ("l.m line 1", "gt_frame{k}", "video number")),
+    "m-only-commented-lines": ("l.m", b"% gt_frame{1} = [1:2];\n%{\ngt_frame{2} = [1:2];\n%}\n", ("gives gt_frame{k} for 0 videos",)),
+    "m-empty": ("l.m", b"", ("l.m", "is empty (0 bytes)")),
+    "npy-zero-bytes": ("l.npy", b"", ("labels", "l.npy", "is empty (0 bytes)")),
+    "npy-text": ("l.npy", b"0\n0\n1\n", ("l.npy", "a text file, not a .npy array")),
+    "npy-zip": ("l.npy", b"PK\x03\x04" + bytes(40), ("l.npy", "a zip archive (an .npz?)")),
+    "npy-claims-1e11-int64": ("l.npy", b"", ("l.npy", "int64 array of shape 100000000000", "nothing was loaded")),  # content made below
+    "mat-zero-bytes": ("mat/1_label.mat", b"", ("1_label.mat", "is empty (0 bytes)")),
+    "mat-text": ("mat/1_label.mat", b"volLabel = 1\n" * 20, ("cannot read volLabel", "1_label.mat", "ground_truth_demo")),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_LABEL_FILES))
+def test_bad_label_file_is_one_line_error(name: str, tmp_path: Path) -> None:
+    file_name, content, fragments = BAD_LABEL_FILES[name]
+    videos = make_test_videos(tmp_path, "UCSDped2", [6, 5], layout="Test")
+    path = tmp_path / file_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if name == "npy-claims-1e11-int64":  # a 193-byte file whose header claims 800 GB
+        import io
+
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<i8", "fortran_order": False, "shape": (10**11,)})
+        content = header.getvalue() + bytes(65)
+    path.write_bytes(content if not file_name.endswith(".m") or not content else _M_HEAD.encode() + content)
+    if file_name.endswith(".m") and content:
+        fragments = tuple(f.replace("line 1", "line 2").replace("line 3", "line 4").replace("on line 1", "on line 2") for f in fragments)
+    with pytest.raises(UserError) as err:
+        load_frame_labels(config(tmp_path, "UCSDped2", labels=str(path.parent if "mat" in file_name else path)), videos, 2)
+    message = str(err.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
+
+
+def test_ucsd_matlab_comments_are_ignored(tmp_path: Path) -> None:
+    """A commented-out assignment (``% ...`` or a ``%{ ... %}`` block) never overrides the real line."""
+    videos = make_test_videos(tmp_path, "UCSDped2", [6, 5], layout="Test")
+    (tmp_path / "l.m").write_text(
+        "TestDataset = {};  % ground truth\n"
+        "TestDataset.gt_frame{1} = [2:4];   % gt_frame{1} = [1:6];\n"
+        "% TestDataset.gt_frame{2} = [1:5];\n"
+        "%{\nTestDataset.gt_frame{2} = [3:3];\n%}\n"
+        "TestDataset.gt_frame{2} = [1:2, 5];\n"
+    )
+    got = load_frame_labels(config(tmp_path, "UCSDped2", labels=str(tmp_path / "l.m")), videos, 2)
+    assert [g.tolist() for g in got] == [[0, 1, 1, 1, 0, 0], [1, 1, 0, 0, 1]]
+
+
+def _dangling(folder: Path) -> None:
+    (folder / "005.png").symlink_to(folder / "missing.png")
+
+
+def _fifo(folder: Path) -> None:
+    import os
+
+    os.mkfifo(folder / "005.png")
+
+
+# An entry named like a frame that is not an image file: never dropped silently (a clip would span the hole).
+BAD_FRAME_ENTRIES = {
+    "dangling-symlink": (_dangling, ("005.png", "dangling symbolic link")),
+    "fifo": (_fifo, ("005.png", "not a regular file", "FIFO")),
+    "directory": (lambda folder: (folder / "005.png").mkdir(), ("005.png", "is a folder, not an image")),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_FRAME_ENTRIES))
+def test_unreadable_frame_entry_is_one_line_error(name: str, tmp_path: Path) -> None:
+    folder = tmp_path / "ds" / "training" / "frames" / "v"
+    write_frames(folder, [1, 2, 3, 4], [f"{i:03d}.png" for i in (1, 2, 3, 4)])
+    BAD_FRAME_ENTRIES[name][0](folder)
+    with pytest.raises(UserError) as err:
+        scan_videos(config(tmp_path, "ds"), "train")
+    assert "\n" not in str(err.value) and all(f in str(err.value) for f in BAD_FRAME_ENTRIES[name][1]), str(err.value)
+
+
+def test_frame_numbering_gap_is_a_warning_naming_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "ds" / "training" / "frames" / "v"
+    numbers = [1, 2, 3, 10, 11, 13]  # 004-009 and 012 missing
+    write_frames(folder, list(range(6)), [f"{i:03d}.png" for i in numbers])
+    with caplog.at_level("WARNING", logger="anomaly"):
+        videos = scan_videos(config(tmp_path, "ds"), "train")
+    assert videos[0].num_frames == 6
+    assert "7 frame number(s) missing in 2 gap(s), the first between 003.png and 010.png (numbers 4-9)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "layout, names, fragments",
+    [
+        ("testing/videos", ["01.avi", "01.mp4", "02.avi"], ("1 video name(s) repeat", "01.avi", "01.mp4", "'01'")),
+        ("testing/frames", ["01", "03 "], ("03 ", "surrounding spaces", "rename it")),
+    ],
+)
+def test_video_names_checked_at_scan_time(tmp_path: Path, layout: str, names: list[str], fragments: tuple[str, ...]) -> None:
+    for name in names:
+        if layout.endswith("videos"):
+            write_video(tmp_path / "ds" / layout / name, [10, 20, 30, 40], "MJPG" if name.endswith(".avi") else "mp4v")
+        else:
+            write_frames(tmp_path / "ds" / layout / name, [1, 2, 3, 4], ["1.png", "2.png", "3.png", "4.png"])
+    with pytest.raises(UserError) as err:
+        scan_videos(config(tmp_path, "ds"), "test")
+    assert "\n" not in str(err.value) and all(f in str(err.value) for f in fragments), str(err.value)
+
+
 # ---------------------------------------------------------------- background
 
 
@@ -304,6 +416,10 @@ def test_background_for_shared_per_video_and_cache(tmp_path: Path) -> None:
     stem = next(name for name in cached if name.startswith("bkg-median_a_") and name.endswith(".npy"))
     np.save(tmp_path / "cache" / stem, np.full((SIZE, SIZE, 3), 7, dtype=np.uint8))  # reused, not rebuilt
     assert background_for(videos, (SIZE, SIZE), False, True, tmp_path / "cache")[0, 0, 0].tolist() == [7, 7, 7]
+    # Frames changed in place (same names, same count): a new key, so the template is recomputed.
+    write_frames(tmp_path / "a", [50, 50, 200], ["1.png", "2.png", "3.png"])
+    videos = [video_from_path(tmp_path / "a"), video_from_path(tmp_path / "b")]
+    assert background_for(videos, (SIZE, SIZE), False, True, tmp_path / "cache")[0, 0, 0].tolist() == frame(50)[0, 0].tolist()
 
 
 # ---------------------------------------------------------------- synthetic demo

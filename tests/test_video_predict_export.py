@@ -1,8 +1,7 @@
-"""--mode predict and --mode export of a video run, on ONE tiny calibrated run (built once for the module).
+"""--mode predict and --mode export of a video run, on a copy of the suite's trained video run (conftest).
 
-The run: 2 training videos and 1 test video of 6 grey 64x64 frames (a textured background with a square moving
-across it), DMAD-PDM with memory_dim 32, calibrated on its training clips. Everything runs on the CPU (conftest forces
-it), where ONNX Runtime and PyTorch agree to float32 rounding.
+The inputs: a 7-frame grey 64x64 video (a textured background with a square moving across it) as an mp4 and as a
+frame folder. Everything runs on the CPU, where ONNX Runtime and PyTorch agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -10,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,17 +18,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import CONFIGS, assert_ok, assert_user_error, main_in_process
 from PIL import Image
 
+from helpers import VIDEO_YAML, assert_ok, assert_user_error, main_in_process, run_dir, video_args
 from task.anomaly.unsupervised.deploy.onnx import TOLERANCE
-from task.anomaly.unsupervised.video.export import VIDEO_ONNX_FORMAT, mode_export
-from task.anomaly.unsupervised.video.modes import VIDEO_MODES
-from task.anomaly.unsupervised.video.predict import mode_predict
+from task.anomaly.unsupervised.video.export import VIDEO_ONNX_FORMAT
 
-SIZE, FRAMES, CLIP = 64, 6, 4
+SIZE, CLIP = 64, 4
 INPUT_FRAMES = 7  # the predict input: 3 scored frames
-VIDEO_YAML = CONFIGS / "video_demo.yaml"
 
 
 def _frames(count: int, speed: int, seed: int) -> np.ndarray:
@@ -73,49 +70,25 @@ def _video_engine(overrides: list[str]):
     """An Engine for the DMAD-PDM video method on the CPU with the video demo config and ``overrides``."""
     import task.anomaly.unsupervised.models.available  # noqa: F401  (registers the methods)
     from task.anomaly.unsupervised.engine.engine import Engine
-    from task.anomaly.unsupervised.engine.schema import run_schema
+    from task.anomaly.unsupervised.engine.schema import method_schema
     from task.anomaly.unsupervised.models.registry import get_method
     from task.common.config import load_config
 
     method = get_method("anomaly", "unsupervised", "dmad", "video")
-    cfg = load_config(run_schema(method.model_schema, method.extra_sections), str(VIDEO_YAML), overrides)
+    cfg = load_config(method_schema(method), str(VIDEO_YAML), overrides)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.cuda, "is_available", lambda: False)
         return Engine(method, cfg)
 
 
 @pytest.fixture(scope="module")
-def video_run(tmp_path_factory: pytest.TempPathFactory):
-    """The tiny run's model.pt, built and calibrated with the engine (an untrained model: predict and export only
-    need a calibrated checkpoint; training is covered elsewhere), with predict and export in the video mode table
-    (until video_modes.py lists them)."""
-    from task.anomaly.unsupervised.engine.checkpoints import make_payload
-    from task.anomaly.unsupervised.video.evaluation import background_templates, calibrate, video_split
-    from task.common.io import save_checkpoint
-
-    root = tmp_path_factory.mktemp("video-run")
-    data = root / "data" / "tiny"
-    for v in range(2):
-        _write_folder(data / "training" / "frames" / f"{v:02d}", _frames(FRAMES, 2, v))
-    _write_folder(data / "testing" / "frames" / "00", _frames(FRAMES, 5, 0))
-    overrides = [
-        f"DATASET.datadir={root / 'data'}", "DATASET.target=tiny", "DATASET.demo=false", f"DATASET.resize=[{SIZE},{SIZE}]",
-        f"RESULT.savedir={root / 'runs'}", "MODEL.memory_dim=32", "MODEL.memory_size=8",
-    ]
-    engine = _video_engine(overrides)
-    method = engine.method
-    train_videos, train_set = video_split(engine, "train")
-    model = method.build(engine.cfg, num_videos=len(train_videos))
-    method.set_background(model, background_templates(engine, train_videos))
-    calibration = calibrate(engine, model.eval(), train_videos, train_set)
-    payload = make_payload(method, engine.cfg, model, {"frame": calibration.threshold})
-    payload["calibration"] = calibration.to_dict()
-    save_checkpoint(payload, engine.run_dir / "model.pt")
-    args = ["--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(VIDEO_YAML), *overrides]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(VIDEO_MODES, "predict", mode_predict)
-        mp.setitem(VIDEO_MODES, "export", mode_export)
-        yield VideoRun(args, engine.run_dir, root)
+def video_run(video_data: Path, video_run: Path, tmp_path_factory: pytest.TempPathFactory) -> VideoRun:
+    """A copy of the suite's trained video run (conftest: grey 64x64 demo, clips of 4), which predict and export
+    write beside."""
+    root = tmp_path_factory.mktemp("video-serving")
+    savedir = root / "runs"
+    shutil.copytree(video_run, savedir, ignore=shutil.ignore_patterns(".lock"))
+    return VideoRun(video_args(video_data, savedir), run_dir(savedir), root)
 
 
 @pytest.fixture(scope="module")
@@ -200,11 +173,9 @@ def test_export_writes_a_checked_onnx_with_metadata(video_run: VideoRun, exporte
 def test_onnx_outputs_match_torch(video_run: VideoRun, exported) -> None:
     import onnxruntime as ort
 
-    from task.anomaly.unsupervised.video.export import score_module
-
     engine = _video_engine([a for a in video_run.args if "=" in a])
     loaded = engine.load(video_run.run_dir / "model.pt")
-    module = score_module(engine.method, loaded.model, loaded.cfg)
+    module = engine.method.serving_module(loaded.model, loaded.cfg)
     generator = torch.Generator().manual_seed(0)
     clip = torch.rand(2, CLIP, 1, SIZE, SIZE, generator=generator) * 2 - 1
     target = torch.rand(2, 1, SIZE, SIZE, generator=generator) * 2 - 1

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from task.common.array_files import check_zip_expansion
 from task.common.errors import UserError, short_text
 
 if TYPE_CHECKING:
@@ -122,35 +123,74 @@ def _sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _temp_file(path: Path, write: Callable[[IO[bytes]], Any]) -> str:
+    """Write through ``write`` into a new temp file beside ``path`` (fsynced, plain-open permissions); its name.
+    On failure the temp file is removed and the exception propagates."""
+    prefix = f".{path.name[:128]}.{_host_tag()}-{os.getpid()}."  # cut long names: the temp name must stay under 255 bytes
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions a plain open() would
+    except BaseException:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+@contextlib.contextmanager
+def _sigterm_held() -> Iterator[None]:
+    """SIGTERM stays pending while the body runs (main thread only; other threads never run handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def atomic_write_bytes(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
     """Write through a temporary file in the same folder, fsync, then rename: readers never see a partial file.
 
     ``write(handle)`` writes the content to a binary file handle. OS-level failures raise a one-line UserError.
+    The rename replaces ``path`` itself: a symlink there is replaced by the file, never written through.
     """
-    path = Path(path)
-    _check_path(path, "output path")
+    write_together({Path(path): write})
+
+
+def write_together(writers: dict[Path, Callable[[IO[bytes]], Any]]) -> None:
+    """Write several files as a set: each into its own temp file first, then all renamed with SIGTERM held back,
+    so SIGTERM leaves either every old file or every new one (e.g. a video's ``.csv`` and ``.gif`` from one input,
+    never a mix). A failure before the renames replaces nothing and removes the temp files."""
+    paths = [Path(p) for p in writers]
+    for path in paths:
+        _check_path(path, "output path")
+    temps: list[tuple[str, Path]] = []
     with _sigterm_unwinds():
+        current = paths[0] if paths else Path()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            prefix = f".{path.name[:128]}.{_host_tag()}-{os.getpid()}."  # cut long names: the temp name must stay under 255 bytes
-            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
-        except OSError as exc:
-            raise _write_error(path, exc) from None
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                write(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions a plain open() would
-            os.replace(tmp, path)
+            for path, write in zip(paths, writers.values()):
+                current = path
+                path.parent.mkdir(parents=True, exist_ok=True)
+                temps.append((_temp_file(path, write), path))
+            with _sigterm_held():
+                for tmp, path in temps:
+                    current = path
+                    os.replace(tmp, path)
         except BaseException as exc:
-            with contextlib.suppress(OSError):
-                Path(tmp).unlink(missing_ok=True)  # the previous file at ``path``, if any, is untouched
+            for tmp, _ in temps:
+                with contextlib.suppress(OSError):
+                    Path(tmp).unlink(missing_ok=True)  # the previous files are untouched (renamed ones are complete)
             os_error = _os_error_in(exc) if isinstance(exc, Exception) else None
             if os_error is not None:  # disk full, quota, I/O error: the user's environment, not a bug
-                raise _write_error(path, os_error) from None
+                raise _write_error(current, os_error) from None
             raise
 
 
@@ -278,6 +318,8 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
     # torch.save writes a zip archive (PK..); old torch versions wrote a bare pickle (protocol byte 0x80).
     if not head.startswith(b"PK") and head[0] != 0x80:
         raise UserError(f"{what} {shown} is not a PyTorch checkpoint (neither a zip archive nor a pickle); pass a .pt file written by this toolkit")
+    # The zip directory's declared sizes, before torch inflates (and allocates) anything.
+    check_zip_expansion(path, what, "re-create it or pass another file")
     try:
         with warnings.catch_warnings():  # e.g. torch's note on pickle protocols: noise next to the one-line error
             warnings.simplefilter("ignore")

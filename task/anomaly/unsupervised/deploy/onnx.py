@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from task.common.errors import UserError
+from task.common.errors import UserError, short_text
 
 ONNX_FILENAME = "model.onnx"
 
@@ -33,6 +33,36 @@ def open_onnx(source: Path | bytes, name: str) -> tuple[Any, dict[str, str]]:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load ONNX model {name} ({reason}); re-create it with --mode export") from None
     return session, dict(session.get_modelmeta().custom_metadata_map)
+
+
+# DATASET.resize's schema limits: an exported graph's frame size lies within them.
+IMAGE_SIZE_RANGE = (64, 1024)
+
+
+def metadata_image_size(meta: dict[str, str], session: Any, name: str) -> tuple[int, int]:
+    """The ``image_size`` metadata [H, W]: two ints within ``IMAGE_SIZE_RANGE`` that equal the static height and
+    width of every 4-D or 5-D graph input (an edited value would otherwise fail deep inside onnxruntime).
+
+    A missing key raises ``KeyError`` (the caller reports incomplete metadata); a bad value is a one-line error.
+    """
+    import json
+
+    fix = "the metadata was edited or damaged; re-create the file with --mode export"
+    try:
+        value = json.loads(meta["image_size"])
+    except (ValueError, TypeError):
+        value = None
+    low, high = IMAGE_SIZE_RANGE
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in value)):
+        raise UserError(f"{name}: metadata image_size {short_text(str(meta['image_size']), 40)} is not [height, width] "
+                        f"with whole numbers in [{low}, {high}]; {fix}")
+    for graph_input in session.get_inputs():
+        shape = list(graph_input.shape or [])
+        if len(shape) >= 4 and all(isinstance(v, int) for v in shape[-2:]) and shape[-2:] != value:
+            raise UserError(f"{name}: metadata image_size {value} differs from the graph input {graph_input.name!r} "
+                            f"({shape[-2]}x{shape[-1]}); {fix}")
+    return value[0], value[1]
 
 
 TOLERANCE = 1e-3

@@ -19,7 +19,7 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -28,10 +28,10 @@ def time_training_steps(stepper: Stepper, batches: Iterable[dict[str, Tensor]], 
     """Seconds of each training step after the first ``warmup`` ones (the device synchronised around each step)."""
     times: list[float] = []
     for step, batch in enumerate(batches, start=1):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         stepper(batch, step)
-        _synchronize(device)
+        synchronize(device)
         if step > warmup:
             times.append(time.perf_counter() - start)
     return times

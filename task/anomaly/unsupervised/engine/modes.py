@@ -43,8 +43,9 @@ def test_output_dir(engine: Engine, checkpoint: Path) -> Path:
 
 
 def mode_report(engine: Engine, options: ModeOptions) -> None:
-    """Tables of every run under RESULT.savedir -> stdout and <savedir>/results.md (+ README.md with --update-readme)."""
+    """Tables of this method's runs under RESULT.savedir -> stdout and <savedir>/results.md (+ README.md with
+    --update-readme, between the method's own markers when the README has them)."""
     readme = Path("README.md") if options.update_readme else None
     savedir = Path(engine.cfg.RESULT.savedir).expanduser()
-    print(write_report(savedir, readme), end="")
+    print(write_report(savedir, readme, engine.method.name), end="")
     log.info("report written to %s%s", savedir / "results.md", f" and {readme}" if readme else "")

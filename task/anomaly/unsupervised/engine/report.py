@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from task.common.errors import UserError
+from task.common.errors import UserError, short_repr
 from task.common.io import write_text
 
 log = logging.getLogger("anomaly")
@@ -33,6 +33,8 @@ TABLES: dict[str, str] = {"image_auroc": "Image-Level AUC", "pixel_auroc": "Pixe
 VIDEO_TABLE: dict[str, str] = {
     "frame_auroc": "Frame AUC", "frame_aupr": "Frame AUPR", "frame_auroc_online": "Frame AUC (online)", "frame_aupr_online": "Frame AUPR (online)",
 }
+# Every metric a table shows: fractions in [0, 1].
+REPORTED = (*TABLES, *VIDEO_TABLE)
 START_MARKER = "<!-- results:start -->"
 END_MARKER = "<!-- results:end -->"
 MISSING = "–"
@@ -61,6 +63,23 @@ def _number(value: Any) -> float | None:
     return None
 
 
+def _shown_metrics(metrics: dict[str, Any], path: Path) -> dict[str, float | None]:
+    """Numbers of ``metrics``; a reported metric (AUROC, AUPR, F1: fractions) that is not a finite number in [0, 1]
+    (7.5, NaN, a string, a list) becomes None, shown as a dash, with one warning naming the file and key. JSON null
+    (a metric the data cannot define) is None without a warning."""
+    out = {k: _number(v) for k, v in metrics.items()}
+    for key in REPORTED:
+        value = metrics.get(key)
+        if value is None:
+            continue
+        number = out.get(key)
+        if number is None or not 0.0 <= number <= 1.0:
+            log.warning("%s: %s = %s is not a number in [0, 1]; shown as %s (re-run --mode test to rewrite the file)",
+                        path, key, short_repr(value, 40), MISSING)
+            out[key] = None
+    return out
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -69,8 +88,9 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def collect_runs(savedir: str | Path) -> list[RunRecord]:
-    """Every ``metrics.json`` under ``savedir`` (recursively) as a RunRecord, sorted by path."""
+def collect_runs(savedir: str | Path, method: str | None = None) -> list[RunRecord]:
+    """Every ``metrics.json`` under ``savedir`` (recursively) as a RunRecord, sorted by path; with ``method``, the
+    runs whose run.json names another method are left out (runs that name none are kept)."""
     savedir = Path(savedir)
     if not savedir.is_dir():
         raise UserError(f"RESULT.savedir {savedir} does not exist; train a model first or set RESULT.savedir to the folder holding the runs")
@@ -84,11 +104,13 @@ def collect_runs(savedir: str | Path) -> list[RunRecord]:
         info_path = path.with_name("run.json")
         info = _read_json(info_path) if info_path.is_file() else None
         info = info if isinstance(info, dict) else {}
+        if method is not None and info.get("method", method) != method:
+            continue
         category = info.get("category")
         if not isinstance(category, str) or not category:
             category = _category_from_path(path.parent, savedir)
-        values = {k: _number(v) for k, v in metrics.items()}
-        if "pixel_f1_max" in values:  # the table's pixel F1 is the paper's F1-max (test-optimal threshold), not the F1 at the deployed one
+        values = _shown_metrics(metrics, path)
+        if values.get("pixel_f1_max") is not None and 0.0 <= values["pixel_f1_max"] <= 1.0:  # the table's pixel F1 is the paper's F1-max (test-optimal threshold), not the F1 at the deployed one
             values["pixel_f1"] = values["pixel_f1_max"]
         records.append(RunRecord(category, path.parent, values, path.stat().st_mtime, info))
     return records
@@ -176,18 +198,31 @@ def format_report(runs: list[RunRecord]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def replace_results(readme_text: str, block: str, where: str = "README.md") -> str:
-    """``readme_text`` with everything between the results markers replaced by ``block`` (markers kept)."""
-    start = readme_text.find(START_MARKER)
-    end = readme_text.find(END_MARKER, start + len(START_MARKER)) if start >= 0 else -1
+def replace_results(
+    readme_text: str, block: str, where: str = "README.md", markers: tuple[str, str] = (START_MARKER, END_MARKER)
+) -> str:
+    """``readme_text`` with everything between the results ``markers`` replaced by ``block`` (markers kept)."""
+    start_marker, end_marker = markers
+    start = readme_text.find(start_marker)
+    end = readme_text.find(end_marker, start + len(start_marker)) if start >= 0 else -1
     if start < 0 or end < 0:
-        raise UserError(f"{where} lacks the markers {START_MARKER} ... {END_MARKER}; add both lines where the results tables belong")
-    return readme_text[: start + len(START_MARKER)] + "\n" + block.rstrip("\n") + "\n" + readme_text[end:]
+        raise UserError(
+            f"{where} lacks the markers {start_marker} ... {end_marker}; add both lines where the results tables belong"
+        )
+    return readme_text[: start + len(start_marker)] + "\n" + block.rstrip("\n") + "\n" + readme_text[end:]
 
 
-def write_report(savedir: str | Path, readme: str | Path | None = None) -> str:
-    """Build the report of ``savedir``, save ``<savedir>/results.md``, optionally update ``readme``; returns it."""
-    runs = collect_runs(savedir)
+def method_markers(readme_text: str, method: str | None) -> tuple[str, str]:
+    """The markers of ``method``'s own results block (``<!-- results:<method>:start -->``) when the README has them,
+    else the shared ones: a second method's tables never replace the first one's."""
+    own = (f"<!-- results:{method}:start -->", f"<!-- results:{method}:end -->")
+    return own if method and own[0] in readme_text else (START_MARKER, END_MARKER)
+
+
+def write_report(savedir: str | Path, readme: str | Path | None = None, method: str | None = None) -> str:
+    """Build the report of ``savedir`` (``method``'s runs only, when given), save ``<savedir>/results.md``, optionally
+    update ``readme``; returns it."""
+    runs = collect_runs(savedir, method)
     if not runs:
         raise UserError(f"no metrics.json under {savedir}; train or test a model first (--mode train / --mode test)")
     report = format_report(runs)
@@ -196,5 +231,6 @@ def write_report(savedir: str | Path, readme: str | Path | None = None) -> str:
         readme = Path(readme)
         if not readme.is_file():
             raise UserError(f"{readme} not found; run --mode report --update-readme from the repository root")
-        write_text(readme, replace_results(readme.read_text(encoding="utf-8"), report, str(readme)))
+        text = readme.read_text(encoding="utf-8")
+        write_text(readme, replace_results(text, report, str(readme), method_markers(text, method)))
     return report

@@ -1,14 +1,19 @@
-"""The run-level configuration schema (every section but MODEL), shared by all methods.
+"""The run-level configuration schema (every section but MODEL), shared by all methods, one per modality.
 
-A method contributes its MODEL section (``Method.model_schema``) and any section of its own
-(``Method.extra_sections``); ``run_schema`` assembles the whole. Dataset formats contribute their DATASET keys.
+A method contributes its MODEL section (``Method.model_schema``), any section of its own (``Method.extra_sections``),
+DATASET keys of its own (``Method.dataset_keys``) and its run defaults (``Method.run_defaults``); ``method_schema``
+assembles the whole. The modality contributes its DATASET keys: image formats (mvtec, visa, folder) or video clips,
+so an image run refuses a video key such as ``DATASET.clip_length`` and vice versa.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from task.anomaly.unsupervised.data.image.formats import DATASET_SCHEMA_KEYS
 from task.anomaly.unsupervised.data.video.clips import VIDEO_DATASET_KEYS
-from task.common.config import F, Schema
+from task.common.config import F, Field, Schema
 
 RUN_SECTIONS: Schema = {
     "DATASET": {
@@ -18,8 +23,6 @@ RUN_SECTIONS: Schema = {
         "cache": F(bool, True, help="decode and resize each image once and keep it in memory"),
         "skip_bad_images": F(bool, False, help="skip unreadable images with a warning instead of stopping"),
         "demo": F(bool, False, help="generate the built-in synthetic dataset under datadir if absent"),
-        **DATASET_SCHEMA_KEYS,
-        **VIDEO_DATASET_KEYS,
     },
     "DATALOADER": {
         "batch_size": F(int, 8, min=1),
@@ -88,10 +91,35 @@ RUN_SECTIONS: Schema = {
 }
 
 
-def run_schema(model_schema: Schema, extra_sections: Schema | None = None) -> Schema:
-    """The whole schema of a run: the shared sections, the method's MODEL section and its own extra sections."""
-    schema: Schema = {key: value for key, value in RUN_SECTIONS.items() if key != "SEED"}
+# The DATASET keys of each modality (a modality is picked by DATASET.format before validation: main.py).
+MODALITY_DATASET_KEYS: dict[str, Schema] = {
+    "image": DATASET_SCHEMA_KEYS,
+    "video": {"format": F(str, "video", choices=("video",), help="video: frame folders or video files"), **VIDEO_DATASET_KEYS},
+}
+
+
+def run_schema(
+    model_schema: Schema,
+    extra_sections: Schema | None = None,
+    modality: str = "image",
+    dataset_keys: Schema | None = None,
+    run_defaults: dict[str, Any] | None = None,
+) -> Schema:
+    """The whole schema of a run: the shared sections with the modality's DATASET keys, the method's MODEL section,
+    its own extra sections and DATASET keys, and its defaults (dotted key -> value) over the shared ones."""
+    schema: Schema = {key: dict(value) if isinstance(value, dict) else value for key, value in RUN_SECTIONS.items() if key != "SEED"}
+    schema["DATASET"] = {**schema["DATASET"], **MODALITY_DATASET_KEYS[modality], **(dataset_keys or {})}
     schema["MODEL"] = model_schema
     schema.update(extra_sections or {})
     schema["SEED"] = RUN_SECTIONS["SEED"]
+    for key, value in (run_defaults or {}).items():
+        section, _, name = key.partition(".")
+        field = schema[section][name]
+        assert isinstance(field, Field), key
+        schema[section][name] = dataclasses.replace(field, default=field.check(key, value))
     return schema
+
+
+def method_schema(method: Any) -> Schema:
+    """The run schema of ``method`` (a ``models.base.Method``)."""
+    return run_schema(method.model_schema, method.extra_sections, method.modality, method.dataset_keys, method.run_defaults)

@@ -98,9 +98,9 @@ def scoring_config(method, cfg: Config, state: dict) -> Config:
 
 def _schema_field(method, key: str):
     """The schema Field of a dotted key: checkpoint values are validated like YAML values before use."""
-    from task.anomaly.unsupervised.engine.schema import run_schema
+    from task.anomaly.unsupervised.engine.schema import method_schema
 
-    node = run_schema(method.model_schema, method.extra_sections)
+    node = method_schema(method)
     for part in key.split("."):
         node = node[part]
     return node

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,9 @@ def maybe_resume(engine: Engine, stepper: Stepper, scheduler) -> int:
 def train(engine: Engine, train_set, evaluate: Callable[[nn.Module, int, bool], dict[str, Any]], model: nn.Module | None = None) -> dict[str, Any]:
     """Train on ``train_set`` (items are dicts of tensors) and call ``evaluate(model, step, final)`` at
     LOG.eval_interval and at the end. ``model``: a prepared fresh model (default: ``engine.build_model()``).
-    Returns the final metrics."""
+    Returns the final metrics. A gradient-free method (``learning == "fit"``) is fitted instead (``fit``)."""
+    if engine.method.learning == "fit":
+        return fit(engine, train_set, evaluate, model)
     cfg = engine.cfg
     model = engine.build_model() if model is None else model
     stepper = Stepper(engine, model)
@@ -197,5 +200,46 @@ def train(engine: Engine, train_set, evaluate: Callable[[nn.Module, int, bool], 
     progress.close()
     save_training_state(engine, stepper, scheduler, step)
     metrics = evaluate(model, step, True)
+    engine.dist.barrier()
+    return metrics
+
+
+def fit_batches(engine: Engine, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``batches`` moved to the engine's device, as ``Method.fit`` receives them."""
+    return (to_device(batch, engine) for batch in batches)
+
+
+def fit(
+    engine: Engine,
+    train_set,
+    evaluate: Callable[[nn.Module, int | None, bool], dict[str, Any]],
+    model: nn.Module | None = None,
+) -> dict[str, Any]:
+    """Gradient-free training: one pass of ``method.fit`` over ``train_set`` in file order (no optimiser, schedule,
+    resume or last.pt: a rerun simply fits again), then the engine's own calibration, evaluation and model.pt.
+
+    Under DDP every rank fits the whole set (the fit is deterministic given SEED), so all ranks hold the same model.
+    """
+    cfg = engine.cfg
+    model = engine.build_model() if model is None else model
+    loader = DataLoader(
+        train_set, batch_size=cfg.DATALOADER.batch_size, shuffle=False,
+        num_workers=cfg.DATALOADER.num_workers, pin_memory=cfg.DATALOADER.pin_memory,
+    )
+    log.info("run directory: %s", engine.run_dir)
+    log.info(
+        "%d training items: %s learns by one gradient-free fit pass on %s (no optimiser steps)",
+        len(train_set), engine.method.name, engine.device,
+    )
+    progress = tqdm(loader, desc=f"fit {cfg.DATASET.target}", dynamic_ncols=True, disable=not engine.dist.is_main)
+    model.eval()
+    start = time.perf_counter()
+    with torch.no_grad(), autocast(engine.device, engine.amp):
+        engine.method.fit(cfg, model, fit_batches(engine, progress), engine.device)
+    seconds = time.perf_counter() - start
+    progress.close()
+    log.info("fitted in %.1fs", seconds)
+    engine.reporters.log_train(1, {"fit_s": seconds})
+    metrics = evaluate(model, None, True)
     engine.dist.barrier()
     return metrics

@@ -7,6 +7,7 @@ size (and random rectangular masks for the metrics); nothing is written to disk.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,11 +17,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import Subset
 
-from task.anomaly.unsupervised.engine.benchmark import _synchronize, peak_rss_mb, time_training_steps
+from task.anomaly.unsupervised.engine.benchmark import peak_rss_mb, synchronize, time_training_steps
 from task.anomaly.unsupervised.engine.engine import Engine
-from task.anomaly.unsupervised.engine.training import Stepper
+from task.anomaly.unsupervised.engine.training import Stepper, fit_batches
 from task.anomaly.unsupervised.image.inference import predict_loader
 from task.common.metrics import compute_metrics
+from task.common.runtime import autocast
+
+log = logging.getLogger("anomaly")
 
 DTYPE_NAMES = {"none": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -79,11 +83,39 @@ def _test_batches(engine: Engine, use_data: bool) -> tuple[Any, int]:
     return random_test_batches(count, tuple(cfg.DATASET.resize), cfg.TEST.batch_size, generator), count
 
 
-def run_benchmark(engine: Engine, model: torch.nn.Module, stepper: Stepper) -> dict[str, Any]:
+def time_fit(engine: Engine, model: torch.nn.Module, use_data: bool) -> dict[str, Any]:
+    """A gradient-free method: an untimed fit on BENCHMARK.warmup batches (first-call costs), then one timed fit on
+    BENCHMARK.train_steps batches, as training runs it (no_grad, the run's autocast)."""
+    cfg, device, bench = engine.cfg, engine.device, engine.cfg.BENCHMARK
+    log.info(
+        "%s learns by a gradient-free fit: timing one fit over %d batch(es) instead of optimiser steps",
+        engine.method.name, bench.train_steps,
+    )
+    model.eval()
+    seconds = 0.0
+    for count, timed in ((bench.warmup, False), (bench.train_steps, True)):
+        if not count:
+            continue
+        batches = list(_training_batches(engine, count, use_data))
+        synchronize(device)
+        start = time.perf_counter()
+        with torch.no_grad(), autocast(device, engine.amp):
+            engine.method.fit(cfg, model, fit_batches(engine, batches), device)
+        synchronize(device)
+        seconds = time.perf_counter() - start if timed else seconds
+    images = bench.train_steps * cfg.DATALOADER.batch_size
+    return {
+        "train_s_per_step": None, "train_images_per_s": None, "train_steps": 0,
+        "fit_s": seconds, "fit_images": images, "fit_images_per_s": images / seconds,
+    }
+
+
+def run_benchmark(engine: Engine, model: torch.nn.Module, stepper: Stepper | None) -> dict[str, Any]:
     """Warm-up + timed training steps, then one timed evaluation pass (maps, scores) and the metrics.
 
-    ``model`` is on ``engine.device`` (and compiled when TRAIN.compile is set); ``stepper`` trains it. Evaluation and
-    the result are rank 0's; other ranks only train. Returns the JSON-ready result (``{}`` on ranks other than 0).
+    ``model`` is on ``engine.device`` (and compiled when TRAIN.compile is set); ``stepper`` trains it, or is None for
+    a gradient-free method, whose fit is timed instead (``time_fit``). Evaluation and the result are rank 0's; other
+    ranks only train. Returns the JSON-ready result (``{}`` on ranks other than 0).
     """
     cfg = engine.cfg
     device = engine.device
@@ -93,9 +125,18 @@ def run_benchmark(engine: Engine, model: torch.nn.Module, stepper: Stepper) -> d
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    model.train()
-    times = time_training_steps(stepper, _training_batches(engine, bench.warmup + bench.train_steps, use_data), device, bench.warmup)
-    train_s = sum(times) / len(times)
+    if stepper is None:
+        training = time_fit(engine, model, use_data)
+    else:
+        model.train()
+        batches = _training_batches(engine, bench.warmup + bench.train_steps, use_data)
+        times = time_training_steps(stepper, batches, device, bench.warmup)
+        train_s = sum(times) / len(times)
+        training = {
+            "train_s_per_step": train_s,
+            "train_images_per_s": cfg.DATALOADER.batch_size / train_s,
+            "train_steps": len(times),
+        }
     peak_train_mb = peak_rss_mb()
     if not engine.dist.is_main:
         return {}
@@ -104,18 +145,17 @@ def run_benchmark(engine: Engine, model: torch.nn.Module, stepper: Stepper) -> d
     first = next(iter(batches))
     # One untimed batch: first-call costs (allocator, oneDNN primitive creation, compilation) are not throughput.
     predict_loader(model, [first], device, engine.amp, desc="warm-up", channels_last=engine.channels_last)
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     preds = predict_loader(model, batches, device, engine.amp, desc="benchmark", channels_last=engine.channels_last)
-    _synchronize(device)
+    synchronize(device)
     eval_s = time.perf_counter() - start
     start = time.perf_counter()
     compute_metrics(preds.scores, preds.labels, preds.anomaly_maps, preds.masks)
     metrics_s = time.perf_counter() - start
 
     return {
-        "train_s_per_step": train_s,
-        "train_images_per_s": cfg.DATALOADER.batch_size / train_s,
+        **training,
         "eval_images_per_s": count / eval_s,
         "metrics_s": metrics_s,
         "peak_rss_mb": peak_rss_mb(),
@@ -129,7 +169,6 @@ def run_benchmark(engine: Engine, model: torch.nn.Module, stepper: Stepper) -> d
         **engine.method.describe(cfg),
         "eval_batch_size": cfg.TEST.batch_size,
         "eval_images": count,
-        "train_steps": len(times),
         "channels_last": engine.channels_last,
         "compile": cfg.TRAIN.compile,
         "world_size": engine.dist.world_size,

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from task.anomaly.unsupervised.data.image.preprocess import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, display_rgb, load_image, resize_image, to_tensor
-from task.anomaly.unsupervised.deploy.onnx import ONNX_FILENAME, file_sha256, open_onnx
+from task.anomaly.unsupervised.deploy.onnx import ONNX_FILENAME, file_sha256, metadata_image_size, open_onnx
 from task.anomaly.unsupervised.deploy.output_folder import OutputFolder
 from task.anomaly.unsupervised.drawing import display_bounds
 from task.anomaly.unsupervised.image.inference import predict_loader
@@ -78,7 +78,7 @@ class OnnxModel(nn.Module):
         self.metadata: dict[str, str] = meta
         try:
             self.input_format: str = meta["input"]
-            self.image_size: tuple[int, int] = tuple(int(v) for v in json.loads(meta["image_size"]))
+            self.image_size: tuple[int, int] = metadata_image_size(meta, self.session, name)  # checked: ints, limits, graph
             self.thresholds: dict[str, float] = {k: float(v) for k, v in json.loads(meta["thresholds"]).items()}
             self.outputs: tuple[str, ...] = tuple(out.name for out in self.session.get_outputs())
         except (KeyError, ValueError, TypeError, AttributeError) as exc:

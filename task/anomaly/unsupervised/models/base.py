@@ -1,8 +1,9 @@
 """What a method must tell the engine: the small, typed interface between "running a model" and "what DMAD is".
 
 The engine (engine.py) owns modes, the loop, resume, DDP, evaluation, outputs and reporters; a method owns its
-network, loss, optimiser groups, one training step's loss, score calibration, checkpoint conversion (including an
-official release's format) and the extra maps it adds to the shared inference record. A method module registers an instance with
+network, how it learns (``learning``: the engine's optimiser loop with the method's loss and optimiser groups, or one
+gradient-free ``fit`` pass), score calibration, checkpoint conversion (optionally an official release's format), its
+run defaults and the extra maps it adds to the shared inference record. A method module registers an instance with
 ``task.anomaly.unsupervised.models.registry.register_method``; shared code never imports a method's package.
 
 Settings are sorted by what they define (the rule the README documents):
@@ -16,9 +17,12 @@ Settings are sorted by what they define (the rule the README documents):
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -35,9 +39,18 @@ class Method(ABC):
     checkpoint_format: str  # the "format" tag of this method's checkpoints
     model_schema: Schema  # the MODEL section of the run schema
     extra_sections: Schema = {}  # further sections of the method's own (e.g. video scoring)
+    dataset_keys: Schema = {}  # DATASET keys of the method's own (e.g. DMAD-PDM's background templates)
+    run_defaults: dict[str, Any] = {}  # dotted key -> the method's default for a shared key (e.g. OPTIMIZER.lr)
     network_keys: tuple[str, ...] = ()
     scoring_keys: tuple[str, ...] = ()
     resume_keys: tuple[str, ...] = ()  # MODEL keys that shape the optimisation (a resumed run must share them)
+    # How the method learns. "gradient": the engine's optimiser loop (criterion, optimizer_groups, training_loss);
+    # "fit": one gradient-free pass, ``fit`` (e.g. PatchCore's memory bank). Either way the engine then calibrates,
+    # evaluates and saves the model.
+    learning: str = "gradient"
+    # Defaults of the shared run sections for this method, by dotted key (e.g. {"LOG.wandb_project": "dmad"}); they
+    # replace the shared schema's defaults, and the YAML and KEY=VALUE overrides still win over them.
+    run_defaults: ClassVar[dict[str, Any]] = {}
 
     def validate(self, cfg: Config) -> None:
         """Raise a one-line UserError for settings this method cannot run (checked once, before any work)."""
@@ -53,17 +66,25 @@ class Method(ABC):
     def on_epoch_end(self, cfg: Config, optimizer: torch.optim.Optimizer, epoch: int) -> None:
         """Adjust the optimiser after the scheduler's step at the end of 0-based ``epoch`` (default: nothing)."""
 
-    @abstractmethod
+    # ---- learning = "gradient": the three hooks of the engine's optimiser loop
     def criterion(self, cfg: Config) -> nn.Module:
         """The training loss module."""
+        raise NotImplementedError(f"{self.name} learns by {self.learning}: it has no training loss")
 
-    @abstractmethod
     def optimizer_groups(self, cfg: Config, model: nn.Module) -> list[dict[str, Any]]:
         """Parameter groups for the optimiser (trainable parameters only; per-group ``lr`` where it differs)."""
+        raise NotImplementedError(f"{self.name} learns by {self.learning}: it has no optimiser")
 
-    @abstractmethod
     def training_loss(self, model: nn.Module, criterion: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Forward one training batch (already on the device) and return (loss, named loss terms)."""
+        raise NotImplementedError(f"{self.name} learns by {self.learning}: it has no training loss")
+
+    # ---- learning = "fit": the one gradient-free pass
+    def fit(self, cfg: Config, model: nn.Module, batches: Iterable[dict[str, Tensor]], device: torch.device) -> None:
+        """Learn from one pass over ``batches`` of normal training data (dicts with ``image`` [B, 3, H, W], already on
+        ``device``), in place. The engine calls it under ``torch.no_grad()`` and the run's autocast, with the model in
+        eval mode, and calibrates, evaluates and saves the model afterwards."""
+        raise NotImplementedError(f"{self.name} learns by {self.learning}, not by fit")
 
     def apply_scoring(self, model: nn.Module, cfg: Config) -> None:
         """Set the scoring settings (``scoring_keys``) of ``cfg`` on ``model`` (default: the model holds none)."""
@@ -81,17 +102,18 @@ class Method(ABC):
         read without executing pickled code into a state ``is_foreign_checkpoint`` accepts; None when not one."""
         return None
 
-    @abstractmethod
+    # ---- an official release's checkpoint format (optional: by default a method has none)
     def is_foreign_checkpoint(self, state: dict) -> bool:
         """True for a checkpoint of an official release this method can import (it carries no config)."""
+        return False
 
-    @abstractmethod
     def check_foreign_checkpoint(self, state: dict, path: Path, cfg: Config) -> None:
         """Raise a one-line UserError when a foreign ``state`` cannot fill the model ``cfg`` describes."""
+        raise NotImplementedError(f"{self.name} imports no foreign checkpoint format")
 
-    @abstractmethod
     def load_foreign_checkpoint(self, model: nn.Module, state: dict, path: Path, cfg: Config) -> None:
         """Load an official release's weights into ``model`` (after ``check_foreign_checkpoint``)."""
+        raise NotImplementedError(f"{self.name} imports no foreign checkpoint format")
 
     def build_for_foreign(self, cfg: Config, state: dict) -> nn.Module:
         """The network an official checkpoint's ``state`` fills (default: the one ``cfg`` describes)."""
@@ -132,8 +154,10 @@ class ImageMethod(Method):
 class VideoMethod(Method):
     """A method that scores the frame after each clip: raw per-frame scores, fused over time by the SCORE protocol.
 
-    Its calibration is the statistics of those scores on held-out calibration frames (video/evaluation.py), stored in
-    the checkpoint; batches are ClipDataset items ``{"clip", "target", "background", "video", "frame", "label"}``.
+    Batches are ClipDataset items ``{"clip", "target", "video", "frame", "label"}`` (``video`` indexes the list of
+    videos being scored). The calibration is the statistics of the raw scores on held-out normal frames (video/evaluation.py),
+    stored in the checkpoint. Shared video code reaches what the method keeps about the data (e.g. DMAD-PDM's
+    background templates) only through ``prepare``, ``scoring_context`` and ``video_inputs``.
     """
 
     modality = "video"
@@ -151,5 +175,22 @@ class VideoMethod(Method):
         """Eval forward of one batch on the device: (raw scores name -> [B], prediction-error maps [B, 1, H, W])."""
 
     @abstractmethod
-    def set_background(self, model: nn.Module, templates: Tensor) -> None:
-        """Initialise the model's background templates [V, C, H, W] in [-1, 1] from the data."""
+    def score_names(self, cfg: Config, exportable: bool = False) -> tuple[str, ...]:
+        """The raw scores ``score_batch`` returns for ``cfg``; ``exportable``: only those an exported graph computes."""
+
+    @abstractmethod
+    def serving_module(self, model: nn.Module, cfg: Config) -> nn.Module:
+        """The graph ``--mode export`` writes: an eval module ``(clip [B, T, C, H, W], target [B, C, H, W],
+        video_input [B, C, H, W] or absent) -> (predicted_frame [B, Cm, H, W], error_map [B, 1, H, W], *raw scores [B]
+        in score_names(cfg, exportable=True) order)``; it takes ``video_input`` when ``video_inputs`` gives one."""
+
+    def prepare(self, model: nn.Module, cfg: Config, videos: list[Any], cache_dir: Path | None) -> None:
+        """Set data-dependent state of a new model from its training ``videos`` (default: none)."""
+
+    def scoring_context(self, model: nn.Module, cfg: Config, videos: list[Any], cache_dir: Path | None) -> AbstractContextManager[None]:
+        """State ``model`` needs while scoring ``videos`` it was not trained on, put back afterwards (default: none)."""
+        return contextlib.nullcontext()
+
+    def video_inputs(self, cfg: Config, videos: list[Any]) -> Tensor | None:
+        """Per-video inputs [V, C, H, W] of the serving graph besides clip and target (default: None, none)."""
+        return None

@@ -127,9 +127,13 @@ def fuse(per_name: Mapping[str, Sequence[np.ndarray]], names: Sequence[str], wei
     n_videos = len(per_name[names[0]])
     fused = []
     for v in range(n_videos):
-        total = np.asarray(per_name[names[0]][v]) * weights[0]
-        for name, weight in zip(names[1:], weights[1:]):
-            total = total + np.asarray(per_name[name][v]) * weight
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, in one line
+            total = np.asarray(per_name[names[0]][v]) * weights[0]
+            for name, weight in zip(names[1:], weights[1:]):
+                total = total + np.asarray(per_name[name][v]) * weight
+        if not np.all(np.isfinite(total)):  # e.g. huge weights on unnormalised scores
+            raise UserError("the fused score overflows to inf; scale SCORE.weights down (only their ratios matter) "
+                            "or normalise the scores (SCORE.normalize)")
         fused.append(total)
     return fused
 

@@ -1,7 +1,7 @@
 """Frame-level scoring for video anomaly detection: the official DMAD-PDM protocol and an online protocol.
 
-DMAD-PDM gives every scored frame raw scores (``deformation``, ``prediction``, ``gradient``; higher = more
-anomalous). Two protocols turn them into one anomaly score per frame and into frame AUROC / AUPR:
+A video method gives every scored frame raw scores (DMAD-PDM: ``deformation``, ``prediction``, ``gradient``;
+higher = more anomalous). Two protocols turn them into one anomaly score per frame and into frame AUROC / AUPR:
 
 **Paper protocol** (``paper_protocol``): the official evaluation's maths, step by step and bit for bit:
 
@@ -21,27 +21,7 @@ or a constant (``fill``). With ``scope = concat`` the window runs over all test 
 as the official code does, so it crosses video boundaries. Normalisation over whole videos and centred windows
 use future frames: the paper protocol is an offline benchmark, not something a camera can run.
 
-Official settings (``PAPER_PRESETS``; Evaluate_ped2.py, process_avenue.py, Evaluate_shanghai.py + utils.py):
-
-=================  ===========================  ============================  =================================
-step               ped2                         avenue                        shanghaitech
-=================  ===========================  ============================  =================================
-normalise          per video, eps 1e-8, 1 - x   global, eps 0                 per video, eps 1e-8, 1 - x
-PRE_SMOOTH         -                            -                             per video, 69, keep 25, uniform,
-                                                                              shift 1, fill 1 both edges
-SMOOTH             concat, 11, keep 5, weights  concat, 11, keep 5, weights   concat, 55, keep 49, uniform,
-                   1,1,1,1,1.2,1.6,1.2,1,1,1,1  .5,.8,.8,1,1,2.5,1,1,.8,.8,.5  shift 1, fill 1 both edges
-                   edges: fill 1 / replicate    edges: replicate / replicate
-fusion             .2 def + .4 pred + .6 grad   .2 def + .4 pred              .2 def + .4 pred + .6 grad
-POST_SMOOTH        -                            = SMOOTH                      concat, 55, keep 27, uniform,
-                                                                              shift 1, fill 1 both edges
-KALMAN             -                            -                             per video, q 1e-5, r 0.01**2
-=================  ===========================  ============================  =================================
-
-Every dataset drops the first 4 frames of each video (``clip_length = 4`` input frames predict frame 4). The
-official Avenue number is computed on two post-processed scores (``process_avenue.py``: static-object removal on
-the prediction-error map -> ``prediction``, and on the deformation offsets -> ``deformation``), not on the raw
-model scores.
+The official settings of each dataset are DMAD-PDM's presets (``models/dmad_video/presets.py``).
 
 **Online protocol** (``online_protocol``): what a deployed camera can do. Each score is normalised with
 statistics of CALIBRATION frames only (``fit_train_stats``: robust low/high quantiles of held-out normal frames; the
@@ -148,9 +128,7 @@ def _metrics(ranking: Sequence[np.ndarray], labels: Sequence[np.ndarray], higher
     y = np.concatenate([np.asarray(lab, dtype=np.int64) for lab in labels])
     s = np.concatenate(list(ranking))
     n_abnormal = int(y.sum())
-    if n_abnormal == 0 or n_abnormal == y.size:
-        kind = "abnormal" if n_abnormal == 0 else "normal"
-        raise UserError(f"no {kind} frame among the {y.size} scored frames; frame AUROC needs both classes")
+    one_class = n_abnormal == 0 or n_abnormal == y.size
 
     def auc(yy: np.ndarray, ss: np.ndarray) -> float:
         return float(roc_auc_score(1 - yy, ss) if higher_is_normal else roc_auc_score(yy, ss))
@@ -165,6 +143,12 @@ def _metrics(ranking: Sequence[np.ndarray], labels: Sequence[np.ndarray], higher
         else:
             per_video[name] = None
             notes[name] = "no scored frames" if yy.size == 0 else f"all {yy.size} scored frames are {'abnormal' if k else 'normal'}"
+    if one_class:  # as image runs without defective images: null metrics and the reason, never a made-up number
+        kind = "abnormal" if n_abnormal == 0 else "normal"
+        reason = f"no {kind} frame among the {y.size} scored frames, so frame AUROC/AUPR are undefined (null)"
+        log.warning("%s; check the test labels (DATASET.labels)", reason)
+        return {f"frame_auroc{suffix}": None, f"frame_aupr{suffix}": None, f"per_video_auroc{suffix}": per_video,
+                f"per_video_note{suffix}": notes, f"note{suffix}": reason}
     return {
         f"frame_auroc{suffix}": auc(y, s),
         # Negation reverses the order exactly, so AP ranks frames as the AUROC does.
@@ -381,8 +365,8 @@ def online_protocol(
         alarm = np.concatenate(fused) >= threshold
         result.update({
             "online_threshold": float(threshold),
-            "online_tpr": float(alarm[y].mean()),
-            "online_fpr": float(alarm[~y].mean()),
+            "online_tpr": float(alarm[y].mean()) if y.any() else None,  # None: no abnormal frame to alarm on
+            "online_fpr": float(alarm[~y].mean()) if not y.all() else None,
         })
     return result
 
@@ -399,7 +383,8 @@ def evaluate_scores(source: str | Path | Mapping[str, np.ndarray] | ScoreFile, p
         ``dataset``, ``videos``, ``frames`` (scored), ``abnormal_frames``, the ``paper_protocol`` keys and,
         when the file carries ``train_stats``, the ``online_protocol`` keys (else ``online_note`` says why not).
         Raises ``UserError`` naming the first problem (missing key, length mismatch, non-finite values, a score
-        the protocol needs but the file lacks, no abnormal or no normal frame, ...).
+        the protocol needs but the file lacks, ...); with no abnormal or no normal frame the AUROC/AUPR are None
+        and ``note`` / ``note_online`` say why (a warning is logged).
     """
     if isinstance(source, ScoreFile):
         sf = source
@@ -412,6 +397,7 @@ def evaluate_scores(source: str | Path | Mapping[str, np.ndarray] | ScoreFile, p
         raise UserError(f"the score file has no score '{short_text(missing[0])}' (it has: {', '.join(sf.score_names)}); "
                         "set SCORE.names to stored scores")
     labels = sf.aligned_labels()
+    params.check_lengths([lab.size for lab in labels], f"score file {sf.dataset!r}")
     scores = {n: sf.scores[n] for n in params.names}
     n_frames = sum(lab.size for lab in labels)
     result: dict[str, Any] = {

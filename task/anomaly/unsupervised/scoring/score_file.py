@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-import zipfile
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,9 @@ from typing import Any
 
 import numpy as np
 
+from task.common.array_files import load_npz
 from task.common.errors import UserError, short_repr, short_text
+from task.common.io import atomic_write_bytes
 
 __all__ = ["FORMAT", "VERSION", "ScoreFile", "default_frames", "from_arrays", "read_scores", "to_arrays", "validate", "write_scores"]
 
@@ -226,6 +228,11 @@ def from_arrays(arrays: Mapping[str, np.ndarray], where: str = "scores") -> Scor
     if videos_arr.ndim != 1 or videos_arr.dtype.kind != "U":
         raise _fail(where, "key 'videos' must be a 1-D array of video names")
     videos = [str(v) for v in videos_arr]
+    counts = Counter(videos)
+    repeated = sorted(v for v, c in counts.items() if c > 1)
+    if repeated:
+        raise _fail(where, f"video '{short_text(repeated[0])}' appears {counts[repeated[0]]} times in 'videos' "
+                           f"({len(repeated)} name(s) repeat); each video must appear once (rename one of them)")
     for video in videos:
         _check_name(where, "video", video)  # before building keys from it
     for name in names:
@@ -257,28 +264,39 @@ def from_arrays(arrays: Mapping[str, np.ndarray], where: str = "scores") -> Scor
 
 
 def write_scores(path: str | Path, sf: ScoreFile) -> Path:
-    """Validate ``sf`` and write it to ``path`` (exactly that name) as a compressed ``.npz``; returns the path."""
+    """Validate ``sf`` and write it to ``path`` (exactly that name) as a compressed ``.npz``; returns the path.
+
+    Atomic (temp file + rename, ``io.atomic_write_bytes``): an interrupted write keeps the previous file, and a
+    ``scores.npz`` that is a symlink is replaced by a file, never written through to the link's target.
+    """
     arrays = to_arrays(sf)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as fh:  # a file object stops numpy from appending '.npz' to the name
-        np.savez_compressed(fh, **arrays)
+    atomic_write_bytes(path, lambda handle: np.savez_compressed(handle, **arrays))  # a handle: numpy adds no '.npz'
     return path
 
 
+_READ_FIX = "pass --input with a scores.npz written by --mode test (or by score_file.write_scores)"
+
+
 def read_scores(path: str | Path) -> ScoreFile:
-    """Load and validate a ``scores.npz`` (no pickle); ``UserError`` names the first problem."""
+    """Load and validate a ``scores.npz`` (no pickle); ``UserError`` names the first problem.
+
+    Sizes are checked before anything is decompressed (``array_files.load_npz``: the zip directory's declared
+    sizes and every member's .npy header against ``MAX_ARRAY_BYTES``).
+    """
     path = Path(path)
     where = short_text(str(path))
-    if not path.is_file():
-        raise UserError(f"score file not found: {where}; pass --input with a scores.npz written by --mode test")
-    if not zipfile.is_zipfile(path):
-        raise _fail(where, "not a .npz archive; pass a scores.npz written by score_file.write_scores")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, OSError, EOFError):
-        raise _fail(where, "the .npz archive is damaged; write it again with score_file.write_scores") from None
-    except ValueError as exc:  # numpy refuses object arrays without pickle
-        raise _fail(where, f"unreadable without pickle ({short_text(str(exc), 60)}); store plain numeric and string arrays") from None
+    if path.is_dir():
+        raise UserError(f"score file {where} is a directory; {_READ_FIX}, e.g. {where}/scores.npz")
+    if not path.exists():
+        raise UserError(f"score file not found: {where}; {_READ_FIX}")
+    if path.is_file():  # a FIFO is not opened here: load_npz names it without reading
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(4)
+        except OSError as exc:
+            raise UserError(f"cannot read score file {where} ({exc.strerror}); check its permissions") from None
+        if head and not head.startswith(b"PK"):
+            raise _fail(where, f"not a .npz archive; {_READ_FIX}")
+    arrays = load_npz(path, "score file", _READ_FIX)
     return from_arrays(arrays, where)

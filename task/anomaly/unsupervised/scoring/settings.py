@@ -7,12 +7,19 @@ file's recorded protocol) into the frozen parameters the protocols take.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from task.common.config import F, Field, Schema
 from task.common.errors import UserError, short_repr, short_text
+
+log = logging.getLogger("anomaly")
+
+# Largest fusion weight: fused scores are sums of weight x score, and only the weights' ratios matter.
+MAX_WEIGHT = 1e6
 
 
 def window_schema(d: Mapping[str, Any]) -> Schema:
@@ -179,6 +186,15 @@ class ProtocolParams:
                 raise UserError(f"config key SCORE.{key} has {len(d[key])} values for {n} SCORE.names; give one per name")
         if any(s == 0 for s in d["signs"]):
             raise UserError(f"config key SCORE.signs must hold 1 or -1 per name, got {short_repr(d['signs'])}")
+        if not any(d["weights"]):
+            raise UserError(f"config key SCORE.weights {short_repr(d['weights'])} are all 0: every frame would get the same "
+                            "fused score (AUROC 0.5); give at least one weight > 0")
+        if not math.isfinite(sum(d["weights"])) or max(d["weights"]) > MAX_WEIGHT:
+            raise UserError(f"config key SCORE.weights {short_repr(d['weights'])} are too large (fused scores could overflow "
+                            f"to inf); keep each weight <= {MAX_WEIGHT:.0f} (only their ratios matter, e.g. [0.2, 0.4, 0.6])")
+        if d["KALMAN"]["enabled"] and d["KALMAN"]["process_var"] == 0:
+            raise UserError("config key SCORE.KALMAN.process_var is 0: the filter then trusts its start forever and flattens "
+                            "every video's score; set it > 0 (the presets use 1e-5) or SCORE.KALMAN.enabled=false")
         windows = {}
         for key in ("PRE_SMOOTH", "SMOOTH", "POST_SMOOTH"):
             w = d[key]
@@ -199,6 +215,24 @@ class ProtocolParams:
             pre_smooth=windows["PRE_SMOOTH"], smooth=windows["SMOOTH"], post_smooth=windows["POST_SMOOTH"],
             kalman=KalmanParams(**d["KALMAN"]), online=OnlineParams(**d["ONLINE"]),
         )
+
+    def check_lengths(self, lengths: Sequence[int], where: str) -> None:
+        """Refuse a smoothing window longer than every video (``lengths``: scored frames per video): the pass would
+        leave the scores unsmoothed, constant, or mix videos in every window, silently. Some videos shorter than a
+        per-video window is legitimate (they stay unsmoothed) and only warned about. ``where`` names the data."""
+        if not lengths:
+            return
+        for key, w in (("PRE_SMOOTH", self.pre_smooth), ("SMOOTH", self.smooth), ("POST_SMOOTH", self.post_smooth)):
+            if not w.enabled:
+                continue
+            if w.size > max(lengths):  # per video: nothing smoothed; concat: every window mixes videos
+                raise UserError(f"SCORE.{key}.size={w.size} is longer than every video (the longest of {len(lengths)} has "
+                                f"{max(lengths)} scored frames in {where}), so the pass cannot smooth within a video; "
+                                f"use SCORE.{key}.size <= {max(lengths)} or SCORE.{key}.enabled=false")
+            short = sum(n < w.size for n in lengths)
+            if w.scope == "video" and short:
+                log.warning("SCORE.%s.size=%d is longer than %d of %d videos in %s; those videos are not smoothed by it",
+                            key, w.size, short, len(lengths), where)
 
     def to_config(self) -> dict[str, Any]:
         """The ``SCORE:`` section as plain YAML-ready data (``from_config(p.to_config()) == p``)."""

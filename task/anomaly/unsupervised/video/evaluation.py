@@ -1,6 +1,7 @@
 """Video evaluation: per-frame raw scores -> both protocols -> metrics.json, scores.npz, plots, GIF, checkpoint.
 
-A video method provides ``score_batch(model, batch, settings) -> (raw scores name -> [B], error maps [B, 1, H, W])``.
+A video method provides ``score_batch(model, batch, settings) -> (raw scores name -> [B], error maps [B, 1, H, W])``
+and, through ``scoring_context``, whatever it needs to score videos it was not trained on.
 Calibration is the statistics of the raw scores of the calibration frames (the last ``DATASET.calibration_split`` of
 each training video, never trained on: ``data/video/calibration.py``) and an alarm threshold fitted on them (the
 conformal order statistic for ``1 - SCORE.ONLINE.threshold_quantile``): the online protocol and predict use only
@@ -10,16 +11,16 @@ protocol (``frame_scoring.paper_protocol``) uses whole-video statistics of the t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import Subset
 
 from task.anomaly.unsupervised.data.video.calibration import split_rows
@@ -27,7 +28,6 @@ from task.anomaly.unsupervised.data.video.clips import ClipDataset, Video, scan_
 from task.anomaly.unsupervised.data.video.labels import attach_labels, load_frame_labels
 from task.anomaly.unsupervised.engine.checkpoints import make_payload
 from task.anomaly.unsupervised.engine.engine import Engine
-from task.anomaly.unsupervised.models.dmad_video.templates import background_for, templates_tensor
 from task.anomaly.unsupervised.scoring.protocols import (
     fit_threshold,
     fit_train_stats,
@@ -56,36 +56,19 @@ def video_split(engine: Engine, split: str) -> tuple[list[Video], ClipDataset]:
     videos = scan_videos(ds, split)
     if split == "test":
         videos = attach_labels(videos, load_frame_labels(ds, videos, ds.clip_length))
-    dataset = ClipDataset(videos, ds.clip_length, tuple(ds.resize), ds.grayscale, ds.cache, ds.background == "per_video")
+    dataset = ClipDataset(videos, ds.clip_length, tuple(ds.resize), ds.grayscale, ds.cache)
     return videos, dataset
 
 
-def background_templates(engine: Engine, videos: list[Video]) -> Tensor:
-    """Background templates [V, C, H, W] in [-1, 1] for ``videos`` (one shared, or one per video), cached on disk."""
+def data_root(engine: Engine) -> Path:
+    """The dataset's folder, where a method may cache what it computes from the frames (e.g. background templates)."""
     ds = engine.cfg.DATASET
-    cache = Path(ds.datadir).expanduser() / ds.target / ".background-cache"
-    try:
-        ensure_dir(cache)
-    except Exception:  # noqa: BLE001  (a read-only dataset: compute without caching)
-        cache = None
-    return templates_tensor(background_for(videos, tuple(ds.resize), ds.grayscale, ds.background == "per_video", cache))
+    return Path(ds.datadir).expanduser() / ds.target
 
 
-@contextlib.contextmanager
-def test_backgrounds(engine: Engine, model: nn.Module, videos: list[Video]):
-    """While scoring test videos: per-video templates are learned for the training videos, so each test video gets the
-    median template of its own frames (as the official ShanghaiTech evaluation). The trained templates are put back
-    afterwards, so training, calibration and the saved model.pt keep them. Shared templates are used as they are."""
-    if engine.cfg.DATASET.background != "per_video":
-        yield
-        return
-    trained = model.background.template
-    templates = background_templates(engine, videos).to(trained.device)
-    model.background.template = nn.Parameter(templates.expand(-1, model.channels, -1, -1).contiguous(), requires_grad=False)
-    try:
-        yield
-    finally:
-        model.background.template = trained
+def scoring_unseen(engine: Engine, model: nn.Module, videos: list[Video]) -> AbstractContextManager[None]:
+    """The method's state for scoring ``videos`` the model was not trained on (e.g. their own templates)."""
+    return engine.method.scoring_context(model, engine.cfg, videos, data_root(engine))
 
 
 @dataclass
@@ -154,7 +137,7 @@ def evaluate(engine: Engine, model: nn.Module, calibration: Calibration, test_vi
         return {}
     cfg = engine.cfg
     start = time.perf_counter()
-    with test_backgrounds(engine, model, test_videos):
+    with scoring_unseen(engine, model, test_videos):
         scored = score_clips(engine, model, test_set, test_videos, "test")
     labels = [v.labels[f] for v, f in zip(scored.videos, scored.frames)]
     names = [v.name for v in scored.videos]
@@ -209,7 +192,7 @@ def write_outputs(engine: Engine, out_dir: Path, model: nn.Module, test_set: Cli
     gif, plots = None, []
     if cfg.TEST.save_images:
         try:
-            with test_backgrounds(engine, model, scored.videos):
+            with scoring_unseen(engine, model, scored.videos):
                 plots, gif = write_plots_and_gif(engine, out_dir, model, test_set, scored, online, calibration.threshold)
         except Exception as exc:  # noqa: BLE001  (pictures are a by-product: never lose a finished run over them)
             log.warning("score plots / GIF not written (%s: %s); model.pt and metrics are saved, rerun with --mode gif", type(exc).__name__, exc)

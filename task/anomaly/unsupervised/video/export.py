@@ -1,21 +1,17 @@
-"""``--mode export`` of a video run: the clip-to-scores path of DMAD-PDM as one ONNX graph, checked against PyTorch.
+"""``--mode export`` of a video run: the method's clip-to-scores graph as one ONNX file, checked against PyTorch.
 
 Graph inputs (float32, values in [-1, 1] as ``ClipDataset`` yields them; B dynamic, everything else fixed by the
 checkpoint): ``clip`` [B, T, C, H, W] (T = ``DATASET.clip_length``, C = 1 for grey data, else 3), ``target``
-[B, C, H, W] (the frame after the clip; the scores compare the prediction with it) and, only for a run with one
-background template per video (``DATASET.background=per_video``), ``background`` [B, C, H, W]: the video's own median
-template, as the test evaluation builds it (``use_test_backgrounds``); the trained per-video templates belong to the
-training videos, so an index into them would be of no use for a new video. A run with one shared template has it
-baked into the graph. Outputs: ``predicted_frame`` [B, Cm, H, W] (Cm = the model's channels; grey data is replicated
-for a colour model), ``error_map`` [B, 1, H, W] and one raw score [B] per name, ``score_<name>`` (deformation,
-prediction, gradient). The ShanghaiTech ``object`` score is computed from OpenCV contours, which have no ONNX form:
-it is left out (``unexported_scores`` in the metadata says so), and ``--backend onnx`` refuses a run whose
-``SCORE.names`` needs it.
+[B, C, H, W] (the frame after the clip) and, where the method's ``video_inputs`` gives one, ``video_input``
+[B, C, H, W]: a per-video input computed from the video's own frames (DMAD-PDM with one background template per video:
+the video's median template). Outputs: ``predicted_frame`` [B, Cm, H, W], ``error_map`` [B, 1, H, W] and one raw score
+[B] per name, ``score_<name>``: the method's ``serving_module``. Scores a graph cannot compute (``score_names(cfg,
+exportable=True)`` leaves them out) are listed in ``unexported_scores``, and ``--backend onnx`` refuses a run whose
+``SCORE.names`` needs them.
 
-The graph is the evaluation's own ``method.score_batch`` traced once, so what it computes is what ``--mode test``
-scores. The fusion into one online score per frame stays outside (it is causal over a video's frames, not per clip):
-the metadata carries the calibration (training statistics and threshold) and the ``SCORE`` section it was fitted
-with, which ``video_predict`` applies to the ONNX outputs exactly as to PyTorch's.
+The fusion into one online score per frame stays outside (it is causal over a video's frames, not per clip): the
+metadata carries the calibration (training statistics and threshold), the ``SCORE`` section it was fitted with and
+the network settings, which ``video/predict.py`` applies to the ONNX outputs exactly as to PyTorch's.
 
 Check: before anything is written, ONNX Runtime (CPU) runs the graph on ``CHECK_CLIPS`` real clips (spread over the
 test videos of the dataset, or over ``--input``'s video) as one batch and as a batch of one, against PyTorch (CPU,
@@ -26,8 +22,6 @@ the unit in which the online protocol uses it. Observed differences are around 1
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import inspect
 import io
 import json
@@ -40,13 +34,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from task.anomaly.unsupervised.data.video.clips import ClipDataset, Video, scan_videos, video_from_path
-from task.anomaly.unsupervised.deploy.onnx import ONNX_FILENAME, TOLERANCE, Difference, file_sha256, open_onnx, with_metadata
+from task.anomaly.unsupervised.data.video.clips import ClipDataset, scan_videos, video_from_path
+from task.anomaly.unsupervised.deploy.onnx import ONNX_FILENAME, TOLERANCE, Difference, file_sha256, metadata_image_size, open_onnx, with_metadata
 from task.anomaly.unsupervised.engine.engine import Engine, LoadedModel
 from task.anomaly.unsupervised.engine.modes import ModeOptions
 from task.anomaly.unsupervised.engine.settings import load_for_serving
-from task.anomaly.unsupervised.models.base import Method
-from task.anomaly.unsupervised.models.dmad_video.templates import background_for, templates_tensor
+from task.anomaly.unsupervised.models.base import VideoMethod
 from task.anomaly.unsupervised.video.evaluation import Calibration, served_protocol
 from task.common.config import Config
 from task.common.errors import UserError
@@ -57,78 +50,11 @@ log = logging.getLogger("anomaly")
 # The contract between the export (writer) and ``OnnxVideoModel`` (reader).
 VIDEO_ONNX_FORMAT = "tnvision-dmad-video-onnx"
 FRAME_OUTPUTS = ("predicted_frame", "error_map")
-RAW_SCORES = ("deformation", "prediction", "gradient")
-UNEXPORTABLE_SCORES = ("object",)  # OpenCV contours (scores.object_scores): no ONNX form
 CHECK_CLIPS = 4
 
 
 # --------------------------------------------------------------------------------------------- the graph
-class _GivenBackground(nn.Module):
-    """Stands in for the model's template store: ``select`` returns the templates it is handed ([B, C, H, W])."""
-
-    def select(self, templates: Tensor) -> Tensor:
-        return templates
-
-
-class _KeepPrediction(nn.Module):
-    """The video model, remembering the predicted frame of its last forward (``score_batch`` returns only scores
-    and error maps). ``module`` is where ``score_batch`` looks for the wrapped model's channel count."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.module = model
-        self.prediction: Tensor | None = None
-
-    def forward(self, clip: Tensor, background: Tensor | None) -> Any:
-        out = self.module(clip, background)
-        self.prediction = out.prediction
-        return out
-
-
-class VideoScoreModule(nn.Module):
-    """A video run's per-clip scoring as a tuple-returning module: the graph ``--mode export`` writes and the
-    PyTorch backend of ``--mode predict``.
-
-    clip [B, T, C, H, W], target [B, C, H, W] (, background [B, C, H, W] with ``given_background``), all in [-1, 1]
-    -> (predicted_frame [B, Cm, H, W], error_map [B, 1, H, W], *raw scores [B] in ``names`` order).
-    """
-
-    def __init__(self, method: Method, model: nn.Module, settings: Any, names: tuple[str, ...], given_background: bool) -> None:
-        super().__init__()
-        model = model.eval()
-        if given_background:  # a copy: the caller's model keeps its trained templates
-            model = copy.deepcopy(model)
-            model.background = _GivenBackground()
-        self.net = _KeepPrediction(model)
-        self.method = method
-        self.settings = settings
-        self.names = names
-        self.given_background = given_background
-
-    def forward(self, clip: Tensor, target: Tensor, background: Tensor | None = None) -> tuple[Tensor, ...]:
-        if background is not None:  # grey templates feed a colour model replicated, as the frames are
-            background = background.expand(-1, self.net.module.channels, -1, -1)
-        batch = {"clip": clip, "target": target, "background": background}
-        scores, error_map = self.method.score_batch(self.net, batch, self.settings)
-        return (self.net.prediction, error_map, *(scores[name] for name in self.names))
-
-
-def score_module(method: Method, model: nn.Module, cfg: Config, onnx: bool = False) -> VideoScoreModule:
-    """The scoring module of a loaded video model with ``cfg``'s score settings; ``onnx``: without the scores ONNX
-    cannot express (``UNEXPORTABLE_SCORES``)."""
-    settings = method.score_settings(cfg)
-    if onnx:
-        settings = dataclasses.replace(settings, object_score=False)
-    names = RAW_SCORES + (("object",) if settings.object_score else ())
-    return VideoScoreModule(method, model, settings, names, cfg.DATASET.background == "per_video")
-
-
-def own_backgrounds(videos: list[Video], size: tuple[int, int], grayscale: bool) -> Tensor:
-    """Each video's own median template [V, C, H, W] in [-1, 1] (as the test evaluation of a per-video run)."""
-    return templates_tensor(background_for(videos, size, grayscale, True, None))
-
-
-def export_graph(module: VideoScoreModule, example: tuple[Tensor, ...], opset: int, input_names: list[str], output_names: list[str]) -> bytes:
+def export_graph(module: nn.Module, example: tuple[Tensor, ...], opset: int, input_names: list[str], output_names: list[str]) -> bytes:
     """Trace ``module`` on ``example`` (CPU) into ONNX bytes with a dynamic batch axis (TorchScript exporter, as
     export.py: the torch.export-based one needs onnxscript)."""
     kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
@@ -151,8 +77,8 @@ def export_graph(module: VideoScoreModule, example: tuple[Tensor, ...], opset: i
 class OnnxVideoModel:
     """An exported video graph on ONNX Runtime's CPU provider, with what its metadata says about it.
 
-    ``__call__(clip, target, background)`` takes what ``VideoScoreModule`` takes (tensors) and returns the same
-    tuple (CPU tensors), so ``video_predict`` runs either backend through one path.
+    ``__call__(batch)`` is a ``ClipScorer`` (video/inference.py): the same batches as the PyTorch path, the same
+    (raw scores, error maps) out, so predict runs either backend through ``run_clips``.
     """
 
     def __init__(self, source: Path | bytes, name: str) -> None:
@@ -163,30 +89,30 @@ class OnnxVideoModel:
         try:
             self.clip_length = int(meta["clip_length"])
             self.channels = int(meta["channels"])
-            self.image_size: tuple[int, int] = tuple(int(v) for v in json.loads(meta["image_size"]))
+            self.image_size: tuple[int, int] = metadata_image_size(meta, self.session, name)  # checked: ints, limits, graph
             self.grayscale = json.loads(meta["grayscale"]) is True
-            self.per_video_background = json.loads(meta["per_video_background"]) is True
             self.names: tuple[str, ...] = tuple(json.loads(meta["scores"]))
             self.calibration = Calibration.from_dict(json.loads(meta["calibration"]))
             self.protocol: dict = json.loads(meta["protocol"])
+            self.settings: dict[str, Any] = json.loads(meta.get("settings", "{}"))
         except (KeyError, ValueError, TypeError) as exc:
             raise UserError(f"{name} has incomplete metadata ({type(exc).__name__}: {str(exc)[:80]}); re-create it with --mode export") from None
+        self.inputs = tuple(i.name for i in self.session.get_inputs())
+        self.takes_video_input = len(self.inputs) == 3  # clip, target and the per-video input
         self.outputs = FRAME_OUTPUTS + tuple(f"score_{n}" for n in self.names)
         found = tuple(o.name for o in self.session.get_outputs())
-        if self.calibration is None or found != self.outputs or len(self.image_size) != 2:
+        if self.calibration is None or found != self.outputs or len(self.image_size) != 2 or not isinstance(self.settings, dict):
             raise UserError(f"{name} has metadata or outputs this toolkit does not know (outputs {found[:6]}); re-create it with --mode export")
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Named float32 inputs -> the named outputs as arrays."""
-        feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
+    def run(self, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Float32 inputs in graph order (clip, target[, video input]) -> the named outputs as arrays."""
+        feed = {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in zip(self.inputs, inputs)}
         return dict(zip(self.outputs, self.session.run(list(self.outputs), feed)))
 
-    def __call__(self, clip: Tensor, target: Tensor, background: Tensor | None = None) -> tuple[Tensor, ...]:
-        inputs = {"clip": clip.detach().float().cpu().numpy(), "target": target.detach().float().cpu().numpy()}
-        if self.per_video_background:
-            inputs["background"] = background.detach().float().cpu().numpy()
-        out = self.run(inputs)
-        return tuple(torch.from_numpy(out[name]) for name in self.outputs)
+    def __call__(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        keys = ("clip", "target", "video_input") if self.takes_video_input else ("clip", "target")
+        out = self.run([batch[k].detach().float().cpu().numpy() for k in keys])
+        return {n: torch.from_numpy(out[f"score_{n}"]) for n in self.names}, torch.from_numpy(out["error_map"])
 
 
 def load_onnx_video_model(path: Path, checkpoint: Path | None) -> OnnxVideoModel:
@@ -212,9 +138,9 @@ def load_calibrated(engine: Engine, checkpoint: str | None) -> tuple[LoadedModel
     return loaded, calibration
 
 
-def check_inputs(cfg: Config, input_path: str | None) -> dict[str, Tensor]:
-    """Graph inputs of ``CHECK_CLIPS`` real clips spread over ``--input``'s video or the test videos: clip, target
-    and, for a per-video run, each clip's own video template (only those videos' medians are computed)."""
+def check_inputs(method: VideoMethod, cfg: Config, input_path: str | None) -> list[Tensor]:
+    """Graph inputs (clip, target[, video input]) of ``CHECK_CLIPS`` real clips spread over ``--input``'s video or
+    the test videos (per-video inputs are computed for those videos only)."""
     ds = cfg.DATASET
     if input_path:
         if not Path(input_path).exists():
@@ -225,23 +151,24 @@ def check_inputs(cfg: Config, input_path: str | None) -> dict[str, Tensor]:
             videos = scan_videos(ds, "test")
         except UserError as exc:
             raise UserError(f"the ONNX check needs a few real clips: pass --input VIDEO, or point DATASET.datadir at the dataset ({exc})") from None
-    every = ClipDataset(videos, ds.clip_length, tuple(ds.resize), ds.grayscale, False, False)
+    every = ClipDataset(videos, ds.clip_length, tuple(ds.resize), ds.grayscale, False)
     picks = np.unique(np.linspace(0, len(every) - 1, min(len(every), CHECK_CLIPS)).round().astype(int))
     items = [every[int(i)] for i in picks]
-    inputs = {"clip": torch.stack([x["clip"] for x in items]), "target": torch.stack([x["target"] for x in items])}
-    if ds.background == "per_video":
-        used = sorted({int(x["video"]) for x in items})
-        templates = dict(zip(used, own_backgrounds([videos[v] for v in used], tuple(ds.resize), ds.grayscale)))
-        inputs["background"] = torch.stack([templates[int(x["video"])] for x in items])
+    inputs = [torch.stack([x["clip"] for x in items]), torch.stack([x["target"] for x in items])]
+    used = sorted({int(x["video"]) for x in items})
+    per_video = method.video_inputs(cfg, [videos[v] for v in used])
+    if per_video is not None:
+        rows = dict(zip(used, per_video))
+        inputs.append(torch.stack([rows[int(x["video"])] for x in items]))
     return inputs
 
 
-def differences(onnx_model: OnnxVideoModel, inputs: dict[str, Tensor], reference: dict[str, Tensor], calibration: Calibration) -> list[Difference]:
+def differences(onnx_model: OnnxVideoModel, inputs: list[Tensor], reference: dict[str, Tensor], calibration: Calibration) -> list[Difference]:
     """ONNX Runtime on ``inputs`` as one batch and as a batch of one, against ``reference``: maps relative to their
     range, raw scores relative to their training spread."""
-    arrays = {k: v.numpy() for k, v in inputs.items()}
+    arrays = [v.numpy() for v in inputs]
     full = onnx_model.run(arrays)
-    single = onnx_model.run({k: v[:1] for k, v in arrays.items()})
+    single = onnx_model.run([v[:1] for v in arrays])
     out = []
     for name, expected_tensor in reference.items():
         expected = expected_tensor.numpy()
@@ -257,19 +184,20 @@ def differences(onnx_model: OnnxVideoModel, inputs: dict[str, Tensor], reference
 
 def export_video_run(engine: Engine, loaded: LoadedModel, calibration: Calibration, input_path: str | None) -> Path:
     """Export ``loaded`` to ``model.onnx`` beside its checkpoint after the ONNX Runtime check; returns the path."""
-    cfg, checkpoint = loaded.cfg, loaded.path
+    method, cfg, checkpoint = engine.method, loaded.cfg, loaded.path
     model = loaded.model.float().cpu().to(memory_format=torch.contiguous_format).eval()
-    module = score_module(engine.method, model, cfg, onnx=True)
-    dropped = [n for n in UNEXPORTABLE_SCORES if n in score_module(engine.method, model, cfg).names]
+    module = method.serving_module(model, cfg)
+    names = method.score_names(cfg, exportable=True)
+    dropped = [n for n in method.score_names(cfg) if n not in names]
     if dropped:
-        log.warning("score(s) %s use OpenCV contours and are not in the ONNX graph; --backend onnx cannot serve a SCORE.names that needs them", ", ".join(dropped))
-    inputs = check_inputs(cfg, input_path)
-    input_names = ["clip", "target"] + (["background"] if module.given_background else [])
-    output_names = list(FRAME_OUTPUTS) + [f"score_{n}" for n in module.names]
+        log.warning("score(s) %s have no graph form and are not in the ONNX file; --backend onnx cannot serve a SCORE.names that needs them", ", ".join(dropped))
+    inputs = check_inputs(method, cfg, input_path)
+    input_names = ["clip", "target", "video_input"][: len(inputs)]
+    output_names = list(FRAME_OUTPUTS) + [f"score_{n}" for n in names]
     with torch.no_grad():
-        reference = dict(zip(output_names, module(*(inputs[k] for k in input_names))))
-    count = len(inputs["clip"])
-    example = tuple(inputs[k][:2] if count >= 2 else torch.cat([inputs[k]] * 2) for k in input_names)
+        reference = dict(zip(output_names, module(*inputs)))
+    count = len(inputs[0])
+    example = tuple(v[:2] if count >= 2 else torch.cat([v] * 2) for v in inputs)
 
     size, opset, length = tuple(cfg.DATASET.resize), engine.cfg.EXPORT.opset, cfg.DATASET.clip_length
     channels = 1 if cfg.DATASET.grayscale else 3
@@ -278,18 +206,16 @@ def export_video_run(engine: Engine, loaded: LoadedModel, calibration: Calibrati
         "format": VIDEO_ONNX_FORMAT,
         "clip_length": str(length),
         "channels": str(channels),
-        "model_channels": str(cfg.MODEL.channels),
         "image_size": json.dumps(list(size)),
         "grayscale": json.dumps(bool(cfg.DATASET.grayscale)),
-        "per_video_background": json.dumps(module.given_background),
         "inputs": ", ".join(
             [f"clip float32 [B, {length}, {channels}, H, W] in [-1, 1] (x / 127.5 - 1)", f"target float32 [B, {channels}, H, W] in [-1, 1] (the next frame)"]
-            + ([f"background float32 [B, {channels}, H, W] in [-1, 1] (the video's own median template)"] if module.given_background else [])
+            + ([f"video_input float32 [B, {channels}, H, W] in [-1, 1] (computed from the clip's own video)"] if len(inputs) == 3 else [])
         ),
-        "outputs": ", ".join([f"predicted_frame [B, {cfg.MODEL.channels}, H, W]", "error_map [B, 1, H, W]", *(f"score_{n} [B]" for n in module.names)]),
-        "scores": json.dumps(list(module.names)),
+        "outputs": ", ".join(["predicted_frame [B, C, H, W]", "error_map [B, 1, H, W]", *(f"score_{n} [B]" for n in names)]),
+        "scores": json.dumps(list(names)),
         "unexported_scores": json.dumps(dropped),
-        "score_settings": json.dumps(dataclasses.asdict(module.settings)),
+        "settings": json.dumps({key: cfg.get(key) for key in method.network_keys + method.scoring_keys}),
         "calibration": json.dumps(calibration.to_dict()),
         "protocol": json.dumps(served_protocol(calibration, cfg, checkpoint).to_config()),  # what the threshold was fitted with
         "category": str(cfg.DATASET.target),

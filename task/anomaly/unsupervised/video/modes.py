@@ -23,9 +23,9 @@ from task.anomaly.unsupervised.scoring.score_file import read_scores
 from task.anomaly.unsupervised.scoring.settings import ProtocolParams
 from task.anomaly.unsupervised.video.evaluation import (
     Calibration,
-    background_templates,
     calibrate,
     calibration_split,
+    data_root,
     evaluate,
     video_split,
 )
@@ -47,11 +47,11 @@ def prepare_video_data(engine: Engine) -> None:
 
 
 def fresh_model(engine: Engine, train_videos: list[Video]) -> torch.nn.Module:
-    """A new model for training (or timing it): one background template per training video or one shared, initialised
-    from the training frames; on the device, compiled with TRAIN.compile."""
+    """A new model for training (or timing it), its data-dependent state prepared from the training videos (e.g.
+    DMAD-PDM's background templates); on the device, compiled with TRAIN.compile."""
     method = engine.method
     model = method.build(engine.cfg, num_videos=len(train_videos))
-    method.set_background(model, background_templates(engine, train_videos))
+    method.prepare(model, engine.cfg, train_videos, data_root(engine))
     return engine.maybe_compile(method.to_device(model, engine.device, engine.channels_last))
 
 
@@ -65,6 +65,7 @@ def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
         train_videos, all_train = video_split(engine, "train")
         train_set, calibration_set, source = calibration_split(engine, all_train)
         test_videos, test_set = video_split(engine, "test")
+        check_scoring(engine, test_videos)  # before training: a meaningless SCORE section would waste the run
         ensure_dir(engine.run_dir)
         engine.setup_log_file()
         if engine.dist.is_main:
@@ -82,6 +83,12 @@ def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
             return evaluate(engine, trained, calibration, test_videos, test_set, step, None, final)
 
         return train(engine, train_set, evaluate_now, model=model)
+
+
+def check_scoring(engine: Engine, test_videos: list[Video]) -> None:
+    """The SCORE section against the test videos' lengths (``ProtocolParams.check_lengths``), before any work."""
+    clip_length = engine.cfg.DATASET.clip_length
+    ProtocolParams.from_config(engine.cfg.SCORE).check_lengths([v.num_frames - clip_length for v in test_videos], "the test videos")
 
 
 def _calibration(engine: Engine, loaded: LoadedModel) -> Calibration:
@@ -107,6 +114,7 @@ def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:
         engine.adopt(loaded.cfg)  # frame size, colour and clip length follow the checkpoint
         prepare_video_data(engine)
         test_videos, test_set = video_split(engine, "test")
+        check_scoring(engine, test_videos)
         out_dir = test_output_dir(engine, path)
         calibration = _calibration(engine, loaded)
         return evaluate(engine, loaded.model, calibration, test_videos, test_set, None, out_dir, True)
@@ -115,7 +123,7 @@ def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:
 def mode_gif(engine: Engine, options: ModeOptions) -> None:
     """Rebuild the score plots and the GIF from a checkpoint (no training; model.pt and metrics are left alone)."""
     from task.anomaly.unsupervised.scoring.protocols import online_frame_scores
-    from task.anomaly.unsupervised.video.evaluation import test_backgrounds
+    from task.anomaly.unsupervised.video.evaluation import scoring_unseen
     from task.anomaly.unsupervised.video.inference import score_clips
     from task.anomaly.unsupervised.video.outputs import write_plots_and_gif
 
@@ -126,7 +134,7 @@ def mode_gif(engine: Engine, options: ModeOptions) -> None:
         prepare_video_data(engine)
         test_videos, test_set = video_split(engine, "test")
         calibration = _calibration(engine, loaded)
-        with test_backgrounds(engine, loaded.model, test_videos):
+        with scoring_unseen(engine, loaded.model, test_videos):
             scored = score_clips(engine, loaded.model, test_set, test_videos, "gif")
             params = ProtocolParams.from_config(engine.cfg.SCORE)
             online = online_frame_scores({n: scored.scores[n] for n in params.names}, calibration.train_stats, params)
@@ -142,12 +150,31 @@ def mode_score(engine: Engine, options: ModeOptions) -> dict[str, Any]:
     if isinstance(settings, dict):
         # e.g. converted official files: their values already went through some protocol steps
         log.info("%s carries its own SCORE settings (%s); they replace the YAML's SCORE section", options.input, scores.extra.get("source", "no source given"))
+        settings = with_command_line_score(engine, settings, options.input)
         params = ProtocolParams.from_config(settings)
     else:
         params = ProtocolParams.from_config(engine.cfg.SCORE)
     result = evaluate_scores(scores, params)
     print(json.dumps(result, indent=2, default=float))
     return {k: v for k, v in result.items() if isinstance(v, float)}
+
+
+def with_command_line_score(engine: Engine, settings: dict[str, Any], source: str) -> dict[str, Any]:
+    """A score file's own SCORE settings with the SCORE.* keys given explicitly on the command line applied on top
+    (an explicit override is never ignored silently); each applied key is logged."""
+    keys = sorted(k for k in engine.overridden if k.startswith("SCORE."))
+    if not keys:
+        return settings
+    merged = json.loads(json.dumps(settings))  # a deep copy of plain JSON data
+    for key in keys:
+        *path, last = key.split(".")[1:]
+        node: Any = merged
+        for part in path:
+            node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else node
+        value = engine.cfg.get(key)
+        node[last] = value.to_dict() if hasattr(value, "to_dict") else value
+    log.warning("%s: the command line's %s replace(s) the file's own SCORE settings", source, ", ".join(keys))
+    return merged
 
 
 def mode_benchmark(engine: Engine, options: ModeOptions) -> None:

@@ -65,12 +65,44 @@ def _masks_by_stem(folder: Path) -> dict[str, Path]:
     return masks
 
 
+_ROLES = ("normal_dir", "abnormal_dir", "mask_dir", "normal_test_dir")
+
+
+def _check_separate(root: Path, ds: Config) -> None:
+    """The folders of the layout must be distinct and not nested (symlinks resolved), and no image file may serve
+    two of them: else the same images become normal and defective, masks, or training images tested as good."""
+    folders = {key: (root / ds[key]).resolve() for key in _ROLES if ds[key] and (root / ds[key]).is_dir()}
+    keys = list(folders)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            fa, fb = folders[a], folders[b]
+            if fa == fb:
+                raise UserError(f"DATASET.{a} and DATASET.{b} are the same folder {fa}; give each role its own folder")
+            if fa in fb.parents or fb in fa.parents:
+                inner, outer = (a, b) if fb in fa.parents else (b, a)
+                raise UserError(f"DATASET.{inner} ({folders[inner]}) lies inside DATASET.{outer} ({folders[outer]}); "
+                                "give each role a folder of its own, side by side")
+    owner: dict[Path, str] = {}
+    for key, folder in folders.items():
+        shared = []
+        for image in list_image_files(folder):
+            real = image.resolve()
+            if real in owner and owner[real] != key:
+                shared.append((owner[real], image))
+            owner.setdefault(real, key)
+        if shared:
+            other, example = shared[0]
+            raise UserError(f"{len(shared)} image(s) of DATASET.{key} are the same files as images of DATASET.{other} "
+                            f"(links), e.g. {example}; each image must have one role")
+
+
 def scan_folder(ds: Config, split: str, seed: int) -> list[Sample]:
     """The samples of ``split`` ('train' or 'test'); ``seed`` picks the held-out normals. Order: defect, then name."""
     root = Path(ds.datadir).expanduser()
     if not root.is_dir():
         raise UserError(f"dataset folder {root} not found; set DATASET.datadir to the folder holding your image folders")
     check_split(split)
+    _check_separate(root, ds)
     normals = _images(root, ds.normal_dir, "normal_dir")
     held = set() if ds.normal_test_dir else _held_out(normals, ds.normal_split_ratio, seed)
     if split == "train":

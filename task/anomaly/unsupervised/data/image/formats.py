@@ -23,7 +23,7 @@ FORMATS: dict[str, Callable[[Config, str, int], list[Sample]]] = {
 
 # The DATASET keys the formats add to a run schema (datadir, target, resize, ... are the method's).
 DATASET_SCHEMA_KEYS: dict[str, Field] = {
-    "format": F(str, "mvtec", choices=("mvtec", "visa", "folder", "video"), help="dataset layout; mvtec also reads BTAD and MPDD"),
+    "format": F(str, "mvtec", choices=("mvtec", "visa", "folder"), help="dataset layout (video: frame folders or video files); mvtec also reads BTAD and MPDD"),
     "normal_dir": F(str, None, nullable=True, help="folder format: normal images, relative to datadir"),
     "abnormal_dir": F(str, None, nullable=True, help="folder format: anomalous test images, relative to datadir"),
     "mask_dir": F(str, None, nullable=True, help="folder format: masks named like their images (null: no pixel metrics)"),

@@ -13,6 +13,8 @@ Every mode is mapped to [0, 1] by the range of its sample type, never by the ima
 * 32-bit int ("I"): value / (2**bits - 1) with ``bits`` the stored sample size (16 for PNG, the TIFF
   BitsPerSample tag, at most 31 because PIL holds "I" as int32); negative values are refused.
 * float ("F"): taken as intensities; values must be finite and in [0, 1] and are kept as they are.
+* TIFFs Pillow cannot identify (3- or 4-channel float32, as OpenCV writes them) are decoded by OpenCV: colour
+  floats in [0, 1] become 8-bit RGB (``rint(255 x)``, exact for images that were 8-bit), grey floats stay "F".
 
 High-bit-depth sources are all single-channel in PIL. They are NOT quantised to 8 bits: ``load_image`` returns
 them as a PIL "F" image (float32 grey in [0, 1]) and ``resize_image`` resizes that float image with the same
@@ -83,12 +85,54 @@ def _read_error(path: str | Path, what: str, exc: Exception) -> UserError:
 
 
 def image_size(path: str | Path, what: str = "image") -> tuple[int, int]:
-    """(width, height) from the file header, without decoding pixels."""
+    """(width, height) from the file header, without decoding pixels (a TIFF Pillow cannot read: OpenCV decodes it)."""
     try:
         with Image.open(path) as img:
             return img.size
     except _READ_ERRORS as e:
-        raise _read_error(path, what, e) from e
+        fallback = _opencv_tiff(path, what) if isinstance(e, UnidentifiedImageError) else None
+        if fallback is None:
+            raise _read_error(path, what, e) from e
+        return fallback.size
+
+
+def _opencv_tiff(path: str | Path, what: str) -> Image.Image | None:
+    """A TIFF that Pillow cannot identify, decoded by OpenCV (``IMREAD_UNCHANGED``), or None if OpenCV cannot either.
+
+    The case: multi-channel float32 TIFFs, e.g. ``cv2.imwrite('x.tiff', img.astype(np.float32) / 255)``. Pillow has
+    no float colour mode, so colour floats (which must lie in [0, 1]) become 8-bit "RGB" (``rint(255 x)``: exact for
+    images that were 8-bit); single-channel floats become "F" as Pillow's own float path does.
+    """
+    if Path(path).suffix.lower() not in (".tif", ".tiff"):
+        return None
+    import cv2  # only for this fallback
+
+    values = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if values is None or values.ndim not in (2, 3) or values.size == 0:
+        return None
+    if values.ndim == 3 and values.shape[2] == 1:
+        values = values[:, :, 0]
+    if values.ndim == 3 and values.shape[2] not in (3, 4):
+        return None
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.isfinite(values).all():
+            raise UserError(f"{what} {path} has non-finite pixels (NaN or inf); fix or remove the file")
+        low, high = float(values.min()), float(values.max())
+        if low < 0 or high > 1:
+            raise UserError(f"float {what} {path} has values in [{low:g}, {high:g}]; float images must hold intensities in [0, 1]")
+        if values.ndim == 2:
+            return Image.fromarray(values.astype(np.float32), "F")
+        values = np.rint(values.astype(np.float64) * 255).astype(np.uint8)
+    elif values.dtype == np.uint16:
+        values = (values >> 8).astype(np.uint8) if values.ndim == 3 else values
+        if values.ndim == 2:
+            return Image.fromarray((values.astype(np.float32) / np.float32(65535)), "F")
+    elif values.dtype != np.uint8:
+        return None
+    if values.ndim == 2:
+        return Image.fromarray(values, "L").convert("RGB")
+    code = cv2.COLOR_BGRA2RGB if values.shape[2] == 4 else cv2.COLOR_BGR2RGB  # alpha dropped, as Pillow's path
+    return Image.fromarray(np.ascontiguousarray(cv2.cvtColor(values, code)), "RGB")
 
 
 # --------------------------------------------------------------------------- images
@@ -141,7 +185,10 @@ def load_image(path: str | Path) -> Image.Image:
                 return img.convert("RGBA").convert("RGB")
             return img.convert("RGB")
     except _READ_ERRORS as e:
-        raise _read_error(path, "image", e) from e
+        fallback = _opencv_tiff(path, "image") if isinstance(e, UnidentifiedImageError) else None
+        if fallback is None:
+            raise _read_error(path, "image", e) from e
+        return fallback
 
 
 def resize_image(img: Image.Image, size: tuple[int, int]) -> np.ndarray:

@@ -13,11 +13,14 @@ CSV paths are relative to the root; ``label`` is ``normal`` or ``anomaly``; rows
 from __future__ import annotations
 
 import csv
-from pathlib import Path
+import posixpath
+import warnings
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from task.anomaly.unsupervised.data.image.dataset import ANOMALY, GOOD, Sample, check_split
+from task.common.array_files import check_file_size
 from task.common.config import Config
-from task.common.errors import UserError
+from task.common.errors import UserError, short_text
 
 __all__ = ["VISA_URL", "SPLIT_CSV", "scan_visa"]
 
@@ -25,22 +28,48 @@ VISA_URL = "https://github.com/amazon-science/spot-diff"
 SPLIT_CSV = Path("split_csv") / "1cls.csv"
 _COLUMNS = ("object", "split", "label", "image", "mask")
 _LABELS = {"normal": 0, "anomaly": 1}
+_EXTRA = "\0extra"  # DictReader key of the fields beyond the header
+MAX_CSV_BYTES = 64 << 20  # the official 1cls.csv is under 1 MB
 
 
 def _read_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) for every data row of the split file, after checking its header."""
+    """(line number, row) for every data row of the split file, after checking its size, header and row lengths."""
+    fix = "restore it from the VisA download"
+    check_file_size(csv_path, "VisA split file", fix, MAX_CSV_BYTES)
     try:
-        with open(csv_path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in _COLUMNS if c not in (reader.fieldnames or [])]
+        # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first column's name
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, restkey=_EXTRA)
+            header = [name.strip() for name in reader.fieldnames or []]
+            reader.fieldnames = header
+            missing = [c for c in _COLUMNS if c not in header]
             if missing:
                 raise UserError(
                     f"VisA split file {csv_path} lacks column(s) {', '.join(missing)}; "
                     f"its header must be {','.join(_COLUMNS)}"
                 )
-            return [(reader.line_num, row) for row in reader]
+            rows = []
+            for row in reader:
+                if None in row.values() or _EXTRA in row:
+                    count = len(header) + len(row.get(_EXTRA, [])) - sum(v is None for v in row.values())
+                    raise UserError(f"{csv_path} line {reader.line_num} has {count} field(s) but the header has {len(header)}; "
+                                    f"every row needs {','.join(_COLUMNS)} (an empty mask cell still needs its comma)")
+                rows.append((reader.line_num, {k: v.strip() for k, v in row.items()}))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"cannot read VisA split file {csv_path} ({e}); restore it from the VisA download") from e
+        raise UserError(f"cannot read VisA split file {csv_path} ({e}); {fix}") from None
+    if not rows:
+        raise UserError(f"VisA split file {csv_path} has a header but no rows; {fix}")
+    return rows
+
+
+def _inside(relative: str, what: str, csv_path: Path, line: int) -> str:
+    """``relative`` normalised; an absolute path or one that climbs out of the VisA root is refused."""
+    text = relative.replace("\\", "/")
+    normal = posixpath.normpath(text)
+    if PurePosixPath(text).is_absolute() or PureWindowsPath(relative).drive or normal == ".." or normal.startswith("../"):
+        raise UserError(f"{csv_path} line {line} lists {what} {short_text(relative)!r} outside the VisA root; "
+                        "paths must be relative to the root, without leading / or ..")
+    return normal
 
 
 def _existing(root: Path, relative: str, what: str, csv_path: Path, line: int) -> Path:
@@ -48,6 +77,39 @@ def _existing(root: Path, relative: str, what: str, csv_path: Path, line: int) -
     if not path.is_file():
         raise UserError(f"{csv_path} line {line} lists {what} {path}, which does not exist; restore the VisA files")
     return path
+
+
+def _target_rows(rows: list[tuple[int, dict[str, str]]], target: str, csv_path: Path) -> list[tuple[int, dict[str, str]]]:
+    """The rows of ``target`` once each: identical repeats are dropped with a warning; an image listed in two splits
+    (train/test leakage) or twice with different labels/masks is refused with the count."""
+    first: dict[str, tuple[int, dict[str, str]]] = {}
+    kept, repeats, leaks, conflicts = [], 0, [], []
+    for line, row in rows:
+        if row["object"] != target:
+            continue
+        image = _inside(row["image"], "image", csv_path, line)
+        if row["mask"]:
+            _inside(row["mask"], "mask", csv_path, line)
+        if image not in first:
+            first[image] = (line, row)
+            kept.append((line, row))
+        elif first[image][1]["split"] != row["split"]:
+            leaks.append((first[image][0], line, image))
+        elif first[image][1] != row:
+            conflicts.append((first[image][0], line, image))
+        else:
+            repeats += 1
+    if leaks:
+        a, b, image = leaks[0]
+        raise UserError(f"{csv_path}: {len(leaks)} image(s) of {target} are listed in both train and test (leakage), e.g. "
+                        f"{short_text(image)} on lines {a} and {b}; keep each image in one split")
+    if conflicts:
+        a, b, image = conflicts[0]
+        raise UserError(f"{csv_path}: {len(conflicts)} image(s) of {target} are listed twice with different label or mask, "
+                        f"e.g. {short_text(image)} on lines {a} and {b}; keep one row per image")
+    if repeats:
+        warnings.warn(f"{csv_path}: {repeats} duplicated row(s) of {target} ignored (each image is used once)", stacklevel=3)
+    return kept
 
 
 def scan_visa(ds: Config, split: str, seed: int) -> list[Sample]:
@@ -73,17 +135,22 @@ def scan_visa(ds: Config, split: str, seed: int) -> list[Sample]:
         )
 
     samples: list[Sample] = []
-    for line, row in rows:
-        if row["object"] != ds.target or row["split"] != split:
+    for line, row in _target_rows(rows, ds.target, csv_path):
+        if row["split"] not in ("train", "test"):
+            raise UserError(f"{csv_path} line {line} has split {short_text(row['split'])!r}; use 'train' or 'test'")
+        if row["split"] != split:
             continue
         label = _LABELS.get(row["label"])
         if label is None:
-            raise UserError(f"{csv_path} line {line} has label {row['label']!r}; use 'normal' or 'anomaly'")
+            raise UserError(f"{csv_path} line {line} has label {short_text(row['label'])!r}; use 'normal' or 'anomaly'")
         if label and split == "train":
             raise UserError(f"{csv_path} line {line} puts an anomalous image in the train split; training uses normal images only")
+        mask = row["mask"]
+        if mask and not label:
+            raise UserError(f"{csv_path} line {line} gives the mask {short_text(mask)} for a normal image; a normal image has "
+                            "no defect: empty the mask cell or label the row 'anomaly'")
         image = _existing(root, row["image"], "image", csv_path, line)
-        mask = (row["mask"] or "").strip()
-        mask_path = str(_existing(root, mask, "mask", csv_path, line)) if label and mask else None
+        mask_path = str(_existing(root, mask, "mask", csv_path, line)) if mask else None
         samples.append(Sample(str(image), label, mask_path, ANOMALY if label else GOOD))
     if not samples:
         raise UserError(

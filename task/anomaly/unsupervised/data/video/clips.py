@@ -19,7 +19,12 @@ background templates) reversed, or the frames flipped to BGR before the forward 
 
 from __future__ import annotations
 
+import itertools
+import logging
+import os
 import re
+import stat
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +36,8 @@ from torch.utils.data import Dataset
 
 from task.common.config import F, Schema
 from task.common.errors import UserError
+
+log = logging.getLogger("anomaly")
 
 __all__ = [
     "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "VIDEO_DATASET_KEYS", "Video", "ClipDataset",
@@ -44,7 +51,6 @@ VIDEO_DATASET_KEYS: Schema = {
     "clip_length": F(int, 4, min=1, help="input frames per clip; the frame after them is the prediction target"),
     "labels": F(str, None, nullable=True, help="test frame labels: a .npy, .m or folder; null: where the dataset keeps them"),
     "grayscale": F(bool, False, help="decode frames as one grey channel"),
-    "background": F(str, "shared", choices=("shared", "per_video"), help="one background template, or one per video (ShanghaiTech)"),
 }
 
 # (folder under <root>/<name>, holds frame folders (True) or video files (False)) per split, in search order.
@@ -85,13 +91,49 @@ def _frame_number(path: Path) -> int:
     return int(digits[-1])
 
 
+def _check_frame_file(path: Path) -> None:
+    """A listed frame must be a readable regular file: a dangling link, a FIFO or a folder named like a frame would
+    otherwise be dropped and a clip would span the hole."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise UserError(f"frame {path} is a dangling symbolic link (its target is missing); restore the frame or delete the link") from None
+    except OSError as exc:
+        raise UserError(f"cannot read frame {path} ({exc.strerror}); fix its permissions or delete it") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise UserError(f"frame {path} is a folder, not an image; move it out of {path.parent}")
+    if not stat.S_ISREG(info.st_mode):
+        raise UserError(f"frame {path} is not a regular file (a FIFO, socket or device); replace it with the image or delete it")
+
+
+def _warn_gaps(folder: Path, numbered: list[tuple[int, Path]]) -> None:
+    """One warning per folder whose frame numbers skip values (clips then span the gap)."""
+    gaps = [(x, y) for x, y in itertools.pairwise(numbered) if y[0] - x[0] > 1]
+    if gaps:
+        (a, pa), (b, pb) = gaps[0]
+        missing = sum(y[0] - x[0] - 1 for x, y in gaps)
+        log.warning(
+            "%s: %d frame number(s) missing in %d gap(s), the first between %s and %s (numbers %d-%d); clips span the "
+            "gaps, so restore the missing frames if they exist", folder, missing, len(gaps), pa.name, pb.name, a + 1, b - 1,
+        )
+
+
 def _frame_paths(folder: Path) -> tuple[Path, ...]:
-    """The image files of ``folder`` ordered by frame number (hidden files and other extensions ignored)."""
-    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()]
-    numbered = sorted((_frame_number(p), p) for p in files)
+    """The image files of ``folder`` ordered by frame number (hidden files and other extensions ignored).
+
+    An entry named like a frame that is not a readable regular file is a one-line error; gaps in the numbering
+    are a warning."""
+    try:
+        entries = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
+    except OSError as exc:
+        raise UserError(f"cannot list frames of {folder} ({exc.strerror}); fix its permissions") from None
+    for path in entries:
+        _check_frame_file(path)
+    numbered = sorted((_frame_number(p), p) for p in entries)
     for (n_a, a), (n_b, b) in zip(numbered, numbered[1:]):
         if n_a == n_b:
             raise UserError(f"frames {a.name} and {b.name} in {folder} have the same number {n_a}; keep one of them")
+    _warn_gaps(folder, numbered)
     return tuple(p for _, p in numbered)
 
 
@@ -120,6 +162,22 @@ def check_length(video: Video, clip_length: int) -> None:
         )
 
 
+def check_names(videos: Sequence[Video]) -> None:
+    """Video names key every per-video output (scores.npz, frame_scores.csv, plots): they must be unique and plain,
+    checked at scan time so that a run never fails after training over them."""
+    for video in videos:
+        if not video.name or video.name != video.name.strip() or not video.name.isprintable():
+            raise UserError(f"video {str(video.source)!r} has a name with surrounding spaces or control characters; rename it")
+    counts = Counter(v.name for v in videos)
+    repeated = [name for name, count in counts.items() if count > 1]
+    if repeated:
+        sources = [v.source.name for v in videos if v.name == repeated[0]]
+        raise UserError(
+            f"{len(repeated)} video name(s) repeat in {videos[0].source.parent}, e.g. {', '.join(sources)} are all named "
+            f"{repeated[0]!r}; keep one file per name (outputs are keyed by it)"
+        )
+
+
 def scan_videos(ds_cfg: Any, split: str) -> list[Video]:
     """The videos of ``split`` ("train" | "test") under ``<ds_cfg.datadir>/<ds_cfg.target>``, naturally sorted.
 
@@ -142,6 +200,7 @@ def scan_videos(ds_cfg: Any, split: str) -> list[Video]:
             videos = [_video_file(p) for p in sorted(entries, key=lambda p: _natural_key(p.stem))]
         if not videos:
             continue  # e.g. an empty training/frames next to training/videos
+        check_names(videos)
         for video in videos:
             check_length(video, ds_cfg.clip_length)
         return videos
@@ -240,7 +299,6 @@ class ClipDataset(Dataset):
     * ``video``: int64, index into ``videos``; ``frame``: int64, the target's frame index within its video
       (``clip_length .. num_frames - 1``: the first ``clip_length`` frames of a video are never targets);
     * ``label``: int64 0/1 of the target frame, -1 when the video has no labels;
-    * ``background``: int64, the video index with per-video backgrounds, else 0 (row of ``background_for``).
 
     ``cache=True`` decodes every video once at construction and keeps one uint8 ``[N, H, W, C]`` array per video;
     overlapping clips are slices of it. ``cache=False`` decodes the ``T + 1`` frames of each item on demand (for a
@@ -255,7 +313,6 @@ class ClipDataset(Dataset):
         size: tuple[int, int],
         grayscale: bool,
         cache: bool,
-        per_video_background: bool,
     ) -> None:
         if clip_length < 1:
             raise ValueError(f"clip_length must be >= 1, got {clip_length}")
@@ -265,7 +322,6 @@ class ClipDataset(Dataset):
         self.clip_length = int(clip_length)
         self.size = (int(size[0]), int(size[1]))
         self.grayscale = bool(grayscale)
-        self.per_video_background = bool(per_video_background)
         # One row (video index, target frame) per item: [M, 2] int64.
         rows = [(i, t) for i, v in enumerate(self.videos) for t in range(clip_length, v.num_frames)]
         self.index = np.array(rows, dtype=np.int64).reshape(-1, 2)
@@ -291,5 +347,4 @@ class ClipDataset(Dataset):
             "video": torch.tensor(video_index, dtype=torch.int64),
             "frame": torch.tensor(target, dtype=torch.int64),
             "label": torch.tensor(label, dtype=torch.int64),
-            "background": torch.tensor(video_index if self.per_video_background else 0, dtype=torch.int64),
         }

@@ -10,7 +10,11 @@
     Default places: ``<root>/<name>/frame_labels_<name>.npy``, ``<root>/frame_labels_<name>.npy``.
 (b) ShanghaiTech: a folder of ``<video>.npy``, one 0/1 per frame (``<root>/<name>/testing/test_frame_mask``).
 (c) UCSD Ped1/Ped2: the ``.m`` file with lines ``TestDataset.gt_frame{1} = [61:180];`` (1-based, inclusive,
-    several ranges allowed; ``<root>/<name>/Test/*.m``).
+    several ranges allowed; ``<root>/<name>/Test/*.m``). MATLAB comments (``% ...``, ``%{ ... %}``) are ignored; a
+    repeated ``gt_frame{k}`` and a negative, fractional, stepped or non-numeric range are one-line errors.
+
+Every file is measured before it is read (``array_files``): an empty, oversized or truncated file, or a ``.npy``
+whose header declares more than ``MAX_ARRAY_BYTES``, is refused before anything is allocated.
 (d) Avenue: a folder of ``<n>_label.mat`` whose ``volLabel`` holds one mask per frame; a frame is abnormal when its
     mask has a non-zero pixel (``<root>/<name>/ground_truth_demo/testing_label_mask``, or under ``<root>``).
 """
@@ -24,12 +28,19 @@ from typing import Any, Sequence
 
 import numpy as np
 import scipy.io
+from scipy.io.matlab import MatReadError
 
 from task.anomaly.unsupervised.data.video.clips import Video
-from task.common.errors import UserError
+from task.common.array_files import check_file_size, load_npy
+from task.common.errors import UserError, short_text
 
 __all__ = ["load_frame_labels", "attach_labels"]
 
+_NPY_FIX = "pass a .npy array of 0/1 per frame written by numpy.save"
+# A UCSD .m label file is a few kB; an Avenue <n>_label.mat at most a few MB.
+MAX_M_BYTES = 1 << 20
+MAX_MAT_BYTES = 256 << 20
+_M_FIX = "use the .m file of this dataset (lines like TestDataset.gt_frame{1} = [61:180];)"
 _FORMATS = "a .npy of 0/1 per test frame, a folder of <video>.npy, a UCSD .m file or an Avenue testing_label_mask folder"
 
 
@@ -41,11 +52,8 @@ def _binary(values: Any, source: Path) -> np.ndarray:
 
 
 def _load_npy(path: Path) -> np.ndarray:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read labels {path} ({exc}); pass a .npy array of 0/1") from None
-    array = np.squeeze(array)  # MNAD stores [1, N]
+    # The header's declared size is checked against the file and MAX_ARRAY_BYTES before anything is allocated.
+    array = np.squeeze(load_npy(path, "labels", _NPY_FIX))  # MNAD stores [1, N]
     if array.ndim != 1:
         raise UserError(f"labels {path} must be a 1-D array of 0/1 per frame, got shape {np.shape(array)}")
     return _binary(array, path)
@@ -85,19 +93,70 @@ def _per_video_npy(folder: Path, videos: Sequence[Video]) -> list[np.ndarray]:
     return out
 
 
+_ASSIGNMENT = re.compile(r"gt_frame\s*\{\s*([^}]*?)\s*\}\s*=\s*\[([^\]]*)\]")
+_RANGE = re.compile(r"^(\d+)(?::(\d+))?$")
+
+
+def _matlab_code(text: str) -> list[tuple[int, str]]:
+    """(line number, code) of a MATLAB file without its comments: ``% ...`` to the end of a line and ``%{ ... %}``
+    blocks (label files hold no strings, so every % starts a comment)."""
+    lines, in_block = [], 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if stripped == "%{":
+            in_block += 1
+        elif stripped == "%}" and in_block:
+            in_block -= 1
+        elif not in_block:
+            lines.append((number, line.split("%", 1)[0]))
+    return lines
+
+
+def _parse_ranges(body: str, path: Path, key: int, line: int) -> list[tuple[int, int]]:
+    """``61:180, 200`` -> [(61, 180), (200, 200)] (1-based, inclusive); anything else is a one-line error."""
+    ranges = []
+    for token in re.split(r"[\s,;]+", body.strip()):
+        if not token:
+            continue
+        match = _RANGE.match(token)
+        if match is None:
+            if re.fullmatch(r"\d+:\d+:\d+", token):
+                problem = f"the stepped range {token} (first:step:last) is not supported; list the abnormal frames as first:last ranges"
+            elif token.startswith("-") or ":-" in token:
+                problem = f"the range {short_text(token, 30)} has a negative frame; frames are numbered from 1"
+            else:
+                problem = f"{short_text(token, 30)} is not a frame range; use whole frame numbers first:last (1-based), e.g. [61:180]"
+            raise UserError(f"{path} line {line}: gt_frame{{{key}}}: {problem}")
+        first = int(match.group(1))
+        ranges.append((first, int(match.group(2) or first)))
+    return ranges
+
+
 def _ucsd_ranges(path: Path, videos: Sequence[Video]) -> list[np.ndarray]:
-    entries = re.findall(r"gt_frame\s*\{\s*(\d+)\s*\}\s*=\s*\[([^\]]*)\]", path.read_text(encoding="utf-8", errors="replace"))
-    ranges = {int(k): body for k, body in entries}
+    check_file_size(path, "labels", _M_FIX, MAX_M_BYTES)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise UserError(f"cannot read labels {path} ({exc.strerror}); {_M_FIX}") from None
+    ranges: dict[int, tuple[int, str]] = {}
+    for line, code in _matlab_code(text):
+        for key_text, body in _ASSIGNMENT.findall(code):
+            if not key_text.isdigit() or int(key_text) < 1:
+                raise UserError(f"{path} line {line}: gt_frame{{{short_text(key_text, 20)}}} must be indexed by a video number 1, 2, ...; {_M_FIX}")
+            key = int(key_text)
+            if key in ranges:
+                raise UserError(f"{path} line {line} gives gt_frame{{{key}}} again (first on line {ranges[key][0]}); keep one line per video")
+            ranges[key] = (line, body)
     if sorted(ranges) != list(range(1, len(videos) + 1)):
         raise UserError(f"{path} gives gt_frame{{k}} for {len(ranges)} videos but there are {len(videos)} test videos; use the .m file of this dataset")
     out = []
     for k, video in enumerate(videos, start=1):
         labels = np.zeros(video.num_frames, dtype=np.int64)
-        for first, last in re.findall(r"(\d+)\s*(?::\s*(\d+))?", ranges[k]):
-            first_i, last_i = int(first), int(last or first)
-            if not 1 <= first_i <= last_i <= video.num_frames:
-                raise UserError(f"{path}: gt_frame{{{k}}} range {first_i}:{last_i} lies outside frames 1..{video.num_frames} of {video.source}")
-            labels[first_i - 1 : last_i] = 1  # 1-based inclusive
+        line, body = ranges[k]
+        for first, last in _parse_ranges(body, path, k, line):
+            if not 1 <= first <= last <= video.num_frames:
+                raise UserError(f"{path} line {line}: gt_frame{{{k}}} range {first}:{last} lies outside frames 1..{video.num_frames} of {video.source}")
+            labels[first - 1 : last] = 1  # 1-based inclusive
         out.append(labels)
     return out
 
@@ -109,10 +168,12 @@ def _avenue_mat(folder: Path, videos: Sequence[Video]) -> list[np.ndarray]:
         path = next((folder / n for n in names if (folder / n).is_file()), None)
         if path is None:
             raise UserError(f"no label file {folder / names[-1]} for test video {video.name}; the folder needs one <n>_label.mat per test video")
+        fix = "use the original Avenue ground_truth_demo files"
+        check_file_size(path, "labels", fix, MAX_MAT_BYTES)
         try:
             cells = scipy.io.loadmat(str(path))["volLabel"]
-        except (NotImplementedError, ValueError, OSError, TypeError, KeyError) as exc:
-            raise UserError(f"cannot read volLabel from {path} ({type(exc).__name__}); use the original Avenue ground_truth_demo files") from None
+        except (MatReadError, NotImplementedError, ValueError, OSError, TypeError, KeyError, EOFError, IndexError) as exc:
+            raise UserError(f"cannot read volLabel from {path} ({type(exc).__name__}: {short_text(str(exc), 60)}); {fix}") from None
         labels = np.array([bool(np.any(np.asarray(mask))) for mask in np.asarray(cells).ravel()], dtype=np.int64)
         out.append(_check_count(labels, video, path))
     return out

@@ -72,12 +72,10 @@ class DMADImageMethod(ImageMethod):
         return fuse_scores(preds.anomaly_max, deformation, stats, weight)
 
     def apply_scoring(self, model: nn.Module, cfg: Config) -> None:
-        with torch.no_grad():
-            model.deform_weight.fill_(deform_weight(cfg))
-        model.anomaly_map.sigma = cfg.MODEL.sigma
+        model.set_scoring(cfg.MODEL.sigma, deform_weight(cfg))
 
     def scoring_settings(self, model: nn.Module) -> dict[str, Any]:
-        return {"MODEL.sigma": float(model.anomaly_map.sigma), "MODEL.deform_weight": float(model.deform_weight)}
+        return model.scoring()
 
     def config_scoring(self, cfg: Config) -> dict[str, Any]:
         # float32 like the buffer that holds it, so an unchanged setting compares equal

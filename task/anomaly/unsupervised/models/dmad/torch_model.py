@@ -81,6 +81,16 @@ class DMADModel(nn.Module):
         extras = {DEFORMATION_MAP: deformation_map} if deformation_map is not None else {}
         return InferenceOutput(anomaly_map, score, extras)
 
+    def set_scoring(self, sigma: float, deform_weight: float) -> None:
+        """The scoring settings (``MODEL.sigma``, ``MODEL.deform_weight``): how maps become scores, not weights."""
+        with torch.no_grad():
+            self.deform_weight.fill_(deform_weight)
+        self.anomaly_map.sigma = sigma
+
+    def scoring(self) -> dict[str, float]:
+        """The scoring settings the model holds, by config key."""
+        return {"MODEL.sigma": float(self.anomaly_map.sigma), "MODEL.deform_weight": float(self.deform_weight)}
+
     @torch.no_grad()
     def set_score_stats(self, anomaly_max: Tensor, deformation_max: Tensor | None) -> None:
         """Set the score normalisation from per-image maxima [N] of normal training images."""

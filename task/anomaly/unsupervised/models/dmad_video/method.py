@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from task.anomaly.unsupervised.data.video.clips import Video
 from task.anomaly.unsupervised.models.base import VideoMethod
 from task.anomaly.unsupervised.models.registry import register_method
 from task.common.config import Config, F
 from task.common.errors import UserError
+from task.common.io import ensure_dir
 
 from .config import MODEL_SCHEMA
 from .loss import LossWeights, VideoLoss
 from .official_import import convert_official
 from .presets import SCORE_SCHEMA
 from .scores import ScoreSettings, error_map, frame_scores
+from .serving import ServingModule, score_names
+from .templates import background_for, templates_tensor
 from .torch_model import VideoDMADModel, official_background_lr, optimizer_groups
 
 OFFICIAL = "official_dmad_pdm"  # key of a converted official state dict in a foreign checkpoint's state
@@ -31,11 +37,19 @@ VIDEO_MODEL_SCHEMA = {
 }
 
 
+def per_video(cfg: Config) -> bool:
+    """One background template per video (ShanghaiTech) rather than one shared."""
+    return cfg.DATASET.background == "per_video"
+
+
 class DMADVideoMethod(VideoMethod):
     name = "dmad"
     checkpoint_format = "tnvision-dmad-video"
     model_schema = VIDEO_MODEL_SCHEMA
     extra_sections = {"SCORE": SCORE_SCHEMA}
+    dataset_keys = {
+        "background": F(str, "shared", choices=("shared", "per_video"), help="one background template, or one per video (ShanghaiTech)"),
+    }
     network_keys = tuple(
         f"MODEL.{k}" for k in (
             "channels", "memory_size", "memory_dim", "skip_ratio", "coarse_shift", "fine_shift", "pdm_width",
@@ -55,6 +69,12 @@ class DMADVideoMethod(VideoMethod):
         # Grey frames may feed a 3-channel model (replicated, as the official Avenue/ShanghaiTech loaders do).
         if cfg.MODEL.channels == 1 and not cfg.DATASET.grayscale:
             raise UserError("MODEL.channels=1 needs grey frames; set DATASET.grayscale=true or MODEL.channels=3")
+        height, width = cfg.DATASET.resize
+        for key in ("deformation_window", "prediction_window", "gradient_window"):
+            h, w = cfg.MODEL[key]
+            if h > height or w > width:  # a box beyond the frame pads it by its size: hours of work for no score
+                raise UserError(f"MODEL.{key}={[h, w]} is larger than the frames (DATASET.resize={[height, width]}); "
+                                f"use a window of at most [{height}, {width}] (the presets use [7, 18])")
         per_video = cfg.DATASET.background == "per_video"
         if per_video != (cfg.MODEL.num_backgrounds is None):
             fix = "MODEL.num_backgrounds=null" if per_video else "DATASET.background=per_video or MODEL.num_backgrounds=1"
@@ -82,13 +102,20 @@ class DMADVideoMethod(VideoMethod):
 
     def training_loss(self, model: nn.Module, criterion: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         clip, target = self._frames(model, batch)
-        return criterion(model(clip, batch["background"]), target)
+        return criterion(model(clip, self._template_index(model, batch)), target)
 
     def score_batch(self, model: nn.Module, batch: dict[str, Tensor], settings: ScoreSettings) -> tuple[dict[str, Tensor], Tensor]:
         """Eval forward of one batch: (raw per-frame scores name -> [B], prediction-error maps [B, 1, H, W])."""
         clip, target = self._frames(model, batch)
-        out = model(clip, batch["background"])
+        out = model(clip, self._template_index(model, batch))
         return frame_scores(out, target, settings), error_map(out, target)
+
+    @staticmethod
+    def _template_index(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """[B] row of each clip's background template: its video with one template per video, else the shared 0."""
+        module = getattr(model, "module", model)  # DDP wraps the model
+        video = batch["video"]
+        return video if module.background.template.shape[0] > 1 else torch.zeros_like(video)
 
     @staticmethod
     def _frames(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -111,9 +138,47 @@ class DMADVideoMethod(VideoMethod):
     def scoring_settings(self, model: nn.Module) -> dict[str, Any]:
         return dict(getattr(model, "scoring", {}))
 
-    def set_background(self, model: nn.Module, templates: Tensor) -> None:
-        """``templates`` [V, C, H, W] in [-1, 1] (grey templates are replicated to the model's channels)."""
-        model.set_background(templates.expand(-1, model.channels, -1, -1).contiguous())
+    def score_names(self, cfg: Config, exportable: bool = False) -> tuple[str, ...]:
+        return score_names(self.score_settings(cfg), exportable)
+
+    def serving_module(self, model: nn.Module, cfg: Config) -> ServingModule:
+        return ServingModule(model, self.score_settings(cfg), per_video(cfg))
+
+    def prepare(self, model: nn.Module, cfg: Config, videos: list[Video], cache_dir: Path | None) -> None:
+        """Background templates from the training frames: one shared median template, or one per video."""
+        model.set_background(self._templates(cfg, videos, cache_dir).expand(-1, model.channels, -1, -1).contiguous())
+
+    @contextlib.contextmanager
+    def scoring_context(self, model: nn.Module, cfg: Config, videos: list[Video], cache_dir: Path | None) -> Iterator[None]:
+        """Per-video templates are learned for the training videos, so each scored video gets the median template of
+        its own frames (as the official ShanghaiTech evaluation); the trained ones are put back afterwards, so
+        training, calibration and the saved model.pt keep them. Shared templates are used as they are."""
+        if not per_video(cfg):
+            yield
+            return
+        module = getattr(model, "module", model)
+        trained = module.background.template
+        templates = self._templates(cfg, videos, cache_dir).to(trained.device)
+        module.background.template = nn.Parameter(templates.expand(-1, module.channels, -1, -1).contiguous(), requires_grad=False)
+        try:
+            yield
+        finally:
+            module.background.template = trained
+
+    def video_inputs(self, cfg: Config, videos: list[Video]) -> Tensor | None:
+        """Each video's own median template [V, C, H, W] for a per-video run's graph (none for a shared template)."""
+        return self._templates(cfg, videos, None) if per_video(cfg) else None
+
+    @staticmethod
+    def _templates(cfg: Config, videos: list[Video], cache_dir: Path | None) -> Tensor:
+        ds = cfg.DATASET
+        cache = cache_dir / ".background-cache" if cache_dir is not None else None
+        if cache is not None:
+            try:
+                ensure_dir(cache)
+            except Exception:  # noqa: BLE001  (a read-only dataset: compute without caching)
+                cache = None
+        return templates_tensor(background_for(videos, tuple(ds.resize), ds.grayscale, per_video(cfg), cache))
 
     def read_foreign_file(self, path: Path) -> dict | None:
         """An official DMAD-PDM ``model.pth`` (a whole-module pickle), read by a restricted unpickler that rebuilds

@@ -12,13 +12,15 @@ import collections
 import pickle
 import re
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from task.common.errors import UserError
+from task.common.array_files import check_zip_expansion, zip_expansion_limit
+from task.common.errors import UserError, short_text
 
 _ALLOWED = {
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
@@ -53,9 +55,9 @@ class _StorageType:
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: Any, archive: zipfile.ZipFile, prefix: str) -> None:
+    def __init__(self, file: Any, archive: zipfile.ZipFile, prefix: str, budget: int) -> None:
         super().__init__(file)
-        self.archive, self.prefix = archive, prefix
+        self.archive, self.prefix, self.budget = archive, prefix, budget  # budget: storage bytes still allowed
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
@@ -68,29 +70,58 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
         _, storage_type, key, _location, numel = pid
-        data = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+        try:
+            info = self.archive.getinfo(f"{self.prefix}data/{key}")
+        except KeyError:
+            raise pickle.UnpicklingError(f"storage record {key!r:.40} is missing") from None
+        if info.file_size > self.budget:
+            raise pickle.UnpicklingError(f"storage record {key!r:.40} declares {info.file_size} bytes, more than the archive can hold")
+        if not isinstance(numel, int) or numel < 0 or numel * storage_type.dtype.itemsize > info.file_size:
+            raise pickle.UnpicklingError(f"storage {key!r:.40} claims {numel!r:.20} elements, beyond its {info.file_size}-byte record")
+        self.budget -= info.file_size
+        data = bytearray(self.archive.read(info))
         untyped = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data else torch.UntypedStorage(0)
         return torch.storage.TypedStorage(wrap_storage=untyped, dtype=storage_type.dtype, _internal=True)
 
 
+_FIX = "pass the official DMAD-PDM model.pth"
+_DEPTH = 64  # module nesting of the official networks is under 10
+
+
 def read_official(path: str | Path) -> dict[str, Tensor]:
-    """All parameters and buffers of a pickled official module (or a pickled state dict), official names."""
+    """All parameters and buffers of a pickled official module (or a pickled state dict), official names.
+
+    Bounded: the zip records may declare at most ``zip_expansion_limit`` bytes in all (checked before reading), every
+    storage must fit its record, and a damaged, truncated or absurdly nested pickle is a one-line ``UserError``.
+    """
+    path = Path(path)
+    check_zip_expansion(path, "official checkpoint", _FIX)
     try:
         archive = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as error:
-        raise UserError(f"{path} is not a torch zip checkpoint ({error}); pass the official DMAD-PDM model.pth") from None
-    with archive:
-        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
-        if len(pickles) != 1:
-            raise UserError(f"{path} has no single data.pkl; pass the official DMAD-PDM model.pth")
-        prefix = pickles[0][: -len("data.pkl")]
-        with archive.open(pickles[0]) as file:
-            root = _RestrictedUnpickler(file, archive, prefix).load()
-    tensors = _collect(root, "") if isinstance(root, _Inert) else {k: v for k, v in dict(root).items() if isinstance(v, Tensor)}
+        raise UserError(f"{path} is not a torch zip checkpoint ({error}); {_FIX}") from None
+    try:
+        with archive:
+            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                raise UserError(f"{path} has no single data.pkl; {_FIX}")
+            prefix = pickles[0][: -len("data.pkl")]
+            budget = zip_expansion_limit(path.stat().st_size)
+            with archive.open(pickles[0]) as file:
+                root = _RestrictedUnpickler(file, archive, prefix, budget).load()
+            tensors = _collect(root, "", 0) if isinstance(root, _Inert) else {k: v for k, v in dict(root).items() if isinstance(v, Tensor)}
+    except UserError:
+        raise
+    except (pickle.UnpicklingError, EOFError, RecursionError, RuntimeError, ValueError, TypeError, KeyError, AttributeError,
+            IndexError, OverflowError, MemoryError, zipfile.BadZipFile, zlib.error, OSError) as error:
+        reason = f"{type(error).__name__}: {short_text(str(error), 80)}" if str(error) else type(error).__name__
+        raise UserError(f"official checkpoint {path} is damaged or not a DMAD-PDM model ({reason}); {_FIX}") from None
     return {k.removeprefix("module."): v for k, v in tensors.items()}
 
 
-def _collect(module: _Inert, prefix: str) -> dict[str, Tensor]:
+def _collect(module: _Inert, prefix: str, depth: int) -> dict[str, Tensor]:
+    if depth > _DEPTH:
+        raise ValueError(f"modules nested deeper than {_DEPTH} levels")
     state = module.state if isinstance(module.state, dict) else {}
     found: dict[str, Tensor] = {}
     for group in ("_parameters", "_buffers"):
@@ -99,7 +130,7 @@ def _collect(module: _Inert, prefix: str) -> dict[str, Tensor]:
                 found[prefix + name] = value.detach()
     for name, child in (state.get("_modules") or {}).items():
         if isinstance(child, _Inert):
-            found.update(_collect(child, f"{prefix}{name}."))
+            found.update(_collect(child, f"{prefix}{name}.", depth + 1))
     return found
 
 

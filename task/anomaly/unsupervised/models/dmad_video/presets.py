@@ -3,6 +3,28 @@
 Read from the official evaluation code (Evaluate_ped2.py, process_avenue.py, Evaluate_shanghai.py + utils.py); the
 table in ``scoring/protocols.py`` explains each step. The dataset YAMLs' SCORE sections must equal these
 (tests/test_frame_scoring.py checks it); the method's SCORE defaults are the Ped2 preset.
+
+The presets (``PAPER_PRESETS``):
+
+=================  ===========================  ============================  =================================
+step               ped2                         avenue                        shanghaitech
+=================  ===========================  ============================  =================================
+normalise          per video, eps 1e-8, 1 - x   global, eps 0                 per video, eps 1e-8, 1 - x
+PRE_SMOOTH         -                            -                             per video, 69, keep 25, uniform,
+                                                                              shift 1, fill 1 both edges
+SMOOTH             concat, 11, keep 5, weights  concat, 11, keep 5, weights   concat, 55, keep 49, uniform,
+                   1,1,1,1,1.2,1.6,1.2,1,1,1,1  .5,.8,.8,1,1,2.5,1,1,.8,.8,.5  shift 1, fill 1 both edges
+                   edges: fill 1 / replicate    edges: replicate / replicate
+fusion             .2 def + .4 pred + .6 grad   .2 def + .4 pred              .2 def + .4 pred + .6 grad
+POST_SMOOTH        -                            = SMOOTH                      concat, 55, keep 27, uniform,
+                                                                              shift 1, fill 1 both edges
+KALMAN             -                            -                             per video, q 1e-5, r 0.01**2
+=================  ===========================  ============================  =================================
+
+Every dataset drops the first 4 frames of each video (``clip_length = 4`` input frames predict frame 4). The
+official Avenue number is computed on two post-processed scores (``process_avenue.py``: static-object removal on
+the prediction-error map -> ``prediction``, and on the deformation offsets -> ``deformation``), not on the raw
+model scores.
 """
 
 from __future__ import annotations

@@ -61,9 +61,23 @@ def _even_indices(num_frames: int, budget: int) -> np.ndarray:
     return np.unique(np.linspace(0, num_frames - 1, max(1, budget)).round().astype(np.int64))
 
 
+def _identity(path: Path) -> str:
+    """Size and modification time (ns) of a file: a frame or video changed in place changes them."""
+    try:
+        info = path.stat()
+    except OSError:  # unreadable: decoding will name it; never reuse a template for it
+        return "?"
+    return f"{info.st_size}:{info.st_mtime_ns}"
+
+
 def _digest(videos: Sequence[Video]) -> str:
-    text = "\n".join(f"{v.source.resolve()}:{v.num_frames}" for v in videos)
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+    """Hash of every video's path and frame count and of each of its files' size and mtime (one stat per frame)."""
+    digest = hashlib.sha1()
+    for v in videos:
+        digest.update(f"{v.source.resolve()}:{v.num_frames}\n".encode())
+        for path in v.frames or (v.source,):
+            digest.update(f"{path.name}:{_identity(path)}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:12]
 
 
 def _cache_stem(name: str, videos: Sequence[Video], size: tuple[int, int], grayscale: bool) -> str:
@@ -123,7 +137,8 @@ def background_for(
     The shared template is the median over all videos' frames (at most ``MAX_FRAMES``, taken evenly from each
     video in proportion to its length); a per-video template uses at most ``MAX_FRAMES`` of its own frames. Row v
     matches ``ClipDataset`` items whose ``background`` is v. With ``cache_dir`` each template is kept as ``.npy``
-    (reused) and ``.png`` (to inspect), keyed by video name, source path, size, colour mode and frame count.
+    (reused) and ``.png`` (to inspect), keyed by video name, source path, size, colour mode, frame count and every
+    frame file's size and mtime (frames changed in place get a new template).
     """
     if not videos:
         raise ValueError("background_for needs at least one video")
