@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BASE, assert_ok, main_in_process, make_engine
 from scipy.stats import binom
 
+from helpers import BASE, assert_ok, main_in_process, make_engine
 from task.anomaly.unsupervised.data.image.calibration import MIN_CALIBRATION_IMAGES, split_calibration
 from task.anomaly.unsupervised.data.image.dataset import Sample
 from task.common.conformal import ScoreSample, conformal_rank
@@ -98,7 +98,8 @@ def held_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def overrides(datadir: Path, savedir: Path) -> list[str]:
     return [
-        f"DATASET.datadir={datadir}", f"DATASET.target={CATEGORY}", "DATASET.demo=false", f"DATASET.resize=[{SIZE},{SIZE}]",
+        f"DATASET.datadir={datadir}", f"DATASET.target={CATEGORY}", "DATASET.demo=false",
+        f"DATASET.resize=[{SIZE},{SIZE}]",
         "DATASET.calibration_split=0.5", "DATALOADER.batch_size=4", "TRAIN.num_training_steps=1", "TEST.batch_size=16",
         "TEST.save_images=false", f"RESULT.savedir={savedir}", "RESULT.assets_dir=null",
     ]
@@ -127,7 +128,9 @@ def test_realised_false_alarm_rate_is_within_sampling_error_of_the_target(held_d
     assert low <= alarms <= high, (alarms, normal.size)
 
 
-def test_relabelled_test_set_changes_no_byte_of_model_pt_and_predict_rederives_thresholds(held_data: Path, tmp_path: Path, caplog) -> None:
+def test_relabelled_test_set_changes_no_byte_of_model_pt_and_predict_rederives_thresholds(
+    held_data: Path, tmp_path: Path, caplog,
+) -> None:
     # the same paths both times (the saved config records them): train, keep the outputs, relabel in place, train again
     datadir, savedir = tmp_path / "data", tmp_path / "runs"
     shutil.copytree(held_data, datadir)
@@ -141,7 +144,8 @@ def test_relabelled_test_set_changes_no_byte_of_model_pt_and_predict_rederives_t
         shutil.move(run_dir, folder)
     a, b = (json.loads((runs[n] / "metrics.json").read_text()) for n in ("original", "relabelled"))
     assert a["image_auroc"] != b["image_auroc"]  # the metrics see the labels ...
-    assert (runs["original"] / "model.pt").read_bytes() == (runs["relabelled"] / "model.pt").read_bytes()  # ... nothing else
+    model_bytes = (runs["original"] / "model.pt").read_bytes()
+    assert model_bytes == (runs["relabelled"] / "model.pt").read_bytes()  # ... nothing else
     assert a["image_threshold"] == b["image_threshold"] and a["calibration_source"] == "calibration_split"
     assert a["image_calibration_n"] == 16 and a["image_target_fpr"] == 0.01 and a["image_threshold_capped"] is True
     assert a["pixel_calibration_n"] == 16 * SIZE * SIZE and "exchangeable" in a["guarantee"]
@@ -150,7 +154,9 @@ def test_relabelled_test_set_changes_no_byte_of_model_pt_and_predict_rederives_t
 
     # predict at another target: another threshold, from the stored calibration scores, announced in the log
     images = held_data / CATEGORY / "test" / "good"
-    args = [*BASE, *overrides(held_data, savedir), "--mode", "predict", "--input", str(images), "--checkpoint", str(runs["original"] / "model.pt")]
+    checkpoint = str(runs["original"] / "model.pt")
+    args = [*BASE, *overrides(held_data, savedir), "--mode", "predict", "--input", str(images)]
+    args += ["--checkpoint", checkpoint]
     with caplog.at_level(logging.INFO):
         assert_ok(main_in_process(*args, "TEST.target_fpr=0.3", "--output", str(tmp_path / "p30")))
     served = 0.0
@@ -159,7 +165,7 @@ def test_relabelled_test_set_changes_no_byte_of_model_pt_and_predict_rederives_t
             served = float(line.split("serving image threshold ")[1].split()[0])
     expected = ScoreSample.from_dict(state["calibration"]["samples"]["image"]).threshold(0.3).value
     assert served == pytest.approx(expected, rel=1e-5) and served < a["image_threshold"]
-    assert "no retraining" in caplog.text and (runs["original"] / "model.pt").read_bytes() == (runs["relabelled"] / "model.pt").read_bytes()
+    assert "no retraining" in caplog.text and (runs["original"] / "model.pt").read_bytes() == model_bytes
     caplog.clear()
     with caplog.at_level(logging.INFO):
         assert_ok(main_in_process(*args, "TEST.image_threshold=0.123", "--output", str(tmp_path / "given")))
@@ -180,7 +186,8 @@ def test_video_calibration_split_holds_out_the_end_of_each_video(caplog) -> None
         assert held.min() > kept.max() and held.size == 50  # the last quarter of every video
     with caplog.at_level(logging.WARNING):
         train, calibration, source = split_rows(index[:40], 0.25)  # 10 frames: too few
-    assert source == "train" and np.array_equal(train, calibration) and "calibrating on the training frames" in caplog.text
+    assert source == "train" and np.array_equal(train, calibration)
+    assert "calibrating on the training frames" in caplog.text
 
 
 def test_running_stats_are_causal_and_warm_up_from_the_calibration() -> None:
@@ -235,11 +242,13 @@ def test_adaptive_online_protocol_on_videos_at_different_levels(adapt: str) -> N
         assert result["frame_auroc_online"] > 0.95 and result["online_fpr"] < 0.05 and result["online_tpr"] > 0.8
         long_scores, long_labels = _offset_videos(rng, params.names, (50, 300))
         whole = [lab.astype(bool) & (np.arange(lab.size) < 95) for lab in long_labels]
-        kept = np.concatenate([(f >= threshold.value)[m] for f, m in zip(fs.online_frame_scores(long_scores, stats, params), whole)])
+        fused = fs.online_frame_scores(long_scores, stats, params)
+        kept = np.concatenate([(f >= threshold.value)[m] for f, m in zip(fused, whole)])
         assert kept.mean() > 0.8  # memory 0: alarms while the anomaly is under half of the video so far
         short = replace(params, online=replace(params.online, memory=40))
         late = [lab.astype(bool) & (np.arange(lab.size) >= 150) for lab in long_labels]
-        alarms = np.concatenate([(f >= threshold.value)[m] for f, m in zip(fs.online_frame_scores(long_scores, stats, short), late)])
+        fused = fs.online_frame_scores(long_scores, stats, short)
+        alarms = np.concatenate([(f >= threshold.value)[m] for f, m in zip(fused, late)])
         assert alarms.mean() < 0.2  # 100 frames into an anomaly, a 40-frame memory treats it as the new normal
 
 

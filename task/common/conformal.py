@@ -27,7 +27,10 @@ import numpy as np
 
 __all__ = ["GUARANTEE", "ScoreSample", "Threshold", "conformal_rank"]
 
-GUARANTEE = "P(false alarm) <= alpha for a normal input exchangeable with the calibration inputs (split conformal, k = ceil((n + 1)(1 - alpha)))"
+GUARANTEE = (
+    "P(false alarm) <= alpha for a normal input exchangeable with the calibration inputs "
+    "(split conformal, k = ceil((n + 1)(1 - alpha)))"
+)
 
 # Scores kept in a checkpoint per kind: the highest TAIL exactly, and about SPREAD order statistics below them.
 TAIL = 2048
@@ -58,13 +61,17 @@ class Threshold:
         return 1.0 / (self.n + 1) if self.capped else self.alpha
 
     def describe(self) -> str:
-        base = f"{self.value:.6g} (rank {min(self.rank, self.n)} of {self.n} calibration scores, target false-alarm rate {self.alpha:g}"
+        rank = min(self.rank, self.n)
+        base = f"{self.value:.6g} (rank {rank} of {self.n} calibration scores, target false-alarm rate {self.alpha:g}"
         if self.capped:
             return base + f"; too few scores for it: the largest is used, bound 1/(n+1) = {self.bound:.3g})"
         return base + ")"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"value": self.value, "alpha": self.alpha, "n": self.n, "rank": self.rank, "capped": self.capped, "bound": self.bound}
+        return {
+            "value": self.value, "alpha": self.alpha, "n": self.n, "rank": self.rank,
+            "capped": self.capped, "bound": self.bound,
+        }
 
 
 @dataclass(frozen=True)
@@ -107,9 +114,11 @@ class ScoreSample:
         if not isinstance(data, dict):
             return None
         n, ranks, values = data.get("n"), data.get("ranks"), data.get("values")
-        if not isinstance(n, int) or not isinstance(ranks, list) or not isinstance(values, list) or not ranks or len(ranks) != len(values):
+        if not isinstance(n, int) or not isinstance(ranks, list) or not isinstance(values, list):
             return None
-        if not all(isinstance(r, int) for r in ranks) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        if not ranks or len(ranks) != len(values) or not all(isinstance(r, int) for r in ranks):
+            return None
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
             return None
         if ranks[-1] != n or any(b <= a for a, b in itertools.pairwise(ranks)):
             return None

@@ -94,7 +94,14 @@ RUN_SECTIONS: Schema = {
 # The DATASET keys of each modality (a modality is picked by DATASET.format before validation: main.py).
 MODALITY_DATASET_KEYS: dict[str, Schema] = {
     "image": DATASET_SCHEMA_KEYS,
-    "video": {"format": F(str, "video", choices=("video",), help="video: frame folders or video files"), **VIDEO_DATASET_KEYS},
+    "video": {
+        "format": F(str, "video", choices=("video",), help="video: frame folders or video files"), **VIDEO_DATASET_KEYS,
+        "calibration_split": F(
+            float, 0.1, min=0, max=0.5,
+            help="the last fraction of each training video's frames, held out from training to calibrate the online "
+                 "statistics and the alarm threshold (at least 99 frames in all, else the training frames are used)",
+        ),
+    },
 }
 
 

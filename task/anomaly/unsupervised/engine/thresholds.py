@@ -64,7 +64,8 @@ def resolve(cfg: Config, samples: dict[str, ScoreSample], what: str) -> tuple[di
         if given is not None:
             values[kind] = given
             record[kind] = {"value": given, "given_by": KINDS[kind][1], "conformal": threshold.to_dict()}
-            log.info("%s threshold %.6g: given by %s (%s at its target would be %s)", kind, given, KINDS[kind][1], what, threshold.describe())
+            log.info("%s threshold %.6g: given by %s (%s at its target would be %s)",
+                     kind, given, KINDS[kind][1], what, threshold.describe())
             continue
         values[kind] = threshold.value
         record[kind] = {**threshold.to_dict(), "given_by": KINDS[kind][0]}
@@ -78,7 +79,9 @@ def resolve(cfg: Config, samples: dict[str, ScoreSample], what: str) -> tuple[di
     return values, record
 
 
-def served(cfg: Config, calibration: Any, stored: dict[str, float], what: str) -> tuple[dict[str, float], dict[str, Any]]:
+def served(
+    cfg: Config, calibration: Any, stored: dict[str, float], what: str,
+) -> tuple[dict[str, float], dict[str, Any]]:
     """The thresholds predict/export serve: re-derived from the stored calibration scores at the config's targets (or
     given explicitly); a checkpoint without calibration scores serves its stored ones, with a warning."""
     samples = stored_samples(calibration)
@@ -92,6 +95,7 @@ def served(cfg: Config, calibration: Any, stored: dict[str, float], what: str) -
     values, record = resolve(cfg, samples, what)
     changed = {k: (stored.get(k), v) for k, v in values.items() if stored.get(k) != v}
     for kind, (old, new) in changed.items():
-        log.info("serving %s threshold %.6g instead of the %s stored in %s (re-derived from its calibration scores; no retraining)",
+        log.info("serving %s threshold %.6g instead of the %s stored in %s "
+                 "(re-derived from its calibration scores; no retraining)",
                  kind, new, "none" if old is None else f"{old:.6g}", what)
     return {**stored, **values}, record

@@ -63,7 +63,10 @@ class ImageCalibration:
 
 def calibrate(engine: Engine, model: nn.Module, calibration_set, source: str) -> ImageCalibration:
     """Set the model's score normalisation from ``calibration_set`` (normal images) and sample their scores."""
-    preds = predict_loader(model, engine.eval_loader(calibration_set), engine.device, engine.amp, desc="calibrate", channels_last=engine.channels_last)
+    loader = engine.eval_loader(calibration_set)
+    preds = predict_loader(model, loader, engine.device, engine.amp, "calibrate", engine.channels_last)
     scores = engine.method.calibrate(model, preds)
-    log.info("calibrated on %d normal images (%s)", len(calibration_set), "held out from training" if source == "calibration_split" else "the training images")
-    return ImageCalibration(ScoreSample.of(scores.numpy()), ScoreSample.of(preds.anomaly_maps.numpy()), source, len(calibration_set))
+    where = "held out from training" if source == "calibration_split" else "the training images"
+    log.info("calibrated on %d normal images (%s)", len(calibration_set), where)
+    image, pixel = ScoreSample.of(scores.numpy()), ScoreSample.of(preds.anomaly_maps.numpy())
+    return ImageCalibration(image, pixel, source, len(calibration_set))

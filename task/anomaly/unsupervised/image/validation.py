@@ -54,7 +54,9 @@ class Selection:
 
 def validation_score(engine: Engine, model: nn.Module, data: SyntheticSet) -> float:
     """Mean of image and pixel AUROC on the synthetic set (the model's score normalisation does not change AUROC)."""
-    preds = predict_loader(model, engine.eval_loader(data), engine.device, engine.amp, desc="validate", channels_last=engine.channels_last)
+    preds = predict_loader(
+        model, engine.eval_loader(data), engine.device, engine.amp, desc="validate", channels_last=engine.channels_last,
+    )
     return 0.5 * (auroc(preds.scores, preds.labels) + auroc(preds.anomaly_maps, preds.masks))
 
 
@@ -62,7 +64,8 @@ def observe(engine: Engine, model: nn.Module, data: SyntheticSet, selection: Sel
     """Score the model at ``step``; keep its weights when they are the best so far."""
     score = validation_score(engine, model, data)
     best = score > selection.score
-    log.info("synthetic validation at step %d: %.4f%s", step, score, " (best so far)" if best else f" (best {selection.score:.4f} at step {selection.step})")
+    note = " (best so far)" if best else f" (best {selection.score:.4f} at step {selection.step})"
+    log.info("synthetic validation at step %d: %.4f%s", step, score, note)
     if best:
         selection.score, selection.step = score, step
         selection.weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -61,8 +61,9 @@ def split_calibration(samples: list[Sample], fraction: float, seed: int, warn: b
     if count == 0:
         if warn and fraction > 0:
             log.warning(
-                "only %d normal training images: too few to hold out a calibration split (needs %d + %d); calibrating on "
-                "the training images instead, so false-alarm rates will exceed the target (calibration_source: train)",
+                "only %d normal training images: too few to hold out a calibration split (needs %d + %d); "
+                "calibrating on the training images instead, so false-alarm rates will exceed the target "
+                "(calibration_source: train)",
                 len(samples), MIN_CALIBRATION_IMAGES, MIN_TRAINING_IMAGES,
             )
         return CalibrationSplit(list(samples), list(samples), TRAINING)

@@ -37,8 +37,9 @@ def split_rows(index: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarr
         return np.flatnonzero(~calibration), np.flatnonzero(calibration), "calibration_split"
     if fraction > 0:
         log.warning(
-            "only %d frames would be held out for calibration (needs %d; raise DATASET.calibration_split or add training "
-            "video); calibrating on the training frames instead, so alarm rates will exceed the target (calibration_source: train)",
+            "only %d frames would be held out for calibration (needs %d; raise DATASET.calibration_split or add "
+            "training video); calibrating on the training frames instead, so alarm rates will exceed the target "
+            "(calibration_source: train)",
             int(calibration.sum()), MIN_CALIBRATION_FRAMES,
         )
     everything = np.arange(len(index))
