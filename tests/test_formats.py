@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import CONFIGS, assert_user_error, main_in_process
 from task.anomaly.unsupervised.data.image.dataset import AnomalyDataset, Sample
 from task.anomaly.unsupervised.data.image.formats import DATASET_SCHEMA_KEYS, FORMATS, scan_dataset
 from task.anomaly.unsupervised.data.image.preprocess import (
@@ -224,15 +225,19 @@ def _anomaly_in_train(root: Path) -> None:
         (_bad_label, "train", ["line 2", "defective"]),
         (_anomaly_in_train, "train", ["line 6", "anomalous"]),
         (lambda r: _edit_rows(r, lambda rows: rows[:1]), "train", ["1cls.csv", "header but no rows"]),
-        (lambda r: _edit_rows(r, lambda rows: rows[:2] + [rows[2][:3]] + rows[3:]), "train", ["line 3", "has 3 field(s)", "header has 5"]),
+        (lambda r: _edit_rows(r, lambda rows: rows[:2] + [rows[2][:3]] + rows[3:]), "train",
+         ["line 3", "has 3 field(s)", "header has 5"]),
         (lambda r: _edit_rows(r, lambda rows: rows + [["candle", "test", "normal", rows[1][3], ""]]), "test",
          ["1 image(s) of candle are listed in both train and test", "0000.JPG", "lines 2 and 9"]),
         (lambda r: _edit_rows(r, lambda rows: rows + [["candle", "train", "anomaly", rows[1][3], ""]]), "train",
          ["listed twice with different label or mask", "lines 2 and 9"]),
-        (lambda r: _set_cell(r, 1, 3, str(r / "candle/Data/Images/Normal/0000.JPG")), "train", ["line 2", "outside the VisA root"]),
-        (lambda r: _set_cell(r, 1, 3, "../visa/candle/Data/Images/Normal/0000.JPG"), "train", ["line 2", "'../visa/", "outside the VisA root"]),
+        (lambda r: _set_cell(r, 1, 3, str(r / "candle/Data/Images/Normal/0000.JPG")), "train",
+         ["line 2", "outside the VisA root"]),
+        (lambda r: _set_cell(r, 1, 3, "../visa/candle/Data/Images/Normal/0000.JPG"), "train",
+         ["line 2", "'../visa/", "outside the VisA root"]),
         (lambda r: _set_cell(r, 5, 4, "candle/../../etc/passwd"), "test", ["line 6", "outside the VisA root"]),
-        (lambda r: _set_cell(r, 4, 4, "candle/Data/Masks/Anomaly/000.png"), "test", ["line 5", "mask", "for a normal image"]),
+        (lambda r: _set_cell(r, 4, 4, "candle/Data/Masks/Anomaly/000.png"), "test",
+         ["line 5", "mask", "for a normal image"]),
         (lambda r: _set_cell(r, 4, 1, "val"), "test", ["line 5", "split 'val'"]),
     ],
 )
@@ -367,14 +372,16 @@ def _rm(path: Path) -> None:
         ({}, lambda r: [p.unlink() for p in sorted((r / "good").iterdir())[1:]], "train", ["1 normal image", "normal_test_dir"]),
         # overlapping roles: refused for both splits, before training
         ({"abnormal_dir": "good"}, None, "train", ["DATASET.normal_dir and DATASET.abnormal_dir are the same folder"]),
-        ({"abnormal_dir": "./good/"}, None, "test", ["DATASET.normal_dir and DATASET.abnormal_dir are the same folder"]),
+        ({"abnormal_dir": "./good/"}, None, "test", ["normal_dir and DATASET.abnormal_dir are the same folder"]),
         ({"mask_dir": "bad"}, None, "train", ["DATASET.abnormal_dir and DATASET.mask_dir are the same folder"]),
         ({"mask_dir": "good"}, None, "test", ["DATASET.normal_dir and DATASET.mask_dir are the same folder"]),
-        ({"normal_test_dir": "good"}, None, "train", ["DATASET.normal_dir and DATASET.normal_test_dir are the same folder"]),
+        ({"normal_test_dir": "good"}, None, "train", ["normal_dir and DATASET.normal_test_dir are the same folder"]),
         ({"abnormal_dir": "good/bad"}, lambda r: shutil.copytree(r / "bad", r / "good" / "bad"), "train",
          ["DATASET.abnormal_dir", "lies inside DATASET.normal_dir"]),
-        ({"normal_test_dir": "alias"}, lambda r: (r / "alias").symlink_to(r / "good"), "train", ["normal_dir and DATASET.normal_test_dir are the same"]),
-        ({"normal_test_dir": "t"}, lambda r: _link_images(r / "good", r / "t"), "test", ["10 image(s) of DATASET.normal_test_dir", "normal_dir (links)"]),
+        ({"normal_test_dir": "alias"}, lambda r: (r / "alias").symlink_to(r / "good"), "train",
+         ["normal_dir and DATASET.normal_test_dir are the same"]),
+        ({"normal_test_dir": "t"}, lambda r: _link_images(r / "good", r / "t"), "test",
+         ["10 image(s) of DATASET.normal_test_dir", "normal_dir (links)"]),
     ],
 )
 def test_folder_malformed(tmp_path, keys, break_it, split, needles):
@@ -396,8 +403,23 @@ def test_schema_keys_validate():
     for bad in (0, 1, 1.5):
         with pytest.raises(UserError, match="normal_split_ratio"):
             fields["normal_split_ratio"].check("DATASET.normal_split_ratio", bad)
-    with pytest.raises(UserError, match="mvtec, visa, folder, video"):
+    with pytest.raises(UserError, match="mvtec, visa, folder"):
         fields["format"].check("DATASET.format", "coco")
+
+
+@pytest.mark.parametrize(
+    ("yaml_name", "key", "value"),
+    [("demo.yaml", "DATASET.clip_length", "4"), ("video_demo.yaml", "DATASET.normal_dir", "good")],
+)
+def test_each_modality_refuses_the_other_modalitys_keys(yaml_name: str, key: str, value: str) -> None:
+    """An image run has no clip length and a video run no folder layout: the per-modality schemas refuse them."""
+    result = main_in_process("--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(CONFIGS / yaml_name), f"{key}={value}")
+    assert_user_error(result, f"unknown config key {key}")
+
+
+def test_an_unknown_format_is_refused_before_the_schema_is_chosen() -> None:
+    result = main_in_process("--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(CONFIGS / "demo.yaml"), "DATASET.format=coco")
+    assert_user_error(result, "DATASET.format", "mvtec, visa, folder, video", "'coco'")
 
 
 def test_unscanned_format_and_unknown_split(tmp_path):
