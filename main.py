@@ -23,10 +23,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--yaml_config", required=True, help="YAML file, e.g. configs/anomaly/unsupervised/dmad/bottle.yaml")
     parser.add_argument("--mode", default="train", choices=MODES, help="train (then evaluate), test a checkpoint, or another mode")
     parser.add_argument("--checkpoint", default=None, help="checkpoint for test/gif/export/predict (default: the run's model.pt)")
-    parser.add_argument("--input", default=None, help="--mode predict: an image or a folder of images, or a video/frame folder (--mode export: images for the ONNX check; --mode score: a scores.npz)")
+    parser.add_argument(
+        "--input", default=None,
+        help="--mode predict: an image or a folder of images, or a video/frame folder, or a stream URL (rtsp://, "
+        "http(s)://), camera index or /dev/videoN (--mode export: images for the ONNX check; --mode score: a "
+        "scores.npz)",
+    )
     parser.add_argument("--backend", default="torch", choices=("torch", "onnx"), help="--mode predict: run with PyTorch or the exported ONNX model")
     parser.add_argument("--output", default=None, help="--mode predict: output folder (default: predict/ next to the checkpoint)")
     parser.add_argument("--update-readme", dest="update_readme", action="store_true", help="--mode report: rewrite the tables in README.md")
+    parser.add_argument(
+        "--watch", action="store_true",
+        help="--mode predict with --input FOLDER: keep scoring new images as they are written (stop with Ctrl-C)",
+    )
+    parser.add_argument("--max-images", type=int, default=None, help="--watch: stop after scoring this many new images")
+    parser.add_argument("--max-frames", type=int, default=None, help="--mode predict on a stream: stop after N frames")
+    parser.add_argument("--duration", type=float, default=None, help="--watch or a stream: stop after N seconds")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. TRAIN.num_training_steps=50")
     # Intermixed: KEY=VALUE overrides may come before, between or after the options.
     return parser.parse_intermixed_args(argv)
@@ -75,7 +87,11 @@ def run(args: argparse.Namespace) -> int:
     if args.mode not in modes:
         raise UserError(f"--mode {args.mode} is not available for {method.modality} runs; use one of {', '.join(modes)}")
     engine = Engine(method, cfg, overridden)
-    options = ModeOptions(checkpoint=args.checkpoint, input=args.input, backend=args.backend, output=args.output, update_readme=args.update_readme)
+    options = ModeOptions(
+        checkpoint=args.checkpoint, input=args.input, backend=args.backend, output=args.output,
+        update_readme=args.update_readme,
+        watch=args.watch, max_images=args.max_images, max_frames=args.max_frames, duration=args.duration,
+    )
     metrics = modes[args.mode](engine, options)
     if metrics:
         print("metrics: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float))))

@@ -176,6 +176,8 @@ def patchcore_args(datadir: Path, savedir: Path, *extra: str) -> list[str]:
         "TEST.batch_size=4",
         *extra,
     ]
+
+
 # --------------------------------------------------------------------------- hostile files
 
 
@@ -241,9 +243,32 @@ def write_zero_bomb(path: Path, member: str, count: int) -> int:
     crc = crc32_of_zeros(zlib.crc32(header), 8 * count)
     name = member.encode()
     zip64 = struct.pack("<HHQQ", 1, 16, size, len(stream))
-    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, 0, 8, 0, 0x21, crc, 0xFFFFFFFF, 0xFFFFFFFF, len(name), len(zip64)) + name + zip64
-    central = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, 8, 0, 0x21, crc, 0xFFFFFFFF, 0xFFFFFFFF, len(name), len(zip64),
-                          0, 0, 0, 0, 0) + name + zip64
+    header_fields = (0x04034B50, 45, 0, 8, 0, 0x21, crc, 0xFFFFFFFF, 0xFFFFFFFF, len(name), len(zip64))
+    local = struct.pack("<IHHHHHIIIHH", *header_fields) + name + zip64
+    central = (
+        struct.pack(
+            "<IHHHHHHIIIHHHHHII",
+            0x02014B50,
+            45,
+            45,
+            0,
+            8,
+            0,
+            0x21,
+            crc,
+            0xFFFFFFFF,
+            0xFFFFFFFF,
+            len(name),
+            len(zip64),
+            0,
+            0,
+            0,
+            0,
+            0,
+        )
+        + name
+        + zip64
+    )
     central_at = len(local) + len(stream)
     end64_at = central_at + len(central)
     end64 = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, 1, 1, len(central), central_at)

@@ -196,7 +196,8 @@ def test_paper_protocol_matches_sklearn_and_per_video_notes():
                                (xs - xs.min()) / (xs.max() - xs.min() + 1e-8), rtol=0, atol=1e-15)
     # One class only (as image runs without defective images): null metrics, the reason, and a warning.
     normal = fs.paper_protocol({"s": x}, [np.zeros(30, int), np.zeros(20, int)], plain_params())
-    assert normal["frame_auroc"] is None and normal["frame_aupr"] is None and "no abnormal frame among the 50" in normal["note"]
+    assert normal["frame_auroc"] is None and normal["frame_aupr"] is None
+    assert "no abnormal frame among the 50" in normal["note"]
     with pytest.raises(UserError, match="shape"):
         fs.paper_protocol({"s": [x[0][:-1], x[1]]}, y, plain_params())
     with pytest.raises(UserError, match=r"no score 's' \(have: q\)"):
@@ -385,7 +386,8 @@ def test_smoothing_window_longer_than_every_video_is_refused():
     params.check_lengths([40, 11, 12], "the test videos")
     with pytest.raises(UserError) as info:
         params.check_lengths([6, 10], "the test videos")
-    assert "SCORE.SMOOTH.size=11 is longer than every video (the longest of 2 has 10 scored frames in the test videos)" in str(info.value)
+    expected = "SCORE.SMOOTH.size=11 is longer than every video (the longest of 2 has 10 scored frames in the test"
+    assert expected in str(info.value)
     avenue = replace(ProtocolParams.from_config(PAPER_PRESETS["avenue"]), smooth=window(11, 5, scope="video"))
     with pytest.raises(UserError, match="SCORE.SMOOTH.size=11"):
         fs.evaluate_scores(make_file(), avenue)  # 6 scored frames per video in the file
@@ -443,7 +445,8 @@ def test_command_line_score_override_applies_to_a_file_with_its_own_protocol(cap
     from task.common.config import Config
 
     own = PAPER_PRESETS["avenue"]
-    cfg = Config({"SCORE": {**PAPER_PRESETS["ped2"], "weights": [0.1, 0.9], "KALMAN": {**PAPER_PRESETS["ped2"]["KALMAN"], "enabled": True}}})
+    kalman = {**PAPER_PRESETS["ped2"]["KALMAN"], "enabled": True}
+    cfg = Config({"SCORE": {**PAPER_PRESETS["ped2"], "weights": [0.1, 0.9], "KALMAN": kalman}})
     engine = SimpleNamespace(cfg=cfg, overridden=frozenset({"SCORE.weights", "SCORE.KALMAN.enabled", "DATASET.target"}))
     with caplog.at_level("WARNING", logger="anomaly"):
         merged = with_command_line_score(engine, own, "x.npz")

@@ -463,24 +463,50 @@ def _fifo(tmp: Path) -> Path:
 BAD_ARRAY_FILES: dict[str, tuple[Callable[[Path], Path], Callable[..., Any], tuple[str, ...]]] = {
     "npy-zero-bytes": (lambda t: _write(t / "e.npy", b""), load_npy, ("e.npy", "is empty (0 bytes)", FIX)),
     "npy-header-claims-1e11-int64": (
-        lambda t: _write(t / "big.npy", npy_header((10**11,)) + bytes(65)), load_npy, ("big.npy", "shape 100000000000", "745 GiB", "nothing was loaded"),
+        lambda t: _write(t / "big.npy", npy_header((10**11,)) + bytes(65)),
+        load_npy,
+        ("big.npy", "shape 100000000000", "745 GiB", "nothing was loaded"),
     ),
-    "npy-text-file": (lambda t: _write(t / "labels.npy", b"0 0 1 1\n0 1\n"), load_npy, ("labels.npy", "a text file, not a .npy array")),
+    "npy-text-file": (
+        lambda t: _write(t / "labels.npy", b"0 0 1 1\n0 1\n"),
+        load_npy,
+        ("labels.npy", "a text file, not a .npy array"),
+    ),
     "npy-is-a-zip": (lambda t: _npz(t / "z.npy", {"x.npy": b"1"}), load_npy, ("z.npy", "a zip archive (an .npz?)")),
-    "npy-truncated": (lambda t: _write(t / "cut.npy", npy_header((1000,)) + bytes(80)), load_npy, ("cut.npy", "truncated", "8000 bytes")),
-    "npy-object-array": (lambda t: _write(t / "obj.npy", npy_header((2,), "|O") + b"\x80\x04N."), load_npy, ("obj.npy", "unreadable without pickle")),
-    "npy-bad-header": (lambda t: _write(t / "h.npy", b"\x93NUMPY\x01\x00\x10\x00{'descr': ???}   \n"), load_npy, ("h.npy", "damaged .npy header")),
+    "npy-truncated": (
+        lambda t: _write(t / "cut.npy", npy_header((1000,)) + bytes(80)),
+        load_npy,
+        ("cut.npy", "truncated", "8000 bytes"),
+    ),
+    "npy-object-array": (
+        lambda t: _write(t / "obj.npy", npy_header((2,), "|O") + b"\x80\x04N."),
+        load_npy,
+        ("obj.npy", "unreadable without pickle"),
+    ),
+    "npy-bad-header": (
+        lambda t: _write(t / "h.npy", b"\x93NUMPY\x01\x00\x10\x00{'descr': ???}   \n"),
+        load_npy,
+        ("h.npy", "damaged .npy header"),
+    ),
     "npy-directory": (lambda t: _mkdir(t / "d.npy"), load_npy, ("d.npy", "is a directory")),
     "npy-fifo": (_fifo, load_npy, ("pipe.npy", "not a regular file")),
     "npy-dangling-link": (lambda t: _link(t / "gone.npy", t / "nowhere"), load_npy, ("gone.npy", "dangling link")),
     "npz-member-header-claims-1e11": (
-        lambda t: _npz(t / "s.npz", {"labels/01.npy": npy_header((10**11,)) + bytes(16)}), load_npz, ("s.npz", "labels/01.npy", "nothing was loaded"),
+        lambda t: _npz(t / "s.npz", {"labels/01.npy": npy_header((10**11,)) + bytes(16)}),
+        load_npz,
+        ("s.npz", "labels/01.npy", "nothing was loaded"),
     ),
     "npz-member-truncated": (
-        lambda t: _npz(t / "s.npz", {"a.npy": npy_header((100,), "<f8") + bytes(8)}), load_npz, ("s.npz", "'a.npy'", "truncated"),
+        lambda t: _npz(t / "s.npz", {"a.npy": npy_header((100,), "<f8") + bytes(8)}),
+        load_npz,
+        ("s.npz", "'a.npy'", "truncated"),
     ),
     "npz-duplicate-member": (_dup, load_npz, ("dup.npz", "'a.npy' twice")),
-    "npz-foreign-member": (lambda t: _npz(t / "s.npz", {"notes.txt": b"hello"}), load_npz, ("s.npz", "'notes.txt'", "not a .npy array")),
+    "npz-foreign-member": (
+        lambda t: _npz(t / "s.npz", {"notes.txt": b"hello"}),
+        load_npz,
+        ("s.npz", "'notes.txt'", "not a .npy array"),
+    ),
     "npz-damaged": (lambda t: _write(t / "s.npz", b"PK\x03\x04" + bytes(60)), load_npz, ("s.npz", "damaged")),
 }
 
@@ -559,7 +585,8 @@ def test_11_mb_npz_bomb_is_refused_in_bounded_memory_and_time(tmp_path: Path) ->
         "    print(exc)\n"
         "print(base, hwm(), time.perf_counter() - start)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(bomb)], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    command = [sys.executable, "-c", code, str(bomb)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     message, numbers = done.stdout.strip().splitlines()
     base_kib, peak_kib, seconds = (float(x) for x in numbers.split())
@@ -567,7 +594,8 @@ def test_11_mb_npz_bomb_is_refused_in_bounded_memory_and_time(tmp_path: Path) ->
     assert peak_kib * 1024 < 1e9, f"peak RSS {peak_kib / 1024:.0f} MiB"
     assert (peak_kib - base_kib) * 1024 < 100e6, f"grew {(peak_kib - base_kib) / 1024:.0f} MiB while refusing"
     assert seconds < 5, seconds
-    print(f"bomb {size / 1e6:.1f} MB refused in {seconds:.3f} s, peak RSS {peak_kib / 1024:.0f} MiB (+{(peak_kib - base_kib) / 1024:.1f})")
+    growth = (peak_kib - base_kib) / 1024
+    print(f"bomb {size / 1e6:.1f} MB refused in {seconds:.3f} s, peak RSS {peak_kib / 1024:.0f} MiB (+{growth:.1f})")
     assert MAX_ARRAY_BYTES == 1 << 30  # the README's stated budget
 
 
@@ -619,13 +647,16 @@ print("survived")
 """
 
 
-@pytest.mark.parametrize("when, expected", [("while-writing", (b"old csv", b"old gif")), ("between-renames", (b"new csv", b"new gif"))])
+@pytest.mark.parametrize(
+    "when, expected", [("while-writing", (b"old csv", b"old gif")), ("between-renames", (b"new csv", b"new gif"))]
+)
 def test_sigterm_never_splits_a_pair(when: str, expected: tuple[bytes, bytes], tmp_path: Path) -> None:
     """SIGTERM while the pair is written keeps both old files; SIGTERM between the renames is held until both are
     new. Either way the process then ends by SIGTERM and leaves no temp file."""
     (tmp_path / "v.csv").write_bytes(b"old csv")
     (tmp_path / "v.gif").write_bytes(b"old gif")
-    child = subprocess.run([sys.executable, "-c", _PAIR_CHILD, str(tmp_path), when], cwd=REPO, capture_output=True, timeout=60, check=False)
+    command = [sys.executable, "-c", _PAIR_CHILD, str(tmp_path), when]
+    child = subprocess.run(command, cwd=REPO, capture_output=True, timeout=60, check=False)
     assert child.returncode == -signal.SIGTERM, child.stderr
     assert ((tmp_path / "v.csv").read_bytes(), (tmp_path / "v.gif").read_bytes()) == expected
     assert only_files(tmp_path) == ["v.csv", "v.gif"]

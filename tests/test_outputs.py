@@ -122,6 +122,21 @@ def test_tensorboard_event_files_hold_the_run(trained_run):
     for term in ("distillation", "deformation", "vq", "loss", "lr"):
         assert f"train/{term}" in scalars
     assert {"eval/image_auroc", "results/image_auroc"} <= scalars and "results/0" in images
+    assert {"curves/roc_image", "curves/pr_image", "curves/roc_pixel", "curves/pr_pixel"} <= images
+
+
+def test_regions_and_curves_of_the_run(trained_run):
+    """regions.json lists every test image's regions (boxes inside the map) with the box IoUs of the defective ones;
+    curves/ holds the image- and pixel-level ROC and PR pictures."""
+    record = json.loads((trained_run.run_dir / "regions.json").read_text())
+    assert len(record["images"]) == N_GOOD + N_DEFECT and record["min_area"] == 16
+    assert record["defective_images_with_masks"] == N_DEFECT and 0.0 <= record["mean_best_box_iou"] <= 1.0
+    for image in record["images"]:
+        for region in image["regions"]:
+            x, y, w, h = region["box"]
+            assert 0 <= x and 0 <= y and x + w <= SIZE and y + h <= SIZE and region["area"] >= 16
+    curves = sorted(p.name for p in (trained_run.run_dir / "curves").iterdir())
+    assert curves == ["pr_image.png", "pr_pixel.png", "roc_image.png", "roc_pixel.png"]
 
 
 # --------------------------------------------------------------------------- W&B
@@ -164,6 +179,8 @@ def test_wandb_offline_run_holds_metrics(trained_run):
     for term in ("distillation", "deformation", "vq", "loss", "lr"):
         assert f"train/{term}" in history
     assert "eval/image_auroc" in history and any(k.startswith("results/images") for k in history)
+    assert any(k.startswith("curves/roc_image") for k in history)
+    assert any(k.startswith("curves/pr_pixel") for k in history)
     metrics = json.loads((trained_run.run_dir / "metrics.json").read_text())
     assert json.loads(summary["image_auroc"]) == pytest.approx(metrics["image_auroc"])
     assert "artifact" in kinds  # model.pt

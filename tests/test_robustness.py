@@ -323,12 +323,16 @@ CASES: dict[str, Case] = {
         ("plain.onnx", "not a model exported by this toolkit"),
     ),
     "predict-onnx-edited-image-size": Case(
-        lambda c: c.predict("--backend", "onnx", "--checkpoint", str(onnx_with(c.exported / "model.onnx", c.tmp / "edited.onnx", "image_size", "[128, 64]")),
-                            images=c.images()),
+        lambda c: c.predict(
+            "--backend", "onnx", "--checkpoint",
+            str(onnx_with(c.exported / "model.onnx", c.tmp / "edited.onnx", "image_size", "[128, 64]")),
+            images=c.images(),
+        ),
         ("edited.onnx", "metadata image_size [128, 64] differs from the graph input", "64x64", "--mode export"),
     ),
     "checkpoint-zip-claims-3-gib": Case(
-        lambda c: c.test_with(_zip_bomb(c.tmp / "bomb.pt")), ("bomb.pt", "records declare 3 GiB uncompressed", "nothing was decompressed")
+        lambda c: c.test_with(_zip_bomb(c.tmp / "bomb.pt")),
+        ("bomb.pt", "records declare 3 GiB uncompressed", "nothing was decompressed"),
     ),
     "export-scoring-override": Case(lambda c: c.predict("--mode", "export", "MODEL.deform_weight=0.3"), ("MODEL.deform_weight=0.3", "--mode test")),
 }
@@ -738,15 +742,42 @@ def _nested_lists(depth: int) -> bytes:
 
 DAMAGED_OFFICIAL: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
     "empty": (lambda t: _write(t / "model.pth", b""), ("model.pth", "not a torch zip checkpoint")),
-    "garbage": (lambda t: _write(t / "model.pth", np.random.RandomState(0).bytes(4096)), ("model.pth", "not a torch zip checkpoint")),
-    "garbage-pickle": (lambda t: _official_with(t, lambda n, d: os.urandom(64) if n.endswith("data.pkl") else d), ("model.pth", "damaged")),
-    "empty-pickle": (lambda t: _official_with(t, lambda n, d: b"" if n.endswith("data.pkl") else d), ("model.pth", "damaged", "EOFError")),
-    "truncated-pickle": (lambda t: _official_with(t, lambda n, d: d[: len(d) // 2] if n.endswith("data.pkl") else d), ("model.pth", "damaged")),
-    "deeply-nested-pickle": (lambda t: _official_with(t, lambda n, d: _nested_lists(200_000) if n.endswith("data.pkl") else d), ("model.pth", "damaged")),
-    "deeply-nested-modules": (lambda t: _save(t / "model.pth", _official_module(100)), ("model.pth", "nested deeper than 64")),
-    "storage-record-missing": (lambda t: _official_with(t, lambda n, d: None if "/data/" in n else d), ("model.pth", "storage record", "missing")),
-    "storage-out-of-bounds": (lambda t: _official_with(t, lambda n, d: d[:8] if "/data/" in n else d), ("model.pth", "beyond its 8-byte record")),
-    "record-claims-3-gib": (lambda t: _zip_bomb(t / "model.pth"), ("model.pth", "declare 3 GiB", "nothing was decompressed")),
+    "garbage": (
+        lambda t: _write(t / "model.pth", np.random.RandomState(0).bytes(4096)),
+        ("model.pth", "not a torch zip checkpoint"),
+    ),
+    "garbage-pickle": (
+        lambda t: _official_with(t, lambda n, d: os.urandom(64) if n.endswith("data.pkl") else d),
+        ("model.pth", "damaged"),
+    ),
+    "empty-pickle": (
+        lambda t: _official_with(t, lambda n, d: b"" if n.endswith("data.pkl") else d),
+        ("model.pth", "damaged", "EOFError"),
+    ),
+    "truncated-pickle": (
+        lambda t: _official_with(t, lambda n, d: d[: len(d) // 2] if n.endswith("data.pkl") else d),
+        ("model.pth", "damaged"),
+    ),
+    "deeply-nested-pickle": (
+        lambda t: _official_with(t, lambda n, d: _nested_lists(200_000) if n.endswith("data.pkl") else d),
+        ("model.pth", "damaged"),
+    ),
+    "deeply-nested-modules": (
+        lambda t: _save(t / "model.pth", _official_module(100)),
+        ("model.pth", "nested deeper than 64"),
+    ),
+    "storage-record-missing": (
+        lambda t: _official_with(t, lambda n, d: None if "/data/" in n else d),
+        ("model.pth", "storage record", "missing"),
+    ),
+    "storage-out-of-bounds": (
+        lambda t: _official_with(t, lambda n, d: d[:8] if "/data/" in n else d),
+        ("model.pth", "beyond its 8-byte record"),
+    ),
+    "record-claims-3-gib": (
+        lambda t: _zip_bomb(t / "model.pth"),
+        ("model.pth", "declare 3 GiB", "nothing was decompressed"),
+    ),
 }
 
 
@@ -807,7 +838,8 @@ def test_report_refuses_metrics_outside_0_1(value: object, shown: str, tmp_path:
         report = write_report(tmp_path / "runs", readme)
     warnings_seen = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings_seen) == 1, warnings_seen
-    assert str(run / "metrics.json") in warnings_seen[0] and f"image_auroc = {shown} is not a number in [0, 1]" in warnings_seen[0]
+    assert str(run / "metrics.json") in warnings_seen[0]
+    assert f"image_auroc = {shown} is not a number in [0, 1]" in warnings_seen[0]
     bottle_row = [line for line in report.splitlines() if line.startswith("| ")][2]  # image table: header, rule, values
     assert bottle_row.split(" | ")[7] == MISSING  # Avg, 5 textures, then Bottle
     assert "750.0" not in readme.read_text() and "95.0" in readme.read_text()
@@ -840,7 +872,11 @@ class _Session:
         ("[64.5, 64]", [], ("whole numbers",)),
         ("[true, 64]", [], ("whole numbers",)),
         ("[100000, 64]", [], ("whole numbers in [64, 1024]",)),
-        ("[128, 64]", [_Input("image", ["batch", 3, 64, 64])], ("differs from the graph input 'image' (64x64)", "--mode export")),
+        (
+            "[128, 64]",
+            [_Input("image", ["batch", 3, 64, 64])],
+            ("differs from the graph input 'image' (64x64)", "--mode export"),
+        ),
         ("[128, 64]", [_Input("clip", [1, 4, 3, 64, 64])], ("graph input 'clip'",)),
     ],
 )
@@ -850,4 +886,5 @@ def test_onnx_image_size_metadata_is_checked(value: str, inputs: list, fragments
     with pytest.raises(UserError) as info:
         metadata_image_size({"image_size": value}, _Session(*inputs), "model.onnx")
     assert "\n" not in str(info.value) and all(f in str(info.value) for f in fragments), str(info.value)
-    assert metadata_image_size({"image_size": "[128, 64]"}, _Session(_Input("image", ["batch", 3, "h", "w"])), "m") == (128, 64)
+    dynamic = _Session(_Input("image", ["batch", 3, "h", "w"]))
+    assert metadata_image_size({"image_size": "[128, 64]"}, dynamic, "m") == (128, 64)

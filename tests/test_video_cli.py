@@ -19,6 +19,7 @@ def test_training_writes_every_video_output(video_run: Path) -> None:
     for name in ("model.pt", "last.pt", "metrics.json", "run.json", "frame_scores.csv", "scores.npz", "video_demo.gif", "train.log"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "plots").iterdir()) == [f"{i:02d}.png" for i in range(1, 7)]
+    assert sorted(p.name for p in (out / "curves").iterdir()) == ["pr_frame.png", "roc_frame.png"]  # paper, online
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("frame_auroc", "frame_aupr", "frame_auroc_online", "frame_aupr_online", "online_threshold"):
         assert 0.0 <= metrics[key] <= 1.0 or key == "online_threshold", key
@@ -76,7 +77,7 @@ def _copy(src: Path, dst: Path) -> Path:
         ("duplicate-video-names", ("video name(s) repeat", "01.avi", "01.mp4")),
         ("test-name-trailing-space", ("testing/frames/03 ", "surrounding spaces")),
         ("smooth-window-too-long", ("SCORE.SMOOTH.size=100 is longer than every video", "68 scored frames")),
-        ("deformation-window-too-large", ("MODEL.deformation_window=[1000, 1000] is larger than the frames", "[64, 64]")),
+        ("deformation-window-too-large", ("MODEL.deformation_window=[1000, 1000] is larger than the frames", "64, 64")),
     ],
 )
 def test_bad_video_input_is_a_one_line_error(video_data: Path, tmp_path: Path, breakage: str, needles: tuple[str, ...]) -> None:
@@ -122,19 +123,24 @@ def test_failing_test_mode_keeps_the_good_metrics(video_data: Path, video_run: P
     shutil.copytree(video_run, savedir)
     data = _copy(video_data, tmp_path / "data")
     (data / "video_demo" / "testing" / "frames" / "03").rename(data / "video_demo" / "testing" / "frames" / "03 ")
-    before = {p.name: p.read_bytes() for p in run_dir(savedir).iterdir() if p.is_file() and p.suffix in (".json", ".npz", ".csv", ".pt")}
+    outputs = [p for p in run_dir(savedir).iterdir() if p.is_file() and p.suffix in (".json", ".npz", ".csv", ".pt")]
+    before = {p.name: p.read_bytes() for p in outputs}
     assert_user_error(main_in_process(*video_args(data, savedir, mode="test")), "03 ", "surrounding spaces")
     after = {name: (run_dir(savedir) / name).read_bytes() for name in before}
     assert after == before
 
 
-def test_all_normal_test_labels_give_null_metrics_and_a_reason(video_data: Path, video_run: Path, tmp_path: Path, caplog) -> None:
+def test_all_normal_test_labels_give_null_metrics_and_a_reason(
+    video_data: Path, video_run: Path, tmp_path: Path, caplog
+) -> None:
     """As image runs without defective images: a warning and null metrics, not a hard error."""
     savedir = tmp_path / "runs"
     shutil.copytree(video_run, savedir)
     np.save(tmp_path / "normal.npy", np.zeros(6 * 72, dtype=np.int64))
     with caplog.at_level("WARNING", logger="anomaly"):
-        assert_ok(main_in_process(*video_args(video_data, savedir, f"DATASET.labels={tmp_path / 'normal.npy'}", "TEST.save_images=false", mode="test")))
+        labels = f"DATASET.labels={tmp_path / 'normal.npy'}"
+        args = video_args(video_data, savedir, labels, "TEST.save_images=false", mode="test")
+        assert_ok(main_in_process(*args))
     metrics = json.loads((run_dir(savedir) / "metrics.json").read_text())
     assert metrics["frame_auroc"] is None and metrics["frame_auroc_online"] is None and metrics["online_tpr"] is None
     assert "no abnormal frame among the 408 scored frames" in caplog.text

@@ -282,21 +282,56 @@ def test_labels_avenue_mat(tmp_path: Path) -> None:
 # 6 and 5 frames (UCSD layout); the .m cases name the line, the .npy/.mat cases the file.
 _M_HEAD = "TestDataset = {};\n"
 BAD_LABEL_FILES: dict[str, tuple[str, bytes, tuple[str, ...]]] = {
-    "m-repeated-key": ("l.m", b"gt_frame{1} = [2:4];\ngt_frame{2} = [1:2];\ngt_frame{1} = [5:6];\n",
-                       ("l.m line 3", "gt_frame{1} again", "first on line 1")),
-    "m-negative-range": ("l.m", b"gt_frame{1} = [-3:5];\ngt_frame{2} = [1:2];\n", ("l.m line 1", "-3:5", "negative frame")),
-    "m-fractional-range": ("l.m", b"gt_frame{1} = [3.5:5];\ngt_frame{2} = [1:2];\n", ("l.m line 1", "3.5:5", "whole frame numbers")),
-    "m-names-not-numbers": ("l.m", b"gt_frame{1} = [a:b];\ngt_frame{2} = [1:2];\n", ("l.m line 1", "a:b", "not a frame range")),
-    "m-stepped-range": ("l.m", b"gt_frame{1} = [1:2:5];\ngt_frame{2} = [1:2];\n", ("l.m line 1", "stepped range 1:2:5", "first:last")),
-    "m-key-not-a-number": ("l.m", b"gt_frame{k} = [1:2];\ngt_frame{2} = [1:2];\n", ("l.m line 1", "gt_frame{k}", "video number")),
-    "m-only-commented-lines": ("l.m", b"% gt_frame{1} = [1:2];\n%{\ngt_frame{2} = [1:2];\n%}\n", ("gives gt_frame{k} for 0 videos",)),
+    "m-repeated-key": (
+        "l.m",
+        b"gt_frame{1} = [2:4];\ngt_frame{2} = [1:2];\ngt_frame{1} = [5:6];\n",
+        ("l.m line 3", "gt_frame{1} again", "first on line 1"),
+    ),
+    "m-negative-range": (
+        "l.m",
+        b"gt_frame{1} = [-3:5];\ngt_frame{2} = [1:2];\n",
+        ("l.m line 1", "-3:5", "negative frame"),
+    ),
+    "m-fractional-range": (
+        "l.m",
+        b"gt_frame{1} = [3.5:5];\ngt_frame{2} = [1:2];\n",
+        ("l.m line 1", "3.5:5", "whole frame numbers"),
+    ),
+    "m-names-not-numbers": (
+        "l.m",
+        b"gt_frame{1} = [a:b];\ngt_frame{2} = [1:2];\n",
+        ("l.m line 1", "a:b", "not a frame range"),
+    ),
+    "m-stepped-range": (
+        "l.m",
+        b"gt_frame{1} = [1:2:5];\ngt_frame{2} = [1:2];\n",
+        ("l.m line 1", "stepped range 1:2:5", "first:last"),
+    ),
+    "m-key-not-a-number": (
+        "l.m",
+        b"gt_frame{k} = [1:2];\ngt_frame{2} = [1:2];\n",
+        ("l.m line 1", "gt_frame{k}", "video number"),
+    ),
+    "m-only-commented-lines": (
+        "l.m",
+        b"% gt_frame{1} = [1:2];\n%{\ngt_frame{2} = [1:2];\n%}\n",
+        ("gives gt_frame{k} for 0 videos",),
+    ),
     "m-empty": ("l.m", b"", ("l.m", "is empty (0 bytes)")),
     "npy-zero-bytes": ("l.npy", b"", ("labels", "l.npy", "is empty (0 bytes)")),
     "npy-text": ("l.npy", b"0\n0\n1\n", ("l.npy", "a text file, not a .npy array")),
     "npy-zip": ("l.npy", b"PK\x03\x04" + bytes(40), ("l.npy", "a zip archive (an .npz?)")),
-    "npy-claims-1e11-int64": ("l.npy", b"", ("l.npy", "int64 array of shape 100000000000", "nothing was loaded")),  # content made below
+    "npy-claims-1e11-int64": (
+        "l.npy",
+        b"",
+        ("l.npy", "int64 array of shape 100000000000", "nothing was loaded"),
+    ),  # content made below
     "mat-zero-bytes": ("mat/1_label.mat", b"", ("1_label.mat", "is empty (0 bytes)")),
-    "mat-text": ("mat/1_label.mat", b"volLabel = 1\n" * 20, ("cannot read volLabel", "1_label.mat", "ground_truth_demo")),
+    "mat-text": (
+        "mat/1_label.mat",
+        b"volLabel = 1\n" * 20,
+        ("cannot read volLabel", "1_label.mat", "ground_truth_demo"),
+    ),
 }
 
 
@@ -314,9 +349,11 @@ def test_bad_label_file_is_one_line_error(name: str, tmp_path: Path) -> None:
         content = header.getvalue() + bytes(65)
     path.write_bytes(content if not file_name.endswith(".m") or not content else _M_HEAD.encode() + content)
     if file_name.endswith(".m") and content:
-        fragments = tuple(f.replace("line 1", "line 2").replace("line 3", "line 4").replace("on line 1", "on line 2") for f in fragments)
+        # the file starts with one header line
+        fragments = tuple(f.replace("line 1", "line 2").replace("line 3", "line 4") for f in fragments)
     with pytest.raises(UserError) as err:
-        load_frame_labels(config(tmp_path, "UCSDped2", labels=str(path.parent if "mat" in file_name else path)), videos, 2)
+        labels = str(path.parent if "mat" in file_name else path)
+        load_frame_labels(config(tmp_path, "UCSDped2", labels=labels), videos, 2)
     message = str(err.value)
     assert "\n" not in message and all(f in message for f in fragments), message
 
@@ -380,7 +417,9 @@ def test_frame_numbering_gap_is_a_warning_naming_it(tmp_path: Path, caplog: pyte
         ("testing/frames", ["01", "03 "], ("03 ", "surrounding spaces", "rename it")),
     ],
 )
-def test_video_names_checked_at_scan_time(tmp_path: Path, layout: str, names: list[str], fragments: tuple[str, ...]) -> None:
+def test_video_names_checked_at_scan_time(
+    tmp_path: Path, layout: str, names: list[str], fragments: tuple[str, ...]
+) -> None:
     for name in names:
         if layout.endswith("videos"):
             write_video(tmp_path / "ds" / layout / name, [10, 20, 30, 40], "MJPG" if name.endswith(".avi") else "mp4v")
@@ -419,7 +458,8 @@ def test_background_for_shared_per_video_and_cache(tmp_path: Path) -> None:
     # Frames changed in place (same names, same count): a new key, so the template is recomputed.
     write_frames(tmp_path / "a", [50, 50, 200], ["1.png", "2.png", "3.png"])
     videos = [video_from_path(tmp_path / "a"), video_from_path(tmp_path / "b")]
-    assert background_for(videos, (SIZE, SIZE), False, True, tmp_path / "cache")[0, 0, 0].tolist() == frame(50)[0, 0].tolist()
+    rebuilt = background_for(videos, (SIZE, SIZE), False, True, tmp_path / "cache")
+    assert rebuilt[0, 0, 0].tolist() == frame(50)[0, 0].tolist()
 
 
 # ---------------------------------------------------------------- synthetic demo

@@ -1,4 +1,5 @@
-"""Video anomaly pictures: abnormal ranges, score-plot geometry, cursor, GIF frame selection and the GIF file."""
+"""Video anomaly pictures: abnormal ranges, score-plot geometry (matplotlib), cursor, GIF frame selection and the GIF
+file; ROC and PR curve pictures."""
 
 from __future__ import annotations
 
@@ -8,16 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from task.anomaly.unsupervised.curves import render_curve, write_curves
 from task.anomaly.unsupervised.video.plots import (
-    _CURSOR,
-    _SHADE,
-    _THRESHOLD,
-    _layout,
-    _value_range,
-    _x_at,
-    _y_at,
+    CURSOR,
     abnormal_ranges,
     gif_frame_positions,
+    plot_area,
     plot_x,
     render_score_plot,
     render_video_frame,
@@ -25,6 +22,14 @@ from task.anomaly.unsupervised.video.plots import (
 )
 
 SIZE = (240, 640)
+SHADE = (255, 205, 205)
+THRESHOLD = (245, 140, 0)
+ALARM = (235, 60, 50)
+
+
+def _near(image: np.ndarray, colour, tolerance: int = 12) -> np.ndarray:
+    """[..] bool: pixels within ``tolerance`` of ``colour`` in every channel (matplotlib antialiases edges)."""
+    return np.all(np.abs(image.astype(np.int16) - np.asarray(colour, np.int16)) <= tolerance, axis=-1)
 
 
 def _column_is(image: np.ndarray, x: int, colour, rows: slice) -> bool:
@@ -55,28 +60,32 @@ def test_shading_covers_exactly_the_abnormal_frames():
     frames = np.arange(4, num_frames)
     scores = np.full(frames.size, 0.1)
     plot = render_score_plot(scores, frames, num_frames, labels, None, "t", SIZE)
-    layout = _layout(*SIZE)
-    rows = slice(layout.y0 + 1, layout.y1)
+    x0, y0, x1, y1 = plot_area(*SIZE)
+    rows = slice(y0 + 2, y1 - 1)
     for frame in range(num_frames):
-        assert _column_is(plot, plot_x(frame, num_frames, SIZE[1]), _SHADE, rows) == (labels[frame] == 1), frame
+        x = min(max(plot_x(frame, num_frames, SIZE[1]), x0 + 2), x1 - 2)  # the axes' frame is drawn on the edge columns
+        assert _column_is(plot, x, SHADE, rows) == (labels[frame] == 1), frame
     # Between two runs nothing is shaded, also off the frames' own columns.
-    for x in range(plot_x(8, num_frames, SIZE[1]), plot_x(11, num_frames, SIZE[1]) + 1):
-        assert not np.any(np.all(plot[rows, x] == _SHADE, axis=-1)), x
+    for x in range(plot_x(8, num_frames, SIZE[1]) + 1, plot_x(11, num_frames, SIZE[1])):
+        assert not np.any(np.all(plot[rows, x] == SHADE, axis=-1)), x
     no_labels = render_score_plot(scores, frames, num_frames, None, None, "t", SIZE)
-    assert not np.any(np.all(no_labels == _SHADE, axis=-1))
+    assert not np.any(np.all(no_labels[rows] == SHADE, axis=-1))
 
 
-def test_threshold_line_is_at_its_value():
+def test_threshold_line_and_alarms_are_where_the_values_are():
     scores = np.linspace(0.0, 1.0, 50)
     threshold = 0.3
     plot = render_score_plot(scores, np.arange(50), 50, None, threshold, "t", SIZE)
-    layout = _layout(*SIZE)
-    y = _y_at(threshold, _value_range(scores, threshold), layout)
-    assert layout.y0 < y < layout.y1
-    dash = slice(layout.x0, layout.x0 + 8)  # the first dash, left of where the rising curve crosses it
-    assert np.all(plot[y, dash] == _THRESHOLD)
-    assert not np.any(np.all(plot[y - 3, dash] == _THRESHOLD, axis=-1))
-    assert not np.any(np.all(plot[y + 4, dash] == _THRESHOLD, axis=-1))
+    x0, y0, x1, y1 = plot_area(*SIZE)
+    inside = plot[y0 + 1 : y1, x0 + 1 : x1]
+    rows = np.flatnonzero(_near(inside, THRESHOLD).sum(axis=1) > 0.3 * inside.shape[1])  # a dashed line across
+    assert rows.size >= 1 and rows.max() - rows.min() <= 2
+    # The y axis runs from about min - 6% to max + 6% of (0 .. 1): 0.3 lies 0.36 / 1.12 of the way up.
+    expected = (y1 - 1 - y0) * (1 - 0.36 / 1.12)
+    assert abs(rows.mean() - expected) <= 3
+    # Red alarm dots only right of where the rising line crosses the threshold (frame 15 of 0 .. 49).
+    alarm_columns = np.flatnonzero(_near(inside, ALARM, 20).any(axis=0)) + x0 + 1
+    assert alarm_columns.size and alarm_columns.min() >= plot_x(14.5, 50, SIZE[1]) - 4
 
 
 def test_cursor_follows_the_frame():
@@ -84,17 +93,16 @@ def test_cursor_follows_the_frame():
     plot = render_score_plot(np.linspace(0, 1, num_frames), np.arange(num_frames), num_frames, None, 0.5, "t", SIZE)
     frame = np.full((150, 200, 3), 90, dtype=np.uint8)
     error = np.zeros((150, 200), dtype=np.float32)
-    layout = _layout(*SIZE)
-    rows = slice(layout.y0 + 1, layout.y1)
+    _, y0, _, y1 = plot_area(*SIZE)
+    rows = slice(y0, y1 + 1)
     xs = []
     for index in (10, 30):
         picture = render_video_frame(frame, error, (0.0, 1.0), plot, index / (num_frames - 1), 0.7, 0.5, 1, "c")
         assert picture.shape[1] == SIZE[1]
         bottom = picture[-SIZE[0]:]
         x = plot_x(index, num_frames, SIZE[1])
-        assert x == _x_at(index / (num_frames - 1), SIZE[1])
-        assert _column_is(bottom, x, _CURSOR, rows)
-        assert np.count_nonzero(np.all(bottom[rows] == _CURSOR, axis=-1).any(axis=0)) == 2  # 2 px wide, nowhere else
+        assert _column_is(bottom, x, CURSOR, rows)
+        assert np.count_nonzero(np.all(bottom[rows] == CURSOR, axis=-1).any(axis=0)) == 2  # 2 px wide, nowhere else
         xs.append(x)
     assert xs[0] < xs[1]
 
@@ -167,3 +175,44 @@ def test_gif_decodes_to_the_chosen_frames(tmp_path):
         assert gif.size[0] == 400
         gif.seek(7)
         assert np.asarray(gif.convert("RGB")).shape == (gif.size[1], 400, 3)
+
+
+def test_plot_x_matches_where_matplotlib_draws_the_frames():
+    """A one-frame abnormal run at frame k is shaded around column plot_x(k): the axes sit where plot_area says."""
+    num_frames = 21
+    for k in (0, 7, 20):
+        labels = np.zeros(num_frames, dtype=np.int64)
+        labels[k] = 1
+        plot = render_score_plot(np.zeros(0), np.zeros(0, np.int64), num_frames, labels, None, "t", SIZE)
+        _, y0, _, y1 = plot_area(*SIZE)
+        shaded = np.flatnonzero(np.all(plot[(y0 + y1) // 2] == SHADE, axis=-1))
+        centre = (shaded.min() + shaded.max()) / 2 if shaded.size else -100
+        assert abs(centre - plot_x(k, num_frames, SIZE[1])) <= 2 + (k in (0, 20)) * 8  # edge runs are cut in half
+
+
+def test_a_live_window_plots_absolute_frame_numbers():
+    frames = np.arange(1000, 1040)
+    plot = render_score_plot(np.linspace(0, 1, 40), frames, 40, None, 0.5, "live", SIZE, first_frame=1000)
+    assert plot.shape == (*SIZE, 3)
+    with pytest.raises(ValueError):
+        render_score_plot(np.zeros(2), np.array([0, 1]), 40, None, None, "t", SIZE, first_frame=1000)
+
+
+def test_curves_are_written_per_level_and_their_areas_are_sklearns(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 50)
+    scores = labels + rng.normal(0, 0.8, 100)
+    levels = {"image": [("score", labels, scores)], "pixel": [("map", np.zeros(10), np.arange(10.0))]}
+    written = write_curves(tmp_path, levels)
+    assert [p.name for p in written] == ["roc_image.png", "pr_image.png"]  # no curve without both classes
+    with Image.open(written[0]) as picture:
+        assert picture.size == (400, 400)
+    # The legend's AUROC is scikit-learn's: drawing the curve from a shuffled copy gives the same picture.
+    order = rng.permutation(100)
+    shuffled = render_curve("roc", [("score", labels[order], scores[order])], "t")
+    assert np.array_equal(render_curve("roc", [("score", labels, scores)], "t"), shuffled)
+    assert 0.7 < roc_auc_score(labels, scores) < 1.0
+    with pytest.raises(ValueError):
+        render_curve("det", [], "t")

@@ -28,7 +28,8 @@ import numpy as np
 from task.common.errors import UserError, short_text
 
 __all__ = [
-    "MAX_ARRAY_BYTES", "MAX_NPZ_MEMBERS", "check_file_size", "check_zip_expansion", "load_npy", "load_npz", "zip_expansion_limit",
+    "MAX_ARRAY_BYTES", "MAX_NPZ_MEMBERS", "check_file_size", "check_zip_expansion", "load_npy", "load_npz",
+    "zip_expansion_limit",
 ]
 
 # Bytes all arrays read from one user file may occupy (1 GiB): far above any label or score file (ShanghaiTech's
@@ -61,7 +62,8 @@ def check_file_size(path: Path, what: str, fix: str, limit: int) -> int:
     if info.st_size == 0:
         raise UserError(f"{what} {shown} is empty (0 bytes); {fix}")
     if info.st_size > limit:
-        raise UserError(f"{what} {shown} holds {_gib(info.st_size)}, more than the {_gib(limit)} such a file may hold; {fix}")
+        raise UserError(f"{what} {shown} holds {_gib(info.st_size)}, more than the {_gib(limit)} such a file may "
+                        f"hold; {fix}")
     return info.st_size
 
 
@@ -136,8 +138,8 @@ def _read_header(handle: IO[bytes], where: str, fix: str, available: int, budget
     header_end = handle.tell()
     if header_end + nbytes > available:
         raise UserError(
-            f"{where} is truncated: its header declares {_gib(nbytes)} of data but only {_gib(max(available - header_end, 0))} "
-            f"follow; {fix}"
+            f"{where} is truncated: its header declares {_gib(nbytes)} of data but only "
+            f"{_gib(max(available - header_end, 0))} follow; {fix}"
         )
     return nbytes
 
@@ -183,8 +185,8 @@ def load_npz(path: str | Path, what: str, fix: str, budget: int = MAX_ARRAY_BYTE
             declared = sum(m.file_size for m in members)
             if declared > budget + 2 * _HEADER_LIMIT * len(members):
                 raise UserError(
-                    f"{where} declares {_gib(declared)} of uncompressed data, more than the {_gib(budget)} a file may hold "
-                    f"here; nothing was decompressed; {fix}"
+                    f"{where} declares {_gib(declared)} of uncompressed data, more than the {_gib(budget)} a file "
+                    f"may hold here; nothing was decompressed; {fix}"
                 )
             arrays: dict[str, np.ndarray] = {}
             for member in members:

@@ -110,6 +110,9 @@ def _sigterm_unwinds() -> Iterator[None]:
         return
 
     def on_sigterm(signum: int, frame: Any) -> None:
+        if _HELD["active"]:  # inside _sigterm_held: act once the held section is done
+            _HELD["pending"] = True
+            return
         raise _Terminated()
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
@@ -126,7 +129,7 @@ def _sigterm_unwinds() -> Iterator[None]:
 def _temp_file(path: Path, write: Callable[[IO[bytes]], Any]) -> str:
     """Write through ``write`` into a new temp file beside ``path`` (fsynced, plain-open permissions); its name.
     On failure the temp file is removed and the exception propagates."""
-    prefix = f".{path.name[:128]}.{_host_tag()}-{os.getpid()}."  # cut long names: the temp name must stay under 255 bytes
+    prefix = f".{path.name[:128]}.{_host_tag()}-{os.getpid()}."  # cut long names: temp names stay under 255 bytes
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -143,17 +146,23 @@ def _temp_file(path: Path, write: Callable[[IO[bytes]], Any]) -> str:
     return tmp
 
 
+# While a set of renames runs, SIGTERM is recorded rather than acted on (see _sigterm_held).
+_HELD = {"active": False, "pending": False}
+
+
 @contextlib.contextmanager
 def _sigterm_held() -> Iterator[None]:
-    """SIGTERM stays pending while the body runs (main thread only; other threads never run handlers)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    """Inside ``_sigterm_unwinds``: a SIGTERM during the body is acted on only after it, so the body's renames all
+    happen. Python runs signal handlers in the main thread between bytecodes, whichever thread the kernel picked,
+    so a flag read by the handler is exact where a thread's signal mask would not be."""
+    _HELD["active"], _HELD["pending"] = True, False
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _HELD["active"] = False
+    if _HELD["pending"]:
+        _HELD["pending"] = False
+        raise _Terminated()
 
 
 def atomic_write_bytes(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:

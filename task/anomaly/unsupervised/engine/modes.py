@@ -26,6 +26,11 @@ class ModeOptions:
     backend: str = "torch"  # --backend: predict with "torch" or "onnx"
     output: str | None = None  # --output: predict's output folder
     update_readme: bool = False  # --update-readme: report rewrites README.md's tables
+    # live sources (predict): --watch a folder; stop after --max-images / --max-frames or --duration seconds
+    watch: bool = False
+    max_images: int | None = None
+    max_frames: int | None = None
+    duration: float | None = None
 
 
 ModeFunction = Callable[[Engine, ModeOptions], "dict[str, Any] | None"]

@@ -44,12 +44,24 @@ RUN_SECTIONS: Schema = {
         "save_maps": F(bool, False, help="write maps/<defect>/<name>.npz per test image"),
         "save_images": F(bool, True, help="write images/<defect>/<name>.png per test image (video: a score plot per video) and the result GIF"),
         "save_scores": F(bool, True, help="video: write scores.npz with the raw per-frame scores and labels (--mode score reads it)"),
-        "target_fpr": F(float, 0.01, min=0, max=1, min_exclusive=True, max_exclusive=True,
-                        help="false-alarm target of the image (video: frame) threshold: conformal order statistic of the calibration scores; changeable at predict/export without retraining"),
-        "pixel_target_fpr": F(float, 0.01, min=0, max=1, min_exclusive=True, max_exclusive=True,
-                              help="false-alarm target of the pixel threshold (fraction of normal calibration pixels)"),
-        "image_threshold": F(float, None, nullable=True, help="explicit image threshold, served instead of the one TEST.target_fpr derives"),
-        "pixel_threshold": F(float, None, nullable=True, help="explicit pixel threshold, served instead of the one TEST.pixel_target_fpr derives"),
+        "target_fpr": F(
+            float, 0.01, min=0, max=1, min_exclusive=True, max_exclusive=True,
+            help="false-alarm target of the image threshold: conformal order statistic of the calibration scores; "
+                 "changeable at predict/export without retraining",
+        ),
+        "pixel_target_fpr": F(
+            float, 0.01, min=0, max=1, min_exclusive=True, max_exclusive=True,
+            help="false-alarm target of the pixel threshold (fraction of normal calibration pixels)",
+        ),
+        "image_threshold": F(
+            float, None, nullable=True, help="explicit image threshold, served instead of the one TEST.target_fpr derives"
+        ),
+        "pixel_threshold": F(
+            float, None, nullable=True, help="explicit pixel threshold, served instead of the one TEST.pixel_target_fpr derives"
+        ),
+        "region_min_area": F(
+            int, 16, min=1, help="defect regions (regions.json, predict, pictures): smallest kept, pixels at model size"
+        ),
     },
     "OPTIMIZER": {
         "name": F(str, "adamw", choices=("adamw", "adam")),
@@ -86,6 +98,24 @@ RUN_SECTIONS: Schema = {
         "train_steps": F(int, 5, min=1, help="--mode benchmark: timed training steps"),
         "warmup": F(int, 1, min=0, help="--mode benchmark: untimed training steps before them"),
         "eval_images": F(int, 16, nullable=True, min=1, help="--mode benchmark: test images (clips) to evaluate (null: the whole test set)"),
+    },
+    # live: --mode predict on a stream or camera (video/stream.py)
+    "STREAM": {
+        "plot_interval_s": F(float, 5.0, min=0.5, help="seconds between live plot (and latency log) updates"),
+        "plot_frames": F(int, 600, min=10, max=100000, help="scored frames the live plot shows (the latest ones)"),
+        "hysteresis": F(float, 0.05, min=0, help="an alarm lasts while score >= threshold - hysteresis (score units)"),
+        "min_alarm_frames": F(int, 3, min=1, help="hot frames in a row (score >= threshold) that raise an alarm event"),
+        "reconnect_timeout_s": F(
+            float, 60.0, nullable=True, min=0, help="give up when no frame came for this long (null: retry forever)"
+        ),
+        "max_backoff_s": F(float, 8.0, min=0.5, help="longest wait between reconnections (doubling from 0.5 s)"),
+        "background_frames": F(
+            int, 50, min=1, max=1000, help="first frames that stand for the video where a model needs per-video state"
+        ),
+        "region_quantile": F(
+            float, 0.99, min=0.5, max=1, max_exclusive=True,
+            help="alarm snapshots: regions where the error exceeds this quantile of recent normal frames (the highest)",
+        ),
     },
     "SEED": F(int, 0, min=0, max=2**32 - 1, reason="a 32-bit seed, numpy's range; the per-epoch shuffle seeds SEED x 100003 + epoch must stay within 64 bits"),
 }

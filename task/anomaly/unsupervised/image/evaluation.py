@@ -21,11 +21,13 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from task.anomaly.unsupervised.curves import image_levels, run_curves
 from task.anomaly.unsupervised.engine.checkpoints import make_payload
 from task.anomaly.unsupervised.engine.engine import Engine
 from task.anomaly.unsupervised.engine.thresholds import resolve
 from task.anomaly.unsupervised.image.calibration import ImageCalibration, calibrate
 from task.anomaly.unsupervised.image.inference import predict_loader
+from task.anomaly.unsupervised.image.region_file import write_regions
 from task.anomaly.unsupervised.image.visualize import save_result_images, select_frames, write_result_gif
 from task.anomaly.unsupervised.records import Predictions
 from task.common.conformal import GUARANTEE
@@ -89,6 +91,12 @@ def write_outputs(
     write_json(out_dir / "metrics.json", {**{k: json_number(v) for k, v in metrics.items()}, **summary})
     write_json(out_dir / "run.json", run_info(engine, out_dir, step))
     write_text(out_dir / "predictions.csv", predictions_csv(preds, thresholds.get("image", math.nan)))
+    # --- live: defect regions and ROC/PR curves (regions.json, curves/*.png)
+    write_regions(out_dir / "regions.json", preds, thresholds.get("pixel", math.nan), cfg.TEST.region_min_area)
+    masks = None if preds.masks is None else preds.masks.numpy()
+    levels = image_levels(preds.scores.numpy(), preds.labels.numpy(), preds.anomaly_maps.numpy(), masks)
+    curves = run_curves(out_dir / "curves", levels)
+    # --- end live
     if cfg.TEST.save_maps:
         save_maps(preds, out_dir / "maps")
     sample: list[tuple[Path, str]] = []
@@ -96,12 +104,13 @@ def write_outputs(
     if cfg.TEST.save_images and test_set is not None:
         try:
             shown = {"image": thresholds.get("image", math.nan), "pixel": thresholds.get("pixel", math.nan)}
-            images = save_result_images(preds, test_set, shown, out_dir / "images")
+            images = save_result_images(preds, test_set, shown, out_dir / "images", cfg.TEST.region_min_area)
             sample = [(images[i], f"{preds.defects[i]}/{images[i].stem} score {float(preds.scores[i]):.3f}") for i in select_frames(preds.labels, 8)]
             gif = write_gif(engine, out_dir, preds, test_set, shown)
         except Exception as exc:  # noqa: BLE001  (pictures are a by-product: never lose a finished run over them)
             log.warning("result pictures not written (%s: %s); model.pt and metrics are saved, rerun with --mode gif", type(exc).__name__, exc)
     engine.reporters.log_results(metrics, sample, gif, out_dir / "model.pt")
+    engine.reporters.log_curves(curves)
     log.info("outputs written to %s", out_dir)
 
 
@@ -127,7 +136,7 @@ def write_gif(engine: Engine, out_dir: Path, preds: Predictions, test_set, thres
     targets = [out_dir / name]
     if engine.cfg.RESULT.assets_dir and out_dir == engine.run_dir:
         targets.append(Path(engine.cfg.RESULT.assets_dir) / name)
-    result = write_result_gif(preds, test_set, thresholds, targets)
+    result = write_result_gif(preds, test_set, thresholds, targets, min_area=engine.cfg.TEST.region_min_area)
     log.info("GIF with %d frames written to %s", len(result.frames), ", ".join(map(str, targets)))
     return targets[0]
 

@@ -141,7 +141,14 @@ def mode_predict(engine: Engine, options: ModeOptions) -> None:
             loaded.model, tuple(loaded.cfg.DATASET.resize), loaded.thresholds, engine.cfg.TEST.batch_size,
             engine.device, engine.amp, engine.channels_last,
         )
+    runner.region_min_area = engine.cfg.TEST.region_min_area
     out_dir = Path(options.output) if options.output else source.parent / "predict"
+    if options.watch:  # live: score new images as they arrive
+        from task.anomaly.unsupervised.image.watch import WatchLimits, watch_folder
+
+        limits = WatchLimits.from_options(options)
+        watch_folder(runner, Path(options.input), out_dir, f"{source} ({options.backend})", limits)
+        return
     predict.predict_folder(runner, Path(options.input), out_dir, f"{source} ({options.backend})")
 
 

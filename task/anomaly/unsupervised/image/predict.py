@@ -14,7 +14,9 @@ Outputs, in ``--output`` (default: ``predict/`` next to the checkpoint):
 * ``<relative path>.png`` per image, the input's whole file name kept (``a.jpg`` -> ``a.jpg.png``, so ``a.jpg`` and
   ``a.png`` never share a picture): input | heatmap | predicted region, at the image's original size (longest side
   capped at ``MAX_PICTURE_SIDE``), drawn by ``visualize.render_result``;
-* ``predictions.csv``: ``path,score,prediction,verdict,picture`` (prediction 1 = anomalous = verdict NG).
+* ``predictions.csv``: ``path,score,prediction,verdict,picture,regions`` (prediction 1 = anomalous = verdict NG;
+  regions: the defect regions as a JSON list of ``{"box": [x, y, w, h], "area", "peak", "peak_xy"}`` in the input
+  image's pixels, found at model resolution with ``TEST.region_min_area`` and boxed and numbered in the picture).
 
 A folder is searched recursively (hidden files and folders are skipped). The output folder may not be, or be inside,
 the input folder, and predict only ever replaces files it wrote itself (listed in ``.predict-manifest.json`` there):
@@ -47,6 +49,7 @@ from task.anomaly.unsupervised.drawing import display_bounds
 from task.anomaly.unsupervised.image.inference import predict_loader
 from task.anomaly.unsupervised.image.visualize import render_result
 from task.anomaly.unsupervised.records import InferenceOutput
+from task.anomaly.unsupervised.regions import Region, find_regions, regions_record, scale_regions
 from task.common.errors import UserError
 from task.common.io import atomic_write_bytes, csv_cell, write_text
 
@@ -57,6 +60,7 @@ ONNX_FORMAT = "tnvision-dmad-onnx"
 ONNX_INPUT = "image"
 
 MAX_PICTURE_SIDE = 1024
+CSV_HEADER = ["path", "score", "prediction", "verdict", "picture", "regions"]
 
 
 # --------------------------------------------------------------------------- ONNX
@@ -78,7 +82,7 @@ class OnnxModel(nn.Module):
         self.metadata: dict[str, str] = meta
         try:
             self.input_format: str = meta["input"]
-            self.image_size: tuple[int, int] = metadata_image_size(meta, self.session, name)  # checked: ints, limits, graph
+            self.image_size: tuple[int, int] = metadata_image_size(meta, self.session, name)  # ints, limits, graph
             self.thresholds: dict[str, float] = {k: float(v) for k, v in json.loads(meta["thresholds"]).items()}
             self.outputs: tuple[str, ...] = tuple(out.name for out in self.session.get_outputs())
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
@@ -174,24 +178,38 @@ def picture_names(paths: list[Path], root: Path) -> list[Path]:
 # --------------------------------------------------------------------------- outputs
 
 
-def render_picture(path: Path, anomaly_map: np.ndarray, bounds: tuple[float, float], score: float, thresholds: dict[str, float]) -> bytes:
-    """PNG bytes of input | heatmap | region for one input, at its original size (longest side <= MAX_PICTURE_SIDE).
+def render_picture(
+    path: Path, anomaly_map: np.ndarray, bounds: tuple[float, float], score: float, thresholds: dict[str, float],
+    min_area: int = 1,
+) -> tuple[bytes, list[Region]]:
+    """PNG bytes of input | heatmap | region for one input, at its original size (longest side <= MAX_PICTURE_SIDE),
+    and its defect regions in the input's pixels (boxed and numbered in the picture).
 
-    ``anomaly_map`` [h, w] at model resolution is bilinearly resized to the picture.
+    ``anomaly_map`` [h, w] at model resolution is bilinearly resized to the picture; the regions are found at model
+    resolution (at least ``min_area`` pixels there) and scaled.
     """
     image = display_rgb(load_image(path))
     height, width = image.shape[:2]
+    found = find_regions(anomaly_map, thresholds.get("pixel", math.nan), min_area)
+    regions = scale_regions(found, width / anomaly_map.shape[1], height / anomaly_map.shape[0])
     scale = min(1.0, MAX_PICTURE_SIDE / max(height, width))
     if scale < 1.0:
         width, height = max(1, round(width * scale)), max(1, round(height * scale))
         image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
     resized = cv2.resize(anomaly_map.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    shown = scale_regions(found, width / anomaly_map.shape[1], height / anomaly_map.shape[0])
     picture = render_result(
-        np.ascontiguousarray(image), resized, bounds, score, thresholds.get("image", math.nan), thresholds.get("pixel", math.nan)
+        np.ascontiguousarray(image), resized, bounds, score, thresholds.get("image", math.nan),
+        thresholds.get("pixel", math.nan), regions=shown,
     )
     buffer = io.BytesIO()
     Image.fromarray(picture).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return buffer.getvalue(), regions
+
+
+def regions_cell(regions: list[Region]) -> str:
+    """The ``regions`` cell of predictions.csv: compact JSON (``[]`` when none)."""
+    return json.dumps(regions_record(regions), separators=(",", ":"))
 
 
 def verdict(score: float, image_threshold: float) -> tuple[str, str]:
@@ -212,6 +230,7 @@ class Runner:
     device: torch.device = torch.device("cpu")
     amp: str = "none"
     channels_last: bool = False
+    region_min_area: int = 1  # TEST.region_min_area of the config
 
 
 def predict_folder(runner: Runner, input_path: Path, out_dir: Path, source: str) -> None:
@@ -230,12 +249,14 @@ def predict_folder(runner: Runner, input_path: Path, out_dir: Path, source: str)
     bounds = display_bounds(preds.anomaly_maps, thresholds.get("pixel", math.nan))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "score", "prediction", "verdict", "picture"])
+    writer.writerow(CSV_HEADER)
     for path, name, score, anomaly_map in zip(paths, names, preds.scores.tolist(), preds.anomaly_maps):
-        data = render_picture(path, anomaly_map.numpy(), bounds, score, thresholds)
+        data, regions = render_picture(path, anomaly_map.numpy(), bounds, score, thresholds, runner.region_min_area)
         atomic_write_bytes(out_dir / name, lambda handle, data=data: handle.write(data))
         prediction, label = verdict(score, thresholds.get("image", math.nan))
-        writer.writerow([csv_cell(str(path)), f"{score:.6f}", prediction, label, csv_cell(name.as_posix())])
-        print(f"{path}: score={score:.6f} {label}")
+        writer.writerow(
+            [csv_cell(str(path)), f"{score:.6f}", prediction, label, csv_cell(name.as_posix()), regions_cell(regions)]
+        )
+        print(f"{path}: score={score:.6f} {label} regions={len(regions)}")
     write_text(out_dir / "predictions.csv", buffer.getvalue())
     log.info("pictures and predictions.csv written to %s", out_dir)

@@ -32,18 +32,21 @@ from task.anomaly.unsupervised.drawing import (
     png_bytes,
 )
 from task.anomaly.unsupervised.records import Predictions
+from task.anomaly.unsupervised.regions import Region, find_regions
 from task.common.io import atomic_write_bytes
 
 __all__ = [
     "denormalize",
-    "render_result",
+    "outline_regions",
     "render_prediction",
+    "render_result",
     "save_result_images",
     "select_frames",
     "write_result_gif",
 ]
 
 _CONTOUR = (255, 40, 40)
+_BOX = (0, 230, 255)  # region boxes: cyan, apart from the red outline and from typical defect colours
 
 
 def denormalize(image: Tensor) -> np.ndarray:
@@ -65,6 +68,23 @@ def _region_outline(image: np.ndarray, anomaly_map: np.ndarray, pixel_threshold:
     return out
 
 
+def outline_regions(image: np.ndarray, regions: list[Region]) -> np.ndarray:
+    """``image`` [H, W, 3] uint8 RGB with each region's box drawn and numbered 1, 2, ... (highest peak first), in
+    the coordinates of ``image``."""
+    out = image.copy()
+    thickness = max(1, image.shape[1] // 256)
+    scale = max(0.35, min(1.0, image.shape[1] / 512))
+    for number, region in enumerate(regions, start=1):
+        x, y, w, h = region.box
+        cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), _BOX, thickness, cv2.LINE_8)
+        text = str(number)
+        (tw, th), _ = cv2.getTextSize(text, FONT, scale, 1)
+        ty = y - 3 if y - th - 4 >= 0 else min(image.shape[0] - 1, y + h + th + 3)
+        cv2.rectangle(out, (x, ty - th - 2), (x + tw + 3, ty + 2), _BOX, -1)
+        cv2.putText(out, text, (x + 2, ty), FONT, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return out
+
+
 def _verdict(score: float, threshold: float) -> tuple[str, tuple[int, int, int]]:
     if not math.isfinite(threshold):
         return "n/a", GREY
@@ -81,6 +101,7 @@ def render_result(
     mask: np.ndarray | None = None,
     label: int | None = None,
     defect: str | None = None,
+    regions: list[Region] | None = None,
 ) -> np.ndarray:
     """One result picture: the panels side by side under a title bar.
 
@@ -92,6 +113,8 @@ def render_result(
         image_threshold, pixel_threshold: decision thresholds (NaN: no verdict / no region drawn).
         mask: [H, W] {0, 1} ground truth; ``None`` (e.g. prediction on new images) omits the GT panel.
         label, defect: true label (1 = defective) and defect type, shown in the title when given.
+        regions: defect regions in the picture's pixels, boxed and numbered on the prediction panel; ``None``:
+            found here at the map's resolution (``find_regions``, every size kept).
 
     Returns:
         [T + H, P * W, 3] uint8 RGB, P = 4 panels with a mask and 3 without, T = title-bar height.
@@ -99,7 +122,10 @@ def render_result(
     height, width = anomaly_map.shape
     if image.shape[:2] != (height, width):
         raise ValueError(f"image {image.shape[:2]} and anomaly map {(height, width)} differ in size")
-    panels = [image, heatmap_overlay(image, anomaly_map, bounds), _region_outline(image, anomaly_map, pixel_threshold)]
+    if regions is None:
+        regions = find_regions(anomaly_map, pixel_threshold)
+    outlined = outline_regions(_region_outline(image, anomaly_map, pixel_threshold), regions)
+    panels = [image, heatmap_overlay(image, anomaly_map, bounds), outlined]
     captions = ["input", "heatmap", "prediction"]
     if mask is not None:
         panels.append(np.repeat((mask > 0).astype(np.uint8)[:, :, None] * 255, 3, axis=2))
@@ -135,13 +161,16 @@ def _input_image(dataset: AnomalyDataset, preds: Predictions, index: int) -> np.
 
 
 def render_prediction(
-    preds: Predictions, dataset: AnomalyDataset, index: int, thresholds: dict[str, float], bounds: tuple[float, float]
+    preds: Predictions, dataset: AnomalyDataset, index: int, thresholds: dict[str, float], bounds: tuple[float, float],
+    min_area: int = 1,
 ) -> np.ndarray:
-    """``render_result`` for entry ``index`` of ``preds`` (computed on ``dataset`` in order, unshuffled)."""
+    """``render_result`` for entry ``index`` of ``preds`` (computed on ``dataset`` in order, unshuffled); regions of
+    at least ``min_area`` pixels are boxed."""
+    anomaly_map = preds.anomaly_maps[index].numpy()
     has_truth = preds.masks is not None
     return render_result(
         _input_image(dataset, preds, index),
-        preds.anomaly_maps[index].numpy(),
+        anomaly_map,
         bounds,
         float(preds.scores[index]),
         thresholds["image"],
@@ -149,11 +178,12 @@ def render_prediction(
         mask=preds.masks[index].numpy() if has_truth else None,
         label=int(preds.labels[index]) if has_truth else None,
         defect=preds.defects[index] if preds.defects else None,
+        regions=find_regions(anomaly_map, thresholds["pixel"], min_area),
     )
 
 
 def save_result_images(
-    preds: Predictions, dataset: AnomalyDataset, thresholds: dict[str, float], folder: str | Path
+    preds: Predictions, dataset: AnomalyDataset, thresholds: dict[str, float], folder: str | Path, min_area: int = 1
 ) -> list[Path]:
     """Write ``<folder>/<defect>/<file name>.png`` for every prediction (``a.jpg`` -> ``a.jpg.png``, so ``a.png`` and
     ``a.jpg`` never share a picture); returns the paths in prediction order."""
@@ -163,7 +193,7 @@ def save_result_images(
     for i in range(len(preds.scores)):
         defect = preds.defects[i] if preds.defects else "images"
         target = folder / defect / (Path(preds.paths[i]).name + ".png")
-        data = png_bytes(render_prediction(preds, dataset, i, thresholds, bounds))
+        data = png_bytes(render_prediction(preds, dataset, i, thresholds, bounds, min_area))
         atomic_write_bytes(target, lambda handle, data=data: handle.write(data))
         written.append(target)
     return written
@@ -208,11 +238,13 @@ def write_result_gif(
     max_frames: int = 24,
     max_width: int = 800,
     duration_ms: int = 700,
+    min_area: int = 1,
 ) -> GifResult:
     """Render ``select_frames`` of the predictions and write the same GIF to every path in ``targets``."""
     bounds = display_bounds(preds.anomaly_maps, thresholds["pixel"])
     frames = select_frames(preds.labels, max_frames)
-    data = encode_gif([render_prediction(preds, dataset, i, thresholds, bounds) for i in frames], max_width, duration_ms)
+    pictures = [render_prediction(preds, dataset, i, thresholds, bounds, min_area) for i in frames]
+    data = encode_gif(pictures, max_width, duration_ms)
     for target in targets:
         atomic_write_bytes(target, lambda handle: handle.write(data))
     return GifResult(list(targets), frames)

@@ -1,7 +1,8 @@
 """The reporter interface and the list the engine talks to.
 
-A reporter receives four calls: ``log_train`` (loss terms of a logged step), ``log_eval`` (metrics of an evaluation),
-``log_results`` (final metrics, sample pictures, the GIF, the checkpoint) and ``finish``. ``Reporters`` fans each call
+A reporter receives five calls: ``log_train`` (loss terms of a logged step), ``log_eval`` (metrics of an evaluation),
+``log_results`` (final metrics, sample pictures, the GIF, the checkpoint), ``log_curves`` (the ROC/PR curve pictures
+of the final evaluation) and ``finish``. ``Reporters`` fans each call
 out and guarantees that a failing reporter never stops a run: its first exception is logged once and that reporter is
 switched off.
 """
@@ -23,6 +24,8 @@ class Reporter(Protocol):
     def log_eval(self, step: int | None, metrics: dict[str, Any]) -> None: ...
 
     def log_results(self, metrics: dict[str, Any], images: list[tuple[Path, str]], gif: Path | None, checkpoint: Path | None) -> None: ...
+
+    def log_curves(self, pictures: list[Path]) -> None: ...
 
     def finish(self, success: bool = True) -> None: ...
 
@@ -52,6 +55,10 @@ class Reporters:
 
     def log_results(self, metrics: dict[str, Any], images: list[tuple[Path, str]], gif: Path | None, checkpoint: Path | None) -> None:
         self._each("logging results", lambda r: r.log_results(metrics, images, gif, checkpoint))
+
+    def log_curves(self, pictures: list[Path]) -> None:
+        if pictures:
+            self._each("logging curves", lambda r: r.log_curves(pictures))
 
     def finish(self, success: bool = True) -> None:
         self._each("finishing", lambda r: r.finish(success))

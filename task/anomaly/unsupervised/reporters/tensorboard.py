@@ -1,7 +1,8 @@
 """TensorBoard reporter: event files under ``<run_dir>/tensorboard`` (``tensorboard --logdir runs``).
 
 Scalars: ``train/<term>`` per logged step, ``eval/<metric>`` per evaluation, ``results/<metric>`` at the end; the
-sample result pictures as images. The writer is created on first use, so a run that logs nothing writes nothing.
+sample result pictures as images, the ROC/PR curves as ``curves/<name>`` images. The writer is created on first use,
+so a run that logs nothing writes nothing.
 """
 
 from __future__ import annotations
@@ -57,6 +58,13 @@ class TensorBoardReporter:
             picture = np.asarray(Image.open(path).convert("RGB"))
             writer.add_image(f"results/{index}", picture, dataformats="HWC")
             writer.add_text(f"results/{index}", caption)
+        writer.flush()
+
+    def log_curves(self, pictures: list[Path]) -> None:
+        writer = self._get()
+        for path in pictures:
+            with Image.open(path) as picture:
+                writer.add_image(f"curves/{path.stem}", np.asarray(picture.convert("RGB")), dataformats="HWC")
         writer.flush()
 
     def finish(self, success: bool = True) -> None:

@@ -144,6 +144,16 @@ class WandbReporter:
 
         self._guard("logging results", action)
 
+    def log_curves(self, pictures: list[Path]) -> None:
+        """The ROC/PR curve pictures of the final evaluation, as ``curves/<name>`` images."""
+
+        def action(run: Any) -> None:
+            import wandb
+
+            run.log({f"curves/{path.stem}": wandb.Image(str(path)) for path in pictures})
+
+        self._guard("logging curves", action)
+
     def finish(self, success: bool = True) -> None:
         """End the W&B run (offline runs can be uploaded later with ``wandb sync <run_dir>/wandb/offline-run-*``)."""
         if not self._disabled:

@@ -56,7 +56,14 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from task.anomaly.unsupervised.scoring.filters import causal_smooth, fuse, kalman_filter, normalize, smooth_sequences
+from task.anomaly.unsupervised.scoring.filters import (
+    causal_smooth,
+    fuse,
+    kalman_filter,
+    normalize,
+    robust_level,
+    smooth_sequences,
+)
 from task.anomaly.unsupervised.scoring.score_file import ScoreFile, from_arrays, read_scores
 from task.anomaly.unsupervised.scoring.settings import ProtocolParams
 from task.common.conformal import ScoreSample, Threshold
@@ -249,13 +256,6 @@ def fit_train_stats(train_scores: ScoreDict, quantiles: tuple[float, float] = (0
     return stats
 
 
-# The running scale needs this many past frames of a video; before that the calibration's spread / 4 (about one
-# standard deviation of normal frames) stands in. The scale never falls below 5 % of the calibration spread, so a
-# video that happens to be nearly constant does not turn noise into alarms.
-MIN_SCALE_FRAMES = 8
-SCALE_FLOOR = 0.05
-
-
 def running_stats(x: np.ndarray, prior: float, spread: float, memory: int, warmup: int) -> tuple[np.ndarray, np.ndarray]:
     """Causal per-video location and scale: at frame ``t`` the median and the MAD (x 1.4826) of ``warmup`` copies of
     ``prior`` and the frames before ``t`` (the last ``memory`` of them; ``memory = 0``: all), so a sudden anomaly does
@@ -276,11 +276,7 @@ def running_stats(x: np.ndarray, prior: float, spread: float, memory: int, warmu
     head = np.full(warmup, float(prior))
     for t in range(x.shape[0]):
         past = np.concatenate([head, x[max(0, t - memory) if memory else 0 : t]])
-        if past.size == 0:
-            past = x[t : t + 1]
-        location[t] = np.median(past)
-        mad = 1.4826 * np.median(np.abs(past - location[t])) if past.size >= MIN_SCALE_FRAMES else spread / 4
-        scale[t] = max(mad, SCALE_FLOOR * spread)
+        location[t], scale[t] = robust_level(past if past.size else x[t : t + 1], spread)
     return location, scale
 
 

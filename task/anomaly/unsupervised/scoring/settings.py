@@ -187,14 +187,16 @@ class ProtocolParams:
         if any(s == 0 for s in d["signs"]):
             raise UserError(f"config key SCORE.signs must hold 1 or -1 per name, got {short_repr(d['signs'])}")
         if not any(d["weights"]):
-            raise UserError(f"config key SCORE.weights {short_repr(d['weights'])} are all 0: every frame would get the same "
-                            "fused score (AUROC 0.5); give at least one weight > 0")
+            raise UserError(f"config key SCORE.weights {short_repr(d['weights'])} are all 0: every frame would get "
+                            "the same fused score (AUROC 0.5); give at least one weight > 0")
         if not math.isfinite(sum(d["weights"])) or max(d["weights"]) > MAX_WEIGHT:
-            raise UserError(f"config key SCORE.weights {short_repr(d['weights'])} are too large (fused scores could overflow "
-                            f"to inf); keep each weight <= {MAX_WEIGHT:.0f} (only their ratios matter, e.g. [0.2, 0.4, 0.6])")
+            raise UserError(f"config key SCORE.weights {short_repr(d['weights'])} are too large (fused scores could "
+                            f"overflow to inf); keep each weight <= {MAX_WEIGHT:.0f} "
+                            "(only their ratios matter, e.g. [0.2, 0.4, 0.6])")
         if d["KALMAN"]["enabled"] and d["KALMAN"]["process_var"] == 0:
-            raise UserError("config key SCORE.KALMAN.process_var is 0: the filter then trusts its start forever and flattens "
-                            "every video's score; set it > 0 (the presets use 1e-5) or SCORE.KALMAN.enabled=false")
+            raise UserError("config key SCORE.KALMAN.process_var is 0: the filter then trusts its start forever and "
+                            "flattens every video's score; set it > 0 (the presets use 1e-5) or "
+                            "SCORE.KALMAN.enabled=false")
         windows = {}
         for key in ("PRE_SMOOTH", "SMOOTH", "POST_SMOOTH"):
             w = d[key]
@@ -226,12 +228,14 @@ class ProtocolParams:
             if not w.enabled:
                 continue
             if w.size > max(lengths):  # per video: nothing smoothed; concat: every window mixes videos
-                raise UserError(f"SCORE.{key}.size={w.size} is longer than every video (the longest of {len(lengths)} has "
-                                f"{max(lengths)} scored frames in {where}), so the pass cannot smooth within a video; "
+                raise UserError(f"SCORE.{key}.size={w.size} is longer than every video (the longest of "
+                                f"{len(lengths)} has {max(lengths)} scored frames in {where}), so the pass cannot "
+                                "smooth within a video; "
                                 f"use SCORE.{key}.size <= {max(lengths)} or SCORE.{key}.enabled=false")
             short = sum(n < w.size for n in lengths)
             if w.scope == "video" and short:
-                log.warning("SCORE.%s.size=%d is longer than %d of %d videos in %s; those videos are not smoothed by it",
+                log.warning("SCORE.%s.size=%d is longer than %d of %d videos in %s; those videos are not smoothed "
+                            "by it",
                             key, w.size, short, len(lengths), where)
 
     def to_config(self) -> dict[str, Any]:

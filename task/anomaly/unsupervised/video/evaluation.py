@@ -23,6 +23,7 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Subset
 
+from task.anomaly.unsupervised.curves import run_curves
 from task.anomaly.unsupervised.data.video.calibration import split_rows
 from task.anomaly.unsupervised.data.video.clips import ClipDataset, Video, scan_videos
 from task.anomaly.unsupervised.data.video.labels import attach_labels, load_frame_labels
@@ -33,6 +34,7 @@ from task.anomaly.unsupervised.scoring.protocols import (
     fit_train_stats,
     online_frame_scores,
     online_protocol,
+    paper_frame_scores,
     paper_protocol,
 )
 from task.anomaly.unsupervised.scoring.score_file import ScoreFile, write_scores
@@ -183,6 +185,7 @@ def write_outputs(engine: Engine, out_dir: Path, model: nn.Module, test_set: Cli
     params = ProtocolParams.from_config(cfg.SCORE)
     online = online_frame_scores({n: scored.scores[n] for n in params.names}, calibration.train_stats, params)
     write_text(out_dir / "frame_scores.csv", frame_scores_csv(scored, online, calibration.threshold))
+    curves = write_frame_curves(out_dir / "curves", scored, online, params)  # live: ROC/PR pictures
     if cfg.TEST.save_scores:
         write_scores(out_dir / "scores.npz", ScoreFile(
             dataset=cfg.DATASET.target, clip_length=cfg.DATASET.clip_length, videos=[v.name for v in scored.videos],
@@ -197,7 +200,19 @@ def write_outputs(engine: Engine, out_dir: Path, model: nn.Module, test_set: Cli
         except Exception as exc:  # noqa: BLE001  (pictures are a by-product: never lose a finished run over them)
             log.warning("score plots / GIF not written (%s: %s); model.pt and metrics are saved, rerun with --mode gif", type(exc).__name__, exc)
     engine.reporters.log_results(metrics, [(p, p.stem) for p in plots[:8]], gif, out_dir / "model.pt")
+    engine.reporters.log_curves(curves)
     log.info("outputs written to %s", out_dir)
+
+
+def write_frame_curves(
+    folder: Path, scored: FrameScores, online: list[np.ndarray], params: ProtocolParams
+) -> list[Path]:
+    """curves/roc_frame.png and pr_frame.png: the paper and the online protocol's frame scores against the labels."""
+    if any(v.labels is None for v in scored.videos) or not scored.videos:
+        return []
+    labels = np.concatenate([np.asarray(v.labels)[f] for v, f in zip(scored.videos, scored.frames)])
+    paper = np.concatenate(paper_frame_scores({n: scored.scores[n] for n in params.names}, params))
+    return run_curves(folder, {"frame": [("paper", labels, paper), ("online", labels, np.concatenate(online))]})
 
 
 def frame_scores_csv(scored: FrameScores, online: list[np.ndarray], threshold: float) -> str:

@@ -35,7 +35,15 @@ import torch
 from torch import Tensor, nn
 
 from task.anomaly.unsupervised.data.video.clips import ClipDataset, scan_videos, video_from_path
-from task.anomaly.unsupervised.deploy.onnx import ONNX_FILENAME, TOLERANCE, Difference, file_sha256, metadata_image_size, open_onnx, with_metadata
+from task.anomaly.unsupervised.deploy.onnx import (
+    ONNX_FILENAME,
+    TOLERANCE,
+    Difference,
+    file_sha256,
+    metadata_image_size,
+    open_onnx,
+    with_metadata,
+)
 from task.anomaly.unsupervised.engine.engine import Engine, LoadedModel
 from task.anomaly.unsupervised.engine.modes import ModeOptions
 from task.anomaly.unsupervised.engine.settings import load_for_serving
@@ -89,7 +97,7 @@ class OnnxVideoModel:
         try:
             self.clip_length = int(meta["clip_length"])
             self.channels = int(meta["channels"])
-            self.image_size: tuple[int, int] = metadata_image_size(meta, self.session, name)  # checked: ints, limits, graph
+            self.image_size: tuple[int, int] = metadata_image_size(meta, self.session, name)  # ints, limits, graph
             self.grayscale = json.loads(meta["grayscale"]) is True
             self.names: tuple[str, ...] = tuple(json.loads(meta["scores"]))
             self.calibration = Calibration.from_dict(json.loads(meta["calibration"]))

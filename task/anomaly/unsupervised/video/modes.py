@@ -88,7 +88,8 @@ def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
 def check_scoring(engine: Engine, test_videos: list[Video]) -> None:
     """The SCORE section against the test videos' lengths (``ProtocolParams.check_lengths``), before any work."""
     clip_length = engine.cfg.DATASET.clip_length
-    ProtocolParams.from_config(engine.cfg.SCORE).check_lengths([v.num_frames - clip_length for v in test_videos], "the test videos")
+    lengths = [v.num_frames - clip_length for v in test_videos]
+    ProtocolParams.from_config(engine.cfg.SCORE).check_lengths(lengths, "the test videos")
 
 
 def _calibration(engine: Engine, loaded: LoadedModel) -> Calibration:

@@ -1,52 +1,64 @@
 """Pictures of video anomaly scores: the frame score over time, and a GIF of frames with that plot under them.
 
-Everything here is pure rendering (arrays in, uint8 RGB arrays or GIF bytes out) with OpenCV and numpy, no
-plotting library. Colours, the heatmap overlay and the GIF encoder are the shared ones of ``drawing``,
-so a heatmap colour means the same thing in both.
+The score plot is drawn by matplotlib (Agg canvas, ``plotting``); the GIF frames put the video frame and its
+prediction-error heatmap (the shared ``drawing`` helpers, so a heatmap colour means the same thing everywhere) above
+that plot, whose cursor is painted into the rendered plot per frame, so the plot is drawn once per GIF.
 
-Plot geometry: the x axis of a score plot ``size = (H, W)`` runs from frame 0 at column ``plot_x(0, N, W)`` to
-frame N - 1 at ``plot_x(N - 1, N, W)``; the margins depend on the width only, so a caller that knows the plot's
-width knows where every frame is. ``render_video_frame`` takes the cursor as a fraction of that axis:
-``cursor_x = frame_index / max(1, num_frames - 1)``.
+Plot geometry: the axes of a score plot ``size = (H, W)`` sit at fixed pixel margins (``plot_area``); the x axis runs
+from frame 0 at column ``plot_x(0, N, W)`` to frame N - 1 at ``plot_x(N - 1, N, W)``. ``render_video_frame`` takes the
+cursor as a fraction of that axis: ``cursor_x = frame_index / max(1, num_frames - 1)``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+from matplotlib import rc_context
 
-from task.anomaly.unsupervised.drawing import FONT, GREEN, GREY, RED, TITLE_BG, WHITE, display_bounds, draw_pieces, encode_gif, fit_scale, heatmap_overlay
+from task.anomaly.unsupervised.drawing import (
+    FONT,
+    GREEN,
+    GREY,
+    RED,
+    TITLE_BG,
+    WHITE,
+    display_bounds,
+    draw_pieces,
+    encode_gif,
+    fit_scale,
+    heatmap_overlay,
+)
+from task.anomaly.unsupervised.plotting import STYLE, figure_rgb, new_figure
 from task.common.io import atomic_write_bytes
 
 __all__ = [
     "abnormal_ranges",
+    "gif_frame_positions",
+    "plot_area",
     "plot_x",
     "render_score_plot",
     "render_video_frame",
-    "gif_frame_positions",
     "write_video_gif",
 ]
 
 _BG = (255, 255, 255)
-_INK = (30, 30, 30)
-_AXIS = (90, 90, 90)
-_GRID = (228, 228, 228)
-_SHADE = (255, 205, 205)  # ground-truth abnormal frames: light red, so the red alarm dots stay visible on it
-_LINE = (30, 100, 220)
-_THRESHOLD = (245, 140, 0)
-_CURSOR = (120, 0, 170)
-_DASH, _GAP = 8, 5
+_SHADE = "#ffcdcd"  # ground-truth abnormal frames: light red, so the red alarm dots stay visible on it
+_LINE = "#1e64dc"
+_THRESHOLD = "#f58c00"
+_ALARM = "#eb3c32"
+CURSOR = (120, 0, 170)
 _MIN_PANEL = 128  # frames smaller than this are upscaled so the panel names stay legible on them
 _PANEL_HEIGHT = 0.3  # default largest panel height, as a fraction of the plot width
 _MIN_SHRUNK = _MIN_PANEL  # write_video_gif shrinks panels no further than this to meet its byte budget
 # Byte budget of a GIF frame at 800 px wide (60 frames < 2 MB); write_video_gif shrinks the panels to meet it.
 _GIF_BYTES_PER_FRAME = 32_000
+# Pixel margins around the axes: y tick labels left, title above, x tick labels and the axis name below.
+_LEFT, _RIGHT, _TOP, _BOTTOM = 54, 14, 44, 38
 
 
 def abnormal_ranges(labels: np.ndarray) -> list[tuple[int, int]]:
@@ -58,19 +70,18 @@ def abnormal_ranges(labels: np.ndarray) -> list[tuple[int, int]]:
     return [(int(s), int(e)) for s, e in zip(starts, ends)]
 
 
-def _x_span(width: int) -> tuple[int, int]:
-    """First and last pixel column of the x axis of a plot ``width`` pixels wide (left margin holds y ticks)."""
-    left = max(44, round(0.065 * width))
-    right = width - 1 - max(10, round(0.02 * width))
-    if right - left < 16:
-        raise ValueError(f"a score plot needs to be wider than {width} px")
-    return left, right
+def plot_area(height: int, width: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the axes of a score plot of ``height`` x ``width`` pixels, inclusive pixel bounds."""
+    x0, x1, y0, y1 = _LEFT, width - 1 - _RIGHT, _TOP, height - 1 - _BOTTOM
+    if x1 - x0 < 16 or y1 - y0 < 16:
+        raise ValueError(f"a score plot needs more than {height} x {width} px")
+    return x0, y0, x1, y1
 
 
 def _x_at(fraction: float, width: int) -> int:
     """Pixel column of ``fraction`` (0 = first frame, 1 = last) along the x axis of a plot ``width`` wide."""
-    left, right = _x_span(width)
-    return left + math.floor(min(1.0, max(0.0, fraction)) * (right - left) + 0.5)
+    x0, x1 = _LEFT, width - 1 - _RIGHT
+    return x0 + math.floor(min(1.0, max(0.0, fraction)) * (x1 - x0) + 0.5)
 
 
 def plot_x(frame_index: float, num_frames: int, plot_width: int) -> int:
@@ -78,31 +89,8 @@ def plot_x(frame_index: float, num_frames: int, plot_width: int) -> int:
     return _x_at(frame_index / max(1, num_frames - 1), plot_width)
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """Where things go in a plot of one size: the axis box (inclusive pixel bounds) and the text metrics."""
-
-    x0: int
-    x1: int
-    y0: int
-    y1: int
-    scale: float
-    row: int  # height of one text row in the margins
-
-
-def _layout(height: int, width: int) -> _Layout:
-    x0, x1 = _x_span(width)
-    scale = min(0.7, max(0.33, 0.45 * min(height / 360, width / 800)))
-    text_height = cv2.getTextSize("Ag", FONT, scale, 1)[0][1]
-    row = text_height + max(7, text_height // 2 + 3)
-    y0, y1 = 2 * row + 4, height - 1 - (2 * row + 2)  # title + legend above, tick labels + axis name below
-    if y1 - y0 < 16:
-        raise ValueError(f"a score plot needs to be taller than {height} px")
-    return _Layout(x0, x1, y0, y1, scale, row)
-
-
 def _value_range(scores: np.ndarray, threshold: float | None) -> tuple[float, float]:
-    """The y range: all scores and the threshold, padded 5% so neither sits on the frame of the axis box."""
+    """The y range: all scores and the threshold, padded 6% so neither sits on the frame of the axes."""
     values = np.concatenate([scores, [threshold] if threshold is not None else []]).astype(np.float64)
     if values.size == 0:
         return 0.0, 1.0
@@ -111,29 +99,8 @@ def _value_range(scores: np.ndarray, threshold: float | None) -> tuple[float, fl
         # Constant scores: centre them in a range of +-10% of their magnitude (or +-0.5 around 0).
         pad = 0.1 * abs(high) if high != 0 else 0.5
         low, high = low - pad, high + pad
-    pad = 0.05 * (high - low)
+    pad = 0.06 * (high - low)
     return low - pad, high + pad
-
-
-def _y_at(value: float, value_range: tuple[float, float], layout: _Layout) -> int:
-    """Pixel row of ``value``: ``value_range`` spans the axis box from its bottom row to its top row."""
-    low, high = value_range
-    return layout.y1 - math.floor((value - low) / (high - low) * (layout.y1 - layout.y0) + 0.5)
-
-
-def _nice_step(span: float, count: int, mantissas: Sequence[float] = (1, 2, 2.5, 5, 10)) -> float:
-    """The smallest 1/2/2.5/5 x 10^k step that cuts ``span`` into at most ``count`` intervals."""
-    raw = span / max(1, count)
-    magnitude = 10 ** math.floor(math.log10(raw))
-    return next(m * magnitude for m in mantissas if m * magnitude >= raw * (1 - 1e-9))
-
-
-def _tick_text(value: float, step: float) -> str:
-    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) + (1 if round(step / 10 ** math.floor(math.log10(step)), 6) == 2.5 else 0)
-    if decimals > 5 or abs(value) >= 1e6:
-        return f"{value:.3g}"
-    text = f"{value:.{decimals}f}"
-    return "0" if float(text) == 0 else text  # no "-0.00"
 
 
 def _check_finite(name: str, values: np.ndarray) -> None:
@@ -141,45 +108,11 @@ def _check_finite(name: str, values: np.ndarray) -> None:
         raise ValueError(f"{name} must be finite (no NaN or inf)")
 
 
-def _dashed_hline(canvas: np.ndarray, y: int, x0: int, x1: int, colour: tuple[int, int, int]) -> None:
-    """A 2-pixel dashed line on rows ``y`` and ``y + 1`` from column ``x0`` to ``x1`` (inclusive)."""
-    for start in range(x0, x1 + 1, _DASH + _GAP):
-        canvas[y : y + 2, start : min(start + _DASH, x1 + 1)] = colour
-
-
 def _text_box(canvas: np.ndarray, text: str, x: int, baseline: int, scale: float, colour, background) -> None:
-    """``text`` on a filled box (so grid lines and curves do not run through it)."""
+    """``text`` on a filled box (the GIF's panel names)."""
     (w, h), descent = cv2.getTextSize(text, FONT, scale, 1)
     cv2.rectangle(canvas, (x - 2, baseline - h - 2), (x + w + 2, baseline + descent), background, -1)
     cv2.putText(canvas, text, (x, baseline), FONT, scale, colour, 1, cv2.LINE_AA)
-
-
-def _legend(canvas: np.ndarray, layout: _Layout, has_labels: bool, threshold: float | None) -> None:
-    """One row of swatches under the title: only the items the plot actually shows."""
-    items = [("line", "frame score")]
-    if threshold is not None:
-        items += [("dot", "score >= threshold"), ("dash", "threshold")]
-    if has_labels:
-        items.append(("box", "abnormal (ground truth)"))
-    swatch, gap = 18, 14
-    width = canvas.shape[1] - layout.x0 - 4
-    text = " ".join(t for _, t in items)
-    scale = fit_scale([text], width - len(items) * (swatch + 6 + gap), layout.scale)
-    baseline = 2 * layout.row - 4
-    middle = baseline - cv2.getTextSize("A", FONT, scale, 1)[0][1] // 2
-    x = layout.x0
-    for kind, label in items:
-        if kind == "line":
-            cv2.line(canvas, (x, middle), (x + swatch, middle), _LINE, 2, cv2.LINE_AA)
-        elif kind == "dot":
-            cv2.circle(canvas, (x + swatch // 2, middle), 3, RED, -1, cv2.LINE_AA)
-        elif kind == "dash":
-            _dashed_hline(canvas, middle, x, x + swatch, _THRESHOLD)
-        else:
-            cv2.rectangle(canvas, (x, middle - 5), (x + swatch, middle + 5), _SHADE, -1)
-        x += swatch + 6
-        cv2.putText(canvas, label, (x, baseline), FONT, scale, _INK, 1, cv2.LINE_AA)
-        x += cv2.getTextSize(label, FONT, scale, 1)[0][0] + gap
 
 
 def render_score_plot(
@@ -190,16 +123,19 @@ def render_score_plot(
     threshold: float | None,
     title: str,
     size: tuple[int, int] = (360, 960),
+    first_frame: int = 0,
 ) -> np.ndarray:
-    """The frame anomaly score of one video over time.
+    """The frame anomaly score of one video over time (matplotlib).
 
     Args:
         scores: [n] float frame scores (finite; n may be 0).
-        frames: [n] int frame index (0 .. num_frames - 1) of each score; scored frames may skip some frames.
-        num_frames: frames in the video; the x axis runs from frame 0 to num_frames - 1 (see ``plot_x``).
-        labels: [num_frames] int in {0, 1, -1} (1 = abnormal, -1 = unknown): the runs of 1 are shaded light red;
-            ``None``: no shading.
-        threshold: the alarm threshold, drawn as a dashed line with its value; scores >= it get red dots.
+        frames: [n] int frame numbers ``first_frame .. first_frame + num_frames - 1`` of the scores (scored frames
+            may skip some frames).
+        num_frames: frames on the x axis, which runs from ``first_frame`` to ``first_frame + num_frames - 1`` (see
+            ``plot_x``; a live stream plots its latest window with ``first_frame`` > 0).
+        labels: [num_frames] int in {0, 1, -1} (1 = abnormal, -1 = unknown) of the frames on the axis: the runs of
+            1 are shaded light red; ``None``: no shading.
+        threshold: the alarm threshold, a dashed line with its value in the legend; scores >= it get red dots.
         title: written above the plot.
         size: (height, width) of the picture.
 
@@ -207,16 +143,16 @@ def render_score_plot(
         [height, width, 3] uint8 RGB.
 
     Raises:
-        ValueError: NaN/inf scores or threshold, mismatched shapes, frame indices or labels out of range.
+        ValueError: NaN/inf scores or threshold, mismatched shapes, frame numbers or labels out of range.
     """
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    frames = np.asarray(frames).reshape(-1)
+    frames = np.asarray(frames).reshape(-1) - first_frame
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if frames.shape != scores.shape:
         raise ValueError(f"{scores.size} scores but {frames.size} frame indices")
     if frames.size and (frames.min() < 0 or frames.max() >= num_frames):
-        raise ValueError(f"frame indices must lie in 0 .. {num_frames - 1}")
+        raise ValueError(f"frame indices must lie in {first_frame} .. {first_frame + num_frames - 1}")
     _check_finite("scores", scores)
     if threshold is not None:
         _check_finite("threshold", np.asarray([threshold], dtype=np.float64))
@@ -225,74 +161,43 @@ def render_score_plot(
         if labels.size != num_frames:
             raise ValueError(f"{labels.size} labels for {num_frames} frames")
     height, width = size
-    layout = _layout(height, width)
-    value_range = _value_range(scores, threshold)
-    canvas = np.empty((height, width, 3), dtype=np.uint8)
-    canvas[:] = _BG
-
-    if labels is not None:
-        # A frame owns the columns nearer to it than to its neighbours, so adjacent runs stay apart and a
-        # single abnormal frame is as wide as any other frame.
-        per_frame = (layout.x1 - layout.x0) / max(1, num_frames - 1)
-        for start, end in abnormal_ranges(labels):
-            left = min(math.ceil(layout.x0 + (start - 0.5) * per_frame), plot_x(start, num_frames, width))
-            right = max(math.ceil(layout.x0 + (end + 0.5) * per_frame) - 1, plot_x(end, num_frames, width))
-            canvas[layout.y0 : layout.y1 + 1, max(left, layout.x0) : min(right, layout.x1) + 1] = _SHADE
-
-    tick_scale = layout.scale * 0.9
-    y_step = _nice_step(value_range[1] - value_range[0], max(3, (layout.y1 - layout.y0) // (2 * layout.row)))
-    y_ticks = [k * y_step for k in range(math.ceil(value_range[0] / y_step), math.floor(value_range[1] / y_step) + 1)]
-    y_texts = [_tick_text(v, y_step) for v in y_ticks]
-    y_scale = fit_scale(y_texts, layout.x0 - 10, tick_scale) if y_texts else tick_scale
-    for value, text in zip(y_ticks, y_texts):
-        y = _y_at(value, value_range, layout)
-        canvas[y, layout.x0 : layout.x1 + 1] = _GRID
-        canvas[y, layout.x0 - 5 : layout.x0 - 1] = _AXIS
-        (w, h), _ = cv2.getTextSize(text, FONT, y_scale, 1)
-        cv2.putText(canvas, text, (layout.x0 - 8 - w, y + h // 2), FONT, y_scale, _INK, 1, cv2.LINE_AA)
-
-    label_width = cv2.getTextSize(str(max(0, num_frames - 1)), FONT, tick_scale, 1)[0][0]
-    max_ticks = max(1, (layout.x1 - layout.x0) // (3 * label_width + 10))
-    x_step = max(1, int(_nice_step(max(1, num_frames - 1), max_ticks, (1, 2, 5, 10))))
-    baseline = layout.y1 + layout.row
-    for frame in range(0, num_frames, x_step):
-        x = plot_x(frame, num_frames, width)
-        canvas[layout.y1 + 2 : layout.y1 + 6, x] = _AXIS
-        w = cv2.getTextSize(str(frame), FONT, tick_scale, 1)[0][0]
-        cv2.putText(canvas, str(frame), (x - w // 2, baseline), FONT, tick_scale, _INK, 1, cv2.LINE_AA)
-    w = cv2.getTextSize("frame", FONT, tick_scale, 1)[0][0]
-    cv2.putText(canvas, "frame", ((layout.x0 + layout.x1 - w) // 2, baseline + layout.row - 2), FONT, tick_scale, _AXIS, 1, cv2.LINE_AA)
-    # The frame goes around the data area, so the first and last frames' columns stay visible.
-    cv2.rectangle(canvas, (layout.x0 - 1, layout.y0 - 1), (layout.x1 + 1, layout.y1 + 1), _AXIS, 1)
-
-    if threshold is not None:
-        y = _y_at(threshold, value_range, layout)
-        _dashed_hline(canvas, y, layout.x0, layout.x1, _THRESHOLD)
-        text = f"threshold {threshold:.4g}"
-        w = cv2.getTextSize(text, FONT, tick_scale, 1)[0][0]
-        # Above the line unless that leaves the axis box; the box hides curve pixels so the value stays readable.
-        baseline = y - 5 if y - 5 - layout.row > layout.y0 else y + layout.row
-        _text_box(canvas, text, layout.x1 - w - 6, baseline, tick_scale, _THRESHOLD, _BG)
-
-    order = np.argsort(frames, kind="stable")
-    xs = np.array([plot_x(int(f), num_frames, width) for f in frames[order]], dtype=np.int32)
-    ys = np.array([_y_at(float(v), value_range, layout) for v in scores[order]], dtype=np.int32)
-    if xs.size == 1:
-        cv2.circle(canvas, (int(xs[0]), int(ys[0])), 2, _LINE, -1, cv2.LINE_AA)
-    elif xs.size:
-        cv2.polylines(canvas, [np.stack([xs, ys], axis=1)], False, _LINE, 2, cv2.LINE_AA)
-    else:
-        text = "no scored frames"
-        (w, h), _ = cv2.getTextSize(text, FONT, layout.scale, 1)
-        cv2.putText(canvas, text, ((layout.x0 + layout.x1 - w) // 2, (layout.y0 + layout.y1 + h) // 2), FONT, layout.scale, GREY, 1, cv2.LINE_AA)
-    if threshold is not None:
-        for x, y in zip(xs[scores[order] >= threshold], ys[scores[order] >= threshold]):
-            cv2.circle(canvas, (int(x), int(y)), 3, RED, -1, cv2.LINE_AA)
-
-    title_scale = fit_scale([title], width - layout.x0 - 4, layout.scale * 1.2)
-    cv2.putText(canvas, title, (layout.x0, layout.row - 3), FONT, title_scale, _INK, 2 if title_scale >= 0.6 else 1, cv2.LINE_AA)
-    _legend(canvas, layout, labels is not None, threshold)
-    return canvas
+    x0, y0, x1, y1 = plot_area(height, width)
+    with rc_context(STYLE):
+        figure = new_figure(height, width)
+        # Axes at exact pixel margins: plot_x and the GIF cursor know where every frame is without asking matplotlib.
+        axes = figure.add_axes((x0 / width, (height - 1 - y1) / height, (x1 - x0 + 1) / width, (y1 - y0 + 1) / height))
+        last = max(1, num_frames - 1)
+        axes.set_xlim(first_frame, first_frame + last)
+        axes.set_ylim(*_value_range(scores, threshold))
+        axes.grid(True, color="#e4e4e4", linewidth=0.8)
+        axes.set_axisbelow(True)
+        if labels is not None:
+            for n, (start, end) in enumerate(abnormal_ranges(labels)):
+                # A frame owns the half frame either side of it, so a single abnormal frame is as wide as any other.
+                axes.axvspan(first_frame + start - 0.5, first_frame + end + 0.5, color=_SHADE, linewidth=0,
+                             label="abnormal (ground truth)" if n == 0 else None)
+        order = np.argsort(frames, kind="stable")
+        xs, ys = frames[order] + first_frame, scores[order]
+        if xs.size:
+            marker = "o" if xs.size == 1 else None
+            axes.plot(xs, ys, color=_LINE, linewidth=1.6, marker=marker, markersize=3, label="frame score")
+        else:
+            axes.text(0.5, 0.5, "no scored frames", transform=axes.transAxes, ha="center", va="center", color="grey")
+        if threshold is not None:
+            axes.axhline(
+                threshold, color=_THRESHOLD, linestyle=(0, (5, 3)), linewidth=1.6, label=f"threshold {threshold:.4g}"
+            )
+            alarm = ys >= threshold
+            if alarm.any():
+                axes.scatter(xs[alarm], ys[alarm], s=12, color=_ALARM, zorder=3, label="alarm (score >= threshold)")
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.set_xlabel("frame", labelpad=1)
+        figure.text(x0 / width, 1 - 4 / height, title, ha="left", va="top", fontsize=STYLE["axes.titlesize"])
+        if axes.get_legend_handles_labels()[0]:
+            # In the row between the title and the axes: the legend never hides a curve.
+            axes.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=4, frameon=False, borderaxespad=0.1,
+                        borderpad=0.1, handlelength=1.6, columnspacing=1.2)
+        return figure_rgb(figure)
 
 
 def _panel_scale(height: int, width: int, plot_width: int, max_height: int | None) -> float:
@@ -376,9 +281,9 @@ def render_video_frame(
         _text_box(panels, name, i * half + 6, name_height + 6, name_scale, WHITE, TITLE_BG)
 
     plot = plot.copy()
-    layout = _layout(*plot.shape[:2])
+    _, y0, _, y1 = plot_area(*plot.shape[:2])
     x = _x_at(cursor_x, plot.shape[1])
-    plot[layout.y0 : layout.y1 + 1, x : x + 2] = _CURSOR
+    plot[y0 : y1 + 1, x : x + 2] = CURSOR
 
     out_width = max(panels.shape[1], plot.shape[1])
     if threshold is None:

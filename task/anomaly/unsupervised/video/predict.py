@@ -51,6 +51,7 @@ from task.anomaly.unsupervised.scoring.settings import ProtocolParams
 from task.anomaly.unsupervised.video.evaluation import Calibration, served_protocol
 from task.anomaly.unsupervised.video.export import load_calibrated, load_onnx_video_model
 from task.anomaly.unsupervised.video.inference import ClipScorer, FrameScores, MethodScorer, run_clips
+from task.anomaly.unsupervised.video.live_source import is_live_source
 from task.anomaly.unsupervised.video.plots import gif_frame_positions, write_video_gif
 from task.common.config import Config
 from task.common.errors import UserError
@@ -158,7 +159,9 @@ def predict_video(method: VideoMethod, serving: VideoServing, input_path: Path, 
     # The pair is replaced together (io.write_together): a SIGTERM never leaves this input's csv beside an older gif.
     with tempfile.TemporaryDirectory(prefix="dmad-predict-") as scratch:
         rendered = Path(scratch) / gif_name
-        shown = write_video_gif(pictures, maps, online, frames, video.num_frames, None, threshold, video.name, [rendered], MAX_GIF_FRAMES)
+        shown = write_video_gif(
+            pictures, maps, online, frames, video.num_frames, None, threshold, video.name, [rendered], MAX_GIF_FRAMES
+        )
         if not every and shown != positions:  # the placeholders above would have been drawn
             raise RuntimeError(f"the GIF showed frames {shown[:5]}... but predict rendered {positions[:5]}...")
         gif_bytes = rendered.read_bytes()
@@ -179,6 +182,11 @@ def mode_predict(engine: Engine, options: ModeOptions) -> None:
     """Scores, alarms and an annotated GIF for one video (``--input``), with PyTorch or ONNX Runtime."""
     if not options.input:
         raise UserError("--mode predict needs --input VIDEO (an .mp4/.avi file or a folder of numbered frames)")
+    if is_live_source(options.input):  # live: streams and cameras (stream.py)
+        from task.anomaly.unsupervised.video.stream import predict_stream
+
+        predict_stream(engine, options, serving_from(engine, options))
+        return
     input_path = Path(options.input).expanduser()
     if not input_path.exists():
         raise UserError(f"--input {input_path} not found; pass a video file (.mp4, .avi) or a folder of numbered frames")

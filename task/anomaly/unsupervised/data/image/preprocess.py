@@ -119,7 +119,8 @@ def _opencv_tiff(path: str | Path, what: str) -> Image.Image | None:
             raise UserError(f"{what} {path} has non-finite pixels (NaN or inf); fix or remove the file")
         low, high = float(values.min()), float(values.max())
         if low < 0 or high > 1:
-            raise UserError(f"float {what} {path} has values in [{low:g}, {high:g}]; float images must hold intensities in [0, 1]")
+            raise UserError(f"float {what} {path} has values in [{low:g}, {high:g}]; "
+                            "float images must hold intensities in [0, 1]")
         if values.ndim == 2:
             return Image.fromarray(values.astype(np.float32), "F")
         values = np.rint(values.astype(np.float64) * 255).astype(np.uint8)

@@ -30,6 +30,7 @@ _COLUMNS = ("object", "split", "label", "image", "mask")
 _LABELS = {"normal": 0, "anomaly": 1}
 _EXTRA = "\0extra"  # DictReader key of the fields beyond the header
 MAX_CSV_BYTES = 64 << 20  # the official 1cls.csv is under 1 MB
+_Rows = list[tuple[int, dict[str, str]]]  # (line number, row)
 
 
 def _read_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
@@ -52,8 +53,9 @@ def _read_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
             for row in reader:
                 if None in row.values() or _EXTRA in row:
                     count = len(header) + len(row.get(_EXTRA, [])) - sum(v is None for v in row.values())
-                    raise UserError(f"{csv_path} line {reader.line_num} has {count} field(s) but the header has {len(header)}; "
-                                    f"every row needs {','.join(_COLUMNS)} (an empty mask cell still needs its comma)")
+                    raise UserError(f"{csv_path} line {reader.line_num} has {count} field(s) but the header has "
+                                    f"{len(header)}; every row needs {','.join(_COLUMNS)} "
+                                    "(an empty mask cell still needs its comma)")
                 rows.append((reader.line_num, {k: v.strip() for k, v in row.items()}))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"cannot read VisA split file {csv_path} ({e}); {fix}") from None
@@ -66,7 +68,8 @@ def _inside(relative: str, what: str, csv_path: Path, line: int) -> str:
     """``relative`` normalised; an absolute path or one that climbs out of the VisA root is refused."""
     text = relative.replace("\\", "/")
     normal = posixpath.normpath(text)
-    if PurePosixPath(text).is_absolute() or PureWindowsPath(relative).drive or normal == ".." or normal.startswith("../"):
+    absolute = PurePosixPath(text).is_absolute() or bool(PureWindowsPath(relative).drive)
+    if absolute or normal == ".." or normal.startswith("../"):
         raise UserError(f"{csv_path} line {line} lists {what} {short_text(relative)!r} outside the VisA root; "
                         "paths must be relative to the root, without leading / or ..")
     return normal
@@ -79,7 +82,7 @@ def _existing(root: Path, relative: str, what: str, csv_path: Path, line: int) -
     return path
 
 
-def _target_rows(rows: list[tuple[int, dict[str, str]]], target: str, csv_path: Path) -> list[tuple[int, dict[str, str]]]:
+def _target_rows(rows: _Rows, target: str, csv_path: Path) -> _Rows:
     """The rows of ``target`` once each: identical repeats are dropped with a warning; an image listed in two splits
     (train/test leakage) or twice with different labels/masks is refused with the count."""
     first: dict[str, tuple[int, dict[str, str]]] = {}
@@ -101,14 +104,15 @@ def _target_rows(rows: list[tuple[int, dict[str, str]]], target: str, csv_path: 
             repeats += 1
     if leaks:
         a, b, image = leaks[0]
-        raise UserError(f"{csv_path}: {len(leaks)} image(s) of {target} are listed in both train and test (leakage), e.g. "
-                        f"{short_text(image)} on lines {a} and {b}; keep each image in one split")
+        raise UserError(f"{csv_path}: {len(leaks)} image(s) of {target} are listed in both train and test "
+                        f"(leakage), e.g. {short_text(image)} on lines {a} and {b}; keep each image in one split")
     if conflicts:
         a, b, image = conflicts[0]
-        raise UserError(f"{csv_path}: {len(conflicts)} image(s) of {target} are listed twice with different label or mask, "
-                        f"e.g. {short_text(image)} on lines {a} and {b}; keep one row per image")
+        raise UserError(f"{csv_path}: {len(conflicts)} image(s) of {target} are listed twice with different "
+                        f"label or mask, e.g. {short_text(image)} on lines {a} and {b}; keep one row per image")
     if repeats:
-        warnings.warn(f"{csv_path}: {repeats} duplicated row(s) of {target} ignored (each image is used once)", stacklevel=3)
+        warnings.warn(f"{csv_path}: {repeats} duplicated row(s) of {target} ignored (each image is used once)",
+                      stacklevel=3)
     return kept
 
 
@@ -147,8 +151,8 @@ def scan_visa(ds: Config, split: str, seed: int) -> list[Sample]:
             raise UserError(f"{csv_path} line {line} puts an anomalous image in the train split; training uses normal images only")
         mask = row["mask"]
         if mask and not label:
-            raise UserError(f"{csv_path} line {line} gives the mask {short_text(mask)} for a normal image; a normal image has "
-                            "no defect: empty the mask cell or label the row 'anomaly'")
+            raise UserError(f"{csv_path} line {line} gives the mask {short_text(mask)} for a normal image; "
+                            "a normal image has no defect: empty the mask cell or label the row 'anomaly'")
         image = _existing(root, row["image"], "image", csv_path, line)
         mask_path = str(_existing(root, mask, "mask", csv_path, line)) if mask else None
         samples.append(Sample(str(image), label, mask_path, ANOMALY if label else GOOD))

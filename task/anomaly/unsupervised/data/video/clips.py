@@ -97,13 +97,15 @@ def _check_frame_file(path: Path) -> None:
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise UserError(f"frame {path} is a dangling symbolic link (its target is missing); restore the frame or delete the link") from None
+        raise UserError(f"frame {path} is a dangling symbolic link (its target is missing); "
+                        "restore the frame or delete the link") from None
     except OSError as exc:
         raise UserError(f"cannot read frame {path} ({exc.strerror}); fix its permissions or delete it") from None
     if stat.S_ISDIR(info.st_mode):
         raise UserError(f"frame {path} is a folder, not an image; move it out of {path.parent}")
     if not stat.S_ISREG(info.st_mode):
-        raise UserError(f"frame {path} is not a regular file (a FIFO, socket or device); replace it with the image or delete it")
+        raise UserError(f"frame {path} is not a regular file (a FIFO, socket or device); "
+                        "replace it with the image or delete it")
 
 
 def _warn_gaps(folder: Path, numbered: list[tuple[int, Path]]) -> None:
@@ -114,7 +116,8 @@ def _warn_gaps(folder: Path, numbered: list[tuple[int, Path]]) -> None:
         missing = sum(y[0] - x[0] - 1 for x, y in gaps)
         log.warning(
             "%s: %d frame number(s) missing in %d gap(s), the first between %s and %s (numbers %d-%d); clips span the "
-            "gaps, so restore the missing frames if they exist", folder, missing, len(gaps), pa.name, pb.name, a + 1, b - 1,
+            "gaps, so restore the missing frames if they exist",
+            folder, missing, len(gaps), pa.name, pb.name, a + 1, b - 1,
         )
 
 
@@ -167,13 +170,15 @@ def check_names(videos: Sequence[Video]) -> None:
     checked at scan time so that a run never fails after training over them."""
     for video in videos:
         if not video.name or video.name != video.name.strip() or not video.name.isprintable():
-            raise UserError(f"video {str(video.source)!r} has a name with surrounding spaces or control characters; rename it")
+            raise UserError(f"video {str(video.source)!r} has a name with surrounding spaces or control characters; "
+                            "rename it")
     counts = Counter(v.name for v in videos)
     repeated = [name for name, count in counts.items() if count > 1]
     if repeated:
         sources = [v.source.name for v in videos if v.name == repeated[0]]
         raise UserError(
-            f"{len(repeated)} video name(s) repeat in {videos[0].source.parent}, e.g. {', '.join(sources)} are all named "
+            f"{len(repeated)} video name(s) repeat in {videos[0].source.parent}, e.g. {', '.join(sources)} are all "
+            "named "
             f"{repeated[0]!r}; keep one file per name (outputs are keyed by it)"
         )
 

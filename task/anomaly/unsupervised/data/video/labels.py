@@ -121,11 +121,13 @@ def _parse_ranges(body: str, path: Path, key: int, line: int) -> list[tuple[int,
         match = _RANGE.match(token)
         if match is None:
             if re.fullmatch(r"\d+:\d+:\d+", token):
-                problem = f"the stepped range {token} (first:step:last) is not supported; list the abnormal frames as first:last ranges"
+                problem = (f"the stepped range {token} (first:step:last) is not supported; "
+                           "list the abnormal frames as first:last ranges")
             elif token.startswith("-") or ":-" in token:
                 problem = f"the range {short_text(token, 30)} has a negative frame; frames are numbered from 1"
             else:
-                problem = f"{short_text(token, 30)} is not a frame range; use whole frame numbers first:last (1-based), e.g. [61:180]"
+                problem = (f"{short_text(token, 30)} is not a frame range; "
+                           "use whole frame numbers first:last (1-based), e.g. [61:180]")
             raise UserError(f"{path} line {line}: gt_frame{{{key}}}: {problem}")
         first = int(match.group(1))
         ranges.append((first, int(match.group(2) or first)))
@@ -142,10 +144,12 @@ def _ucsd_ranges(path: Path, videos: Sequence[Video]) -> list[np.ndarray]:
     for line, code in _matlab_code(text):
         for key_text, body in _ASSIGNMENT.findall(code):
             if not key_text.isdigit() or int(key_text) < 1:
-                raise UserError(f"{path} line {line}: gt_frame{{{short_text(key_text, 20)}}} must be indexed by a video number 1, 2, ...; {_M_FIX}")
+                raise UserError(f"{path} line {line}: gt_frame{{{short_text(key_text, 20)}}} must be indexed by a "
+                                f"video number 1, 2, ...; {_M_FIX}")
             key = int(key_text)
             if key in ranges:
-                raise UserError(f"{path} line {line} gives gt_frame{{{key}}} again (first on line {ranges[key][0]}); keep one line per video")
+                raise UserError(f"{path} line {line} gives gt_frame{{{key}}} again (first on line {ranges[key][0]}); "
+                                "keep one line per video")
             ranges[key] = (line, body)
     if sorted(ranges) != list(range(1, len(videos) + 1)):
         raise UserError(f"{path} gives gt_frame{{k}} for {len(ranges)} videos but there are {len(videos)} test videos; use the .m file of this dataset")
@@ -155,7 +159,8 @@ def _ucsd_ranges(path: Path, videos: Sequence[Video]) -> list[np.ndarray]:
         line, body = ranges[k]
         for first, last in _parse_ranges(body, path, k, line):
             if not 1 <= first <= last <= video.num_frames:
-                raise UserError(f"{path} line {line}: gt_frame{{{k}}} range {first}:{last} lies outside frames 1..{video.num_frames} of {video.source}")
+                raise UserError(f"{path} line {line}: gt_frame{{{k}}} range {first}:{last} lies outside frames "
+                                f"1..{video.num_frames} of {video.source}")
             labels[first - 1 : last] = 1  # 1-based inclusive
         out.append(labels)
     return out
@@ -172,8 +177,9 @@ def _avenue_mat(folder: Path, videos: Sequence[Video]) -> list[np.ndarray]:
         check_file_size(path, "labels", fix, MAX_MAT_BYTES)
         try:
             cells = scipy.io.loadmat(str(path))["volLabel"]
-        except (MatReadError, NotImplementedError, ValueError, OSError, TypeError, KeyError, EOFError, IndexError) as exc:
-            raise UserError(f"cannot read volLabel from {path} ({type(exc).__name__}: {short_text(str(exc), 60)}); {fix}") from None
+        except (MatReadError, NotImplementedError, ValueError, OSError, TypeError, KeyError, EOFError, IndexError) as e:
+            reason = f"{type(e).__name__}: {short_text(str(e), 60)}"
+            raise UserError(f"cannot read volLabel from {path} ({reason}); {fix}") from None
         labels = np.array([bool(np.any(np.asarray(mask))) for mask in np.asarray(cells).ravel()], dtype=np.int64)
         out.append(_check_count(labels, video, path))
     return out

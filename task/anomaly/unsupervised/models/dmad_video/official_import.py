@@ -75,9 +75,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
         except KeyError:
             raise pickle.UnpicklingError(f"storage record {key!r:.40} is missing") from None
         if info.file_size > self.budget:
-            raise pickle.UnpicklingError(f"storage record {key!r:.40} declares {info.file_size} bytes, more than the archive can hold")
+            raise pickle.UnpicklingError(f"storage record {key!r:.40} declares {info.file_size} bytes, "
+                                         "more than the archive can hold")
         if not isinstance(numel, int) or numel < 0 or numel * storage_type.dtype.itemsize > info.file_size:
-            raise pickle.UnpicklingError(f"storage {key!r:.40} claims {numel!r:.20} elements, beyond its {info.file_size}-byte record")
+            raise pickle.UnpicklingError(f"storage {key!r:.40} claims {numel!r:.20} elements, "
+                                         f"beyond its {info.file_size}-byte record")
         self.budget -= info.file_size
         data = bytearray(self.archive.read(info))
         untyped = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data else torch.UntypedStorage(0)
@@ -109,11 +111,14 @@ def read_official(path: str | Path) -> dict[str, Tensor]:
             budget = zip_expansion_limit(path.stat().st_size)
             with archive.open(pickles[0]) as file:
                 root = _RestrictedUnpickler(file, archive, prefix, budget).load()
-            tensors = _collect(root, "", 0) if isinstance(root, _Inert) else {k: v for k, v in dict(root).items() if isinstance(v, Tensor)}
+            if isinstance(root, _Inert):
+                tensors = _collect(root, "", 0)
+            else:
+                tensors = {k: v for k, v in dict(root).items() if isinstance(v, Tensor)}
     except UserError:
         raise
-    except (pickle.UnpicklingError, EOFError, RecursionError, RuntimeError, ValueError, TypeError, KeyError, AttributeError,
-            IndexError, OverflowError, MemoryError, zipfile.BadZipFile, zlib.error, OSError) as error:
+    except (pickle.UnpicklingError, EOFError, RecursionError, RuntimeError, ValueError, TypeError, KeyError,
+            AttributeError, IndexError, OverflowError, MemoryError, zipfile.BadZipFile, zlib.error, OSError) as error:
         reason = f"{type(error).__name__}: {short_text(str(error), 80)}" if str(error) else type(error).__name__
         raise UserError(f"official checkpoint {path} is damaged or not a DMAD-PDM model ({reason}); {_FIX}") from None
     return {k.removeprefix("module."): v for k, v in tensors.items()}
