@@ -293,7 +293,8 @@ def _online_fused(scores: ScoreDict, train_stats: Mapping[str, Mapping[str, floa
             v = np.asarray(v, dtype=np.float64)
             if o.adapt == "running":
                 # oriented so that higher = more anomalous, referred to the video's own running level
-                oriented, prior = (v, train_stats[name]["mean"]) if sign > 0 else (-v, -train_stats[name]["mean"])
+                mean = float(train_stats[name].get("mean", (low + high) / 2))  # only a warm-up uses it
+                oriented, prior = (v, mean) if sign > 0 else (-v, -mean)
                 location, scale = running_stats(oriented, prior, high - low, o.memory, o.warmup)
                 scaled = (oriented - location) / scale
             else:

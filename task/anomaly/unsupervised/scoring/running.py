@@ -36,7 +36,7 @@ class RunningOnlineScore:
         # with the stream: set ONLINE.memory for sources that run for hours) and its warm-up head
         self.past = {name: deque(maxlen=o.memory or None) for name in params.names}
         self.head = {
-            name: np.full(o.warmup, sign * float(train_stats[name]["mean"]))
+            name: np.full(o.warmup, sign * float(train_stats[name].get("mean", sum(self.bounds[name]) / 2)))
             for name, sign in zip(params.names, params.signs)
         }
         window = params.online.window
