@@ -41,7 +41,8 @@ def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
             import yaml
 
             write_text(engine.run_dir / "config.yaml", yaml.safe_dump(engine.cfg.to_dict(), sort_keys=False))
-        log.info("%d training images, %d calibration images (%s), %d test images", len(train_set), len(calibration_data[0]), calibration_data[1], len(test_set))
+        log.info("%d training images, %d calibration images (%s), %d test images",
+                 len(train_set), len(calibration_data[0]), calibration_data[1], len(test_set))
         return train(engine, train_set, evaluation_with_selection(engine, calibration_data, test_set))
 
 
@@ -84,11 +85,14 @@ def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:
         engine.maybe_compile(loaded.model)
         calibration = ImageCalibration.from_dict(loaded.calibration)
         if calibration is None and loaded.calibrated:
-            log.info("%s holds no calibration scores (its thresholds came from its test set); calibrating on held-out normal images", path)
+            log.info("%s holds no calibration scores (its thresholds came from its test set); "
+                     "calibrating on held-out normal images", path)
         calibration_data = engine.calibration_data() if recalibrate or calibration is None else None
         if out_dir != engine.run_dir:
             log.info("testing a checkpoint from outside this run: outputs go to %s", out_dir)
-        return evaluate(engine, loaded.model, calibration_data, test_set, final=True, out_dir=out_dir, calibration=calibration)
+        return evaluate(
+            engine, loaded.model, calibration_data, test_set, final=True, out_dir=out_dir, calibration=calibration,
+        )
 
 
 def mode_gif(engine: Engine, options: ModeOptions) -> None:

@@ -58,13 +58,19 @@ def score_schema(d: Mapping[str, Any]) -> Schema:
         "ONLINE": {
             "window": F(int, d["ONLINE"]["window"], min=1, help="causal window: the frame and window - 1 earlier frames"),
             "keep": F(int, d["ONLINE"]["keep"], min=1, help="values closest to the causal window's mean that are averaged"),
-            "threshold_quantile": F(float, d["ONLINE"]["threshold_quantile"], min=0, max=1, min_exclusive=True, max_exclusive=True,
-                                    help="1 - the false-alarm target of the alarm threshold: conformal order statistic of the calibration frames' online scores"),
+            "threshold_quantile": F(
+                float, d["ONLINE"]["threshold_quantile"], min=0, max=1, min_exclusive=True, max_exclusive=True,
+                help="1 - the false-alarm target of the alarm threshold "
+                     "(conformal order statistic of the calibration frames' online scores)",
+            ),
             "adapt": F(str, d["ONLINE"]["adapt"], choices=("none", "running"),
-                       help="running: standardise each raw score by its video's running median and MAD of past frames; none: calibration statistics only"),
+                       help="running: standardise each raw score by its video's running median and MAD of past "
+                            "frames; none: calibration statistics only"),
             "memory": F(int, d["ONLINE"]["memory"], min=0,
-                        help="adapt=running: past frames in the running statistics (0: the whole video so far); an anomaly lasting over about half of it becomes the baseline and fades"),
-            "warmup": F(int, d["ONLINE"]["warmup"], min=0, help="adapt=running: weight, in frames, of the calibration mean in the running median"),
+                        help="adapt=running: past frames in the running statistics (0: the whole video so far); an "
+                             "anomaly lasting over about half of it becomes the baseline and fades"),
+            "warmup": F(int, d["ONLINE"]["warmup"], min=0,
+                        help="adapt=running: weight, in frames, of the calibration mean in the running median"),
         },
     }
 

@@ -82,10 +82,13 @@ class Calibration:
     threshold: float
     protocol: dict[str, Any] | None = None  # ProtocolParams.to_config() of the fit
     scoring: dict[str, Any] | None = None  # the method's scoring settings of the fit (score variants, windows)
-    fit: dict[str, Any] | None = None  # how the threshold was chosen: source, n, rank, target, bound (Threshold.to_dict)
+    fit: dict[str, Any] | None = None  # how the threshold was chosen (Threshold.to_dict: n, rank, target, bound; source)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"train_stats": self.train_stats, "threshold": self.threshold, "protocol": self.protocol, "scoring": self.scoring, "fit": self.fit}
+        return {
+            "train_stats": self.train_stats, "threshold": self.threshold, "protocol": self.protocol,
+            "scoring": self.scoring, "fit": self.fit,
+        }
 
     @classmethod
     def from_dict(cls, data: Any) -> Calibration | None:
@@ -117,7 +120,9 @@ def calibration_split(engine: Engine, train_set: ClipDataset) -> tuple[Subset, S
     return Subset(train_set, train_rows.tolist()), Subset(train_set, calibration_rows.tolist()), source
 
 
-def calibrate(engine: Engine, model: nn.Module, train_videos: list[Video], calibration_set, source: str = "calibration_split") -> Calibration:
+def calibrate(
+    engine: Engine, model: nn.Module, train_videos: list[Video], calibration_set, source: str = "calibration_split",
+) -> Calibration:
     """Statistics of the raw scores of (at most ``MAX_CALIBRATION_CLIPS``) calibration clips (a ClipDataset or a Subset
     of one over ``train_videos``), and the alarm threshold."""
     count = len(calibration_set)
@@ -127,10 +132,13 @@ def calibrate(engine: Engine, model: nn.Module, train_videos: list[Video], calib
     stats = fit_train_stats(scored.scores)
     scoring = engine.method.config_scoring(engine.cfg)
     threshold = fit_threshold(scored.scores, stats, params)
-    log.info("alarm threshold %s, %s", threshold.describe(), "held-out calibration frames" if source == "calibration_split" else "training frames")
+    frames = "held-out calibration frames" if source == "calibration_split" else "training frames"
+    log.info("alarm threshold %s, %s", threshold.describe(), frames)
     if threshold.capped:
-        log.warning("alarm threshold: %d calibration frames are too few for a false-alarm target of %g; the largest score is used", threshold.n, threshold.alpha)
-    return Calibration(stats, threshold.value, params.to_config(), scoring, {**threshold.to_dict(), "source": source, "guarantee": FRAME_NOTE})
+        log.warning("alarm threshold: %d calibration frames are too few for a false-alarm target of %g; "
+                    "the largest score is used", threshold.n, threshold.alpha)
+    fit = {**threshold.to_dict(), "source": source, "guarantee": FRAME_NOTE}
+    return Calibration(stats, threshold.value, params.to_config(), scoring, fit)
 
 
 def evaluate(engine: Engine, model: nn.Module, calibration: Calibration, test_videos: list[Video], test_set: ClipDataset, step: int | None, out_dir: Path | None, final: bool) -> dict[str, Any]:
@@ -153,7 +161,9 @@ def evaluate(engine: Engine, model: nn.Module, calibration: Calibration, test_vi
     }
     if calibration.fit is not None:
         fit = calibration.fit
-        metrics.update({"online_target_fpr": fit.get("alpha"), "calibration_frames": fit.get("n"), "online_threshold_rank": fit.get("rank")})
+        metrics.update({
+            "online_target_fpr": fit.get("alpha"), "calibration_frames": fit.get("n"), "online_threshold_rank": fit.get("rank"),
+        })
     log.info(
         "%s%s: %s (%.1fs)", cfg.DATASET.target, f" step {step}" if step is not None else "",
         " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)), time.perf_counter() - start,
@@ -172,7 +182,8 @@ def write_outputs(engine: Engine, out_dir: Path, model: nn.Module, test_set: Cli
     payload = make_payload(engine.method, cfg, model, {"frame": calibration.threshold})
     payload["calibration"] = calibration.to_dict()
     save_checkpoint(payload, out_dir / "model.pt")
-    calibration_info = {"calibration_source": calibration.fit.get("source"), "guarantee": FRAME_NOTE} if calibration.fit else {}
+    fit = calibration.fit
+    calibration_info = {"calibration_source": fit.get("source"), "guarantee": FRAME_NOTE} if fit else {}
     write_json(out_dir / "metrics.json", {
         **{k: _json_number(v) for k, v in metrics.items()}, **calibration_info,
         **{k: {n: _json_number(x) for n, x in d.items()} for k, d in details.items()},
