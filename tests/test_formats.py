@@ -396,7 +396,7 @@ def test_folder_malformed(tmp_path, keys, break_it, split, needles):
 
 def test_schema_keys_validate():
     fields = DATASET_SCHEMA_KEYS
-    assert set(fields) == {"format", "normal_dir", "abnormal_dir", "mask_dir", "normal_test_dir", "normal_split_ratio"}
+    assert set(fields) == {"format", "normal_dir", "abnormal_dir", "mask_dir", "normal_test_dir", "normal_split_ratio", "calibration_split"}
     assert fields["format"].check("DATASET.format", "visa") == "visa"
     assert fields["normal_test_dir"].check("DATASET.normal_test_dir", None) is None
     assert fields["normal_split_ratio"].default == 0.2

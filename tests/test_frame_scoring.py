@@ -163,7 +163,8 @@ def test_online_normalisation_and_threshold_by_hand():
     assert res["frame_auroc_online"] == 1.0
     assert (res["online_tpr"], res["online_fpr"]) == (1.0, 0.0)  # alarms: 0.3 and 0.9 >= 0.25
     train = {"s": [np.arange(101.0)]}
-    assert fs.fit_threshold(train, fs.fit_train_stats(train), params) == pytest.approx(0.5, abs=1e-15)
+    # conformal rank ceil(102 * 0.5) = 51 of 101: the score 50, normalised (50 - 1) / 98
+    assert fs.fit_threshold(train, fs.fit_train_stats(train), params).value == pytest.approx(0.5, abs=1e-15)
 
 
 def test_fit_train_stats():
@@ -368,7 +369,7 @@ def test_evaluate_scores_both_protocols(tmp_path):
     assert res["frame_auroc"] == roc_auc_score(np.concatenate(sf.aligned_labels()), fused)
     train = {n: [np.random.default_rng(5).random(50)] for n in ("deformation", "prediction")}
     stats = fs.fit_train_stats(train)
-    with_stats = replace(sf, train_stats=stats, threshold=fs.fit_threshold(train, stats, params))
+    with_stats = replace(sf, train_stats=stats, threshold=fs.fit_threshold(train, stats, params).value)
     res = fs.evaluate_scores(sfm.to_arrays(with_stats), params)
     assert 0.0 <= res["frame_auroc_online"] <= 1.0 and "online_tpr" in res
     with pytest.raises(UserError, match="no score 'gradient'"):

@@ -19,15 +19,8 @@ from torchmetrics.functional.classification import binary_auroc
 import task.common.metrics as metrics_module
 from task.common.metrics import _label_regions, aupro, auroc, compute_metrics, f1_max
 
-METRIC_KEYS = {
-    "image_auroc",
-    "pixel_auroc",
-    "pixel_f1",
-    "image_f1",
-    "pixel_aupro",
-    "image_threshold",
-    "pixel_threshold",
-}
+METRIC_KEYS = set(metrics_module.METRIC_KEYS)
+AT_THRESHOLD = ("threshold", "fpr", "tpr", "precision", "f1")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -287,14 +280,23 @@ def _dataset(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
 
 def test_compute_metrics_keys_and_values() -> None:
     image_scores, labels, maps, masks = _dataset(5)
-    out = compute_metrics(image_scores, labels, maps, masks)
+    out = compute_metrics(image_scores, labels, maps, masks, {"image": 0.9, "pixel": 0.8})
     assert set(out) == METRIC_KEYS
     assert all(type(v) is float and math.isfinite(v) for v in out.values())
+    # the rates at the given thresholds, counted directly
+    for level, s, y, t in (("image", image_scores, labels.bool(), 0.9), ("pixel", maps, masks.bool(), 0.8)):
+        alarm = s >= t
+        tp, fp = int((alarm & y).sum()), int((alarm & ~y).sum())
+        assert out[f"{level}_threshold"] == t
+        assert out[f"{level}_fpr"] == fp / int((~y).sum()) and out[f"{level}_tpr"] == tp / int(y.sum())
+        assert out[f"{level}_precision"] == tp / (tp + fp)
+        assert out[f"{level}_f1"] == pytest.approx(2 * tp / (2 * tp + fp + int(y.sum()) - tp), abs=1e-15)
+        assert out[f"{level}_f1"] <= out[f"{level}_f1_max"] + 1e-12
 
     assert out["image_auroc"] == pytest.approx(auroc(image_scores, labels), abs=1e-12)
     assert out["pixel_auroc"] == pytest.approx(auroc(maps, masks), abs=1e-12)
-    assert (out["image_f1"], out["image_threshold"]) == pytest.approx(f1_max(image_scores, labels))
-    assert (out["pixel_f1"], out["pixel_threshold"]) == pytest.approx(f1_max(maps, masks))
+    assert out["image_f1_max"] == pytest.approx(f1_max(image_scores, labels)[0])
+    assert out["pixel_f1_max"] == pytest.approx(f1_max(maps, masks)[0])
     assert out["pixel_aupro"] == pytest.approx(aupro(maps, masks), abs=1e-12)
     assert out["pixel_aupro"] == pytest.approx(_reference_aupro(maps.numpy(), masks.numpy(), 0.3), abs=1e-6)
     assert out["pixel_auroc"] == pytest.approx(
@@ -320,7 +322,7 @@ def test_compute_metrics_without_masks(caplog: pytest.LogCaptureFixture) -> None
         out = compute_metrics(image_scores, labels, maps, None)
     assert set(out) == METRIC_KEYS
     assert out["image_auroc"] == pytest.approx(roc_auc_score(labels.numpy(), image_scores.numpy()), abs=1e-12)
-    assert all(out[k] is None for k in ("pixel_auroc", "pixel_f1", "pixel_aupro", "pixel_threshold"))
+    assert all(out[k] is None for k in ("pixel_auroc", "pixel_f1_max", "pixel_aupro", "pixel_threshold", "image_threshold"))
     assert [r.getMessage() for r in caplog.records] == ["no ground-truth masks: pixel metrics are null"]
 
 
@@ -331,9 +333,9 @@ def test_compute_metrics_all_defective(caplog: pytest.LogCaptureFixture) -> None
     with caplog.at_level(logging.WARNING, logger="anomaly.metrics"):
         out = compute_metrics(image_scores[keep], torch.ones(int(keep.sum())), maps[keep], masks[keep])
     assert out["image_auroc"] is None
-    assert out["image_f1"] == 1.0
-    assert out["image_threshold"] == pytest.approx(float(image_scores[keep].min()))
-    for key in ("pixel_auroc", "pixel_f1", "pixel_aupro", "pixel_threshold"):
+    assert out["image_f1_max"] == 1.0
+    assert out["image_fpr"] is None and out["image_tpr"] is None  # no threshold given
+    for key in ("pixel_auroc", "pixel_f1_max", "pixel_aupro"):
         assert type(out[key]) is float and math.isfinite(out[key])
     assert [r.getMessage() for r in caplog.records] == ["no good test image: image_auroc is null"]
 
@@ -343,7 +345,7 @@ def test_compute_metrics_fully_anomalous_pixels() -> None:
     maps = torch.rand(2, 4, 4)
     out = compute_metrics(torch.rand(2), torch.tensor([0, 1]), maps, torch.ones(2, 4, 4))
     assert out["pixel_auroc"] is None and out["pixel_aupro"] is None
-    assert out["pixel_f1"] == 1.0
+    assert out["pixel_f1_max"] == 1.0
 
 
 # --------------------------------------------------------------------------
@@ -369,15 +371,16 @@ def test_streaming_pixel_metrics_are_exact(monkeypatch: pytest.MonkeyPatch, coar
         maps = np.round(maps * 10) / 10  # ties within and across chunks, between normal and anomalous pixels
     maps_t, masks_t = torch.from_numpy(maps), torch.from_numpy(masks)
     labels = masks_t.flatten(1).any(1).long()
-    one_chunk = compute_metrics(maps_t.flatten(1).amax(1), labels, maps_t, masks_t)
+    thresholds = {"image": 1.05, "pixel": 0.85}  # off the coarse grid: no float32 vs float64 tie question
+    one_chunk = compute_metrics(maps_t.flatten(1).amax(1), labels, maps_t, masks_t, thresholds)
     monkeypatch.setattr(metrics_module, "_CHUNK", 1000)  # 40 maps of 24x24 -> 40 chunks of one map
-    out = compute_metrics(maps_t.flatten(1).amax(1), labels, maps_t, masks_t)
+    out = compute_metrics(maps_t.flatten(1).amax(1), labels, maps_t, masks_t, thresholds)
     assert out == pytest.approx(one_chunk, abs=1e-12)
 
     y, s = masks.ravel(), maps.ravel().astype(np.float64)
     assert out["pixel_auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
-    assert out["pixel_f1"] == pytest.approx(_sklearn_f1_max(s, y), abs=1e-12)
-    assert _f1_at(s, y, out["pixel_threshold"]) == pytest.approx(out["pixel_f1"], abs=1e-12)
+    assert out["pixel_f1_max"] == pytest.approx(_sklearn_f1_max(s, y), abs=1e-12)
+    assert _f1_at(s, y, 0.85) == pytest.approx(out["pixel_f1"], abs=1e-12)
     if coarse:  # the slow reference tries every distinct score: affordable with 11 of them
         assert out["pixel_aupro"] == pytest.approx(_reference_aupro(maps, masks, 0.3), abs=1e-9)
     # Independent AUROC implementation (torchmetrics, float32 internally: its trapezoids on float

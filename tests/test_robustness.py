@@ -552,6 +552,8 @@ def test_non_finite_training_stops_and_keeps_last_good_checkpoint(
 
 def test_picture_failure_does_not_lose_the_run(dataset: Path, tmp_path: Path, monkeypatch, caplog) -> None:
     from task.anomaly.unsupervised.image import evaluation
+    from task.anomaly.unsupervised.image.calibration import ImageCalibration
+    from task.common.conformal import ScoreSample
 
     engine = make_engine(*train_overrides(dataset, tmp_path / "runs"), "TEST.save_images=true")
     test_set = engine.dataset("test")
@@ -566,8 +568,12 @@ def test_picture_failure_does_not_lose_the_run(dataset: Path, tmp_path: Path, mo
 
     monkeypatch.setattr(evaluation, "save_result_images", broken)
     metrics = {"image_auroc": 1.0, "image_threshold": 0.5, "pixel_threshold": 0.5}
+    calibration = ImageCalibration(ScoreSample.of([0.1, 0.5]), ScoreSample.of([0.2, 0.5]), "train", 2)
     with caplog.at_level(logging.WARNING):
-        evaluation.write_outputs(engine, engine.run_dir, engine.method.build(engine.cfg, pretrained=False), preds, metrics, test_set, STEPS)
+        evaluation.write_outputs(
+            engine, engine.run_dir, engine.method.build(engine.cfg, pretrained=False), preds, metrics, test_set, STEPS,
+            calibration, {"image": 0.5, "pixel": 0.5}, {},
+        )
     for name in ("model.pt", "metrics.json", "predictions.csv"):
         assert (engine.run_dir / name).is_file()
     assert "font cache exploded" in caplog.text and "--mode gif" in caplog.text

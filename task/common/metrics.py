@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 import torch
 
-__all__ = ["auroc", "f1_max", "aupro", "compute_metrics"]
+__all__ = ["aupro", "auroc", "compute_metrics", "f1_max", "rates_at"]
 
 log = logging.getLogger("anomaly.metrics")
 
@@ -48,7 +48,13 @@ _FLOAT32_EXACT = {torch.float32, torch.float16, torch.bfloat16, torch.bool, torc
 # amortise numpy's per-call cost, small enough that the chunk's temporaries stay around 100 MB.
 _CHUNK = 1 << 22
 
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_f1", "image_f1", "pixel_aupro", "image_threshold", "pixel_threshold")
+# Threshold-free metrics and the test-optimal F1 (an oracle: its threshold is chosen with the test labels, never served),
+# then the rates at the deployed thresholds (calibrated on normal data), per level.
+AT_THRESHOLD = ("threshold", "fpr", "tpr", "precision", "f1")
+METRIC_KEYS = (
+    "image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_f1_max",
+    *(f"image_{k}" for k in AT_THRESHOLD), *(f"pixel_{k}" for k in AT_THRESHOLD),
+)
 
 
 # --------------------------------------------------------------------------
@@ -416,11 +422,44 @@ def aupro(maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> fl
     return _aupro_from_curve(curve, n_regions, fpr_limit)
 
 
+def rates_at(counts: tuple[int, int, int, int]) -> dict[str, float | None]:
+    """``fpr``, ``tpr`` (recall), ``precision`` and ``f1`` from ``(tp, fp, n_pos, n_neg)``; None where undefined."""
+    tp, fp, n_pos, n_neg = counts
+    return {
+        "fpr": fp / n_neg if n_neg else None,
+        "tpr": tp / n_pos if n_pos else None,
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "f1": 2 * tp / (tp + fp + n_pos) if n_pos else None,
+    }
+
+
+def _image_counts(scores: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[int, int, int, int]:
+    alarm = scores >= threshold
+    return int((alarm & labels).sum()), int((alarm & ~labels).sum()), int(labels.sum()), int((~labels).sum())
+
+
+def _pixel_counts(maps: torch.Tensor, masks: torch.Tensor, threshold: float) -> tuple[int, int, int, int]:
+    """(tp, fp, n_pos, n_neg) of ``maps >= threshold`` against ``masks``, image chunk by image chunk."""
+    n, h, w = maps.shape
+    tp = fp = n_pos = n_neg = 0
+    for idx in _image_chunks(n, h * w):
+        s = _scores_to_numpy(maps[idx.start : idx.stop], "pixel_maps")
+        y = _labels_to_numpy(masks[idx.start : idx.stop], "pixel_masks")
+        counts = _image_counts(s, y, threshold)
+        tp, fp, n_pos, n_neg = tp + counts[0], fp + counts[1], n_pos + counts[2], n_neg + counts[3]
+    return tp, fp, n_pos, n_neg
+
+
+def _usable(threshold: float | None) -> bool:
+    return threshold is not None and math.isfinite(threshold)
+
+
 def compute_metrics(
     image_scores: torch.Tensor,
     image_labels: torch.Tensor,
     pixel_maps: torch.Tensor,
     pixel_masks: torch.Tensor | None,
+    thresholds: dict[str, float] | None = None,
 ) -> dict[str, float | None]:
     """All image- and pixel-level metrics in one pass, exact, in memory bounded by the anomalous pixels.
 
@@ -430,28 +469,34 @@ def compute_metrics(
         pixel_maps: [N, H, W] anomaly maps ([N, 1, H, W] accepted).
         pixel_masks: [N, H, W] ground-truth masks, bool or values in {0, 1}; None when the test set has no
             masks (the pixel metrics are then None).
+        thresholds: the deployed decision thresholds ``{"image": t, "pixel": t}`` (``score >= t`` is anomalous),
+            chosen without the test labels; the rates at a missing one are None.
 
     Returns:
-        The keys ``image_auroc, pixel_auroc, pixel_f1, image_f1, pixel_aupro, image_threshold,
-        pixel_threshold``, each a float or None (JSON null) when the data cannot define it: no defective
-        test image (image AUROC, F1, threshold), no good test image (image AUROC), no masks or all masks
-        empty (all pixel metrics), no normal pixel (pixel AUROC, AUPRO).  One line per such reason goes to
-        the ``anomaly.metrics`` logger.  The F1 thresholds are the score values maximising F1
-        (``score >= threshold`` is anomalous).
+        ``METRIC_KEYS``, each a float or None (JSON null) when the data cannot define it: no defective test image
+        (image AUROC, F1-max, TPR), no good test image (image AUROC, FPR), no masks or all masks empty (pixel
+        metrics), no normal pixel (pixel AUROC, AUPRO). One line per such reason goes to the ``anomaly.metrics``
+        logger. ``*_f1_max`` is the F1 at the test-optimal threshold (an oracle figure: that threshold is chosen
+        with the test labels and is not returned); ``*_threshold``, ``*_fpr``, ``*_tpr``, ``*_precision`` and
+        ``*_f1`` are measured at the given thresholds.
 
     Raises:
         ValueError: malformed input (shapes, NaN scores, non-binary labels).
     """
     out: dict[str, float | None] = dict.fromkeys(METRIC_KEYS)
+    thresholds = thresholds or {}
 
     img_s = _scores_to_numpy(image_scores, "image_scores")
     img_y = _labels_to_numpy(image_labels, "image_labels")
     _check_same_size(img_s, img_y, "image_scores", "image_labels")
+    if _usable(thresholds.get("image")):
+        out["image_threshold"] = float(thresholds["image"])
+        out.update({f"image_{k}": v for k, v in rates_at(_image_counts(img_s, img_y, out["image_threshold"])).items()})
     img = _label_curve(img_s, img_y)
     if img.n_pos == 0:
-        log.warning("no defective test image: image_auroc, image_f1 and image_threshold are null")
+        log.warning("no defective test image: image_auroc and image_f1_max are null")
     else:
-        out["image_f1"], out["image_threshold"] = _f1_from_curve(img)
+        out["image_f1_max"] = _f1_from_curve(img)[0]
         if img.n_neg == 0:
             log.warning("no good test image: image_auroc is null")
         else:
@@ -465,7 +510,10 @@ def compute_metrics(
     if pix.n_pos == 0:
         log.warning("all ground-truth masks are empty: pixel metrics are null")
         return out
-    out["pixel_f1"], out["pixel_threshold"] = _f1_from_curve(pix)
+    out["pixel_f1_max"] = _f1_from_curve(pix)[0]
+    if _usable(thresholds.get("pixel")):
+        out["pixel_threshold"] = float(thresholds["pixel"])
+        out.update({f"pixel_{k}": v for k, v in rates_at(_pixel_counts(maps_t, masks_t, out["pixel_threshold"])).items()})
     if pix.n_neg == 0:
         log.warning("no normal pixel in the masks: pixel_auroc and pixel_aupro are null")
         return out

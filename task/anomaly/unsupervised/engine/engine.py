@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from task.anomaly.unsupervised.data.image.dataset import AnomalyDataset
-from task.anomaly.unsupervised.data.image.formats import scan_dataset
+from task.anomaly.unsupervised.data.image.formats import scan_dataset, scan_training
 from task.anomaly.unsupervised.data.image.synthetic import make_demo_dataset
 from task.anomaly.unsupervised.engine.checkpoints import load_weights, read_checkpoint
 from task.anomaly.unsupervised.engine.settings import network_config, scoring_config
@@ -93,6 +93,13 @@ class Engine:
         ds = self.cfg.DATASET
         samples = scan_dataset(ds, split, self.cfg.SEED)
         return AnomalyDataset(samples, tuple(ds.resize), cache=ds.cache, skip_bad_images=ds.skip_bad_images)
+
+    def calibration_data(self) -> tuple[AnomalyDataset, str]:
+        """The normal images scores and thresholds are calibrated on, and their source: ``calibration_split`` (held
+        out from training) or ``train`` (too few images to hold any out: the training images, with a warning)."""
+        ds = self.cfg.DATASET
+        parts = scan_training(ds, self.cfg.SEED)
+        return AnomalyDataset(parts.calibration, tuple(ds.resize), cache=ds.cache, skip_bad_images=ds.skip_bad_images), parts.source
 
     def eval_loader(self, dataset) -> DataLoader:
         return DataLoader(

@@ -35,6 +35,8 @@ RUN_SECTIONS: Schema = {
         "save_interval": F(int, 200, min=1, help="steps between resumable checkpoints"),
         "amp": F(str, "none", choices=("none", "bf16", "fp16"), help="autocast dtype for training and evaluation (fp16: CUDA only); maps and scores stay float32"),
         "channels_last": F(bool, False, help="NHWC memory layout for the model and inputs (implied by amp=bf16 on CPU)"),
+        "validation": F(str, "off", choices=("off", "synthetic"),
+                        help="images: synthetic = keep the evaluated checkpoint (LOG.eval_interval) that best detects CutPaste defects on the calibration images; off = the last"),
         "compile": F(bool, False, help="torch.compile the model's forward (first steps compile; falls back to eager on failure)"),
     },
     "TEST": {
@@ -42,6 +44,21 @@ RUN_SECTIONS: Schema = {
         "save_maps": F(bool, False, help="write maps/<defect>/<name>.npz per test image"),
         "save_images": F(bool, True, help="write images/<defect>/<name>.png per test image (video: a score plot per video) and the result GIF"),
         "save_scores": F(bool, True, help="video: write scores.npz with the raw per-frame scores and labels (--mode score reads it)"),
+        "target_fpr": F(
+            float, 0.01, min=0, max=1, min_exclusive=True, max_exclusive=True,
+            help="false-alarm target of the image threshold: conformal order statistic of the calibration scores; "
+                 "changeable at predict/export without retraining",
+        ),
+        "pixel_target_fpr": F(
+            float, 0.01, min=0, max=1, min_exclusive=True, max_exclusive=True,
+            help="false-alarm target of the pixel threshold (fraction of normal calibration pixels)",
+        ),
+        "image_threshold": F(
+            float, None, nullable=True, help="explicit image threshold, served instead of the one TEST.target_fpr derives"
+        ),
+        "pixel_threshold": F(
+            float, None, nullable=True, help="explicit pixel threshold, served instead of the one TEST.pixel_target_fpr derives"
+        ),
         "region_min_area": F(
             int, 16, min=1, help="defect regions (regions.json, predict, pictures): smallest kept, pixels at model size"
         ),
@@ -111,7 +128,14 @@ RUN_SECTIONS: Schema = {
 # The DATASET keys of each modality (a modality is picked by DATASET.format before validation: main.py).
 MODALITY_DATASET_KEYS: dict[str, Schema] = {
     "image": DATASET_SCHEMA_KEYS,
-    "video": {"format": F(str, "video", choices=("video",), help="video: frame folders or video files"), **VIDEO_DATASET_KEYS},
+    "video": {
+        "format": F(str, "video", choices=("video",), help="video: frame folders or video files"), **VIDEO_DATASET_KEYS,
+        "calibration_split": F(
+            float, 0.1, min=0, max=0.5,
+            help="the last fraction of each training video's frames, held out from training to calibrate the online "
+                 "statistics and the alarm threshold (at least 99 frames in all, else the training frames are used)",
+        ),
+    },
 }
 
 

@@ -6,6 +6,10 @@
 * ``Method.scoring_keys`` define how maps become scores: ``--mode test`` applies the config's values and recalibrates
   (``apply_test_scoring``); predict and export serve the checkpoint's values, because its thresholds belong to them
   (``load_for_serving``), and an override that differs is an error telling the user to run ``--mode test`` first.
+* The false-alarm targets and explicit thresholds (``TEST.target_fpr``, ``TEST.pixel_target_fpr``,
+  ``TEST.image_threshold``, ``TEST.pixel_threshold``) are neither: the thresholds are re-derived from the calibration
+  scores the checkpoint stores (``thresholds.py``), in every mode, without retraining; predict/export log which
+  threshold they serve.
 
 Workers receive the resolved values (a ``LoadedModel`` whose ``cfg`` holds what is served), never the rule.
 """
@@ -16,6 +20,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from task.anomaly.unsupervised.engine.thresholds import served
 from task.common.config import Config
 from task.common.errors import UserError
 
@@ -144,6 +149,7 @@ def load_for_serving(engine: Engine, checkpoint: str | None) -> LoadedModel:
             "and use the model.pt it writes"
         )
     check_served_scoring(engine, loaded)
+    loaded.thresholds, _ = served(engine.cfg, loaded.calibration, loaded.thresholds, str(path))
     # what is served (and written into an export's metadata) is the calibrated scoring the model holds
     loaded.cfg = with_settings(loaded.cfg, engine.method.scoring_settings(loaded.model))
     return loaded

@@ -1,7 +1,9 @@
-"""Image evaluation and its outputs: calibrate on training images, predict the test set, metrics, files, reporters.
+"""Image evaluation and its outputs: calibrate on held-out normal images, predict the test set, metrics, files, reporters.
 
 Outputs of an evaluation go to one folder (the run directory, or a folder of their own when a foreign checkpoint is
-tested): model.pt (with thresholds), metrics.json, run.json, predictions.csv, optional maps, pictures and the GIF.
+tested): model.pt (with the calibration and thresholds), metrics.json, run.json, predictions.csv, optional maps,
+pictures and the GIF. The thresholds come from the calibration scores and the false-alarm targets
+(``engine/thresholds.py``); the test labels only measure them.
 """
 
 from __future__ import annotations
@@ -22,64 +24,71 @@ from torch import nn
 from task.anomaly.unsupervised.curves import image_levels, run_curves
 from task.anomaly.unsupervised.engine.checkpoints import make_payload
 from task.anomaly.unsupervised.engine.engine import Engine
+from task.anomaly.unsupervised.engine.thresholds import resolve
+from task.anomaly.unsupervised.image.calibration import ImageCalibration, calibrate
 from task.anomaly.unsupervised.image.inference import predict_loader
 from task.anomaly.unsupervised.image.region_file import write_regions
 from task.anomaly.unsupervised.image.visualize import save_result_images, select_frames, write_result_gif
 from task.anomaly.unsupervised.records import Predictions
+from task.common.conformal import GUARANTEE
 from task.common.io import csv_cell, ensure_dir, save_checkpoint, write_json, write_text
 from task.common.metrics import compute_metrics
 
 log = logging.getLogger("anomaly")
 
-# Fewer normal training images than this give score statistics (min/max of per-image maxima) that do not generalise.
-MIN_CALIBRATION_IMAGES = 8
 
-
-def calibrate(engine: Engine, model: nn.Module, train_set) -> None:
-    """Score normalisation from the normal training images (never from the test set)."""
-    if len(train_set) < MIN_CALIBRATION_IMAGES:
-        log.warning(
-            "only %d training image(s) to calibrate the scores on; scores and thresholds will be unreliable (use at least %d)",
-            len(train_set), MIN_CALIBRATION_IMAGES,
-        )
-    preds = predict_loader(model, engine.eval_loader(train_set), engine.device, engine.amp, desc="calibrate", channels_last=engine.channels_last)
-    engine.method.calibrate(model, preds)
-
-
-def thresholds_from(metrics: dict[str, Any]) -> dict[str, float]:
-    """The decision thresholds chosen by the metrics (F1-optimal); absent when they could not be computed."""
-    found = {"image": metrics.get("image_threshold"), "pixel": metrics.get("pixel_threshold")}
-    return {k: float(v) for k, v in found.items() if v is not None and math.isfinite(v)}
+def calibration_summary(calibration: ImageCalibration, record: dict[str, Any]) -> dict[str, Any]:
+    """What metrics.json says about the calibration: its source and size, and how each threshold was chosen."""
+    out: dict[str, Any] = {"calibration_source": calibration.source, "calibration_images": calibration.images}
+    for kind, chosen in record.items():
+        conformal = chosen.get("conformal", chosen)
+        out.update({
+            f"{kind}_threshold_source": chosen["given_by"], f"{kind}_target_fpr": conformal["alpha"],
+            f"{kind}_calibration_n": conformal["n"], f"{kind}_threshold_rank": conformal["rank"],
+            f"{kind}_threshold_capped": conformal["capped"], f"{kind}_fpr_bound": conformal["bound"] if kind == "image" else None,
+        })
+    out["guarantee"] = GUARANTEE
+    return out
 
 
 def evaluate(
-    engine: Engine, model: nn.Module, train_set, test_set, step: int | None = None, final: bool = False, out_dir: Path | None = None,
+    engine: Engine, model: nn.Module, calibration_data: tuple[Any, str] | None, test_set, step: int | None = None, final: bool = False,
+    out_dir: Path | None = None, calibration: ImageCalibration | None = None, extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Calibrate (when ``train_set`` is given), predict the test set, compute metrics, write outputs (rank 0)."""
+    """Calibrate (when ``calibration_data`` = (normal images, source) is given; else use ``calibration``), predict the
+    test set, compute metrics at the calibrated thresholds, write outputs (rank 0)."""
     if not engine.dist.is_main:
         return {}
-    if train_set is not None:
-        calibrate(engine, model, train_set)
+    if calibration_data is not None:
+        calibration = calibrate(engine, model, *calibration_data)
+    if calibration is None:
+        raise ValueError("evaluate needs calibration images or a calibration")
+    thresholds, record = resolve(engine.cfg, calibration.samples, "the calibration")
     start = time.perf_counter()
     preds = predict_loader(model, engine.eval_loader(test_set), engine.device, engine.amp, desc="test", channels_last=engine.channels_last)
-    metrics = compute_metrics(preds.scores, preds.labels, preds.anomaly_maps, preds.masks)
+    metrics = compute_metrics(preds.scores, preds.labels, preds.anomaly_maps, preds.masks, thresholds)
     log.info(
         "%s%s: %s (%.1fs)", engine.cfg.DATASET.target, f" step {step}" if step is not None else "",
         " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if v is not None), time.perf_counter() - start,
     )
     engine.reporters.log_eval(step, metrics)
     if final:
-        write_outputs(engine, out_dir or engine.run_dir, model, preds, metrics, test_set, step)
+        summary = {**calibration_summary(calibration, record), **(extra or {})}
+        write_outputs(engine, out_dir or engine.run_dir, model, preds, metrics, test_set, step, calibration, thresholds, summary)
     return metrics
 
 
-def write_outputs(engine: Engine, out_dir: Path, model: nn.Module, preds: Predictions, metrics: dict[str, Any], test_set, step: int | None) -> None:
+def write_outputs(
+    engine: Engine, out_dir: Path, model: nn.Module, preds: Predictions, metrics: dict[str, Any], test_set, step: int | None,
+    calibration: ImageCalibration, thresholds: dict[str, float], summary: dict[str, Any],
+) -> None:
     """model.pt, metrics.json, run.json, predictions.csv, optional maps, pictures + GIF, reporters."""
     cfg = engine.cfg
-    thresholds = thresholds_from(metrics)
     ensure_dir(out_dir)
-    save_checkpoint(make_payload(engine.method, cfg, model, thresholds), out_dir / "model.pt")
-    write_json(out_dir / "metrics.json", {k: json_number(v) for k, v in metrics.items()})
+    payload = make_payload(engine.method, cfg, model, thresholds)
+    payload["calibration"] = calibration.to_dict()
+    save_checkpoint(payload, out_dir / "model.pt")
+    write_json(out_dir / "metrics.json", {**{k: json_number(v) for k, v in metrics.items()}, **summary})
     write_json(out_dir / "run.json", run_info(engine, out_dir, step))
     write_text(out_dir / "predictions.csv", predictions_csv(preds, thresholds.get("image", math.nan)))
     # --- live: defect regions and ROC/PR curves (regions.json, curves/*.png)

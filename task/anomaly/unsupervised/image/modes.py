@@ -17,11 +17,12 @@ import torch
 from task.anomaly.unsupervised.engine.engine import Engine
 from task.anomaly.unsupervised.engine.modes import ModeFunction, ModeOptions, mode_report, test_output_dir
 from task.anomaly.unsupervised.engine.settings import apply_test_scoring, load_for_serving
-from task.anomaly.unsupervised.image.evaluation import calibrate, evaluate, thresholds_from, write_gif
+from task.anomaly.unsupervised.engine.thresholds import resolve
+from task.anomaly.unsupervised.image.calibration import ImageCalibration, calibrate
+from task.anomaly.unsupervised.image.evaluation import evaluate, write_gif
 from task.anomaly.unsupervised.image.inference import predict_loader
 from task.common.errors import UserError
 from task.common.io import ensure_dir, write_text
-from task.common.metrics import compute_metrics
 
 log = logging.getLogger("anomaly")
 
@@ -35,14 +36,40 @@ def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
         engine.prepare_data()
         train_set = engine.dataset("train")
         test_set = engine.dataset("test")
+        calibration_data = engine.calibration_data()
         ensure_dir(engine.run_dir)
         engine.setup_log_file()
         if engine.dist.is_main:
             import yaml
 
             write_text(engine.run_dir / "config.yaml", yaml.safe_dump(engine.cfg.to_dict(), sort_keys=False))
-        log.info("%d training images, %d test images", len(train_set), len(test_set))
-        return train(engine, train_set, lambda model, step, final: evaluate(engine, model, train_set, test_set, step=step, final=final))
+        log.info("%d training images, %d calibration images (%s), %d test images",
+                 len(train_set), len(calibration_data[0]), calibration_data[1], len(test_set))
+        return train(engine, train_set, evaluation_with_selection(engine, calibration_data, test_set))
+
+
+def evaluation_with_selection(engine: Engine, calibration_data, test_set):
+    """The training loop's evaluate(model, step, final); with TRAIN.validation=synthetic it also scores each evaluated
+    model on synthetic defects and, at the end, puts back the best weights before the final evaluation."""
+    from task.anomaly.unsupervised.image.validation import Selection, SyntheticSet, observe
+
+    if engine.cfg.TRAIN.validation != "synthetic":
+        return lambda model, step, final: evaluate(engine, model, calibration_data, test_set, step=step, final=final)
+    if not engine.cfg.LOG.eval_interval:
+        log.warning("TRAIN.validation=synthetic chooses among evaluated checkpoints, but LOG.eval_interval is null: only the last is evaluated")
+    selection = Selection()
+    synthetic = SyntheticSet(calibration_data[0], engine.cfg.SEED)
+
+    def evaluate_and_select(model, step: int, final: bool) -> dict[str, Any]:
+        if engine.dist.is_main:
+            observe(engine, model, synthetic, selection, step)
+            if final and selection.step != step:
+                model.load_state_dict(selection.weights)
+                log.info("TRAIN.validation=synthetic: keeping the weights of step %d (validation %.4f)", selection.step, selection.score)
+        extra = {"selected_step": selection.step, "synthetic_validation": selection.score} if final else None
+        return evaluate(engine, model, calibration_data, test_set, step=step, final=final, extra=extra)
+
+    return evaluate_and_select
 
 
 def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:
@@ -58,10 +85,16 @@ def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:
         out_dir = test_output_dir(engine, path)
         recalibrate = apply_test_scoring(engine, loaded)
         engine.maybe_compile(loaded.model)
-        train_set = engine.dataset("train") if recalibrate or not loaded.calibrated else None
+        calibration = ImageCalibration.from_dict(loaded.calibration)
+        if calibration is None and loaded.calibrated:
+            log.info("%s holds no calibration scores (its thresholds came from its test set); "
+                     "calibrating on held-out normal images", path)
+        calibration_data = engine.calibration_data() if recalibrate or calibration is None else None
         if out_dir != engine.run_dir:
             log.info("testing a checkpoint from outside this run: outputs go to %s", out_dir)
-        return evaluate(engine, loaded.model, train_set, test_set, final=True, out_dir=out_dir)
+        return evaluate(
+            engine, loaded.model, calibration_data, test_set, final=True, out_dir=out_dir, calibration=calibration,
+        )
 
 
 def mode_gif(engine: Engine, options: ModeOptions) -> None:
@@ -76,12 +109,11 @@ def _write_gif_from(engine: Engine, path: Path) -> None:
     engine.adopt(loaded.cfg)
     engine.prepare_data()
     test_set = engine.dataset("test")
-    if not loaded.calibrated:
-        calibrate(engine, loaded.model, engine.dataset("train"))
+    calibration = ImageCalibration.from_dict(loaded.calibration)
+    if calibration is None:  # e.g. an official checkpoint: calibrate on held-out normal images (never the test set)
+        calibration = calibrate(engine, loaded.model, *engine.calibration_data())
     preds = predict_loader(loaded.model, engine.eval_loader(test_set), engine.device, engine.amp, desc="gif", channels_last=engine.channels_last)
-    thresholds = loaded.thresholds
-    if not {"image", "pixel"} <= thresholds.keys():  # e.g. an official checkpoint: thresholds from this test set
-        thresholds = thresholds_from(compute_metrics(preds.scores, preds.labels, preds.anomaly_maps, preds.masks))
+    thresholds, _ = resolve(engine.cfg, calibration.samples, str(path))
     shown = {"image": thresholds.get("image", float("nan")), "pixel": thresholds.get("pixel", float("nan"))}
     write_gif(engine, test_output_dir(engine, path), preds, test_set, shown)
 
@@ -115,6 +147,9 @@ def mode_predict(engine: Engine, options: ModeOptions) -> None:
     if options.backend == "onnx":
         source, paired = predict.onnx_source(options.checkpoint, engine.run_dir)
         model = predict.load_onnx_model(source, paired)
+        asked = sorted(k for k in engine.overridden if k in ("TEST.target_fpr", "TEST.pixel_target_fpr", "TEST.image_threshold", "TEST.pixel_threshold"))
+        if asked:
+            log.warning("%s: the ONNX file serves the thresholds it was exported with; export again with %s to change them", ", ".join(asked), asked[0])
         runner = predict.Runner(model, model.image_size, model.thresholds, engine.cfg.TEST.batch_size)
     elif options.backend == "openvino":  # OpenVINO IR of EXPORT.precision (issue 17)
         from task.anomaly.unsupervised.image.openvino import ir_source, load_ir_model

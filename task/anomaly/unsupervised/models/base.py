@@ -146,15 +146,16 @@ class ImageMethod(Method):
         return self.extra_maps
 
     @abstractmethod
-    def calibrate(self, model: nn.Module, preds: Predictions) -> None:
-        """Set the model's score normalisation from predictions on normal training data (never the test set)."""
+    def calibrate(self, model: nn.Module, preds: Predictions) -> Tensor:
+        """Set the model's score normalisation from predictions on normal calibration images (never the test set);
+        return the [N] image scores of ``preds`` under the new normalisation (what the model now scores them)."""
 
 
 class VideoMethod(Method):
     """A method that scores the frame after each clip: raw per-frame scores, fused over time by the SCORE protocol.
 
     Batches are ClipDataset items ``{"clip", "target", "video", "frame", "label"}`` (``video`` indexes the list of
-    videos being scored). The calibration is the statistics of the raw scores on normal frames (video/evaluation.py),
+    videos being scored). The calibration is the statistics of the raw scores on held-out normal frames (video/evaluation.py),
     stored in the checkpoint. Shared video code reaches what the method keeps about the data (e.g. DMAD-PDM's
     background templates) only through ``prepare``, ``scoring_context`` and ``video_inputs``.
     """

@@ -184,3 +184,18 @@ def causal_smooth(x: np.ndarray, window: int, keep: int) -> np.ndarray:
     if n >= window:
         out[window - 1 :] = _robust_rows(np.ascontiguousarray(sliding_window_view(x, window)), keep, np.ones(window))
     return out
+
+
+# The running scale needs this many past frames of a video; before that the calibration's spread / 4 (about one
+# standard deviation of normal frames) stands in. The scale never falls below 5 % of the calibration spread, so a
+# video that happens to be nearly constant does not turn noise into alarms.
+MIN_SCALE_FRAMES = 8
+SCALE_FLOOR = 0.05
+
+
+def robust_level(past: np.ndarray, spread: float) -> tuple[float, float]:
+    """(median, scale) of the non-empty ``past`` [k]: scale = 1.4826 x MAD when ``k >= MIN_SCALE_FRAMES``, else
+    ``spread / 4``; never below ``SCALE_FLOOR * spread`` (the online protocol's per-video standardisation)."""
+    location = float(np.median(past))
+    mad = 1.4826 * float(np.median(np.abs(past - location))) if past.size >= MIN_SCALE_FRAMES else spread / 4
+    return location, max(mad, SCALE_FLOOR * spread)

@@ -58,8 +58,19 @@ def score_schema(d: Mapping[str, Any]) -> Schema:
         "ONLINE": {
             "window": F(int, d["ONLINE"]["window"], min=1, help="causal window: the frame and window - 1 earlier frames"),
             "keep": F(int, d["ONLINE"]["keep"], min=1, help="values closest to the causal window's mean that are averaged"),
-            "threshold_quantile": F(float, d["ONLINE"]["threshold_quantile"], min=0, max=1,
-                                    help="alarm threshold = this quantile of fused online training scores"),
+            "threshold_quantile": F(
+                float, d["ONLINE"]["threshold_quantile"], min=0, max=1, min_exclusive=True, max_exclusive=True,
+                help="1 - the false-alarm target of the alarm threshold "
+                     "(conformal order statistic of the calibration frames' online scores)",
+            ),
+            "adapt": F(str, d["ONLINE"]["adapt"], choices=("none", "running"),
+                       help="running: standardise each raw score by its video's running median and MAD of past "
+                            "frames; none: calibration statistics only"),
+            "memory": F(int, d["ONLINE"]["memory"], min=0,
+                        help="adapt=running: past frames in the running statistics (0: the whole video so far); an "
+                             "anomaly lasting over about half of it becomes the baseline and fades"),
+            "warmup": F(int, d["ONLINE"]["warmup"], min=0,
+                        help="adapt=running: weight, in frames, of the calibration mean in the running median"),
         },
     }
 
@@ -88,11 +99,18 @@ def _require_every_key(schema: Schema, data: Any, prefix: str) -> None:
     if not isinstance(data, Mapping):
         raise UserError(f"config section {prefix} must be a mapping, got {short_repr(data)}")
     for key, spec in schema.items():
+        if key not in data and f"{prefix}.{key}" in _OPTIONAL:
+            continue
         if key not in data:
             raise UserError(f"config section {prefix} lacks {key}; give the whole SCORE section (see the dataset YAMLs)")
         if isinstance(spec, dict):
             _require_every_key(spec, data[key], f"{prefix}.{key}")
 
+
+# ONLINE keys added with the adaptive online protocol: a recorded protocol without them (an older calibration or score
+# file) was fitted without adaptation, so their absence means exactly that.
+ONLINE_BEFORE_ADAPTATION = {"adapt": "none", "memory": 0, "warmup": 0}
+_OPTIONAL = {f"SCORE.ONLINE.{key}" for key in ONLINE_BEFORE_ADAPTATION}
 
 _NO_WINDOW = {"enabled": False, "size": 1, "keep": 1, "weights": None, "scope": "video", "shift": 0,
               "edge_left": "replicate", "edge_right": "replicate", "fill": 0.0}
@@ -101,7 +119,7 @@ _SHAPE: Schema = score_schema({
     "names": ["score"], "weights": [1.0], "signs": [1], "normalize": "none", "norm_eps": 0.0, "polarity": "anomaly",
     "PRE_SMOOTH": _NO_WINDOW, "SMOOTH": _NO_WINDOW, "POST_SMOOTH": _NO_WINDOW,
     "KALMAN": {"enabled": False, "process_var": 1e-5, "measurement_std": 0.01},
-    "ONLINE": {"window": 1, "keep": 1, "threshold_quantile": 0.99},
+    "ONLINE": {"window": 1, "keep": 1, "threshold_quantile": 0.99, **ONLINE_BEFORE_ADAPTATION},
 })
 
 
@@ -131,11 +149,14 @@ class KalmanParams:
 
 @dataclass(frozen=True)
 class OnlineParams:
-    """Causal smoothing window and the threshold quantile of the online protocol."""
+    """Causal smoothing window, the threshold quantile and the per-video adaptation of the online protocol."""
 
     window: int
     keep: int
     threshold_quantile: float
+    adapt: str = "none"
+    memory: int = 0
+    warmup: int = 0
 
 
 @dataclass(frozen=True)

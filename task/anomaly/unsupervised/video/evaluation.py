@@ -2,8 +2,10 @@
 
 A video method provides ``score_batch(model, batch, settings) -> (raw scores name -> [B], error maps [B, 1, H, W])``
 and, through ``scoring_context``, whatever it needs to score videos it was not trained on.
-Calibration is the statistics of the raw scores of the training frames (``frame_scoring.fit_train_stats``) and an
-alarm threshold fitted on them: the online protocol and predict use only these, never the test set. The paper
+Calibration is the statistics of the raw scores of the calibration frames (the last ``DATASET.calibration_split`` of
+each training video, never trained on: ``data/video/calibration.py``) and an alarm threshold fitted on them (the
+conformal order statistic for ``1 - SCORE.ONLINE.threshold_quantile``): the online protocol and predict use only
+these, never the test set. The paper
 protocol (``frame_scoring.paper_protocol``) uses whole-video statistics of the test videos, as the official code.
 """
 
@@ -22,6 +24,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from task.anomaly.unsupervised.curves import run_curves
+from task.anomaly.unsupervised.data.video.calibration import split_rows
 from task.anomaly.unsupervised.data.video.clips import ClipDataset, Video, scan_videos
 from task.anomaly.unsupervised.data.video.labels import attach_labels, load_frame_labels
 from task.anomaly.unsupervised.engine.checkpoints import make_payload
@@ -43,7 +46,9 @@ from task.common.io import csv_cell, ensure_dir, save_checkpoint, write_json, wr
 
 log = logging.getLogger("anomaly")
 
-# Training clips scored for the calibration statistics at most (evenly spread); enough for stable 1 %/99 % quantiles.
+FRAME_NOTE = "frames of one video are not exchangeable: the alarm target is a rate, not a finite-sample bound"
+
+# Calibration clips scored for the calibration statistics at most (evenly spread); enough for stable 1 %/99 % quantiles.
 MAX_CALIBRATION_CLIPS = 2000
 
 
@@ -77,9 +82,13 @@ class Calibration:
     threshold: float
     protocol: dict[str, Any] | None = None  # ProtocolParams.to_config() of the fit
     scoring: dict[str, Any] | None = None  # the method's scoring settings of the fit (score variants, windows)
+    fit: dict[str, Any] | None = None  # how the threshold was chosen (Threshold.to_dict: n, rank, target, bound; source)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"train_stats": self.train_stats, "threshold": self.threshold, "protocol": self.protocol, "scoring": self.scoring}
+        return {
+            "train_stats": self.train_stats, "threshold": self.threshold, "protocol": self.protocol,
+            "scoring": self.scoring, "fit": self.fit,
+        }
 
     @classmethod
     def from_dict(cls, data: Any) -> Calibration | None:
@@ -87,7 +96,8 @@ class Calibration:
             return None
         protocol = data.get("protocol") if isinstance(data.get("protocol"), dict) else None
         scoring = data.get("scoring") if isinstance(data.get("scoring"), dict) else None
-        return cls(data["train_stats"], float(data["threshold"]), protocol, scoring)
+        fit = data.get("fit") if isinstance(data.get("fit"), dict) else None
+        return cls(data["train_stats"], float(data["threshold"]), protocol, scoring, fit)
 
     def fits(self, params: ProtocolParams, scoring: dict[str, Any]) -> bool:
         """True when this calibration was fitted with ``params`` and the method's ``scoring`` settings (what a
@@ -104,15 +114,31 @@ def served_protocol(calibration: Calibration, cfg: Config, path: Path) -> Protoc
     return ProtocolParams.from_config(calibration.protocol)
 
 
-def calibrate(engine: Engine, model: nn.Module, train_videos: list[Video], train_set: ClipDataset) -> Calibration:
-    """Statistics of the raw scores of (at most ``MAX_CALIBRATION_CLIPS``) training clips, and the alarm threshold."""
-    count = len(train_set)
+def calibration_split(engine: Engine, train_set: ClipDataset) -> tuple[Subset, Subset, str]:
+    """(training clips, calibration clips, source) of the training videos (``data/video/calibration.py``)."""
+    train_rows, calibration_rows, source = split_rows(train_set.index, engine.cfg.DATASET.calibration_split)
+    return Subset(train_set, train_rows.tolist()), Subset(train_set, calibration_rows.tolist()), source
+
+
+def calibrate(
+    engine: Engine, model: nn.Module, train_videos: list[Video], calibration_set, source: str = "calibration_split",
+) -> Calibration:
+    """Statistics of the raw scores of (at most ``MAX_CALIBRATION_CLIPS``) calibration clips (a ClipDataset or a Subset
+    of one over ``train_videos``), and the alarm threshold."""
+    count = len(calibration_set)
     picks = np.unique(np.linspace(0, count - 1, min(count, MAX_CALIBRATION_CLIPS)).round().astype(int)).tolist()
-    scored = score_clips(engine, model, Subset(train_set, picks), train_videos, "calibrate")
+    scored = score_clips(engine, model, Subset(calibration_set, picks), train_videos, "calibrate")
     params = ProtocolParams.from_config(engine.cfg.SCORE)
     stats = fit_train_stats(scored.scores)
     scoring = engine.method.config_scoring(engine.cfg)
-    return Calibration(stats, fit_threshold(scored.scores, stats, params), params.to_config(), scoring)
+    threshold = fit_threshold(scored.scores, stats, params)
+    frames = "held-out calibration frames" if source == "calibration_split" else "training frames"
+    log.info("alarm threshold %s, %s", threshold.describe(), frames)
+    if threshold.capped:
+        log.warning("alarm threshold: %d calibration frames are too few for a false-alarm target of %g; "
+                    "the largest score is used", threshold.n, threshold.alpha)
+    fit = {**threshold.to_dict(), "source": source, "guarantee": FRAME_NOTE}
+    return Calibration(stats, threshold.value, params.to_config(), scoring, fit)
 
 
 def evaluate(engine: Engine, model: nn.Module, calibration: Calibration, test_videos: list[Video], test_set: ClipDataset, step: int | None, out_dir: Path | None, final: bool) -> dict[str, Any]:
@@ -133,6 +159,11 @@ def evaluate(engine: Engine, model: nn.Module, calibration: Calibration, test_vi
         "frame_auroc_online": online["frame_auroc_online"], "frame_aupr_online": online["frame_aupr_online"],
         "online_threshold": online["online_threshold"], "online_tpr": online["online_tpr"], "online_fpr": online["online_fpr"],
     }
+    if calibration.fit is not None:
+        fit = calibration.fit
+        metrics.update({
+            "online_target_fpr": fit.get("alpha"), "calibration_frames": fit.get("n"), "online_threshold_rank": fit.get("rank"),
+        })
     log.info(
         "%s%s: %s (%.1fs)", cfg.DATASET.target, f" step {step}" if step is not None else "",
         " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)), time.perf_counter() - start,
@@ -151,7 +182,12 @@ def write_outputs(engine: Engine, out_dir: Path, model: nn.Module, test_set: Cli
     payload = make_payload(engine.method, cfg, model, {"frame": calibration.threshold})
     payload["calibration"] = calibration.to_dict()
     save_checkpoint(payload, out_dir / "model.pt")
-    write_json(out_dir / "metrics.json", {**{k: _json_number(v) for k, v in metrics.items()}, **{k: {n: _json_number(x) for n, x in d.items()} for k, d in details.items()}})
+    fit = calibration.fit
+    calibration_info = {"calibration_source": fit.get("source"), "guarantee": FRAME_NOTE} if fit else {}
+    write_json(out_dir / "metrics.json", {
+        **{k: _json_number(v) for k, v in metrics.items()}, **calibration_info,
+        **{k: {n: _json_number(x) for n, x in d.items()} for k, d in details.items()},
+    })
     write_json(out_dir / "run.json", {
         "method": engine.method.name, "modality": "video", "category": cfg.DATASET.target, "format": "video",
         "exp_name": cfg.RESULT.exp_name, **engine.method.describe(cfg), "image_size": list(cfg.DATASET.resize),

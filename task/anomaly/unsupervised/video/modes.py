@@ -1,7 +1,7 @@
 """The modes of a video run (``DATASET.format=video``), as an explicit table of functions with typed arguments.
 
 Same commands as the image runs; the last epoch is the model (nothing is selected with test labels), and the
-calibration (training-frame score statistics and the alarm threshold) is stored in model.pt.
+calibration (the held-out calibration frames' score statistics and the alarm threshold) is stored in model.pt.
 """
 
 from __future__ import annotations
@@ -21,7 +21,14 @@ from task.anomaly.unsupervised.engine.modes import ModeFunction, ModeOptions, mo
 from task.anomaly.unsupervised.scoring.protocols import evaluate_scores
 from task.anomaly.unsupervised.scoring.score_file import read_scores
 from task.anomaly.unsupervised.scoring.settings import ProtocolParams
-from task.anomaly.unsupervised.video.evaluation import Calibration, calibrate, data_root, evaluate, video_split
+from task.anomaly.unsupervised.video.evaluation import (
+    Calibration,
+    calibrate,
+    calibration_split,
+    data_root,
+    evaluate,
+    video_split,
+)
 from task.anomaly.unsupervised.video.export import mode_export
 from task.anomaly.unsupervised.video.predict import mode_predict
 from task.common.errors import UserError
@@ -49,12 +56,14 @@ def fresh_model(engine: Engine, train_videos: list[Video]) -> torch.nn.Module:
 
 
 def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
-    """Train on the training videos, calibrate on them, evaluate the last model on the test videos."""
+    """Train on the training videos but the last ``DATASET.calibration_split`` of each, calibrate on those, evaluate
+    the last model on the test videos."""
     from task.anomaly.unsupervised.engine.training import train
 
     with engine.owning_run_dir(), engine.reporting("train"):
         prepare_video_data(engine)
-        train_videos, train_set = video_split(engine, "train")
+        train_videos, all_train = video_split(engine, "train")
+        train_set, calibration_set, source = calibration_split(engine, all_train)
         test_videos, test_set = video_split(engine, "test")
         check_scoring(engine, test_videos)  # before training: a meaningless SCORE section would waste the run
         ensure_dir(engine.run_dir)
@@ -63,13 +72,14 @@ def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
             import yaml
 
             write_text(engine.run_dir / "config.yaml", yaml.safe_dump(engine.cfg.to_dict(), sort_keys=False))
-        log.info("%d training videos (%d clips), %d test videos (%d clips)", len(train_videos), len(train_set), len(test_videos), len(test_set))
+        log.info("%d training videos (%d clips, %d calibration clips: %s), %d test videos (%d clips)",
+                 len(train_videos), len(train_set), len(calibration_set), source, len(test_videos), len(test_set))
         model = fresh_model(engine, train_videos)
 
         def evaluate_now(trained, step: int, final: bool) -> dict[str, Any]:
             if not engine.dist.is_main:
                 return {}
-            calibration = calibrate(engine, trained, train_videos, train_set)
+            calibration = calibrate(engine, trained, train_videos, calibration_set, source)
             return evaluate(engine, trained, calibration, test_videos, test_set, step, None, final)
 
         return train(engine, train_set, evaluate_now, model=model)
@@ -89,9 +99,10 @@ def _calibration(engine: Engine, loaded: LoadedModel) -> Calibration:
     if calibration is not None and calibration.fits(ProtocolParams.from_config(engine.cfg.SCORE), engine.method.config_scoring(engine.cfg)):
         return calibration
     if calibration is not None:
-        log.info("the scoring settings differ from those %s was calibrated with; recalibrating on the training videos", loaded.path)
-    train_videos, train_set = video_split(engine, "train")
-    return calibrate(engine, loaded.model, train_videos, train_set)
+        log.info("the scoring settings differ from those %s was calibrated with; recalibrating on the calibration frames", loaded.path)
+    train_videos, all_train = video_split(engine, "train")
+    _, calibration_set, source = calibration_split(engine, all_train)
+    return calibrate(engine, loaded.model, train_videos, calibration_set, source)
 
 
 def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:

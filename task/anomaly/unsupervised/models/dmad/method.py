@@ -14,6 +14,7 @@ from task.anomaly.unsupervised.records import Predictions
 from task.common.config import Config
 from task.common.errors import UserError
 
+from .anomaly_map import fuse_scores
 from .config import MODEL_SCHEMA, deform_weight
 from .loss import DMADLoss
 from .official_import import check_official, convert_official, is_official, log_official_load
@@ -63,9 +64,12 @@ class DMADImageMethod(ImageMethod):
         out = model(images)
         return criterion(images, out.encoder_features, out.decoder_features, out.deformation, out.vq_loss)
 
-    def calibrate(self, model: nn.Module, preds: Predictions) -> None:
+    def calibrate(self, model: nn.Module, preds: Predictions) -> Tensor:
         deformation = preds.extra_max(DEFORMATION_MAP) if DEFORMATION_MAP in preds.extras else None
         model.set_score_stats(preds.anomaly_max, deformation)
+        # the same fusion as the model's forward, on the maxima already at hand (the maps do not depend on the stats)
+        stats, weight = model.score_stats.detach().cpu(), model.deform_weight.detach().cpu()
+        return fuse_scores(preds.anomaly_max, deformation, stats, weight)
 
     def apply_scoring(self, model: nn.Module, cfg: Config) -> None:
         model.set_scoring(cfg.MODEL.sigma, deform_weight(cfg))

@@ -50,6 +50,11 @@ def _avenue_window() -> dict[str, Any]:
 _SHANGHAI_WINDOW = {"enabled": True, "scope": "concat", "weights": None, "shift": 1, "edge_left": "fill", "edge_right": "fill", "fill": 1.0}
 
 
+# The online protocol (not the paper's): each raw score standardised by its video's running median and MAD over the
+# whole video so far, without a warm-up weight on the calibration mean (scoring/protocols.py explains the choice).
+ONLINE_ADAPTIVE = {"adapt": "running", "memory": 0, "warmup": 0}
+
+
 PAPER_PRESETS: dict[str, dict[str, Any]] = {
     "ped2": {
         "names": list(_NAMES), "weights": [0.2, 0.4, 0.6], "signs": [1, 1, 1],
@@ -59,7 +64,7 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
                    "scope": "concat", "shift": 0, "edge_left": "fill", "edge_right": "replicate", "fill": 1.0},
         "POST_SMOOTH": dict(_OFF),
         "KALMAN": {"enabled": False, "process_var": 1e-5, "measurement_std": 0.01},
-        "ONLINE": {"window": 6, "keep": 3, "threshold_quantile": 0.99},
+        "ONLINE": {"window": 6, "keep": 3, "threshold_quantile": 0.99, **ONLINE_ADAPTIVE},
     },
     "avenue": {
         "names": ["deformation", "prediction"], "weights": [0.2, 0.4], "signs": [1, 1],
@@ -68,7 +73,7 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
         "SMOOTH": _avenue_window(),
         "POST_SMOOTH": _avenue_window(),
         "KALMAN": {"enabled": False, "process_var": 1e-5, "measurement_std": 0.01},
-        "ONLINE": {"window": 6, "keep": 3, "threshold_quantile": 0.99},
+        "ONLINE": {"window": 6, "keep": 3, "threshold_quantile": 0.99, **ONLINE_ADAPTIVE},
     },
     "shanghaitech": {
         "names": list(_NAMES), "weights": [0.2, 0.4, 0.6], "signs": [1, 1, 1],
@@ -77,7 +82,7 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
         "SMOOTH": {**_SHANGHAI_WINDOW, "size": 55, "keep": 49},  # keep = int(55 * 0.9)
         "POST_SMOOTH": {**_SHANGHAI_WINDOW, "size": 55, "keep": 27},  # keep = 55 // 2
         "KALMAN": {"enabled": True, "process_var": 1e-5, "measurement_std": 0.01},
-        "ONLINE": {"window": 28, "keep": 14, "threshold_quantile": 0.99},
+        "ONLINE": {"window": 28, "keep": 14, "threshold_quantile": 0.99, **ONLINE_ADAPTIVE},
     },
 }
 

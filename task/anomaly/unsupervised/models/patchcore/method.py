@@ -75,9 +75,11 @@ class PatchCoreImageMethod(ImageMethod):
             model.memory_bank.numel() * 4 / 2**20,
         )
 
-    def calibrate(self, model: nn.Module, preds: Predictions) -> None:
+    def calibrate(self, model: nn.Module, preds: Predictions) -> Tensor:
         # preds.scores were normalised with the statistics the model held; undo that to get the raw scores.
-        model.set_score_stats(model.denormalize(preds.scores))
+        raw = model.denormalize(preds.scores)
+        model.set_score_stats(raw)
+        return model.normalize(raw.to(model.score_stats.device)).cpu()
 
     def apply_scoring(self, model: nn.Module, cfg: Config) -> None:
         model.sigma = cfg.MODEL.sigma
