@@ -85,9 +85,16 @@ class LiveSource:
         self.finished = False  # no more frames will come (gave up reconnecting, or stopped)
         self.error = ""
         self._stop = threading.Event()
+        self._own_options = False  # whether start() set OpenCV's FFmpeg options (stop() removes them)
         self._thread = threading.Thread(target=self._run, name="live-source", daemon=True)
 
     def start(self) -> LiveSource:
+        # FFmpeg analyses 5 s of a stream before the first frame by default; a live source starts sooner with less
+        # (unless the user set OpenCV's FFmpeg options, which then apply as they are). Set here, on the calling
+        # thread, and never by the reader: setenv while another thread's C code reads the environment can crash.
+        self._own_options = CAPTURE_OPTIONS_ENV not in os.environ
+        if self._own_options:
+            os.environ[CAPTURE_OPTIONS_ENV] = FAST_START_OPTIONS
         self._thread.start()
         return self
 
@@ -97,6 +104,8 @@ class LiveSource:
         with self.condition:
             self.condition.notify_all()
         self._thread.join(wait_s)
+        if self._own_options and not self._thread.is_alive():
+            os.environ.pop(CAPTURE_OPTIONS_ENV, None)
 
     def _open(self) -> cv2.VideoCapture | None:
         if re.fullmatch(r"\d{1,3}", self.source):
@@ -105,16 +114,7 @@ class LiveSource:
             capture = cv2.VideoCapture(self.source)
         else:
             params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, OPEN_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, READ_TIMEOUT_MS]
-            # FFmpeg analyses 5 s of a stream before the first frame by default; a live source starts sooner with less
-            # (unless the user set OpenCV's FFmpeg options, which then apply as they are).
-            own = CAPTURE_OPTIONS_ENV not in os.environ
-            if own:
-                os.environ[CAPTURE_OPTIONS_ENV] = FAST_START_OPTIONS
-            try:
-                capture = cv2.VideoCapture(self.source, cv2.CAP_FFMPEG, params)
-            finally:
-                if own:
-                    os.environ.pop(CAPTURE_OPTIONS_ENV, None)
+            capture = cv2.VideoCapture(self.source, cv2.CAP_FFMPEG, params)
         if capture.isOpened():
             return capture
         capture.release()
