@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pytest
 
-from helpers import VIDEO_YAML, assert_ok, assert_user_error, main_in_process, run_dir, video_args
+from helpers import REPO, VIDEO_YAML, assert_ok, assert_user_error, cpu_env, main_in_process, run_dir, video_args
 from task.anomaly.unsupervised.scoring.protocols import online_frame_scores
 from task.anomaly.unsupervised.scoring.running import RunningOnlineScore
 from task.anomaly.unsupervised.scoring.settings import ProtocolParams
@@ -119,6 +119,16 @@ class LiveRun:
     def call(self, *extra: str):
         return main_in_process(*self.args, *extra)
 
+    def run(self, *extra: str) -> subprocess.CompletedProcess:
+        process = self.spawn(*extra)
+        stdout, stderr = process.communicate(timeout=300)
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+    def spawn(self, *extra: str) -> subprocess.Popen:
+        """``python main.py`` in a process of its own: OpenCV's FFmpeg threads and the SIGINT stay out of pytest's."""
+        command = [sys.executable, str(REPO / "main.py"), *self.args, *extra]
+        return subprocess.Popen(command, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
 
 @pytest.fixture(scope="module")
 def live_run(video_data: Path, video_run: Path, tmp_path_factory: pytest.TempPathFactory) -> LiveRun:
@@ -154,7 +164,7 @@ def test_predict_on_a_loopback_stream(live_run: LiveRun, clip: Path, tmp_path: P
     server = _serve(clip, port)
     try:
         out = tmp_path / "out"
-        result = live_run.call(
+        result = live_run.run(
             "--mode",
             "predict",
             "--input",
@@ -218,19 +228,22 @@ def test_predict_reconnects_when_the_stream_comes_back(live_run: LiveRun, clip: 
         while not any(r["time"] > restarted[0] for r in scored()) and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGINT)
+        process.send_signal(signal.SIGINT)
 
+    process = live_run.spawn(
+        "--mode", "predict", "--input", f"http://127.0.0.1:{port}/live", "--output", str(out), "--duration", "90"
+    )
     thread = threading.Thread(target=control)
     thread.start()
     try:
-        result = live_run.call(
-            "--mode", "predict", "--input", f"http://127.0.0.1:{port}/live", "--output", str(out), "--duration", "90"
-        )
+        stdout, stderr = process.communicate(timeout=150)
     finally:
         thread.join()
+        process.kill()
         for server in servers:
             server.kill()
             server.wait()
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     assert_ok(result)
     summary = json.loads((out / f"127.0.0.1_{port}_live.stream.json").read_text())
     assert summary["stopped"] == "SIGINT", summary
