@@ -120,7 +120,9 @@ def test_a_signal_stops_the_watch_cleanly(tmp_path: Path) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
     (inbox / "a.png").write_bytes(_png(1, spot=True))
-    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    # to the main thread, where Python handles signals (not to whichever native worker thread the kernel picks)
+    main = threading.main_thread().ident
+    timer = threading.Timer(1.0, lambda: signal.pthread_kill(main, signal.SIGTERM))
     timer.start()
     before = signal.getsignal(signal.SIGTERM)
     try:
