@@ -7,6 +7,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import assert_ok, assert_user_error, main_in_process
+from helpers import REPO, assert_ok, assert_user_error, cpu_env, main_in_process
 from task.anomaly.unsupervised.image.predict import CSV_HEADER, Runner
 from task.anomaly.unsupervised.image.watch import STATE_FILE, WatchLimits, watch_folder
 from task.anomaly.unsupervised.records import InferenceOutput
@@ -116,20 +118,28 @@ def test_each_image_is_scored_once_when_complete_also_across_a_restart(tmp_path:
     assert sorted(names) == ["a.png", "b.png", "c.png", "d.png", "e.png", "f.png", "g.png"]
 
 
-def test_a_signal_stops_the_watch_cleanly(tmp_path: Path) -> None:
+def test_a_signal_stops_the_watch_cleanly(trained_run, tmp_path: Path) -> None:
+    """SIGTERM to a watching predict (a process of its own, as an inspection line runs it): exit 0, every output
+    complete."""
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
-    (inbox / "a.png").write_bytes(_png(1, spot=True))
-    # to the main thread, where Python handles signals (not to whichever native worker thread the kernel picks)
-    main = threading.main_thread().ident
-    timer = threading.Timer(1.0, lambda: signal.pthread_kill(main, signal.SIGTERM))
-    timer.start()
-    before = signal.getsignal(signal.SIGTERM)
+    source = next((trained_run.category_dir / "test").rglob("*.png"))
+    (inbox / "one.png").write_bytes(source.read_bytes())
+    args = trained_run.args(None, "--mode", "predict", "--input", str(inbox), "--output", str(out), "--watch")
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "main.py"), *args, "--duration", "120"],
+        cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
     try:
-        assert watch_folder(_runner(), inbox, out, "test", WatchLimits(poll_s=POLL)) == 1
+        deadline = time.monotonic() + 100
+        while not (out / "predictions.csv").is_file() or not _rows(out):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
     finally:
-        timer.cancel()
-    assert signal.getsignal(signal.SIGTERM) == before
+        process.kill()
+    assert process.returncode == 0, stderr[-2000:]
     assert len(_rows(out)) == 1 and (out / "predictions.csv").read_text().endswith("\n")
 
 
