@@ -1,7 +1,7 @@
 """Command-line entry point: CLI -> config -> registry -> engine -> method.
 
-    python main.py --task_type anomaly --model_name dmad --yaml_config configs/anomaly/unsupervised/dmad/bottle.yaml
-    python main.py ... --mode test --checkpoint runs/dmad/bottle/model.pt DATASET.datadir=/data/mvtec
+python main.py --task_type anomaly --model_name dmad --yaml_config configs/anomaly/unsupervised/dmad/bottle.yaml
+python main.py ... --mode test --checkpoint runs/dmad/bottle/model.pt DATASET.datadir=/data/mvtec
 """
 
 from __future__ import annotations
@@ -20,26 +20,48 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--task_type", required=True, help="e.g. anomaly")
     parser.add_argument("--model_type", default="unsupervised", help="default: unsupervised")
     parser.add_argument("--model_name", required=True, help="e.g. dmad")
-    parser.add_argument("--yaml_config", required=True, help="YAML file, e.g. configs/anomaly/unsupervised/dmad/bottle.yaml")
-    parser.add_argument("--mode", default="train", choices=MODES, help="train (then evaluate), test a checkpoint, or another mode")
-    parser.add_argument("--checkpoint", default=None, help="checkpoint for test/gif/export/predict (default: the run's model.pt)")
     parser.add_argument(
-        "--input", default=None,
+        "--yaml_config", required=True, help="YAML file, e.g. configs/anomaly/unsupervised/dmad/bottle.yaml"
+    )
+    parser.add_argument(
+        "--mode", default="train", choices=MODES, help="train (then evaluate), test a checkpoint, or another mode"
+    )
+    parser.add_argument(
+        "--checkpoint", default=None, help="checkpoint for test/gif/export/predict (default: the run's model.pt)"
+    )
+    parser.add_argument(
+        "--input",
+        default=None,
         help="--mode predict: an image or a folder of images, or a video/frame folder, or a stream URL (rtsp://, "
         "http(s)://), camera index or /dev/videoN (--mode export: images for the ONNX check; --mode score: a "
         "scores.npz)",
     )
-    parser.add_argument("--backend", default="torch", choices=("torch", "onnx", "openvino"), help="--mode predict: run with PyTorch, the exported ONNX model or the OpenVINO IR (EXPORT.precision)")
-    parser.add_argument("--output", default=None, help="--mode predict: output folder (default: predict/ next to the checkpoint)")
-    parser.add_argument("--update-readme", dest="update_readme", action="store_true", help="--mode report: rewrite the tables in README.md")
     parser.add_argument(
-        "--watch", action="store_true",
+        "--backend",
+        default="torch",
+        choices=("torch", "onnx", "openvino"),
+        help="--mode predict: run with PyTorch, the exported ONNX model or the OpenVINO IR (EXPORT.precision)",
+    )
+    parser.add_argument(
+        "--output", default=None, help="--mode predict: output folder (default: predict/ next to the checkpoint)"
+    )
+    parser.add_argument(
+        "--update-readme",
+        dest="update_readme",
+        action="store_true",
+        help="--mode report: rewrite the tables in README.md",
+    )
+    parser.add_argument(
+        "--watch",
+        action="store_true",
         help="--mode predict with --input FOLDER: keep scoring new images as they are written (stop with Ctrl-C)",
     )
     parser.add_argument("--max-images", type=int, default=None, help="--watch: stop after scoring this many new images")
     parser.add_argument("--max-frames", type=int, default=None, help="--mode predict on a stream: stop after N frames")
     parser.add_argument("--duration", type=float, default=None, help="--watch or a stream: stop after N seconds")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. TRAIN.num_training_steps=50")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. TRAIN.num_training_steps=50"
+    )
     # Intermixed: KEY=VALUE overrides may come before, between or after the options.
     return parser.parse_intermixed_args(argv)
 
@@ -54,7 +76,7 @@ def setup_logging() -> None:
 
 
 def modality_of(yaml_path: str, overrides: list[str]) -> str:
-    """"video" when the run's DATASET.format is video (YAML or override), else "image": it picks the method variant
+    """ "video" when the run's DATASET.format is video (YAML or override), else "image": it picks the method variant
     and with it the schema the whole config is then validated against."""
     from task.common.config import parse_override, read_yaml
     from task.common.errors import UserError
@@ -85,12 +107,20 @@ def run(args: argparse.Namespace) -> int:
     overridden = frozenset(parse_override(text)[0] for text in args.overrides)
     modes = modes_for(method.modality)
     if args.mode not in modes:
-        raise UserError(f"--mode {args.mode} is not available for {method.modality} runs; use one of {', '.join(modes)}")
+        raise UserError(
+            f"--mode {args.mode} is not available for {method.modality} runs; use one of {', '.join(modes)}"
+        )
     engine = Engine(method, cfg, overridden)
     options = ModeOptions(
-        checkpoint=args.checkpoint, input=args.input, backend=args.backend, output=args.output,
+        checkpoint=args.checkpoint,
+        input=args.input,
+        backend=args.backend,
+        output=args.output,
         update_readme=args.update_readme,
-        watch=args.watch, max_images=args.max_images, max_frames=args.max_frames, duration=args.duration,
+        watch=args.watch,
+        max_images=args.max_images,
+        max_frames=args.max_frames,
+        duration=args.duration,
     )
     metrics = modes[args.mode](engine, options)
     if metrics:

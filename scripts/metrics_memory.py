@@ -71,19 +71,23 @@ def main() -> None:
     metrics = compute_metrics(scores, labels, maps, masks)
     seconds = time.perf_counter() - start
     peak = peak_rss_mb()
-    print(json.dumps({
-        "images": args.images,
-        "size": args.size,
-        "pixels": maps.numel(),
-        "anomalous_pixels": anomalous,
-        "input_mb": (maps.numel() * maps.element_size() + masks.numel()) / 2**20,
-        "baseline_rss_mb": baseline,
-        "peak_rss_before_metrics_mb": peak_before,
-        "peak_rss_mb": peak,
-        "metrics_extra_mb": peak - baseline,
-        "seconds": seconds,
-        "metrics": metrics,
-    }))
+    print(
+        json.dumps(
+            {
+                "images": args.images,
+                "size": args.size,
+                "pixels": maps.numel(),
+                "anomalous_pixels": anomalous,
+                "input_mb": (maps.numel() * maps.element_size() + masks.numel()) / 2**20,
+                "baseline_rss_mb": baseline,
+                "peak_rss_before_metrics_mb": peak_before,
+                "peak_rss_mb": peak,
+                "metrics_extra_mb": peak - baseline,
+                "seconds": seconds,
+                "metrics": metrics,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

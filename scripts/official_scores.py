@@ -60,17 +60,39 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a file from anywhere
 
-from task.anomaly.unsupervised.models.dmad_video.presets import PAPER_PRESETS
+from task.anomaly.unsupervised.models.dmad_video.presets import PAPER_PRESETS  # noqa: E402
 from task.anomaly.unsupervised.scoring.protocols import evaluate_scores  # noqa: E402
 from task.anomaly.unsupervised.scoring.score_file import ScoreFile, write_scores  # noqa: E402
-from task.anomaly.unsupervised.scoring.settings import ProtocolParams
+from task.anomaly.unsupervised.scoring.settings import ProtocolParams  # noqa: E402
 from task.common.errors import UserError  # noqa: E402
 
 CLIP_LENGTH = 4  # official time_step: 4 input frames predict the 5th
 PAPER_AUROC = {"ped2": 99.7, "avenue": 92.8, "shanghaitech": 78.8}  # res_list.npz is another run, not in the paper
 # Frames per test video of the public datasets, in sorted folder order.
 PED2_FRAMES = [180, 180, 150, 180, 150, 180, 180, 180, 120, 150, 180, 180]
-AVENUE_FRAMES = [1439, 1211, 923, 947, 1007, 1283, 605, 36, 1175, 841, 472, 1271, 549, 507, 1001, 740, 426, 294, 248, 273, 76]
+AVENUE_FRAMES = [
+    1439,
+    1211,
+    923,
+    947,
+    1007,
+    1283,
+    605,
+    36,
+    1175,
+    841,
+    472,
+    1271,
+    549,
+    507,
+    1001,
+    740,
+    426,
+    294,
+    248,
+    273,
+    76,
+]
 SHANGHAI_EDGE = (35, 33)  # values left at 1.0 before / after the official per-video 69-frame window
 
 
@@ -88,14 +110,42 @@ class Source:
 
 
 SOURCES = {
-    "ped2": Source("exp/res_list_ped2.npz", "data/frame_labels_ped2.npy", "ped2",
-                   {"deformation": "arr_0", "prediction": "arr_1", "gradient": "arr_4"}, "arr_5", -1, {"normalize": "none"}),
-    "avenue": Source("exp/res_list_avenue.npz", "data/frame_labels_avenue.npy", "avenue",
-                     {"deformation": "offset_res", "prediction": "patch_res"}, None, 1, {}),
-    "shanghaitech": Source("exp/res_list_shanghai.npz", "data/frame_labels_shanghai.npy", "shanghaitech",
-                           {"deformation": "arr_0", "gradient": "arr_2", "prediction": "arr_3"}, "arr_5", -1, {"normalize": "none"}),
-    "shanghaitech_res_list": Source("exp/res_list.npz", "data/frame_labels_shanghai.npy", "shanghaitech",
-                                    {"deformation": "arr_0", "prediction": "arr_1", "gradient": "arr_2"}, "arr_3", -1, {"normalize": "none"}),
+    "ped2": Source(
+        "exp/res_list_ped2.npz",
+        "data/frame_labels_ped2.npy",
+        "ped2",
+        {"deformation": "arr_0", "prediction": "arr_1", "gradient": "arr_4"},
+        "arr_5",
+        -1,
+        {"normalize": "none"},
+    ),
+    "avenue": Source(
+        "exp/res_list_avenue.npz",
+        "data/frame_labels_avenue.npy",
+        "avenue",
+        {"deformation": "offset_res", "prediction": "patch_res"},
+        None,
+        1,
+        {},
+    ),
+    "shanghaitech": Source(
+        "exp/res_list_shanghai.npz",
+        "data/frame_labels_shanghai.npy",
+        "shanghaitech",
+        {"deformation": "arr_0", "gradient": "arr_2", "prediction": "arr_3"},
+        "arr_5",
+        -1,
+        {"normalize": "none"},
+    ),
+    "shanghaitech_res_list": Source(
+        "exp/res_list.npz",
+        "data/frame_labels_shanghai.npy",
+        "shanghaitech",
+        {"deformation": "arr_0", "prediction": "arr_1", "gradient": "arr_2"},
+        "arr_3",
+        -1,
+        {"normalize": "none"},
+    ),
 }
 
 
@@ -139,7 +189,9 @@ def convert(repo: Path, name: str, frames_root: Path | None) -> ScoreFile:
     labels = np.asarray(np.load(paths[1], allow_pickle=False)).reshape(-1).astype(np.int8)
     columns = {n: np.asarray(data[k]) for n, k in src.columns.items()}
     if src.label_key is not None and not np.array_equal(np.asarray(data[src.label_key]).reshape(-1), 1 - labels):
-        raise UserError(f"{paths[0]}: {src.label_key} is not 1 - labels of {paths[1]}; the files do not belong together")
+        raise UserError(
+            f"{paths[0]}: {src.label_key} is not 1 - labels of {paths[1]}; the files do not belong together"
+        )
     if frames_root is not None:
         videos, lengths = folder_lengths(frames_root)
     elif src.preset == "ped2":
@@ -151,7 +203,10 @@ def convert(repo: Path, name: str, frames_root: Path | None) -> ScoreFile:
         videos = [f"video_{i + 1:03d}" for i in range(len(lengths))]
     scored = [n - CLIP_LENGTH for n in lengths]
     if sum(scored) != labels.size or any(c.size != labels.size for c in columns.values()):
-        raise UserError(f"{name}: {len(lengths)} videos give {sum(scored)} scored frames but the files hold {labels.size}; check --frames-root")
+        raise UserError(
+            f"{name}: {len(lengths)} videos give {sum(scored)} scored frames but the files hold {labels.size}; check "
+            "--frames-root"
+        )
     cuts = np.cumsum(scored)[:-1]
     full_labels = [np.concatenate([np.full(CLIP_LENGTH, -1, np.int8), part]) for part in np.split(labels, cuts)]
     return ScoreFile(
@@ -163,18 +218,31 @@ def convert(repo: Path, name: str, frames_root: Path | None) -> ScoreFile:
         frames=[np.arange(CLIP_LENGTH, n, dtype=np.int64) for n in lengths],
         # The official file holds values some protocol steps were already applied to: the file says so, and
         # --mode score evaluates it with these settings instead of the YAML's SCORE section.
-        extra={"source": f"official DMAD-PDM/{src.file} (FlappyPeggy/DMAD); sign -1 = stored higher-is-normal values",
-               "protocol": protocol(src).to_config()},
+        extra={
+            "source": f"official DMAD-PDM/{src.file} (FlappyPeggy/DMAD); sign -1 = stored higher-is-normal values",
+            "protocol": protocol(src).to_config(),
+        },
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("official", type=Path, help="local copy of the official repository (root or its DMAD-PDM folder)")
+    parser.add_argument(
+        "official", type=Path, help="local copy of the official repository (root or its DMAD-PDM folder)"
+    )
     parser.add_argument("--dataset", choices=[*SOURCES, "all"], default="all")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for scores_<dataset>.npz (outside this repository); default: a temporary folder")
-    parser.add_argument("--frames-root", type=Path, default=None, help="<dataset>/testing/frames, to count video lengths (one dataset only)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for scores_<dataset>.npz (outside this repository); default: a temporary folder",
+    )
+    parser.add_argument(
+        "--frames-root",
+        type=Path,
+        default=None,
+        help="<dataset>/testing/frames, to count video lengths (one dataset only)",
+    )
     args = parser.parse_args(argv)
     try:
         repo = args.official / "DMAD-PDM" if (args.official / "DMAD-PDM").is_dir() else args.official
@@ -185,16 +253,28 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--out {args.out} is inside this repository; official data must stay outside it")
         with tempfile.TemporaryDirectory() as tmp:
             out = args.out or Path(tmp)
-            print(f"{'dataset':<22} {'videos':>6} {'frames':>6} {'AUROC %':>9} {'paper':>6} {'AUPR %':>8}  per-video AUROC (mean of defined)")
+            print(
+                f"{'dataset':<22} {'videos':>6} {'frames':>6} {'AUROC %':>9} {'paper':>6} {'AUPR %':>8}  per-video "
+                "AUROC (mean of defined)"
+            )
             for name in names:
                 path = write_scores(out / f"scores_{name}.npz", convert(repo, name, args.frames_root))
                 res = evaluate_scores(path, protocol(SOURCES[name]))
                 auroc = 100 * res["frame_auroc"]
                 defined = [v for v in res["per_video_auroc"].values() if v is not None]
                 paper = PAPER_AUROC.get(name)
-                match = "not in the paper" if paper is None else "matches the paper" if round(auroc, 1) == paper else "DIFFERS from the paper"
-                print(f"{name:<22} {res['videos']:>6} {res['frames']:>6} {auroc:>9.4f} {paper or '-':>6} {100 * res['frame_aupr']:>8.4f}  "
-                      f"{100 * np.mean(defined):.2f} over {len(defined)} videos  [{match}]")
+                match = (
+                    "not in the paper"
+                    if paper is None
+                    else "matches the paper"
+                    if round(auroc, 1) == paper
+                    else "DIFFERS from the paper"
+                )
+                print(
+                    f"{name:<22} {res['videos']:>6} {res['frames']:>6} {auroc:>9.4f} {paper or '-':>6} "
+                    f"{100 * res['frame_aupr']:>8.4f}  "
+                    f"{100 * np.mean(defined):.2f} over {len(defined)} videos  [{match}]"
+                )
             if args.out is not None:
                 print(f"wrote {', '.join(f'scores_{n}.npz' for n in names)} to {out}")
     except UserError as exc:

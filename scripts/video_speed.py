@@ -82,7 +82,9 @@ class OurClips(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         target = i + CLIP
-        pixels = torch.from_numpy(self.frames[i : target + 1]).permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1.0)
+        pixels = (
+            torch.from_numpy(self.frames[i : target + 1]).permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1.0)
+        )
         zero = torch.tensor(0, dtype=torch.int64)
         return {"clip": pixels[:-1], "target": pixels[-1], "video": zero, "frame": torch.tensor(target), "label": zero}
 
@@ -97,7 +99,10 @@ class OfficialClips(Dataset):
         return self.count
 
     def __getitem__(self, i: int):
-        batch = [torch.from_numpy((f.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1).copy()) for f in self.frames[i : i + CLIP + 1]]
+        batch = [
+            torch.from_numpy((f.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1).copy())
+            for f in self.frames[i : i + CLIP + 1]
+        ]
         return np.concatenate(batch, axis=0), np.array([[0]])
 
 
@@ -128,7 +133,13 @@ def build_ours(args):
     from task.common.config import load_config
 
     method = get_method("anomaly", "unsupervised", "dmad", "video")
-    overrides = ["DATASET.resize=[256,256]", "DATASET.clip_length=4", "DATASET.grayscale=false", "DATALOADER.batch_size=8", "DATALOADER.num_workers=0"]
+    overrides = [
+        "DATASET.resize=[256,256]",
+        "DATASET.clip_length=4",
+        "DATASET.grayscale=false",
+        "DATALOADER.batch_size=8",
+        "DATALOADER.num_workers=0",
+    ]
     if args.eval_batch:
         overrides.append(f"TEST.batch_size={args.eval_batch}")
     cfg = load_config(method_schema(method), args.yaml, overrides)
@@ -174,11 +185,16 @@ def build_official(path: str, ours: torch.nn.Module):
 def official_steps(args, official: torch.nn.Module, frames: np.ndarray):
     """(one training step, one evaluation pass), as Train_ped2.py / Evaluate_ped2.py run them."""
     # Train_ped2.py's optimiser (torch defaults otherwise, as the script).
-    optimizer = torch.optim.AdamW([
-        {"params": official.encoder.parameters()}, {"params": official.decoder.parameters()},
-        {"params": official.offset_net.parameters()}, {"params": official.vq_layer.parameters()},
-        {"params": official.bkg, "lr": 50 * 2e-4},
-    ], lr=2e-4)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": official.encoder.parameters()},
+            {"params": official.decoder.parameters()},
+            {"params": official.offset_net.parameters()},
+            {"params": official.vq_layer.parameters()},
+            {"params": official.bkg, "lr": 50 * 2e-4},
+        ],
+        lr=2e-4,
+    )
     train_set = OfficialClips(frames, len(frames) - CLIP)
     official.train()
     step = iter(range(1, 10**6))
@@ -218,44 +234,70 @@ def summary(train: list[tuple[float, float]], evals: list[tuple[float, float]], 
         if not times:
             continue
         wall, cpu = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
-        out.update({
-            f"{key}_s": round(wall, 3), f"{key}_cpu_s": round(cpu, 3), f"{key}_clips_per_s": round(count / wall, 3),
-            f"{key}_clips_per_cpu_s": round(count / cpu, 3), f"{key}_s_all": [round(t[0], 3) for t in times],
-        })
+        out.update(
+            {
+                f"{key}_s": round(wall, 3),
+                f"{key}_cpu_s": round(cpu, 3),
+                f"{key}_clips_per_s": round(count / wall, 3),
+                f"{key}_clips_per_cpu_s": round(count / cpu, 3),
+                f"{key}_s_all": [round(t[0], 3) for t in times],
+            }
+        )
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--official", default=None, help="a CPU-runnable copy of the official DMAD-PDM folder (model/, utils.py)")
+    parser.add_argument(
+        "--official", default=None, help="a CPU-runnable copy of the official DMAD-PDM folder (model/, utils.py)"
+    )
     parser.add_argument("--yaml", default=str(ROOT / "configs/anomaly/unsupervised/dmad/ped2.yaml"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-steps", type=int, default=3, help="timed training steps per side (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed training steps per side first")
     parser.add_argument("--eval-clips", type=int, default=32)
-    parser.add_argument("--eval-repeats", type=int, default=2, help="timed evaluation passes per side (median reported)")
-    parser.add_argument("--eval-batch", type=int, default=None, help="our evaluation batch (default: the YAML's TEST.batch_size)")
+    parser.add_argument(
+        "--eval-repeats", type=int, default=2, help="timed evaluation passes per side (median reported)"
+    )
+    parser.add_argument(
+        "--eval-batch", type=int, default=None, help="our evaluation batch (default: the YAML's TEST.batch_size)"
+    )
     parser.add_argument("--skip-train", action="store_true", help="time evaluation only")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
-    frames = rng.integers(0, 256, size=(max(args.eval_clips, 8 * (args.warmup + args.train_steps + 1)) + CLIP, 256, 256, 3), dtype=np.uint8)
+    frames = rng.integers(
+        0,
+        256,
+        size=(max(args.eval_clips, 8 * (args.warmup + args.train_steps + 1)) + CLIP, 256, 256, 3),
+        dtype=np.uint8,
+    )
 
     engine, model = build_ours(args)
     official = build_official(args.official, model) if args.official else None  # before ours trains: same weights
     result = {
-        "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "image_size": [256, 256],
-        "clip_length": CLIP, "channels": 3, "train_batch": 8, "eval_clips": args.eval_clips,
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "image_size": [256, 256],
+        "clip_length": CLIP,
+        "channels": 3,
+        "train_batch": 8,
+        "eval_clips": args.eval_clips,
     }
     sides = {"ours": ours_steps(args, engine, model, frames)}
     if official is not None:
         sides["official"] = official_steps(args, official, frames)
-    train = {} if args.skip_train else timed_alternating({k: v[0] for k, v in sides.items()}, args.warmup, args.train_steps)
+    train = (
+        {} if args.skip_train else timed_alternating({k: v[0] for k, v in sides.items()}, args.warmup, args.train_steps)
+    )
     evals = timed_alternating({k: v[1] for k, v in sides.items()}, 0, args.eval_repeats)
     for name in sides:
-        result[name] = summary(train.get(name, []), evals[name], args.eval_clips, engine.cfg.TEST.batch_size if name == "ours" else 1)
+        result[name] = summary(
+            train.get(name, []), evals[name], args.eval_clips, engine.cfg.TEST.batch_size if name == "ours" else 1
+        )
     if official is not None:
         o, f = result["ours"], result["official"]
         for key in ("train_clips_per_s", "train_clips_per_cpu_s", "eval_clips_per_s", "eval_clips_per_cpu_s"):

@@ -15,7 +15,22 @@ from pathlib import Path
 
 import pytest
 
-from helpers import BASE, CATEGORY, N_DEFECT, N_GOOD, N_TRAIN, SECRET, SIZE, Result, assert_ok, main_in_process, patchcore_args, run_cli, train_overrides, video_args
+from helpers import (
+    BASE,
+    CATEGORY,
+    N_DEFECT,
+    N_GOOD,
+    N_TRAIN,
+    SECRET,
+    SIZE,
+    Result,
+    assert_ok,
+    main_in_process,
+    patchcore_args,
+    run_cli,
+    train_overrides,
+    video_args,
+)
 from task.anomaly.unsupervised.data.video.synthetic import make_video_demo
 
 
@@ -125,7 +140,9 @@ def video_run(video_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def patchcore_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path, str]:
     """THE PatchCore run on the shared 64x64 dataset: (args, run directory, stdout of the training). Read-only."""
     savedir = tmp_path_factory.mktemp("patchcore") / "runs"
-    args = patchcore_args(dataset, savedir, "MODEL.coreset_ratio=0.25", "TEST.save_images=false")  # pictures: DMAD's tests
+    args = patchcore_args(
+        dataset, savedir, "MODEL.coreset_ratio=0.25", "TEST.save_images=false"
+    )  # pictures: DMAD's tests
     result = main_in_process(*args)
     assert_ok(result)
     return args, savedir / "patchcore" / CATEGORY, result.stdout

@@ -3,7 +3,8 @@
 * ``run_cli(*args, env=...)``: ``python main.py ARGS`` in a real subprocess (CPU only) -> CompletedProcess. Kept for
   the end-to-end path, a killed run, DDP and "no traceback" checks; everything else goes through
   ``main_in_process(*args)``, the same ``main.main`` without an interpreter start-up per case.
-* ``assert_user_error(result, *needles)``: exit code 2, exactly one ``error: ...`` line naming every needle, no traceback.
+* ``assert_user_error(result, *needles)``: exit code 2, exactly one ``error: ...`` line naming every needle, no
+  traceback.
 """
 
 from __future__ import annotations
@@ -40,10 +41,17 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return {**env, "CUDA_VISIBLE_DEVICES": "", **extra}
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path = REPO, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """``python main.py ARGS`` in a subprocess on the CPU; ``env`` adds variables to this environment."""
     return subprocess.run(
-        [sys.executable, str(REPO / "main.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=cpu_env(**(env or {}))
+        [sys.executable, str(REPO / "main.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cpu_env(**(env or {})),
     )
 
 
@@ -82,7 +90,8 @@ def main_in_process(*args: str) -> Result:
 
 
 def assert_user_error(result, *needles: str) -> str:
-    """Exit code 2, exactly one ``error: ...`` line on stderr containing every needle, no traceback; returns the line."""
+    """Exit code 2, exactly one ``error: ...`` line on stderr containing every needle, no traceback; returns the
+    line."""
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     # What a terminal shows: a progress bar redrawn with '\r' and cleared when the error closes it leaves no line.
     lines = [line.split("\r")[-1] for line in result.stderr.split("\n")]
@@ -90,7 +99,9 @@ def assert_user_error(result, *needles: str) -> str:
     assert result.returncode == 2, result.stderr[-3000:]
     # A training bar stopped mid-run stays on screen (tqdm's leave=True) above the error; nothing else may.
     assert lines and all(re.search(r"\| *\d+/\d+ \[", line) for line in lines[:-1]), result.stderr[-3000:]
-    assert lines[-1].startswith("error: ") and sum(line.startswith("error") for line in lines) == 1, result.stderr[-3000:]
+    assert lines[-1].startswith("error: ") and sum(line.startswith("error") for line in lines) == 1, result.stderr[
+        -3000:
+    ]
     for needle in needles:
         assert needle in lines[-1], lines[-1]
     return lines[-1]
@@ -130,14 +141,24 @@ def make_engine(*overrides: str, overridden: frozenset[str] = frozenset(), yaml:
 
 # ----------------------------------------------------------------------------------------------- shared data and run
 def data_overrides(datadir: Path) -> list[str]:
-    return [f"DATASET.datadir={datadir}", f"DATASET.target={CATEGORY}", "DATASET.demo=false", f"DATASET.resize=[{SIZE},{SIZE}]"]
+    return [
+        f"DATASET.datadir={datadir}",
+        f"DATASET.target={CATEGORY}",
+        "DATASET.demo=false",
+        f"DATASET.resize=[{SIZE},{SIZE}]",
+    ]
 
 
 def train_overrides(datadir: Path, savedir: Path, assets: Path | None = None) -> list[str]:
     """The shared run's settings: resnet18 (demo.yaml), 64x64, batch 2, STEPS steps, last.pt every 2 steps, maps on."""
     return data_overrides(datadir) + [
-        "DATALOADER.batch_size=2", f"TRAIN.num_training_steps={STEPS}", "TRAIN.save_interval=2", "TEST.batch_size=8",
-        "TEST.save_maps=true", "LOG.log_interval=1", f"RESULT.savedir={savedir}",
+        "DATALOADER.batch_size=2",
+        f"TRAIN.num_training_steps={STEPS}",
+        "TRAIN.save_interval=2",
+        "TEST.batch_size=8",
+        "TEST.save_maps=true",
+        "LOG.log_interval=1",
+        f"RESULT.savedir={savedir}",
         f"RESULT.assets_dir={assets}" if assets else "RESULT.assets_dir=null",
     ]
 
@@ -151,8 +172,19 @@ TINY = ["MODEL.memory_dim=16", "MODEL.memory_size=8", "MODEL.pdm_width=8", "TEST
 def video_args(datadir: Path, savedir: Path, *extra: str, mode: str = "train") -> list[str]:
     """main.py arguments of a tiny video run on the demo data under ``datadir``."""
     return [
-        "--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(VIDEO_YAML), "--mode", mode,
-        f"DATASET.datadir={datadir}", f"RESULT.savedir={savedir}", "RESULT.assets_dir=null", *TINY, *extra,
+        "--task_type",
+        "anomaly",
+        "--model_name",
+        "dmad",
+        "--yaml_config",
+        str(VIDEO_YAML),
+        "--mode",
+        mode,
+        f"DATASET.datadir={datadir}",
+        f"RESULT.savedir={savedir}",
+        "RESULT.assets_dir=null",
+        *TINY,
+        *extra,
     ]
 
 
@@ -164,7 +196,6 @@ def run_dir(savedir: Path) -> Path:
 # ----------------------------------------------------------------------------------------------- PatchCore runs
 PC_YAML = REPO / "configs" / "anomaly" / "unsupervised" / "patchcore" / "demo.yaml"
 PC_BASE = ["--task_type", "anomaly", "--model_name", "patchcore", "--yaml_config", str(PC_YAML)]
-
 
 
 def patchcore_args(datadir: Path, savedir: Path, *extra: str) -> list[str]:

@@ -19,7 +19,12 @@ from helpers import REPO
 TASK = REPO / "task"
 U = "task.anomaly.unsupervised"
 METHOD_ALLOWED = (
-    "task.common.", f"{U}.models.base", f"{U}.models.registry", f"{U}.records", f"{U}.data.", f"{U}.scoring.settings",
+    "task.common.",
+    f"{U}.models.base",
+    f"{U}.models.registry",
+    f"{U}.records",
+    f"{U}.data.",
+    f"{U}.scoring.settings",
 )
 
 
@@ -60,7 +65,8 @@ def resolve(target: str, names: list[str]) -> list[str]:
 
 
 GRAPH = {
-    name: {dep for target, names in imports_of(path) if target.startswith("task") for dep in resolve(target, names)} - {name}
+    name: {dep for target, names in imports_of(path) if target.startswith("task") for dep in resolve(target, names)}
+    - {name}
     for name, path in MODULES.items()
 }
 
@@ -102,7 +108,9 @@ def test_no_import_circles() -> None:
 
 def test_shared_code_never_imports_a_method() -> None:
     wrong = [
-        (module, dep) for module, deps in GRAPH.items() for dep in deps
+        (module, dep)
+        for module, deps in GRAPH.items()
+        for dep in deps
         if method_package(dep) and method_package(module) != method_package(dep) and module != f"{U}.models.available"
     ]
     assert wrong == []
@@ -110,7 +118,10 @@ def test_shared_code_never_imports_a_method() -> None:
 
 def test_methods_never_reach_back_up() -> None:
     wrong = [
-        (module, dep) for module, deps in GRAPH.items() if method_package(module) for dep in deps
+        (module, dep)
+        for module, deps in GRAPH.items()
+        if method_package(module)
+        for dep in deps
         if method_package(dep) != method_package(module) and not dep.startswith(METHOD_ALLOWED)
     ]
     assert wrong == []
@@ -118,8 +129,11 @@ def test_methods_never_reach_back_up() -> None:
 
 def test_nothing_private_is_imported_across_files() -> None:
     wrong = [
-        (module_name(path), target, name) for path in MODULES.values() for target, names in imports_of(path)
-        for name in names if target.startswith("task") and name.startswith("_") and name != "__version__"
+        (module_name(path), target, name)
+        for path in MODULES.values()
+        for target, names in imports_of(path)
+        for name in names
+        if target.startswith("task") and name.startswith("_") and name != "__version__"
     ]
     assert wrong == []
 

@@ -98,10 +98,17 @@ def held_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def overrides(datadir: Path, savedir: Path) -> list[str]:
     return [
-        f"DATASET.datadir={datadir}", f"DATASET.target={CATEGORY}", "DATASET.demo=false",
+        f"DATASET.datadir={datadir}",
+        f"DATASET.target={CATEGORY}",
+        "DATASET.demo=false",
         f"DATASET.resize=[{SIZE},{SIZE}]",
-        "DATASET.calibration_split=0.5", "DATALOADER.batch_size=4", "TRAIN.num_training_steps=1", "TEST.batch_size=16",
-        "TEST.save_images=false", f"RESULT.savedir={savedir}", "RESULT.assets_dir=null",
+        "DATASET.calibration_split=0.5",
+        "DATALOADER.batch_size=4",
+        "TRAIN.num_training_steps=1",
+        "TEST.batch_size=16",
+        "TEST.save_images=false",
+        f"RESULT.savedir={savedir}",
+        "RESULT.assets_dir=null",
     ]
 
 
@@ -129,7 +136,9 @@ def test_realised_false_alarm_rate_is_within_sampling_error_of_the_target(held_d
 
 
 def test_relabelled_test_set_changes_no_byte_of_model_pt_and_predict_rederives_thresholds(
-    held_data: Path, tmp_path: Path, caplog,
+    held_data: Path,
+    tmp_path: Path,
+    caplog,
 ) -> None:
     # the same paths both times (the saved config records them): train, keep the outputs, relabel in place, train again
     datadir, savedir = tmp_path / "data", tmp_path / "runs"

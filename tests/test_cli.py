@@ -19,9 +19,29 @@ from task.common.config import load_config, parse_override
 from task.common.errors import UserError
 
 SCHEMA = run_schema(MODEL_SCHEMA)
-MVTEC = ["carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush", "transistor", "zipper"]
+MVTEC = [
+    "carpet",
+    "grid",
+    "leather",
+    "tile",
+    "wood",
+    "bottle",
+    "cable",
+    "capsule",
+    "hazelnut",
+    "metal_nut",
+    "pill",
+    "screw",
+    "toothbrush",
+    "transistor",
+    "zipper",
+]
 METRIC_KEYS = {
-    "image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_f1_max",
+    "image_auroc",
+    "pixel_auroc",
+    "pixel_aupro",
+    "image_f1_max",
+    "pixel_f1_max",
     *(f"{level}_{k}" for level in ("image", "pixel") for k in ("threshold", "fpr", "tpr", "precision", "f1")),
 }
 
@@ -32,10 +52,23 @@ def test_cli_trains_and_writes_all_outputs(trained_run) -> None:
     assert "Traceback" not in trained_run.result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics)
-    for key in ("image_auroc", "pixel_auroc", "pixel_f1_max", "image_f1_max", "pixel_aupro", "image_fpr", "image_tpr", "pixel_fpr"):
+    for key in (
+        "image_auroc",
+        "pixel_auroc",
+        "pixel_f1_max",
+        "image_f1_max",
+        "pixel_aupro",
+        "image_fpr",
+        "image_tpr",
+        "pixel_fpr",
+    ):
         assert 0.0 <= metrics[key] <= 1.0
     # 6 training images: too few to hold any out, so the run calibrated on them and says so
-    assert metrics["calibration_source"] == "train" and metrics["calibration_images"] == 6 and metrics["image_calibration_n"] == 6
+    assert (
+        metrics["calibration_source"] == "train"
+        and metrics["calibration_images"] == 6
+        and metrics["image_calibration_n"] == 6
+    )
     rows = (run_dir / "predictions.csv").read_text().splitlines()
     assert rows[0] == "path,label,score,prediction" and len(rows) == 1 + N_GOOD + N_DEFECT
     assert {r.split(",")[1] for r in rows[1:]} == {"0", "1"}
@@ -48,7 +81,12 @@ def test_cli_trains_and_writes_all_outputs(trained_run) -> None:
     assert set(ckpt["thresholds"]) == {"image", "pixel"}
     assert "model.score_stats" not in ckpt["state_dict"] and "score_stats" in ckpt["state_dict"]
     run_info = json.loads((run_dir / "run.json").read_text())
-    assert (run_info["category"], run_info["method"], run_info["steps"], run_info["backbone"]) == (CATEGORY, "dmad", 4, "resnet18")
+    assert (run_info["category"], run_info["method"], run_info["steps"], run_info["backbone"]) == (
+        CATEGORY,
+        "dmad",
+        4,
+        "resnet18",
+    )
 
 
 def test_test_mode_reproduces_metrics(trained_run, tmp_path: Path) -> None:
@@ -66,7 +104,11 @@ def test_test_mode_reproduces_metrics(trained_run, tmp_path: Path) -> None:
 
 
 def test_all_mvtec_configs_load_with_paper_settings() -> None:
-    image_configs = [p.stem for p in CONFIGS.glob("*.yaml") if (yaml.safe_load(p.read_text()).get("DATASET") or {}).get("format", "mvtec") != "video"]
+    image_configs = [
+        p.stem
+        for p in CONFIGS.glob("*.yaml")
+        if (yaml.safe_load(p.read_text()).get("DATASET") or {}).get("format", "mvtec") != "video"
+    ]
     assert sorted(image_configs) == sorted(MVTEC + ["demo"])
     for category in MVTEC:
         cfg = load_config(SCHEMA, CONFIGS / f"{category}.yaml")
@@ -81,7 +123,11 @@ def test_all_mvtec_configs_load_with_paper_settings() -> None:
 
 
 def test_overrides_are_yaml_typed_and_dotted() -> None:
-    cfg = load_config(SCHEMA, CONFIGS / "bottle.yaml", ["DATASET.target=carpet", "DATASET.resize=[128,128]", "TRAIN.num_training_steps=50", "MODEL.gamma=2"])
+    cfg = load_config(
+        SCHEMA,
+        CONFIGS / "bottle.yaml",
+        ["DATASET.target=carpet", "DATASET.resize=[128,128]", "TRAIN.num_training_steps=50", "MODEL.gamma=2"],
+    )
     assert cfg.DATASET.target == "carpet" and cfg.DATASET.resize == [128, 128]
     assert cfg.TRAIN.num_training_steps == 50 and cfg.MODEL.gamma == 2.0
     assert parse_override("A.b=[1, 2]") == ("A.b", [1, 2])

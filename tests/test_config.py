@@ -52,18 +52,30 @@ YAML_ERRORS: dict[str, tuple[bytes, tuple[str, ...]]] = {
     "billion-laughs": (BILLION_LAUGHS.encode(), ("bad.yaml line 1", "anchors and aliases", "write the values out")),
     "alias-only-later": (b"DATASET:\n  target: x\nMODEL: *m\n", ("bad.yaml line 3", "anchors and aliases")),
     "anchor-without-alias": (b"DATASET: &d\n  target: x\n", ("bad.yaml line 1", "anchors and aliases")),
-    "duplicate-section": (b"DATASET:\n  target: a\nSEED: 1\nDATASET:\n  target: b\n", ("duplicate key 'DATASET'", "lines 1 and 4", "keep only one")),
-    "duplicate-nested": (b"DATASET:\n  resize: [64, 64]\n  resize: [96, 96]\n", ("duplicate key 'resize'", "lines 2 and 3")),
+    "duplicate-section": (
+        b"DATASET:\n  target: a\nSEED: 1\nDATASET:\n  target: b\n",
+        ("duplicate key 'DATASET'", "lines 1 and 4", "keep only one"),
+    ),
+    "duplicate-nested": (
+        b"DATASET:\n  resize: [64, 64]\n  resize: [96, 96]\n",
+        ("duplicate key 'resize'", "lines 2 and 3"),
+    ),
     "duplicate-flow": (b"MODEL: {sigma: 1, sigma: 2}\n", ("duplicate key 'sigma'", "lines 1 and 1")),
     "top-zero": (b"0\n", ("must hold a mapping of sections", "got 0 (int)")),
     "top-list": (b"[]\n", ("must hold a mapping of sections", "got [] (list)")),
     "top-string": (b"hello\n", ("must hold a mapping of sections", "got 'hello' (str)")),
     "top-false": (b"false\n", ("must hold a mapping of sections", "got False (bool)")),
-    "invalid-utf8": (b"DATASET:\n  target: caf\xe9\n", ("is not UTF-8 text", "byte 0xe9 at line 2", "save it as UTF-8")),
+    "invalid-utf8": (
+        b"DATASET:\n  target: caf\xe9\n",
+        ("is not UTF-8 text", "byte 0xe9 at line 2", "save it as UTF-8"),
+    ),
     "nul-character": (b"DATASET:\n  target: a\x00b\n", ("YAML syntax error", "line 2", "'\\x00' is not allowed")),
     "huge-integer": (b"SEED: " + b"9" * 5000 + b"\n", ("bad.yaml line 1", "integer of 5000 digits", "too large")),
     "deep-nesting": (b"SEED: " + b"[" * 200 + b"]" * 200 + b"\n", ("bad.yaml line 1", "nested more than 32 levels")),
-    "python-tag": (b"SEED: !!python/object/apply:os.system ['true']\n", ("YAML syntax error", "line 1", "could not determine a constructor")),
+    "python-tag": (
+        b"SEED: !!python/object/apply:os.system ['true']\n",
+        ("YAML syntax error", "line 1", "could not determine a constructor"),
+    ),
     "two-documents": (b"SEED: 1\n---\nSEED: 2\n", ("YAML syntax error", "line 2", "but found another document")),
     "syntax": (b"DATASET:\n  resize: [64, 64\n", ("YAML syntax error", "bad.yaml", "line 3")),
 }
@@ -163,12 +175,21 @@ OVERRIDE_ERRORS: dict[str, tuple[str, tuple[str, ...]]] = {
     "empty-part": ("DATASET..target=x", ("no valid dotted key", "'DATASET..target=x'")),
     "huge-integer": ("SEED=" + "9" * 5000, ("override SEED line 1", "integer of 5000 digits")),
     "deep": ("SEED=" + "[" * 100 + "]" * 100, ("override SEED line 1", "nested more than 32 levels")),
-    "wrong-type-truncated": ("DATASET.target=[" + "1, " * 5000 + "1]", ("DATASET.target expects str, got [1, 1, 1", "...")),
-    "range-with-reason": ("MODEL.sigma=1e-200", ("MODEL.sigma must be in [0.1, 64] (below 0.1 the kernel is a no-op)", "got 1e-200", "default is 4.0")),
+    "wrong-type-truncated": (
+        "DATASET.target=[" + "1, " * 5000 + "1]",
+        ("DATASET.target expects str, got [1, 1, 1", "..."),
+    ),
+    "range-with-reason": (
+        "MODEL.sigma=1e-200",
+        ("MODEL.sigma must be in [0.1, 64] (below 0.1 the kernel is a no-op)", "got 1e-200", "default is 4.0"),
+    ),
     "range-without-reason": ("MODEL.vq_beta=-1", ("MODEL.vq_beta must be >= 0, got -1.0; default is 0.25",)),
     "range-whole-limit": ("SEED=" + "9" * 20, ("SEED must be in [0, 4294967295] (32-bit)", "got 99999999999999999999")),
     "float-overflow": ("MODEL.sigma=" + "1" * 400, ("MODEL.sigma expects float", "<int of")),
-    "unknown-long-key": ("DATASET." + "x" * 500 + "=1", ("unknown config key DATASET.xxx", "...", "valid keys here: target, resize")),
+    "unknown-long-key": (
+        "DATASET." + "x" * 500 + "=1",
+        ("unknown config key DATASET.xxx", "...", "valid keys here: target, resize"),
+    ),
 }
 
 
@@ -182,8 +203,12 @@ def test_bad_override_is_one_short_line(name: str) -> None:
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("MODEL.sigma=2", ("MODEL.sigma", 2)), ("DATASET.resize=[64, 96]", ("DATASET.resize", [64, 96])), ("SEED=", ("SEED", None)),
-     (" DATASET.target = a=b", ("DATASET.target", "a=b"))],
+    [
+        ("MODEL.sigma=2", ("MODEL.sigma", 2)),
+        ("DATASET.resize=[64, 96]", ("DATASET.resize", [64, 96])),
+        ("SEED=", ("SEED", None)),
+        (" DATASET.target = a=b", ("DATASET.target", "a=b")),
+    ],
 )
 def test_override_parsing(text: str, expected: tuple[str, Any]) -> None:
     assert parse_override(text) == expected
@@ -203,8 +228,14 @@ CFG = Config({"MODEL": {"sigma": 4.0, "vq": False}, "SEED": 0})
 
 @pytest.mark.parametrize(
     "dotted, default, expected",
-    [("MODEL.sigma", None, 4.0), ("MODEL.vq", True, False), ("MODEL.vq_num_embeddings", 200, 200), ("LOG.wandb", None, None),
-     ("SEED.x", "d", "d"), ("MODEL", None, {"sigma": 4.0, "vq": False})],
+    [
+        ("MODEL.sigma", None, 4.0),
+        ("MODEL.vq", True, False),
+        ("MODEL.vq_num_embeddings", 200, 200),
+        ("LOG.wandb", None, None),
+        ("SEED.x", "d", "d"),
+        ("MODEL", None, {"sigma": 4.0, "vq": False}),
+    ],
 )
 def test_config_get_with_default(dotted: str, default: Any, expected: Any) -> None:
     assert CFG.get(dotted, default) == expected
@@ -212,9 +243,14 @@ def test_config_get_with_default(dotted: str, default: Any, expected: Any) -> No
 
 @pytest.mark.parametrize(
     "dotted, fragments",
-    [("MODEL.vq_num_embeddings", ("config key MODEL.vq_num_embeddings is missing", "no vq_num_embeddings under MODEL", "older version")),
-     ("LOG.wandb", ("config key LOG.wandb is missing", "no LOG under the top level")),
-     ("SEED.x", ("config key SEED.x is missing", "no x under SEED"))],
+    [
+        (
+            "MODEL.vq_num_embeddings",
+            ("config key MODEL.vq_num_embeddings is missing", "no vq_num_embeddings under MODEL", "older version"),
+        ),
+        ("LOG.wandb", ("config key LOG.wandb is missing", "no LOG under the top level")),
+        ("SEED.x", ("config key SEED.x is missing", "no x under SEED")),
+    ],
 )
 def test_config_get_missing_is_user_error(dotted: str, fragments: tuple[str, ...]) -> None:
     with pytest.raises(UserError) as info:
@@ -281,7 +317,13 @@ def test_validate_plain_data_refuses(name: str) -> None:
 
 @pytest.mark.parametrize(
     "obj",
-    [load_config(SCHEMA).to_dict(), {}, {"a": (), "b": (), "c": [], "d": []}, {"a": [1.5, None, True, "s", (1, 2)]}, {"k": 2**63}],
+    [
+        load_config(SCHEMA).to_dict(),
+        {},
+        {"a": (), "b": (), "c": [], "d": []},
+        {"a": [1.5, None, True, "s", (1, 2)]},
+        {"k": 2**63},
+    ],
 )
 def test_validate_plain_data_accepts_configs(obj: Any) -> None:
     """Real configs pass, including empty containers that pickle shares (the empty tuple is a singleton)."""
@@ -318,10 +360,22 @@ def test_checkpoint_config_of_shared_lists_is_refused_cheaply(tmp_path: Path) ->
 # --------------------------------------------------------------------------- short_repr / short_text
 
 REPRS: list[tuple[Any, str]] = [
-    ("four", "'four'"), ([96, 96], "[96, 96]"), ((1,), "(1,)"), ({"a": (1, 2)}, "{'a': (1, 2)}"), (set(), "set()"),
-    (frozenset({2}), "frozenset({2})"), (1e-200, "1e-200"), (None, "None"), (True, "True"), (b"ab", "b'ab'"),
-    ("a\nb", "'a\\nb'"), ("x" * 1000, "'" + "x" * 76 + "..."), (list(range(1000)), "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21..."),
-    (10**5000, "<int of 16610 bits>"), (_shared_lists(100), "[" * 77 + "..."), (_cycle(), "{'a': 1, 'self': {'a': 1, 'self': {'a': 1, 'self': {'a': 1, 'self': {'a': 1, ..."),
+    ("four", "'four'"),
+    ([96, 96], "[96, 96]"),
+    ((1,), "(1,)"),
+    ({"a": (1, 2)}, "{'a': (1, 2)}"),
+    (set(), "set()"),
+    (frozenset({2}), "frozenset({2})"),
+    (1e-200, "1e-200"),
+    (None, "None"),
+    (True, "True"),
+    (b"ab", "b'ab'"),
+    ("a\nb", "'a\\nb'"),
+    ("x" * 1000, "'" + "x" * 76 + "..."),
+    (list(range(1000)), "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21..."),
+    (10**5000, "<int of 16610 bits>"),
+    (_shared_lists(100), "[" * 77 + "..."),
+    (_cycle(), "{'a': 1, 'self': {'a': 1, 'self': {'a': 1, 'self': {'a': 1, 'self': {'a': 1, ..."),
 ]
 
 
@@ -333,8 +387,13 @@ def test_short_repr(value: Any, expected: str) -> None:
 
 @pytest.mark.parametrize(
     "text, limit, expected",
-    [("runs/dmad/bottle", 80, "runs/dmad/bottle"), ("a\nb\x00c", 80, "a\\nb\\x00c"), ("/d/" + "x" * 200 + "/model.pt", 30, "/d/xxxxxxxxxxx...xxxx/model.pt"),
-     ("é-ok", 80, "é-ok"), ("y" * 10**6, 9, "yyy...yyy")],
+    [
+        ("runs/dmad/bottle", 80, "runs/dmad/bottle"),
+        ("a\nb\x00c", 80, "a\\nb\\x00c"),
+        ("/d/" + "x" * 200 + "/model.pt", 30, "/d/xxxxxxxxxxx...xxxx/model.pt"),
+        ("é-ok", 80, "é-ok"),
+        ("y" * 10**6, 9, "yyy...yyy"),
+    ],
     ids=["plain", "control", "long-path", "unicode", "huge"],
 )
 def test_short_text_cuts_the_middle_and_escapes(text: str, limit: int, expected: str) -> None:

@@ -86,7 +86,17 @@ def test_method_contract(key, request, tmp_path: Path) -> None:
     rows = {}
     for backend in ("torch", "onnx"):
         out = tmp_path / backend
-        result = main_in_process(*run.args, "--mode", "predict", "--input", str(run.predict_input), "--output", str(out), "--backend", backend)
+        result = main_in_process(
+            *run.args,
+            "--mode",
+            "predict",
+            "--input",
+            str(run.predict_input),
+            "--output",
+            str(out),
+            "--backend",
+            backend,
+        )
         assert_ok(result)
         rows[backend] = [row for row in _rows(out / run.rows_file) if row["score"]]
         assert rows[backend], backend

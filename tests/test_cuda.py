@@ -24,19 +24,34 @@ from task.anomaly.unsupervised.data.image.synthetic import make_demo_dataset
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)"
+    ),
 ]
 
 DEMO = REPO / "configs" / "anomaly" / "unsupervised" / "dmad" / "demo.yaml"
 STEP_LINE = re.compile(r"step (\d+) .*\bloss=(\S+)")
 
 
-def run_main(mode: str, *overrides: str, extra: tuple[str, ...] = (), cpu: bool = False, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def run_main(
+    mode: str, *overrides: str, extra: tuple[str, ...] = (), cpu: bool = False, launcher: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     """``python main.py --mode <mode>`` on the demo config; ``cpu=True`` hides the GPUs from the process."""
     env = dict(os.environ)
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    args = ["--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(DEMO), "--mode", mode, *extra, *overrides]
+    args = [
+        "--task_type",
+        "anomaly",
+        "--model_name",
+        "dmad",
+        "--yaml_config",
+        str(DEMO),
+        "--mode",
+        mode,
+        *extra,
+        *overrides,
+    ]
     command = [*(launcher or (sys.executable,)), str(REPO / "main.py"), *args]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -53,9 +68,16 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def overrides(data_root: Path, savedir: Path, *more: str) -> list[str]:
     """The tiny-run settings: 64x64 demo images, batch 4, one log line per step, no pictures."""
     return [
-        f"DATASET.datadir={data_root}", "DATASET.target=demo", "DATASET.resize=[64,64]", "DATASET.demo=false",
-        "DATALOADER.batch_size=4", "TEST.batch_size=4", "TEST.save_images=false", "LOG.log_interval=1",
-        f"RESULT.savedir={savedir}", *more,
+        f"DATASET.datadir={data_root}",
+        "DATASET.target=demo",
+        "DATASET.resize=[64,64]",
+        "DATASET.demo=false",
+        "DATALOADER.batch_size=4",
+        "TEST.batch_size=4",
+        "TEST.save_images=false",
+        "LOG.log_interval=1",
+        f"RESULT.savedir={savedir}",
+        *more,
     ]
 
 
@@ -84,7 +106,9 @@ def fp32_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
-def test_training_steps_are_finite_and_the_loss_decreases(data_root: Path, tmp_path: Path, fp32_run: Path, amp: str) -> None:
+def test_training_steps_are_finite_and_the_loss_decreases(
+    data_root: Path, tmp_path: Path, fp32_run: Path, amp: str
+) -> None:
     savedir = fp32_run if amp == "none" else tmp_path
     if amp != "none":
         run_main("train", *overrides(data_root, savedir, "TRAIN.num_training_steps=8", f"TRAIN.amp={amp}"))
@@ -98,8 +122,20 @@ def test_training_steps_are_finite_and_the_loss_decreases(data_root: Path, tmp_p
 
 def test_evaluation_writes_metrics(fp32_run: Path) -> None:
     metrics = json.loads((run_dir(fp32_run) / "metrics.json").read_text())
-    assert {"image_auroc", "pixel_auroc", "pixel_f1_max", "image_f1_max", "pixel_aupro", "image_threshold", "pixel_threshold"} <= set(metrics)
-    assert all(v is not None and math.isfinite(v) for k, v in metrics.items() if k in ("image_auroc", "pixel_auroc", "pixel_aupro", "image_threshold"))
+    assert {
+        "image_auroc",
+        "pixel_auroc",
+        "pixel_f1_max",
+        "image_f1_max",
+        "pixel_aupro",
+        "image_threshold",
+        "pixel_threshold",
+    } <= set(metrics)
+    assert all(
+        v is not None and math.isfinite(v)
+        for k, v in metrics.items()
+        if k in ("image_auroc", "pixel_auroc", "pixel_aupro", "image_threshold")
+    )
     assert 0.0 <= metrics["image_auroc"] <= 1.0 and 0.0 <= metrics["pixel_aupro"] <= 1.0
     assert "cuda" in (run_dir(fp32_run) / "train.log").read_text()  # the run said where it trained
 
@@ -121,7 +157,11 @@ def test_onnx_export_and_predict_from_cuda_checkpoint(data_root: Path, fp32_run:
     assert onnx_path.is_file() and onnx_path.stat().st_size > 0
     images = data_root / "demo" / "test"
     out = run_dir(fp32_run) / "predict_onnx"
-    run_main("predict", *common, extra=("--checkpoint", str(onnx_path), "--backend", "onnx", "--input", str(images), "--output", str(out)))
+    run_main(
+        "predict",
+        *common,
+        extra=("--checkpoint", str(onnx_path), "--backend", "onnx", "--input", str(images), "--output", str(out)),
+    )
     assert any(out.rglob("*.png")) or any(out.rglob("*.csv"))
 
 
@@ -138,7 +178,9 @@ def test_cpu_and_cuda_maps_agree(data_root: Path, fp32_run: Path, tmp_path: Path
     maps = {}
     for name, cpu in (("cuda", False), ("cpu", True)):
         savedir = tmp_path / name
-        run_main("test", *overrides(data_root, savedir, "TEST.save_maps=true"), extra=("--checkpoint", checkpoint), cpu=cpu)
+        run_main(
+            "test", *overrides(data_root, savedir, "TEST.save_maps=true"), extra=("--checkpoint", checkpoint), cpu=cpu
+        )
         maps[name] = anomaly_maps(savedir)
     assert maps["cuda"].keys() == maps["cpu"].keys() and len(maps["cuda"]) == 8
     for key, cuda_map in maps["cuda"].items():

@@ -29,11 +29,29 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], 
     root = tmp_path_factory.mktemp("ddp")
     make_demo_dataset(root / "data", "demo", n_train=5, n_test_good=2, n_test_defect=2, size=64)
     overrides = [
-        f"DATASET.datadir={root / 'data'}", "DATASET.demo=false", "DATASET.resize=[64,64]", "DATALOADER.batch_size=4",
-        "TRAIN.num_training_steps=3", "TEST.save_images=false", f"RESULT.savedir={root / 'runs'}", "RESULT.assets_dir=null",
+        f"DATASET.datadir={root / 'data'}",
+        "DATASET.demo=false",
+        "DATASET.resize=[64,64]",
+        "DATALOADER.batch_size=4",
+        "TRAIN.num_training_steps=3",
+        "TEST.save_images=false",
+        f"RESULT.savedir={root / 'runs'}",
+        "RESULT.assets_dir=null",
     ]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "main.py"), *BASE, *overrides]
-    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600, env=cpu_env(OMP_NUM_THREADS="1"))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(REPO / "main.py"),
+        *BASE,
+        *overrides,
+    ]
+    result = subprocess.run(
+        command, cwd=root, capture_output=True, text=True, timeout=600, env=cpu_env(OMP_NUM_THREADS="1")
+    )
     return root, overrides, result
 
 

@@ -21,7 +21,10 @@ from task.common.io import save_checkpoint
 
 def test_testing_a_foreign_checkpoint_never_replaces_the_runs_files(trained_run, tmp_path: Path) -> None:
     run_dir = trained_run.copy_to(tmp_path / "runs")
-    before = {name: (run_dir / name).read_bytes() for name in ("model.pt", "metrics.json", "predictions.csv", f"{CATEGORY}.gif")}
+    before = {
+        name: (run_dir / name).read_bytes()
+        for name in ("model.pt", "metrics.json", "predictions.csv", f"{CATEGORY}.gif")
+    }
     other = tmp_path / "other" / "model.pt"
     other.parent.mkdir()
     shutil.copyfile(trained_run.run_dir / "model.pt", other)
@@ -29,11 +32,15 @@ def test_testing_a_foreign_checkpoint_never_replaces_the_runs_files(trained_run,
     for name, data in before.items():
         assert (run_dir / name).read_bytes() == data, name
     (out,) = (run_dir / "tests").glob("other-model-*")  # <folder>-<file>-<hash of the path>
-    assert json.loads((out / "metrics.json").read_text()) == pytest.approx(json.loads((run_dir / "metrics.json").read_text()), abs=1e-6)
+    assert json.loads((out / "metrics.json").read_text()) == pytest.approx(
+        json.loads((run_dir / "metrics.json").read_text()), abs=1e-6
+    )
     assert {"model.pt", "predictions.csv", "run.json", f"{CATEGORY}.gif"} <= {p.name for p in out.iterdir()}
 
 
-def test_same_stem_test_images_keep_separate_outputs_and_csv_cells_are_escaped(trained_run, tmp_path: Path, monkeypatch) -> None:
+def test_same_stem_test_images_keep_separate_outputs_and_csv_cells_are_escaped(
+    trained_run, tmp_path: Path, monkeypatch
+) -> None:
     """test/good/a.png and a.jpg get images/good/a.png.png and a.jpg.png (and maps); path cells that start with '='
     (a relative datadir '=data') are escaped in predictions.csv."""
     monkeypatch.chdir(tmp_path)
@@ -41,7 +48,9 @@ def test_same_stem_test_images_keep_separate_outputs_and_csv_cells_are_escaped(t
     shutil.copytree(trained_run.category_dir, data / CATEGORY)
     rng = np.random.RandomState(1)
     for name in ("a.png", "a.jpg", "=b.png"):
-        Image.fromarray(rng.randint(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(data / CATEGORY / "test" / "good" / name)
+        Image.fromarray(rng.randint(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(
+            data / CATEGORY / "test" / "good" / name
+        )
     savedir = tmp_path / "runs"
     run_dir = savedir / "dmad" / CATEGORY
     run_dir.mkdir(parents=True)
@@ -51,7 +60,10 @@ def test_same_stem_test_images_keep_separate_outputs_and_csv_cells_are_escaped(t
         assert (run_dir / "images" / "good" / f"{name}.png").is_file(), name
         with np.load(run_dir / "maps" / "good" / f"{name}.npz") as maps:
             assert set(maps.files) == {"anomaly_map", "deformation_map"}
-    assert not np.array_equal(np.load(run_dir / "maps" / "good" / "a.png.npz")["anomaly_map"], np.load(run_dir / "maps" / "good" / "a.jpg.npz")["anomaly_map"])
+    assert not np.array_equal(
+        np.load(run_dir / "maps" / "good" / "a.png.npz")["anomaly_map"],
+        np.load(run_dir / "maps" / "good" / "a.jpg.npz")["anomaly_map"],
+    )
     rows = (run_dir / "predictions.csv").read_text().splitlines()[1:]
     assert len(rows) == 7 + 3 and all(row.startswith("'=data/") for row in rows)
     assert "'" + str(data / CATEGORY / "test" / "good" / "=b.png") in [row.split(",")[0] for row in rows]
@@ -61,10 +73,20 @@ def test_savedir_with_tilde_is_expanded(trained_run, tmp_path: Path, monkeypatch
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     args = [a for a in trained_run.args(tmp_path / "unused") if not a.startswith("RESULT.savedir=")]
-    assert_ok(main_in_process(*args, "RESULT.savedir=~/x", "--mode", "gif", "--checkpoint", str(trained_run.run_dir / "model.pt")))
-    assert len(list((tmp_path / "home" / "x" / "dmad" / CATEGORY / "tests").glob(f"{CATEGORY}-model-*/{CATEGORY}.gif"))) == 1
+    assert_ok(
+        main_in_process(
+            *args, "RESULT.savedir=~/x", "--mode", "gif", "--checkpoint", str(trained_run.run_dir / "model.pt")
+        )
+    )
+    assert (
+        len(list((tmp_path / "home" / "x" / "dmad" / CATEGORY / "tests").glob(f"{CATEGORY}-model-*/{CATEGORY}.gif")))
+        == 1
+    )
     assert not (tmp_path / "~").exists()
-    assert run_dir_for(make_engine("RESULT.savedir=~/y", "RESULT.exp_name=trial1").cfg, "dmad") == tmp_path / "home" / "y" / "dmad" / "demo" / "trial1"
+    assert (
+        run_dir_for(make_engine("RESULT.savedir=~/y", "RESULT.exp_name=trial1").cfg, "dmad")
+        == tmp_path / "home" / "y" / "dmad" / "demo" / "trial1"
+    )
 
 
 def test_version_1_checkpoint_without_new_keys_loads(trained_run, tmp_path: Path) -> None:
@@ -91,7 +113,9 @@ def test_version_1_checkpoint_without_new_keys_loads(trained_run, tmp_path: Path
         ("MODEL.sigma=2", "MODEL.sigma"),
     ],
 )
-def test_test_mode_applies_the_configs_scoring_and_recalibrates(change: str, key: str, trained_run, tmp_path: Path, caplog) -> None:
+def test_test_mode_applies_the_configs_scoring_and_recalibrates(
+    change: str, key: str, trained_run, tmp_path: Path, caplog
+) -> None:
     run_dir = trained_run.copy_to(tmp_path / "runs")
     with caplog.at_level(logging.INFO):
         assert_ok(main_in_process(*trained_run.args(tmp_path / "runs"), "--mode", "test", change))
@@ -101,8 +125,14 @@ def test_test_mode_applies_the_configs_scoring_and_recalibrates(change: str, key
     assert settings[key] == float(change.split("=")[1])
 
 
-def test_network_setting_in_the_yaml_is_a_warning_and_the_checkpoints_value_is_used(trained_run, tmp_path: Path, caplog) -> None:
-    engine = make_engine(*train_overrides(trained_run.datadir, tmp_path / "runs"), "MODEL.backbone=resnet34", "MODEL.vq_num_embeddings=50")
+def test_network_setting_in_the_yaml_is_a_warning_and_the_checkpoints_value_is_used(
+    trained_run, tmp_path: Path, caplog
+) -> None:
+    engine = make_engine(
+        *train_overrides(trained_run.datadir, tmp_path / "runs"),
+        "MODEL.backbone=resnet34",
+        "MODEL.vq_num_embeddings=50",
+    )
     with caplog.at_level(logging.WARNING):
         loaded = engine.load(trained_run.run_dir / "model.pt")
     assert loaded.cfg.MODEL.backbone == "resnet18" and loaded.cfg.MODEL.vq_num_embeddings == 200
@@ -113,7 +143,14 @@ def test_network_setting_in_the_yaml_is_a_warning_and_the_checkpoints_value_is_u
 def test_without_pdm_trains_scores_and_exports(dataset: Path, tmp_path: Path) -> None:
     """MODEL.pdm=false end to end: no deformation loss term, no deformation map in the maps or the ONNX outputs."""
     savedir = tmp_path / "runs"
-    args = [*BASE, *train_overrides(dataset, savedir), "MODEL.pdm=false", "TRAIN.num_training_steps=2", "TEST.save_images=false", "LOG.tensorboard=true"]
+    args = [
+        *BASE,
+        *train_overrides(dataset, savedir),
+        "MODEL.pdm=false",
+        "TRAIN.num_training_steps=2",
+        "TEST.save_images=false",
+        "LOG.tensorboard=true",
+    ]
     assert_ok(main_in_process(*args))
     run_dir = savedir / "dmad" / CATEGORY
     assert json.loads((run_dir / "run.json").read_text())["pdm"] is False
@@ -122,7 +159,9 @@ def test_without_pdm_trains_scores_and_exports(dataset: Path, tmp_path: Path) ->
     maps = sorted((run_dir / "maps").glob("*/*.npz"))
     assert maps and all(set(np.load(p).files) == {"anomaly_map"} for p in maps)
     state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
-    assert state["config"]["MODEL"]["pdm"] is False and not any(k.startswith("deformation.") for k in state["state_dict"])
+    assert state["config"]["MODEL"]["pdm"] is False and not any(
+        k.startswith("deformation.") for k in state["state_dict"]
+    )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags = set()

@@ -1,6 +1,8 @@
-"""--mode export (ONNX, checked against PyTorch) and --mode predict (torch and onnx backends) on a copy of the shared run.
+"""--mode export (ONNX, checked against PyTorch) and --mode predict (torch and onnx backends) on a copy of the shared
+run.
 
-Everything runs on the CPU (conftest forces it): on a GPU, TF32 convolutions would differ from ONNX Runtime's CPU float32
+Everything runs on the CPU (conftest forces it): on a GPU, TF32 convolutions would differ from ONNX Runtime's CPU
+float32
 by more than the tolerance these tests hold the two backends to. Predict's and export's user mistakes are in the
 table of test_robustness.py.
 """
@@ -63,14 +65,20 @@ def test_onnx_matches_torch_on_a_real_image(exported_run) -> None:
     deformation = expected.extras["deformation_map"]
     session = ort.InferenceSession(str(exported_run.run_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     for batch in (slice(0, 1), slice(0, 3)):  # dynamic batch axis
-        anomaly_map, score, deformation_map = session.run(["anomaly_map", "score", "deformation_map"], {"image": raw[batch]})
+        anomaly_map, score, deformation_map = session.run(
+            ["anomaly_map", "score", "deformation_map"], {"image": raw[batch]}
+        )
         reference = expected.anomaly_map[batch].numpy()
         assert anomaly_map.shape == reference.shape and score.shape == (reference.shape[0],)
         # The tolerance export.py itself enforces: TOLERANCE of the map's range, of max(1, |score|) for scores.
         span = float(expected.anomaly_map.max() - expected.anomaly_map.min())
         assert np.abs(anomaly_map - reference).max() <= TOLERANCE * span
-        assert np.abs(deformation_map - deformation[batch].numpy()).max() <= TOLERANCE * float(deformation.max() - deformation.min())
-        assert np.abs(score - expected.score[batch].numpy()).max() <= TOLERANCE * max(1.0, float(expected.score.abs().max()))
+        assert np.abs(deformation_map - deformation[batch].numpy()).max() <= TOLERANCE * float(
+            deformation.max() - deformation.min()
+        )
+        assert np.abs(score - expected.score[batch].numpy()).max() <= TOLERANCE * max(
+            1.0, float(expected.score.abs().max())
+        )
 
 
 def test_export_for_normalised_input_from_an_explicit_checkpoint(exported_run, tmp_path: Path) -> None:
@@ -88,7 +96,9 @@ def test_export_for_normalised_input_from_an_explicit_checkpoint(exported_run, t
     with torch.no_grad():
         expected, got = loaded.model.cpu()(batch), onnx_model(batch)
     assert torch.allclose(got.score, expected.score, atol=TOLERANCE)
-    assert (got.anomaly_map - expected.anomaly_map).abs().max() <= TOLERANCE * float(expected.anomaly_map.max() - expected.anomaly_map.min())
+    assert (got.anomaly_map - expected.anomaly_map).abs().max() <= TOLERANCE * float(
+        expected.anomaly_map.max() - expected.anomaly_map.min()
+    )
     assert set(got.extras) == {"deformation_map"}
 
 
@@ -96,12 +106,20 @@ def _write_inputs(folder: Path) -> dict[str, tuple[int, int]]:
     """Grayscale and colour images of different sizes (some in a sub-folder, two sharing a stem, one whose name starts
     with '=' like a spreadsheet formula), plus files predict must skip."""
     rng = np.random.RandomState(0)
-    sizes = {"=cmd.png": (40, 40), "gray.png": (70, 50), "sub/a.jpg": (60, 90), "sub/a.png": (64, 64), "sub/deeper/palette.bmp": (47, 33)}
+    sizes = {
+        "=cmd.png": (40, 40),
+        "gray.png": (70, 50),
+        "sub/a.jpg": (60, 90),
+        "sub/a.png": (64, 64),
+        "sub/deeper/palette.bmp": (47, 33),
+    }
     for name, (w, h) in sizes.items():  # (width, height)
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         image = Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8))
-        image = image.convert("L") if name.startswith("gray") else image.convert("P") if name.endswith(".bmp") else image
+        image = (
+            image.convert("L") if name.startswith("gray") else image.convert("P") if name.endswith(".bmp") else image
+        )
         image.save(path)
     (folder / "notes.txt").write_text("not an image")
     (folder / ".hidden.png").write_bytes(b"skipped: hidden")
@@ -126,7 +144,18 @@ def test_predict_with_both_backends_needs_no_dataset(exported_run, tmp_path: Pat
     for backend in ("torch", "onnx"):
         out = tmp_path / backend
         with caplog.at_level(logging.WARNING):
-            result = main_in_process(*args, "DATASET.datadir=/nonexistent", "--mode", "predict", "--input", str(inputs), "--backend", backend, "--output", str(out))
+            result = main_in_process(
+                *args,
+                "DATASET.datadir=/nonexistent",
+                "--mode",
+                "predict",
+                "--input",
+                str(inputs),
+                "--backend",
+                backend,
+                "--output",
+                str(out),
+            )
         assert_ok(result)
         lines = [line for line in result.stdout.splitlines() if ": score=" in line]
         assert len(lines) == len(sizes)
@@ -141,9 +170,13 @@ def test_predict_with_both_backends_needs_no_dataset(exported_run, tmp_path: Pat
         # A cell starting with '=' would be a formula in a spreadsheet: escaped with a leading quote (the picture
         # column above); the unescaped file is the one written.
         assert rows[backend][0]["picture"] == "'=cmd.png.png" and (out / "=cmd.png.png").is_file()
-        assert json.loads((out / ".predict-manifest.json").read_text()) == sorted([n + ".png" for n in sizes] + ["predictions.csv"])
+        assert json.loads((out / ".predict-manifest.json").read_text()) == sorted(
+            [n + ".png" for n in sizes] + ["predictions.csv"]
+        )
     assert "DATASET.resize: using the checkpoint's [64, 64] (the config says [96, 96])" in caplog.text
-    threshold = json.loads({p.key: p.value for p in onnx.load(exported_run.run_dir / "model.onnx").metadata_props}["thresholds"])["image"]
+    threshold = json.loads(
+        {p.key: p.value for p in onnx.load(exported_run.run_dir / "model.onnx").metadata_props}["thresholds"]
+    )["image"]
     for a, b in zip(rows["torch"], rows["onnx"]):
         # On the CPU the two backends agree to ~1e-6; export.py's tolerance bounds what its check lets through.
         assert abs(float(a["score"]) - float(b["score"])) <= TOLERANCE * max(1.0, abs(float(a["score"])))
@@ -159,7 +192,11 @@ def test_predict_reruns_into_its_own_output_folder(exported_run, tmp_path: Path)
     first = (out / "predictions.csv").read_text()
     assert_ok(main_in_process(*args))  # predict may replace the files it wrote itself
     assert (out / "predictions.csv").read_text() == first  # and is deterministic
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["a.jpg.png", "a.png.png", "deeper/palette.bmp.png"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == [
+        "a.jpg.png",
+        "a.png.png",
+        "deeper/palette.bmp.png",
+    ]
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
@@ -170,6 +207,18 @@ def test_predict_default_output_is_beside_the_checkpoint(exported_run, tmp_path:
         shutil.copyfile(exported_run.run_dir / name, checkpoint_dir / name)
     image = tmp_path / "one.png"
     Image.fromarray(np.full((SIZE, SIZE, 3), 128, np.uint8)).save(image)
-    assert_ok(main_in_process(*exported_run.args, "--mode", "predict", "--input", str(image), "--backend", backend, "--checkpoint", str(checkpoint_dir / "model.pt")))
+    assert_ok(
+        main_in_process(
+            *exported_run.args,
+            "--mode",
+            "predict",
+            "--input",
+            str(image),
+            "--backend",
+            backend,
+            "--checkpoint",
+            str(checkpoint_dir / "model.pt"),
+        )
+    )
     assert (checkpoint_dir / "predict" / "one.png.png").is_file()
     assert [r["picture"] for r in _read_csv(checkpoint_dir / "predict" / "predictions.csv")] == ["one.png.png"]

@@ -92,7 +92,11 @@ def test_mvtec_is_the_default_format(tmp_path):
     train = scan_dataset(cfg, "train", 0)
     test = scan_dataset(_cfg(format="mvtec", datadir=str(root), target="widget"), "test", 0)
     assert len(train) == 3 and all(s.label == 0 and s.mask_path is None for s in train)
-    assert [(s.defect, s.label, s.name) for s in test] == [("crack", 1, "000.png"), ("crack", 1, "001.png"), ("good", 0, "000.png")]
+    assert [(s.defect, s.label, s.name) for s in test] == [
+        ("crack", 1, "000.png"),
+        ("crack", 1, "001.png"),
+        ("good", 0, "000.png"),
+    ]
     assert test[0].mask_path == str(root / "widget" / "ground_truth" / "crack" / "000_mask.png")
 
 
@@ -165,7 +169,11 @@ def test_visa_scans_object_rows(tmp_path):
     test = scan_dataset(cfg, "test", 0)
     assert [s.name for s in train] == ["0000.JPG", "0001.JPG", "0002.JPG"]
     assert all(s.label == 0 and s.defect == "good" and s.mask_path is None for s in train)
-    assert [(s.defect, s.label, s.name) for s in test] == [("anomaly", 1, "000.JPG"), ("anomaly", 1, "001.JPG"), ("good", 0, "0003.JPG")]
+    assert [(s.defect, s.label, s.name) for s in test] == [
+        ("anomaly", 1, "000.JPG"),
+        ("anomaly", 1, "001.JPG"),
+        ("good", 0, "0003.JPG"),
+    ]
     assert test[1].mask_path == str(root / "candle/Data/Masks/Anomaly/001.png")
     # Masks {0, 255} and {0, 2} both mark the same box as defect.
     ds = AnomalyDataset(test, (H, W))
@@ -220,24 +228,46 @@ def _anomaly_in_train(root: Path) -> None:
     [
         (lambda r: (r / "split_csv" / "1cls.csv").unlink(), "train", ["1cls.csv", "VisA root"]),
         (_drop_column, "train", ["1cls.csv", "mask"]),
-        (lambda r: (r / "candle/Data/Images/Normal/0001.JPG").unlink(), "train", ["line 3", "0001.JPG", "does not exist"]),
+        (
+            lambda r: (r / "candle/Data/Images/Normal/0001.JPG").unlink(),
+            "train",
+            ["line 3", "0001.JPG", "does not exist"],
+        ),
         (lambda r: (r / "candle/Data/Masks/Anomaly/000.png").unlink(), "test", ["line 6", "000.png", "does not exist"]),
         (_bad_label, "train", ["line 2", "defective"]),
         (_anomaly_in_train, "train", ["line 6", "anomalous"]),
         (lambda r: _edit_rows(r, lambda rows: rows[:1]), "train", ["1cls.csv", "header but no rows"]),
-        (lambda r: _edit_rows(r, lambda rows: rows[:2] + [rows[2][:3]] + rows[3:]), "train",
-         ["line 3", "has 3 field(s)", "header has 5"]),
-        (lambda r: _edit_rows(r, lambda rows: rows + [["candle", "test", "normal", rows[1][3], ""]]), "test",
-         ["1 image(s) of candle are listed in both train and test", "0000.JPG", "lines 2 and 9"]),
-        (lambda r: _edit_rows(r, lambda rows: rows + [["candle", "train", "anomaly", rows[1][3], ""]]), "train",
-         ["listed twice with different label or mask", "lines 2 and 9"]),
-        (lambda r: _set_cell(r, 1, 3, str(r / "candle/Data/Images/Normal/0000.JPG")), "train",
-         ["line 2", "outside the VisA root"]),
-        (lambda r: _set_cell(r, 1, 3, "../visa/candle/Data/Images/Normal/0000.JPG"), "train",
-         ["line 2", "'../visa/", "outside the VisA root"]),
+        (
+            lambda r: _edit_rows(r, lambda rows: rows[:2] + [rows[2][:3]] + rows[3:]),
+            "train",
+            ["line 3", "has 3 field(s)", "header has 5"],
+        ),
+        (
+            lambda r: _edit_rows(r, lambda rows: rows + [["candle", "test", "normal", rows[1][3], ""]]),
+            "test",
+            ["1 image(s) of candle are listed in both train and test", "0000.JPG", "lines 2 and 9"],
+        ),
+        (
+            lambda r: _edit_rows(r, lambda rows: rows + [["candle", "train", "anomaly", rows[1][3], ""]]),
+            "train",
+            ["listed twice with different label or mask", "lines 2 and 9"],
+        ),
+        (
+            lambda r: _set_cell(r, 1, 3, str(r / "candle/Data/Images/Normal/0000.JPG")),
+            "train",
+            ["line 2", "outside the VisA root"],
+        ),
+        (
+            lambda r: _set_cell(r, 1, 3, "../visa/candle/Data/Images/Normal/0000.JPG"),
+            "train",
+            ["line 2", "'../visa/", "outside the VisA root"],
+        ),
         (lambda r: _set_cell(r, 5, 4, "candle/../../etc/passwd"), "test", ["line 6", "outside the VisA root"]),
-        (lambda r: _set_cell(r, 4, 4, "candle/Data/Masks/Anomaly/000.png"), "test",
-         ["line 5", "mask", "for a normal image"]),
+        (
+            lambda r: _set_cell(r, 4, 4, "candle/Data/Masks/Anomaly/000.png"),
+            "test",
+            ["line 5", "mask", "for a normal image"],
+        ),
         (lambda r: _set_cell(r, 4, 1, "val"), "test", ["line 5", "split 'val'"]),
     ],
 )
@@ -250,9 +280,17 @@ def test_visa_malformed(tmp_path, break_it, split, needles):
 
 def test_visa_unknown_object_and_empty_split(tmp_path):
     root = _visa(tmp_path / "visa")
-    _one_line_error(lambda: scan_dataset(_cfg(format="visa", datadir=str(root), target="pcb1"), "train", 0), "candle, fryum")
-    _one_line_error(lambda: scan_dataset(_cfg(format="visa", datadir=str(root), target="fryum"), "test", 0), "no test images", "1cls.csv")
-    _one_line_error(lambda: scan_dataset(_cfg(format="visa", datadir=str(tmp_path / "nope"), target="x"), "test", 0), "nope")
+    _one_line_error(
+        lambda: scan_dataset(_cfg(format="visa", datadir=str(root), target="pcb1"), "train", 0), "candle, fryum"
+    )
+    _one_line_error(
+        lambda: scan_dataset(_cfg(format="visa", datadir=str(root), target="fryum"), "test", 0),
+        "no test images",
+        "1cls.csv",
+    )
+    _one_line_error(
+        lambda: scan_dataset(_cfg(format="visa", datadir=str(tmp_path / "nope"), target="x"), "test", 0), "nope"
+    )
 
 
 # --------------------------------------------------------------------------- folder
@@ -283,9 +321,15 @@ def test_folder_scan_with_held_out_normals(tmp_path):
     assert normals | {s.path for s in train} == {str(p) for p in (root / "good").iterdir()}
     # a.png and a.jpg stay two samples with distinct names (and share the mask named a).
     assert [(s.name, s.label, s.defect) for s in test[:4]] == [
-        ("a.jpg", 1, "anomaly"), ("a.png", 1, "anomaly"), ("b.png", 1, "anomaly"), ("c.png", 1, "anomaly")
+        ("a.jpg", 1, "anomaly"),
+        ("a.png", 1, "anomaly"),
+        ("b.png", 1, "anomaly"),
+        ("c.png", 1, "anomaly"),
     ]
-    assert [s.mask_path for s in test[:4]] == [str(root / "masks" / "a.png")] * 2 + [str(root / "masks" / "b.bmp"), None]
+    assert [s.mask_path for s in test[:4]] == [str(root / "masks" / "a.png")] * 2 + [
+        str(root / "masks" / "b.bmp"),
+        None,
+    ]
     assert all(s.defect == "good" for s in test[4:])
 
 
@@ -369,19 +413,36 @@ def _rm(path: Path) -> None:
         ({"mask_dir": "masks"}, lambda r: _mask(r / "masks" / "a.bmp"), "test", ["two masks for a", "a.bmp", "a.png"]),
         ({"mask_dir": "empty"}, lambda r: _mask(r / "empty" / "zzz.png"), "test", ["no mask in", "empty", "same stem"]),
         ({"normal_test_dir": "t"}, lambda r: (r / "t").mkdir(), "test", ["no images", "normal_test_dir"]),
-        ({}, lambda r: [p.unlink() for p in sorted((r / "good").iterdir())[1:]], "train", ["1 normal image", "normal_test_dir"]),
+        (
+            {},
+            lambda r: [p.unlink() for p in sorted((r / "good").iterdir())[1:]],
+            "train",
+            ["1 normal image", "normal_test_dir"],
+        ),
         # overlapping roles: refused for both splits, before training
         ({"abnormal_dir": "good"}, None, "train", ["DATASET.normal_dir and DATASET.abnormal_dir are the same folder"]),
         ({"abnormal_dir": "./good/"}, None, "test", ["normal_dir and DATASET.abnormal_dir are the same folder"]),
         ({"mask_dir": "bad"}, None, "train", ["DATASET.abnormal_dir and DATASET.mask_dir are the same folder"]),
         ({"mask_dir": "good"}, None, "test", ["DATASET.normal_dir and DATASET.mask_dir are the same folder"]),
         ({"normal_test_dir": "good"}, None, "train", ["normal_dir and DATASET.normal_test_dir are the same folder"]),
-        ({"abnormal_dir": "good/bad"}, lambda r: shutil.copytree(r / "bad", r / "good" / "bad"), "train",
-         ["DATASET.abnormal_dir", "lies inside DATASET.normal_dir"]),
-        ({"normal_test_dir": "alias"}, lambda r: (r / "alias").symlink_to(r / "good"), "train",
-         ["normal_dir and DATASET.normal_test_dir are the same"]),
-        ({"normal_test_dir": "t"}, lambda r: _link_images(r / "good", r / "t"), "test",
-         ["10 image(s) of DATASET.normal_test_dir", "normal_dir (links)"]),
+        (
+            {"abnormal_dir": "good/bad"},
+            lambda r: shutil.copytree(r / "bad", r / "good" / "bad"),
+            "train",
+            ["DATASET.abnormal_dir", "lies inside DATASET.normal_dir"],
+        ),
+        (
+            {"normal_test_dir": "alias"},
+            lambda r: (r / "alias").symlink_to(r / "good"),
+            "train",
+            ["normal_dir and DATASET.normal_test_dir are the same"],
+        ),
+        (
+            {"normal_test_dir": "t"},
+            lambda r: _link_images(r / "good", r / "t"),
+            "test",
+            ["10 image(s) of DATASET.normal_test_dir", "normal_dir (links)"],
+        ),
     ],
 )
 def test_folder_malformed(tmp_path, keys, break_it, split, needles):
@@ -396,7 +457,15 @@ def test_folder_malformed(tmp_path, keys, break_it, split, needles):
 
 def test_schema_keys_validate():
     fields = DATASET_SCHEMA_KEYS
-    assert set(fields) == {"format", "normal_dir", "abnormal_dir", "mask_dir", "normal_test_dir", "normal_split_ratio", "calibration_split"}
+    assert set(fields) == {
+        "format",
+        "normal_dir",
+        "abnormal_dir",
+        "mask_dir",
+        "normal_test_dir",
+        "normal_split_ratio",
+        "calibration_split",
+    }
     assert fields["format"].check("DATASET.format", "visa") == "visa"
     assert fields["normal_test_dir"].check("DATASET.normal_test_dir", None) is None
     assert fields["normal_split_ratio"].default == 0.2
@@ -413,17 +482,29 @@ def test_schema_keys_validate():
 )
 def test_each_modality_refuses_the_other_modalitys_keys(yaml_name: str, key: str, value: str) -> None:
     """An image run has no clip length and a video run no folder layout: the per-modality schemas refuse them."""
-    result = main_in_process("--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(CONFIGS / yaml_name), f"{key}={value}")
+    result = main_in_process(
+        "--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(CONFIGS / yaml_name), f"{key}={value}"
+    )
     assert_user_error(result, f"unknown config key {key}")
 
 
 def test_an_unknown_format_is_refused_before_the_schema_is_chosen() -> None:
-    result = main_in_process("--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(CONFIGS / "demo.yaml"), "DATASET.format=coco")
+    result = main_in_process(
+        "--task_type",
+        "anomaly",
+        "--model_name",
+        "dmad",
+        "--yaml_config",
+        str(CONFIGS / "demo.yaml"),
+        "DATASET.format=coco",
+    )
     assert_user_error(result, "DATASET.format", "mvtec, visa, folder, video", "'coco'")
 
 
 def test_unscanned_format_and_unknown_split(tmp_path):
-    _one_line_error(lambda: scan_dataset(_cfg(format="video", datadir=str(tmp_path)), "train", 0), "video", "mvtec, visa, folder")
+    _one_line_error(
+        lambda: scan_dataset(_cfg(format="video", datadir=str(tmp_path)), "train", 0), "video", "mvtec, visa, folder"
+    )
     root = _mvtec(tmp_path / "mvtec")
     _one_line_error(lambda: scan_dataset(_cfg(datadir=str(root), target="widget"), "val", 0), "'val'")
 
@@ -444,7 +525,9 @@ def test_16bit_grey_png_keeps_its_range_and_precision(tmp_path):
     unit = _unit(img)
     assert unit.shape == (3, 1, 4) and torch.equal(unit, torch.from_numpy(expected).expand(3, 1, 4))
     # Normalisation: float32 (x - mean) / std, the same operations as on the reference.
-    ref = (torch.from_numpy(expected)[None] - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    ref = (torch.from_numpy(expected)[None] - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(
+        IMAGENET_STD
+    ).view(3, 1, 1)
     assert torch.equal(to_tensor(resize_image(img, (1, 4))), ref)
     assert display_rgb(img)[0].tolist() == [[0] * 3, [4] * 3, [128] * 3, [255] * 3]
 
@@ -481,7 +564,11 @@ def test_float_tiff_values_kept_and_bad_ones_refused(tmp_path):
     path = tmp_path / "f.tif"
     Image.fromarray(np.array([[0.5, 0.25, 1.0, 0.0]], dtype=np.float32), "F").save(path)
     assert _unit(load_image(path))[0, 0].tolist() == [0.5, 0.25, 1.0, 0.0]
-    for name, bad, needle in (("nan.tif", np.nan, "non-finite"), ("inf.tif", np.inf, "non-finite"), ("big.tif", 255.0, "[0.5, 255]")):
+    for name, bad, needle in (
+        ("nan.tif", np.nan, "non-finite"),
+        ("inf.tif", np.inf, "non-finite"),
+        ("big.tif", 255.0, "[0.5, 255]"),
+    ):
         p = tmp_path / name
         Image.fromarray(np.array([[0.5, bad]], dtype=np.float32), "F").save(p)
         _one_line_error(lambda: load_image(p), str(p), needle)

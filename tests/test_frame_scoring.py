@@ -21,16 +21,32 @@ from task.common.config import load_config
 from task.common.errors import UserError
 
 
-def window(size: int, keep: int, weights=None, shift: int = 0, left: str = "replicate", right: str = "replicate",
-           fill: float = 0.0, scope: str = "concat") -> WindowParams:
+def window(
+    size: int,
+    keep: int,
+    weights=None,
+    shift: int = 0,
+    left: str = "replicate",
+    right: str = "replicate",
+    fill: float = 0.0,
+    scope: str = "concat",
+) -> WindowParams:
     return WindowParams(True, size, keep, None if weights is None else tuple(weights), scope, shift, left, right, fill)
 
 
 def plain_params(**changes) -> ProtocolParams:
     """One score, no normalisation, no smoothing: the fused score is the raw score."""
     off = {**PAPER_PRESETS["ped2"]["PRE_SMOOTH"]}
-    cfg = {**PAPER_PRESETS["ped2"], "names": ["s"], "weights": [1.0], "signs": [1], "normalize": "none", "polarity": "anomaly",
-           "SMOOTH": off, "ONLINE": {"window": 1, "keep": 1, "threshold_quantile": 0.5}}
+    cfg = {
+        **PAPER_PRESETS["ped2"],
+        "names": ["s"],
+        "weights": [1.0],
+        "signs": [1],
+        "normalize": "none",
+        "polarity": "anomaly",
+        "SMOOTH": off,
+        "ONLINE": {"window": 1, "keep": 1, "threshold_quantile": 0.5},
+    }
     return replace(ProtocolParams.from_config(cfg), **changes)
 
 
@@ -74,18 +90,26 @@ def test_normalize_per_video_vs_global():
     assert filters.normalize([np.array([1, 2], dtype=np.float32)], "per_video", 0.0, "anomaly")[0].dtype == np.float64
     with pytest.raises(UserError, match="constant"):
         filters.normalize([np.array([3.0, 3.0])], "per_video", 0.0, "anomaly", "prediction")
-    np.testing.assert_array_equal(filters.normalize([np.array([3.0, 3.0])], "per_video", 1e-8, "anomaly")[0], [0.0, 0.0])
+    np.testing.assert_array_equal(
+        filters.normalize([np.array([3.0, 3.0])], "per_video", 1e-8, "anomaly")[0], [0.0, 0.0]
+    )
 
 
 def test_robust_window_by_hand_with_edges():
     x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
     # keep = size: a plain weighted mean; (1*1 + 2*2 + 3*1) / 4 = 2 etc.; the edges copy the nearest result.
     np.testing.assert_array_equal(filters.robust_smooth(x, window(3, 3, [1, 2, 1])), [2, 2, 3, 4, 4])
-    np.testing.assert_array_equal(filters.robust_smooth(x, window(3, 3, [1, 2, 1], left="fill", fill=9)), [9, 2, 3, 4, 4])
+    np.testing.assert_array_equal(
+        filters.robust_smooth(x, window(3, 3, [1, 2, 1], left="fill", fill=9)), [9, 2, 3, 4, 4]
+    )
     # shift 1 (official utils.conf_avg): results one past the centre, both edges filled.
-    np.testing.assert_array_equal(filters.robust_smooth(x, window(3, 3, shift=1, left="fill", right="fill", fill=9)), [9, 9, 2, 3, 4])
+    np.testing.assert_array_equal(
+        filters.robust_smooth(x, window(3, 3, shift=1, left="fill", right="fill", fill=9)), [9, 9, 2, 3, 4]
+    )
     # [0, 1, 5]: mean 2, distances 2, 1, 3 -> keep 0 and 1 with weights 1 and 2: (0 + 2) / 3.
-    assert filters.robust_smooth(np.array([0.0, 1.0, 5.0]), window(3, 2, [1, 2, 1]))[1] == pytest.approx(2 / 3, rel=1e-15)
+    assert filters.robust_smooth(np.array([0.0, 1.0, 5.0]), window(3, 2, [1, 2, 1]))[1] == pytest.approx(
+        2 / 3, rel=1e-15
+    )
     # The robust mean drops an isolated spike.
     np.testing.assert_array_equal(filters.robust_smooth(np.array([0, 0, 0, 10, 0, 0, 0.0]), window(3, 2)), np.zeros(7))
     # Shorter than the window: fill wins, else unchanged.
@@ -99,9 +123,11 @@ def test_vectorised_window_equals_loop_bit_for_bit(dtype):
     x = rng.random(200)
     x[::3] = np.round(x[::3] * 4) / 4  # ties in the distances to the mean
     x = x.astype(dtype)
-    for w in (window(11, 5, PAPER_PRESETS["ped2"]["SMOOTH"]["weights"], left="fill", fill=1.0),
-              window(11, 5, PAPER_PRESETS["avenue"]["SMOOTH"]["weights"]),
-              window(55, 49, shift=1, left="fill", right="fill", fill=1.0)):
+    for w in (
+        window(11, 5, PAPER_PRESETS["ped2"]["SMOOTH"]["weights"], left="fill", fill=1.0),
+        window(11, 5, PAPER_PRESETS["avenue"]["SMOOTH"]["weights"]),
+        window(55, 49, shift=1, left="fill", right="fill", fill=1.0),
+    ):
         # Same operations in the same order (row means and sums reduce like 1-D ones), so equality is exact.
         np.testing.assert_array_equal(filters.robust_smooth(x, w), reference_smooth(x, w))
 
@@ -125,7 +151,9 @@ def test_fuse_weights_and_order():
 
 def test_kalman_by_hand():
     # q = 0, r = 1: gains 1/2 then 1/3; frame 0 shows the raw value, the recursion started from 0.
-    np.testing.assert_allclose(filters.kalman_filter(np.array([5.0, 1.0, 1.0]), 0.0, 1.0), [5.0, 0.5, 2 / 3], rtol=1e-15)
+    np.testing.assert_allclose(
+        filters.kalman_filter(np.array([5.0, 1.0, 1.0]), 0.0, 1.0), [5.0, 0.5, 2 / 3], rtol=1e-15
+    )
     assert filters.kalman_filter(np.array([]), 1e-5, 0.01).shape == (0,)
 
 
@@ -159,7 +187,9 @@ def test_online_normalisation_and_threshold_by_hand():
     np.testing.assert_array_equal(fs.online_frame_scores({"s": [np.array([2.0, 5.0])]}, stats, params)[0], [0.2, 0.5])
     flipped = replace(params, signs=(-1,))
     np.testing.assert_array_equal(fs.online_frame_scores({"s": [np.array([2.0, 5.0])]}, stats, flipped)[0], [0.8, 0.5])
-    res = fs.online_protocol({"s": [np.array([1.0, 2.0, 3.0, 9.0])]}, [np.array([0, 0, 1, 1])], stats, params, threshold=0.25)
+    res = fs.online_protocol(
+        {"s": [np.array([1.0, 2.0, 3.0, 9.0])]}, [np.array([0, 0, 1, 1])], stats, params, threshold=0.25
+    )
     assert res["frame_auroc_online"] == 1.0
     assert (res["online_tpr"], res["online_fpr"]) == (1.0, 0.0)  # alarms: 0.3 and 0.9 >= 0.25
     train = {"s": [np.arange(101.0)]}
@@ -190,10 +220,16 @@ def test_paper_protocol_matches_sklearn_and_per_video_notes():
     assert res["per_video_note"] == {"b": "all 20 scored frames are abnormal"}
     # polarity normality ranks 1 - x with the official call roc_auc_score(1 - y, .): same AUROC.
     res_n = fs.paper_protocol({"s": x}, y, plain_params(polarity="normality", normalize="global"))
-    assert res_n["frame_auroc"] == pytest.approx(res["frame_auroc"], abs=1e-12)  # min-max rounding may merge no ties here
+    assert res_n["frame_auroc"] == pytest.approx(
+        res["frame_auroc"], abs=1e-12
+    )  # min-max rounding may merge no ties here
     # paper_frame_scores gives 1 - (1 - m) for normality: m up to one rounding of values in [0, 1].
-    np.testing.assert_allclose(np.concatenate(fs.paper_frame_scores({"s": x}, plain_params(polarity="normality", normalize="global"))),
-                               (xs - xs.min()) / (xs.max() - xs.min() + 1e-8), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(
+        np.concatenate(fs.paper_frame_scores({"s": x}, plain_params(polarity="normality", normalize="global"))),
+        (xs - xs.min()) / (xs.max() - xs.min() + 1e-8),
+        rtol=0,
+        atol=1e-15,
+    )
     # One class only (as image runs without defective images): null metrics, the reason, and a warning.
     normal = fs.paper_protocol({"s": x}, [np.zeros(30, int), np.zeros(20, int)], plain_params())
     assert normal["frame_auroc"] is None and normal["frame_aupr"] is None
@@ -229,7 +265,9 @@ def test_presets_round_trip_and_yaml_section(tmp_path):
     # Official keep counts: round(69 * 0.36), int(55 * 0.9), 55 // 2.
     assert (sh.pre_smooth.keep, sh.smooth.keep, sh.post_smooth.keep) == (round(69 * 0.36), int(55 * 0.9), 55 // 2)
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"SCORE": PAPER_PRESETS["avenue"]}))  # configs refuse anchors: presets share no objects
+    path.write_text(
+        yaml.safe_dump({"SCORE": PAPER_PRESETS["avenue"]})
+    )  # configs refuse anchors: presets share no objects
     cfg = load_config({"SCORE": SCORE_SCHEMA}, path, ["SCORE.ONLINE.window=9"])
     params = ProtocolParams.from_config(cfg.SCORE)
     assert params.names == ("deformation", "prediction") and params.online.window == 9
@@ -237,22 +275,25 @@ def test_presets_round_trip_and_yaml_section(tmp_path):
         ProtocolParams.from_config({})
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"weights": [0.2]}, "SCORE.weights has 1 values"),
-    ({"signs": [1, 0, 1]}, "SCORE.signs"),
-    ({"names": ["a", "a", "b"]}, "repeats"),
-    ({"SMOOTH": {"keep": 12}}, "SCORE.SMOOTH.keep"),
-    ({"SMOOTH": {"weights": [1.0, 2.0]}}, "SCORE.SMOOTH.weights"),
-    ({"SMOOTH": {"shift": 6}}, "SCORE.SMOOTH.shift"),
-    ({"SMOOTH": {"scope": "global"}}, "SCORE.SMOOTH.scope"),
-    ({"normalise": "global"}, "unknown config key SCORE.normalise"),
-    ({"ONLINE": {"keep": 7}}, "SCORE.ONLINE.keep"),
-    # settings that make the metric meaningless
-    ({"weights": [0.0, 0.0, 0.0]}, "are all 0"),
-    ({"weights": [1e308, 1e308, 1e308]}, "are too large"),
-    ({"weights": [1e7, 1.0, 1.0]}, "keep each weight <= 1000000"),
-    ({"KALMAN": {"enabled": True, "process_var": 0.0}}, "SCORE.KALMAN.process_var is 0"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"weights": [0.2]}, "SCORE.weights has 1 values"),
+        ({"signs": [1, 0, 1]}, "SCORE.signs"),
+        ({"names": ["a", "a", "b"]}, "repeats"),
+        ({"SMOOTH": {"keep": 12}}, "SCORE.SMOOTH.keep"),
+        ({"SMOOTH": {"weights": [1.0, 2.0]}}, "SCORE.SMOOTH.weights"),
+        ({"SMOOTH": {"shift": 6}}, "SCORE.SMOOTH.shift"),
+        ({"SMOOTH": {"scope": "global"}}, "SCORE.SMOOTH.scope"),
+        ({"normalise": "global"}, "unknown config key SCORE.normalise"),
+        ({"ONLINE": {"keep": 7}}, "SCORE.ONLINE.keep"),
+        # settings that make the metric meaningless
+        ({"weights": [0.0, 0.0, 0.0]}, "are all 0"),
+        ({"weights": [1e308, 1e308, 1e308]}, "are too large"),
+        ({"weights": [1e7, 1.0, 1.0]}, "keep each weight <= 1000000"),
+        ({"KALMAN": {"enabled": True, "process_var": 0.0}}, "SCORE.KALMAN.process_var is 0"),
+    ],
+)
 def test_bad_config_is_one_line_user_error(change, message):
     cfg = {**PAPER_PRESETS["ped2"], **{k: v for k, v in change.items() if not isinstance(v, dict)}}
     for key, sub in change.items():
@@ -273,7 +314,10 @@ def make_file(**changes) -> sfm.ScoreFile:
     rng = np.random.default_rng(4)
     labels = [np.array([-1] * 4 + [0, 0, 1, 1, 0, 0], np.int8), np.array([-1] * 4 + [0, 1, 1, 0], np.int8)]
     frames = [sfm.default_frames(10, 4), sfm.default_frames(8, 4)]
-    scores = {"deformation": [rng.random(6), rng.random(4)], "prediction": [rng.random(6).astype(np.float32), rng.random(4).astype(np.float32)]}
+    scores = {
+        "deformation": [rng.random(6), rng.random(4)],
+        "prediction": [rng.random(6).astype(np.float32), rng.random(4).astype(np.float32)],
+    }
     base = dict(dataset="ped2", clip_length=4, videos=["01", "02"], scores=scores, labels=labels, frames=frames)
     return sfm.ScoreFile(**{**base, **changes})
 
@@ -295,7 +339,13 @@ def test_score_file_round_trip(tmp_path):
         assert json.loads(str(raw["meta"]))["clip_length"] == 4
         assert raw["prediction/02"].dtype == np.float32
     back = sfm.read_scores(path)
-    assert (back.dataset, back.clip_length, back.videos, back.threshold, back.extra) == ("ped2", 4, ["01", "02"], 0.7, {"source": "unit test"})
+    assert (back.dataset, back.clip_length, back.videos, back.threshold, back.extra) == (
+        "ped2",
+        4,
+        ["01", "02"],
+        0.7,
+        {"source": "unit test"},
+    )
     assert back.train_stats == stats
     for name in sf.scores:
         for a, b in zip(sf.scores[name], back.scores[name]):
@@ -315,21 +365,24 @@ def _arrays(**edits):
     return arrays
 
 
-@pytest.mark.parametrize("edits, message", [
-    ({"meta": None}, "key 'meta' is missing"),
-    ({"labels/02": None}, "key 'labels/02' is missing"),
-    ({"gradient/01": np.zeros(6)}, "unexpected key 'gradient/01'"),
-    ({"meta": np.array("{not json")}, "not a JSON string"),
-    ({"meta": np.array(json.dumps({"format": "other", "version": 1}))}, "expected 'dmad-frame-scores'"),
-    ({"deformation/01": np.zeros(5)}, "has 5 values but frames has 6"),
-    ({"deformation/01": np.array([0, 1, np.nan, 0, 0, 0.0])}, "1 non-finite"),
-    ({"deformation/01": np.arange(6)}, "must be a 1-D float array"),
-    ({"labels/01": np.array([-1] * 4 + [0, 0, 2, 1, 0, 0], np.int8)}, "must be 1 .abnormal., 0"),
-    ({"labels/01": np.array([-1] * 5 + [0, 1, 1, 0, 0], np.int8)}, "unknown label .-1. on a scored frame"),
-    ({"frames/01": np.array([4, 5, 7, 6, 8, 9])}, "strictly increasing"),
-    ({"frames/01": np.arange(5, 11)}, r"must lie in \[clip_length=4, 10\)"),
-    ({"videos": np.array(["01", "a/b"])}, "video name 'a/b' is not valid"),
-])
+@pytest.mark.parametrize(
+    "edits, message",
+    [
+        ({"meta": None}, "key 'meta' is missing"),
+        ({"labels/02": None}, "key 'labels/02' is missing"),
+        ({"gradient/01": np.zeros(6)}, "unexpected key 'gradient/01'"),
+        ({"meta": np.array("{not json")}, "not a JSON string"),
+        ({"meta": np.array(json.dumps({"format": "other", "version": 1}))}, "expected 'dmad-frame-scores'"),
+        ({"deformation/01": np.zeros(5)}, "has 5 values but frames has 6"),
+        ({"deformation/01": np.array([0, 1, np.nan, 0, 0, 0.0])}, "1 non-finite"),
+        ({"deformation/01": np.arange(6)}, "must be a 1-D float array"),
+        ({"labels/01": np.array([-1] * 4 + [0, 0, 2, 1, 0, 0], np.int8)}, "must be 1 .abnormal., 0"),
+        ({"labels/01": np.array([-1] * 5 + [0, 1, 1, 0, 0], np.int8)}, "unknown label .-1. on a scored frame"),
+        ({"frames/01": np.array([4, 5, 7, 6, 8, 9])}, "strictly increasing"),
+        ({"frames/01": np.arange(5, 11)}, r"must lie in \[clip_length=4, 10\)"),
+        ({"videos": np.array(["01", "a/b"])}, "video name 'a/b' is not valid"),
+    ],
+)
 def test_every_validation_error(edits, message):
     with pytest.raises(UserError, match=message) as info:
         sfm.from_arrays(_arrays(**edits))
@@ -357,8 +410,13 @@ def test_validation_of_names_stats_and_files(tmp_path):
 
 
 def test_evaluate_scores_both_protocols(tmp_path):
-    params = ProtocolParams.from_config({**PAPER_PRESETS["avenue"], "POST_SMOOTH": {**PAPER_PRESETS["avenue"]["POST_SMOOTH"], "enabled": False},
-                                         "SMOOTH": {**PAPER_PRESETS["avenue"]["SMOOTH"], "enabled": False}})
+    params = ProtocolParams.from_config(
+        {
+            **PAPER_PRESETS["avenue"],
+            "POST_SMOOTH": {**PAPER_PRESETS["avenue"]["POST_SMOOTH"], "enabled": False},
+            "SMOOTH": {**PAPER_PRESETS["avenue"]["SMOOTH"], "enabled": False},
+        }
+    )
     sf = make_file()
     res = fs.evaluate_scores(sfm.write_scores(tmp_path / "s.npz", sf), params)
     assert (res["videos"], res["frames"], res["abnormal_frames"]) == (2, 10, 4)
@@ -460,4 +518,6 @@ def test_command_line_score_override_applies_to_a_file_with_its_own_protocol(cap
 def test_dataset_yaml_score_sections_are_the_presets(dataset: str) -> None:
     """The YAMLs spell the SCORE section out for users to read; the presets are the method's: they must agree."""
     section = yaml.safe_load((CONFIGS / f"{dataset}.yaml").read_text())["SCORE"]
-    assert ProtocolParams.from_config({**PAPER_PRESETS["ped2"], **section}) == ProtocolParams.from_config(PAPER_PRESETS[dataset])
+    assert ProtocolParams.from_config({**PAPER_PRESETS["ped2"], **section}) == ProtocolParams.from_config(
+        PAPER_PRESETS[dataset]
+    )

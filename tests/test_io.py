@@ -47,7 +47,12 @@ def one_line(exc: pytest.ExceptionInfo[UserError], *fragments: str) -> str:
 def python(code: str, *args: str) -> subprocess.Popen:
     """A child ``python -c code args`` in the repository root; it reports readiness with one line on stdout."""
     return subprocess.Popen(
-        [sys.executable, "-c", code, *args], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -92,16 +97,24 @@ def _io_error(obj: Any, handle: IO[bytes], *args: Any, **kwargs: Any) -> None:
 
 
 SAVE_FAILURES: dict[str, tuple[Callable[..., None], tuple[str, ...]]] = {
-    "enospc-wrapped-by-torch": (_wrapped_enospc, ("No space left on device", "free disk space", "MiB free there", "RESULT.savedir", "--output")),
+    "enospc-wrapped-by-torch": (
+        _wrapped_enospc,
+        ("No space left on device", "free disk space", "MiB free there", "RESULT.savedir", "--output"),
+    ),
     "torch-message-only": (_message_only, ("Input/output error", "check the disk and the path", "RESULT.savedir")),
     "quota": (_quota, ("Disk quota exceeded", "free disk space")),
-    "read-only-filesystem": (_read_only_fs, ("Read-only file system", "check the folder's permissions", "RESULT.savedir")),
+    "read-only-filesystem": (
+        _read_only_fs,
+        ("Read-only file system", "check the folder's permissions", "RESULT.savedir"),
+    ),
     "io-error": (_io_error, ("Input/output error", "check the disk and the path")),
 }
 
 
 @pytest.mark.parametrize("name", list(SAVE_FAILURES))
-def test_os_failure_during_save_is_one_line_and_keeps_previous(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_os_failure_during_save_is_one_line_and_keeps_previous(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "last.pt"
     save_checkpoint({"step": 2}, path)
     before = path.read_bytes()
@@ -181,8 +194,14 @@ def _a_file(tmp: Path) -> Path:
 
 
 ENSURE_DIR_ERRORS: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
-    "path-is-a-file": (_a_file, ("cannot create output folder", "taken", "a file of that name exists", "RESULT.savedir")),
-    "parent-is-a-file": (lambda t: _a_file(t) / "sub", ("cannot create output folder", "taken/sub", "Not a directory", "RESULT.savedir")),
+    "path-is-a-file": (
+        _a_file,
+        ("cannot create output folder", "taken", "a file of that name exists", "RESULT.savedir"),
+    ),
+    "parent-is-a-file": (
+        lambda t: _a_file(t) / "sub",
+        ("cannot create output folder", "taken/sub", "Not a directory", "RESULT.savedir"),
+    ),
     "nul-byte": (lambda t: t / "a\0b", ("output folder", "a\\x00b", "contains a NUL byte")),
 }
 
@@ -287,7 +306,9 @@ def test_remove_stale_temps_removes_only_dead_writers_of_this_host(tmp_path: Pat
     (tmp_path / f".dir.{host}-{gone}.abcd_123.tmp").mkdir()  # a folder, not a temp file
     removed = remove_stale_temps(tmp_path)
     assert [p.name for p in removed] == [f".last.pt.{host}-{gone}.abcd_123.tmp"]
-    assert only_files(tmp_path) == sorted([n for n, kept in names.items() if kept] + [f".dir.{host}-{gone}.abcd_123.tmp"])
+    assert only_files(tmp_path) == sorted(
+        [n for n, kept in names.items() if kept] + [f".dir.{host}-{gone}.abcd_123.tmp"]
+    )
     assert remove_stale_temps(tmp_path / "absent") == []
 
 
@@ -310,8 +331,17 @@ def test_live_writers_temp_matches_pattern_and_survives(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("=HYPERLINK(\"http://x\")", "'=HYPERLINK(\"http://x\")"), ("+1+1", "'+1+1"), ("-2+3", "'-2+3"), ("@SUM(A1)", "'@SUM(A1)"),
-     ("\tcmd", "'\tcmd"), ("\rcmd", "'\rcmd"), ("test/good/000.png", "test/good/000.png"), ("", ""), ("a=b", "a=b")],
+    [
+        ('=HYPERLINK("http://x")', '\'=HYPERLINK("http://x")'),
+        ("+1+1", "'+1+1"),
+        ("-2+3", "'-2+3"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\tcmd", "'\tcmd"),
+        ("\rcmd", "'\rcmd"),
+        ("test/good/000.png", "test/good/000.png"),
+        ("", ""),
+        ("a=b", "a=b"),
+    ],
 )
 def test_csv_cell_escapes_formulas(text: str, expected: str) -> None:
     assert csv_cell(text) == expected
@@ -354,8 +384,13 @@ def test_second_live_process_is_refused_then_takes_over_when_it_dies(tmp_path: P
     try:
         with pytest.raises(UserError) as info:
             RunLock(run_dir).acquire()
-        one_line(info, f"run directory {run_dir} is in use by pid {child.pid} on host ", "(started 20", "wait for that run to finish",
-                 "RESULT.exp_name")
+        one_line(
+            info,
+            f"run directory {run_dir} is in use by pid {child.pid} on host ",
+            "(started 20",
+            "wait for that run to finish",
+            "RESULT.exp_name",
+        )
     finally:
         end(child)  # SIGKILL: no clean-up ran, the OS released the flock
     with RunLock(run_dir) as lock:
@@ -627,14 +662,16 @@ def test_write_together_replaces_a_symlink_not_its_target_and_keeps_pairs(tmp_pa
     assert (run / "scores.npz").read_bytes() == b"new" and only_files(run) == ["b.gif", "scores.npz"]
 
 
-_PAIR_CHILD = """
+_PAIR_CHILD = (
+    """
 import os, signal, sys
 from pathlib import Path
 import task.common.io as io
 folder, when = Path(sys.argv[1]), sys.argv[2]
 def gif(handle):
     if when == "while-writing":
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # arrives while the second temp file is written
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # arrives while the second temp file is"""
+    """ written
     handle.write(b"new gif")
 real_replace = os.replace
 def replace(a, b):
@@ -645,6 +682,7 @@ io.os.replace = replace
 io.write_together({folder / "v.csv": lambda h: h.write(b"new csv"), folder / "v.gif": gif})
 print("survived")
 """
+)
 
 
 @pytest.mark.parametrize(

@@ -299,9 +299,7 @@ def test_compute_metrics_keys_and_values() -> None:
     assert out["pixel_f1_max"] == pytest.approx(f1_max(maps, masks)[0])
     assert out["pixel_aupro"] == pytest.approx(aupro(maps, masks), abs=1e-12)
     assert out["pixel_aupro"] == pytest.approx(_reference_aupro(maps.numpy(), masks.numpy(), 0.3), abs=1e-6)
-    assert out["pixel_auroc"] == pytest.approx(
-        roc_auc_score(masks.numpy().ravel(), maps.numpy().ravel()), abs=1e-12
-    )
+    assert out["pixel_auroc"] == pytest.approx(roc_auc_score(masks.numpy().ravel(), maps.numpy().ravel()), abs=1e-12)
 
 
 def test_compute_metrics_all_good_is_none(caplog: pytest.LogCaptureFixture) -> None:
@@ -322,7 +320,9 @@ def test_compute_metrics_without_masks(caplog: pytest.LogCaptureFixture) -> None
         out = compute_metrics(image_scores, labels, maps, None)
     assert set(out) == METRIC_KEYS
     assert out["image_auroc"] == pytest.approx(roc_auc_score(labels.numpy(), image_scores.numpy()), abs=1e-12)
-    assert all(out[k] is None for k in ("pixel_auroc", "pixel_f1_max", "pixel_aupro", "pixel_threshold", "image_threshold"))
+    assert all(
+        out[k] is None for k in ("pixel_auroc", "pixel_f1_max", "pixel_aupro", "pixel_threshold", "image_threshold")
+    )
     assert [r.getMessage() for r in caplog.records] == ["no ground-truth masks: pixel metrics are null"]
 
 
@@ -401,7 +401,10 @@ def test_memory_script_reports_json() -> None:
     """The peak-memory probe runs end to end on a small set (the 1,000 x 512 x 512 run is in the README)."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "metrics_memory.py"), "--images", "6", "--size", "64"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -21,7 +21,12 @@ from task.common.errors import UserError
 from task.common.smoothing import gaussian_blur2d
 from task.common.warping import identity_grid, warp
 
-EXPECTED_CHANNELS = {"resnet18": (64, 128, 256), "resnet34": (64, 128, 256), "resnet50": (256, 512, 1024), "wide_resnet50_2": (256, 512, 1024)}
+EXPECTED_CHANNELS = {
+    "resnet18": (64, 128, 256),
+    "resnet34": (64, 128, 256),
+    "resnet50": (256, 512, 1024),
+    "wide_resnet50_2": (256, 512, 1024),
+}
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet34", "resnet50", "wide_resnet50_2"])

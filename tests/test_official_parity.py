@@ -182,27 +182,41 @@ def test_training_losses_match_official(model: DMADModel, golden: dict[str, np.n
         assert float(terms[name]) == pytest.approx(expected, rel=1e-5), name
 
 
-def test_official_conversion_ignores_only_unused_tensors(official_state: dict[str, dict[str, Tensor]], model: DMADModel, caplog) -> None:
+def test_official_conversion_ignores_only_unused_tensors(
+    official_state: dict[str, dict[str, Tensor]], model: DMADModel, caplog
+) -> None:
     entries, ignored = convert_official(official_state)
     assert sorted(k for k, _ in ignored) == sorted(
         [f"offset.conv_offset1.{i}.{p}" for i in (0, 3) for p in ("weight", "bias")]
-        + ["bn.conv4.weight"] + [f"bn.bn4.{p}" for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+        + ["bn.conv4.weight"]
+        + [f"bn.bn4.{p}" for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
     )
     # Everything else fills the whole model except the encoder and the score buffers.
     own = model.state_dict()
-    assert set(entries) == {k for k in own if not k.startswith("encoder.") and k not in ("score_stats", "deform_weight")}
+    assert set(entries) == {
+        k for k in own if not k.startswith("encoder.") and k not in ("score_stats", "deform_weight")
+    }
     # A DataParallel "module." prefix is accepted.
     prefixed = {part: {f"module.{k}": v for k, v in sd.items()} for part, sd in official_state.items()}
     assert set(convert_official(prefixed)[0]) == set(entries)
     with caplog.at_level(logging.INFO, logger="dmad"):
         load_official(model, official_state, "wres50_bottle_I.pth", _config())
     text = caplog.text
-    assert "loaded official DMAD-PPDM checkpoint wres50_bottle_I.pth (MODEL.backbone=wide_resnet50_2, MODEL.vq=true" in text
+    assert (
+        "loaded official DMAD-PPDM checkpoint wres50_bottle_I.pth (MODEL.backbone=wide_resnet50_2, MODEL.vq=true"
+        in text
+    )
     assert "ignored 4 official tensors, CoordConv2d" in text and "ignored 6 official tensors, conv4/bn4" in text
 
 
-def test_official_checkpoint_with_wrong_config_is_a_one_line_error(official_state: dict[str, dict[str, Tensor]]) -> None:
-    assert describe_official(official_state) == {"MODEL.backbone": "wide_resnet50_2", "MODEL.vq": True, "MODEL.vq_num_embeddings": 200}
+def test_official_checkpoint_with_wrong_config_is_a_one_line_error(
+    official_state: dict[str, dict[str, Tensor]],
+) -> None:
+    assert describe_official(official_state) == {
+        "MODEL.backbone": "wide_resnet50_2",
+        "MODEL.vq": True,
+        "MODEL.vq_num_embeddings": 200,
+    }
     with pytest.raises(UserError) as info:
         check_official(official_state, "wres50_bottle_I.pth", _config("MODEL.backbone=resnet18"))
     message = str(info.value)
@@ -216,11 +230,21 @@ def test_official_checkpoint_with_wrong_config_is_a_one_line_error(official_stat
         dmad_method().check_foreign_checkpoint(official_state, Path("wres50_bottle_I.pth"), _config("MODEL.pdm=false"))
 
 
-def test_unrecognised_official_shapes_fail_cleanly(official_state: dict[str, dict[str, Tensor]], model: DMADModel) -> None:
+def test_unrecognised_official_shapes_fail_cleanly(
+    official_state: dict[str, dict[str, Tensor]], model: DMADModel
+) -> None:
     # A decoder that matches no known backbone passes the config check but cannot fill the model.
-    truncated = dict(official_state, decoder={k: v for k, v in official_state["decoder"].items() if not k.startswith("layer3.5.")})
+    truncated = dict(
+        official_state, decoder={k: v for k, v in official_state["decoder"].items() if not k.startswith("layer3.5.")}
+    )
     assert describe_official(truncated)["MODEL.backbone"] is None
-    with pytest.raises(UserError, match=r"^official checkpoint odd.pth lacks decoder\.layer3\.5\.conv1\.weight; it is not a complete DMAD-PPDM checkpoint$") as info:
+    with pytest.raises(
+        UserError,
+        match=(
+            r"^official checkpoint odd.pth lacks decoder\.layer3\.5\.conv1\.weight; "
+            r"it is not a complete DMAD-PPDM checkpoint$"
+        ),
+    ) as info:
         load_official(model, truncated, "odd.pth", _config())
     assert "\n" not in str(info.value)
 
@@ -232,12 +256,20 @@ def test_official_checkpoint_with_wrong_backbone_from_the_cli(tmp_path: Path) ->
     torch.save({"offset": {}, "bn": {"vq3.embedding.weight": torch.zeros(200, 1)}, "decoder": decoder}, checkpoint)
     make_demo_dataset(tmp_path / "data", n_train=2, n_test_good=1, n_test_defect=2, size=64)
     result = main_in_process(
-        *BASE, "--mode", "test", "--checkpoint", str(checkpoint), f"DATASET.datadir={tmp_path / 'data'}", f"RESULT.savedir={tmp_path / 'runs'}",
-        "RESULT.assets_dir=null", f"DATASET.resize=[{SIZE},{SIZE}]",
+        *BASE,
+        "--mode",
+        "test",
+        "--checkpoint",
+        str(checkpoint),
+        f"DATASET.datadir={tmp_path / 'data'}",
+        f"RESULT.savedir={tmp_path / 'runs'}",
+        "RESULT.assets_dir=null",
+        f"DATASET.resize=[{SIZE},{SIZE}]",
     )
     line = assert_user_error(result)
     assert line == (
-        f"error: official checkpoint {checkpoint} needs MODEL.backbone=wide_resnet50_2 but the config has MODEL.backbone=resnet18; "
+        f"error: official checkpoint {checkpoint} needs MODEL.backbone=wide_resnet50_2 but the config has "
+        "MODEL.backbone=resnet18; "
         "pass MODEL.backbone=wide_resnet50_2"
     )
 
@@ -249,7 +281,9 @@ def test_backbone_weights_are_used_exactly(tmp_path: Path) -> None:
     weights = {k: closed_form_tensor(f"encoder.{k}", shape, dtype) for k, (shape, dtype) in shapes.items()}
     path = tmp_path / "resnet18.pth"
     torch.save(weights, path)
-    cfg = load_run_config("MODEL.backbone=resnet18", f"MODEL.backbone_weights={path}", "MODEL.pretrained=true", yaml=None)
+    cfg = load_run_config(
+        "MODEL.backbone=resnet18", f"MODEL.backbone_weights={path}", "MODEL.pretrained=true", yaml=None
+    )
     encoder_state = dmad_method().build(cfg).encoder.state_dict()
     assert set(encoder_state) == {k for k in weights if not k.startswith(("layer4.", "fc."))}
     for key, value in encoder_state.items():
@@ -257,7 +291,12 @@ def test_backbone_weights_are_used_exactly(tmp_path: Path) -> None:
 
 
 def test_own_checkpoints_still_load(tmp_path: Path, caplog) -> None:
-    overrides = (f"DATASET.resize=[{SIZE},{SIZE}]", "MODEL.pretrained=false", "MODEL.backbone=resnet18", f"RESULT.savedir={tmp_path}")
+    overrides = (
+        f"DATASET.resize=[{SIZE},{SIZE}]",
+        "MODEL.pretrained=false",
+        "MODEL.backbone=resnet18",
+        f"RESULT.savedir={tmp_path}",
+    )
     engine = make_engine(*overrides, yaml=None)
     torch.manual_seed(1)
     source = engine.method.build(engine.cfg)
@@ -273,5 +312,8 @@ def test_own_checkpoints_still_load(tmp_path: Path, caplog) -> None:
     assert loaded.cfg.MODEL.vq is True and loaded.model.bottleneck.quantizer is not None
     assert "MODEL.vq: using the checkpoint's True (the config says False)" in caplog.text
     # ... and a command-line override that differs is an error naming both values.
-    with pytest.raises(UserError, match=r"MODEL.vq=False was given on the command line but checkpoint .* was trained with MODEL.vq=True"):
+    with pytest.raises(
+        UserError,
+        match=r"MODEL.vq=False was given on the command line but checkpoint .* was trained with MODEL.vq=True",
+    ):
         make_engine(*overrides, "MODEL.vq=false", overridden=frozenset({"MODEL.vq"}), yaml=None).load(path)

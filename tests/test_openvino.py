@@ -23,13 +23,21 @@ ov = pytest.importorskip("openvino")
 
 @pytest.fixture(scope="module")
 def ir_run(trained_run, tmp_path_factory: pytest.TempPathFactory):
-    """A copy of the shared run with model-fp32/fp16/int8.xml from --mode export, and the export outputs by precision."""
+    """A copy of the shared run with model-fp32/fp16/int8.xml from --mode export, and the export outputs by
+    precision."""
     savedir = tmp_path_factory.mktemp("openvino") / "runs"
     run_dir = trained_run.copy_to(savedir)
     args = trained_run.args(savedir)
     exports = {}
     for precision in ("fp32", "fp16", "int8"):
-        result = main_in_process(*args, "--mode", "export", "EXPORT.format=openvino", f"EXPORT.precision={precision}", "EXPORT.calibration_images=4")
+        result = main_in_process(
+            *args,
+            "--mode",
+            "export",
+            "EXPORT.format=openvino",
+            f"EXPORT.precision={precision}",
+            "EXPORT.calibration_images=4",
+        )
         assert_ok(result)
         exports[precision] = result.stdout
     return run_dir, args, exports
@@ -56,7 +64,10 @@ def test_export_writes_a_checked_ir_with_metadata(ir_run, precision: str) -> Non
     report = next(line for line in exports[precision].splitlines() if line.startswith(f"OpenVINO {precision} check"))
     relatives = [float(v) for v in re.findall(r"max \|diff\| \S+ \((\S+) of", report)]
     assert len(relatives) == 3 and all(r <= TOLERANCES[precision] for r in relatives), report
-    assert re.search(r"on the \d+ test images: image AUROC \S+ -> \S+ \([+-]\S+\); \d+ of \d+ OK/NG verdicts changed", exports[precision])
+    assert re.search(
+        r"on the \d+ test images: image AUROC \S+ -> \S+ \([+-]\S+\); \d+ of \d+ OK/NG verdicts changed",
+        exports[precision],
+    )
     xml = run_dir / f"model-{precision}.xml"
     assert xml.is_file() and xml.with_suffix(".bin").is_file()
     assert not list(run_dir.glob(".model-*"))  # no temporary folder left behind
@@ -78,10 +89,19 @@ def test_predict_with_each_ir_matches_torch(ir_run, tmp_path: Path) -> None:
     inputs = tmp_path / "inputs"
     names = _inputs(inputs)
     rows = {}
-    for backend, extra in (("torch", []), ("openvino", ["EXPORT.precision=fp32"]), ("openvino", ["EXPORT.precision=fp16"]), ("openvino", ["EXPORT.precision=int8"])):
+    for backend, extra in (
+        ("torch", []),
+        ("openvino", ["EXPORT.precision=fp32"]),
+        ("openvino", ["EXPORT.precision=fp16"]),
+        ("openvino", ["EXPORT.precision=int8"]),
+    ):
         label = backend + "".join(extra)
         out = tmp_path / label
-        assert_ok(main_in_process(*args, *extra, "--mode", "predict", "--input", str(inputs), "--backend", backend, "--output", str(out)))
+        assert_ok(
+            main_in_process(
+                *args, *extra, "--mode", "predict", "--input", str(inputs), "--backend", backend, "--output", str(out)
+            )
+        )
         rows[label] = _rows(out / "predictions.csv")
         assert sorted(Path(r["path"]).relative_to(inputs).as_posix() for r in rows[label]) == sorted(names)
         assert all((out / r["picture"]).is_file() for r in rows[label])
@@ -100,7 +120,22 @@ def test_an_ir_can_be_given_as_the_checkpoint(ir_run, tmp_path: Path) -> None:
     Image.fromarray(np.full((SIZE, SIZE, 3), 100, np.uint8)).save(image)
     out = tmp_path / "out"
     xml = run_dir / "model-fp16.xml"
-    assert_ok(main_in_process(*args, "DATASET.datadir=/nonexistent", "--mode", "predict", "--input", str(image), "--backend", "openvino", "--checkpoint", str(xml), "--output", str(out)))
+    assert_ok(
+        main_in_process(
+            *args,
+            "DATASET.datadir=/nonexistent",
+            "--mode",
+            "predict",
+            "--input",
+            str(image),
+            "--backend",
+            "openvino",
+            "--checkpoint",
+            str(xml),
+            "--output",
+            str(out),
+        )
+    )
     assert [r["picture"] for r in _rows(out / "predictions.csv")] == ["one.png.png"]
 
 
@@ -115,9 +150,30 @@ def test_openvino_mistakes_are_one_line_errors(ir_run, trained_run, tmp_path: Pa
     assert_user_error(result, "model-fp32.xml", "EXPORT.format=openvino")
     broken = tmp_path / "broken.xml"
     broken.write_text("<net>not an IR")
-    result = main_in_process(*args, "--mode", "predict", "--input", str(image), "--backend", "openvino", "--checkpoint", str(broken), "--output", str(tmp_path / "o"))
+    result = main_in_process(
+        *args,
+        "--mode",
+        "predict",
+        "--input",
+        str(image),
+        "--backend",
+        "openvino",
+        "--checkpoint",
+        str(broken),
+        "--output",
+        str(tmp_path / "o"),
+    )
     assert_user_error(result, "cannot load OpenVINO IR", "broken.xml")
-    result = main_in_process(*args, "--mode", "export", "EXPORT.format=openvino", "EXPORT.precision=int8", "DATASET.datadir=/nonexistent", "--input", str(image))
+    result = main_in_process(
+        *args,
+        "--mode",
+        "export",
+        "EXPORT.format=openvino",
+        "EXPORT.precision=int8",
+        "DATASET.datadir=/nonexistent",
+        "--input",
+        str(image),
+    )
     assert_user_error(result, "int8 calibrates on the normal training images")
 
 
@@ -128,10 +184,16 @@ def _tiny_graph():
 
     rng = np.random.RandomState(0)
     image = ops.parameter([-1, 3, 16, 16], np.float32, name="image")
-    field = ops.tanh(ops.convolution(image, ops.constant(rng.randn(2, 3, 3, 3).astype(np.float32) * 0.3), [1, 1], [1, 1], [1, 1], [1, 1]))
+    field = ops.tanh(
+        ops.convolution(
+            image, ops.constant(rng.randn(2, 3, 3, 3).astype(np.float32) * 0.3), [1, 1], [1, 1], [1, 1], [1, 1]
+        )
+    )
     grid = ops.transpose(field, ops.constant(np.array([0, 2, 3, 1], np.int64)))
     warped = ops.grid_sample(image, grid, {"align_corners": True, "mode": "bilinear", "padding_mode": "zeros"})
-    features = ops.convolution(warped, ops.constant(rng.randn(4, 3, 3, 3).astype(np.float32)), [1, 1], [1, 1], [1, 1], [1, 1])
+    features = ops.convolution(
+        warped, ops.constant(rng.randn(4, 3, 3, 3).astype(np.float32)), [1, 1], [1, 1], [1, 1], [1, 1]
+    )
     anomaly = ops.subtract(ops.constant(np.float32(1)), features)
     anomaly.output(0).set_names({"anomaly_map"})
     return ov.Model([anomaly], [image], "tiny")
@@ -141,7 +203,12 @@ def test_sensitive_nodes_and_the_split_keep_float32_results() -> None:
     model = _tiny_graph()
     names = {op.get_friendly_name(): op.get_type_name() for op in model.get_ordered_ops()}
     sensitive = {names[n] for n in sensitive_nodes(model)}
-    assert sensitive == {"Tanh", "Transpose", "GridSample", "Subtract"}  # the grid, the warp and the tail; not the convolutions
+    assert sensitive == {
+        "Tanh",
+        "Transpose",
+        "GridSample",
+        "Subtract",
+    }  # the grid, the warp and the tail; not the convolutions
     x = np.random.RandomState(1).rand(2, 3, 16, 16).astype(np.float32)
     reference = IRRunner(model, "tiny", 1).run({"image": x})["anomaly_map"]
     model.set_rt_info("fp16", ["tnvision", "precision"])
@@ -158,9 +225,22 @@ def test_sensitive_nodes_and_the_split_keep_float32_results() -> None:
 @pytest.mark.slow
 def test_benchmark_prints_one_table_of_every_backend(ir_run) -> None:
     run_dir, args, _ = ir_run
-    result = main_in_process(*args, "--mode", "benchmark", "BENCHMARK.backends=true", "BENCHMARK.eval_images=4", "EXPORT.calibration_images=2", "--checkpoint", str(run_dir / "model.pt"))
+    result = main_in_process(
+        *args,
+        "--mode",
+        "benchmark",
+        "BENCHMARK.backends=true",
+        "BENCHMARK.eval_images=4",
+        "EXPORT.calibration_images=2",
+        "--checkpoint",
+        str(run_dir / "model.pt"),
+    )
     assert_ok(result)
-    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| backend")]
+    rows = [
+        line.split("|")[1:-1]
+        for line in result.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| backend")
+    ]
     names = [r[0].strip() for r in rows]
     assert names[0] == "PyTorch fp32" and {"ONNX Runtime fp32", "OpenVINO fp32", "OpenVINO int8"} <= set(names)
     assert any(n.startswith("OpenVINO fp16") for n in names)
@@ -174,5 +254,17 @@ def test_benchmark_prints_one_table_of_every_backend(ir_run) -> None:
 def test_video_runs_say_openvino_is_for_images(tmp_path: Path) -> None:
     from helpers import CONFIGS
 
-    video = ["--task_type", "anomaly", "--model_name", "dmad", "--yaml_config", str(CONFIGS / "video_demo.yaml"), f"RESULT.savedir={tmp_path}"]
-    assert_user_error(main_in_process(*video, "--mode", "export", "EXPORT.format=openvino"), "EXPORT.format=openvino", "image runs only")
+    video = [
+        "--task_type",
+        "anomaly",
+        "--model_name",
+        "dmad",
+        "--yaml_config",
+        str(CONFIGS / "video_demo.yaml"),
+        f"RESULT.savedir={tmp_path}",
+    ]
+    assert_user_error(
+        main_in_process(*video, "--mode", "export", "EXPORT.format=openvino"),
+        "EXPORT.format=openvino",
+        "image runs only",
+    )

@@ -69,7 +69,11 @@ def test_gif_mode_rebuilds_from_the_runs_checkpoint(trained_run, tmp_path):
     run_dir = trained_run.copy_to(tmp_path / "runs")
     (run_dir / GIF).unlink()
     weights = (run_dir / "model.pt").read_bytes()
-    assert_ok(main_in_process(*trained_run.args(tmp_path / "runs"), "--mode", "gif", f"RESULT.assets_dir={tmp_path / 'assets'}"))
+    assert_ok(
+        main_in_process(
+            *trained_run.args(tmp_path / "runs"), "--mode", "gif", f"RESULT.assets_dir={tmp_path / 'assets'}"
+        )
+    )
     assert (run_dir / "model.pt").read_bytes() == weights  # nothing was trained or re-saved
     with Image.open(tmp_path / "assets" / GIF) as gif, Image.open(trained_run.assets / GIF) as original:
         assert gif.n_frames == original.n_frames and gif.size == original.size
@@ -79,7 +83,14 @@ def test_gif_mode_rebuilds_from_the_runs_checkpoint(trained_run, tmp_path):
 def test_gif_mode_from_another_runs_checkpoint_writes_a_folder_of_its_own(trained_run, tmp_path):
     savedir = tmp_path / "runs"
     checkpoint = trained_run.run_dir / "model.pt"
-    result = main_in_process(*trained_run.args(savedir), "--mode", "gif", "--checkpoint", str(checkpoint), f"RESULT.assets_dir={tmp_path / 'assets'}")
+    result = main_in_process(
+        *trained_run.args(savedir),
+        "--mode",
+        "gif",
+        "--checkpoint",
+        str(checkpoint),
+        f"RESULT.assets_dir={tmp_path / 'assets'}",
+    )
     assert_ok(result)
     own = savedir / "dmad" / CATEGORY
     (folder,) = (own / "tests").glob(f"{CATEGORY}-model-*")
@@ -192,12 +203,18 @@ def test_wandb_offline_run_holds_metrics(trained_run):
 # --------------------------------------------------------------------------- report
 
 
-def _fake_run(savedir: Path, category: str, metrics: dict, exp: str | None = None, mtime: float | None = None, info: bool = True) -> Path:
+def _fake_run(
+    savedir: Path, category: str, metrics: dict, exp: str | None = None, mtime: float | None = None, info: bool = True
+) -> Path:
     run_dir = savedir / "dmad" / category / (exp or "")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     if info:
-        (run_dir / "run.json").write_text(json.dumps({"category": category, "backbone": "resnet18", "image_size": [64, 64], "steps": 4, "device": "cpu"}))
+        (run_dir / "run.json").write_text(
+            json.dumps(
+                {"category": category, "backbone": "resnet18", "image_size": [64, 64], "steps": 4, "device": "cpu"}
+            )
+        )
     if mtime is not None:
         os.utime(run_dir / "metrics.json", (mtime, mtime))
     return run_dir

@@ -179,8 +179,6 @@ class Case:
     after: Callable[[Ctx], None] | None = None  # what must still hold after the error (files kept, nothing written)
 
 
-
-
 def _zip_bomb(path: Path) -> Path:
     write_zero_bomb(path, "archive/data/0", 3 * 2**30 // 8)  # 3 MB on disk
     return path
@@ -201,40 +199,72 @@ def _nothing_inside_input(ctx: Ctx) -> None:
 
 CASES: dict[str, Case] = {
     # command line and configuration
-    "unknown-model": Case(lambda c: ["--model_name", "efficientad"], ("efficientad", "registered: anomaly/unsupervised/dmad")),
-    "yaml-missing": Case(lambda c: ["--yaml_config", str(c.tmp / "nope.yaml"), *c.train()], ("config file not found", "nope.yaml")),
-    "yaml-syntax": Case(lambda c: _yaml_file(c, "DATASET:\n  resize: [64, 64\nTRAIN: {"), ("YAML syntax error", "bad.yaml", "line")),
-    "yaml-unknown-key": Case(lambda c: _yaml_file(c, "DATASET:\n  resise: [64, 64]\n"), ("unknown config key DATASET.resise", "did you mean resize")),
-    "yaml-unknown-key-in-train": Case(lambda c: _yaml_file(c, "TRAIN:\n  num_trainig_steps: 5\n"), ("TRAIN.num_trainig_steps", "num_training_steps")),
-    "yaml-wrong-type": Case(lambda c: _yaml_file(c, "DATALOADER:\n  batch_size: four\n"), ("DATALOADER.batch_size", "expects int", "'four'")),
+    "unknown-model": Case(
+        lambda c: ["--model_name", "efficientad"], ("efficientad", "registered: anomaly/unsupervised/dmad")
+    ),
+    "yaml-missing": Case(
+        lambda c: ["--yaml_config", str(c.tmp / "nope.yaml"), *c.train()], ("config file not found", "nope.yaml")
+    ),
+    "yaml-syntax": Case(
+        lambda c: _yaml_file(c, "DATASET:\n  resize: [64, 64\nTRAIN: {"), ("YAML syntax error", "bad.yaml", "line")
+    ),
+    "yaml-unknown-key": Case(
+        lambda c: _yaml_file(c, "DATASET:\n  resise: [64, 64]\n"),
+        ("unknown config key DATASET.resise", "did you mean resize"),
+    ),
+    "yaml-unknown-key-in-train": Case(
+        lambda c: _yaml_file(c, "TRAIN:\n  num_trainig_steps: 5\n"), ("TRAIN.num_trainig_steps", "num_training_steps")
+    ),
+    "yaml-wrong-type": Case(
+        lambda c: _yaml_file(c, "DATALOADER:\n  batch_size: four\n"), ("DATALOADER.batch_size", "expects int", "'four'")
+    ),
     "override-unknown-key": Case(lambda c: c.train("DATASET.foo=1"), ("unknown config key DATASET.foo",)),
     "override-misspelt-key": Case(lambda c: c.train("MODEL.backbon=resnet18"), ("MODEL.backbon", "backbone")),
     "override-not-key-value": Case(lambda c: c.train("DATASET.resize"), ("not KEY=VALUE",)),
-    "batch-size-abc": Case(lambda c: c.train("DATALOADER.batch_size=abc"), ("DATALOADER.batch_size", "expects int", "'abc'")),
+    "batch-size-abc": Case(
+        lambda c: c.train("DATALOADER.batch_size=abc"), ("DATALOADER.batch_size", "expects int", "'abc'")
+    ),
     "resize-three-items": Case(lambda c: c.train("DATASET.resize=[1,2,3]"), ("DATASET.resize", "list of 2 items")),
-    "resize-not-multiple-of-32": Case(lambda c: c.train("DATASET.resize=[100,100]"), ("DATASET.resize", "multiple of 32", "100")),
+    "resize-not-multiple-of-32": Case(
+        lambda c: c.train("DATASET.resize=[100,100]"), ("DATASET.resize", "multiple of 32", "100")
+    ),
     "resize-too-small": Case(lambda c: c.train("DATASET.resize=[32,32]"), ("DATASET.resize", "[64, 1024]", "got 32")),
     "batch-size-zero": Case(lambda c: c.train("DATALOADER.batch_size=0"), ("DATALOADER.batch_size", ">= 1", "got 0")),
-    "steps-negative": Case(lambda c: c.train("TRAIN.num_training_steps=-1"), ("TRAIN.num_training_steps", ">= 1", "-1")),
+    "steps-negative": Case(
+        lambda c: c.train("TRAIN.num_training_steps=-1"), ("TRAIN.num_training_steps", ">= 1", "-1")
+    ),
     "lr-negative": Case(lambda c: c.train("OPTIMIZER.lr=-1"), ("OPTIMIZER.lr", "(0, 1]", "-1")),
     "lr-nan": Case(lambda c: c.train("OPTIMIZER.lr=.nan"), ("OPTIMIZER.lr", "finite")),
     "beta-one": Case(lambda c: c.train("OPTIMIZER.betas=[0.5,1.0]"), ("OPTIMIZER.betas", "[0, 1)")),
-    "backbone-choice": Case(lambda c: c.train("MODEL.backbone=vgg16"), ("MODEL.backbone", "resnet18", "wide_resnet50_2")),
-    "exp-name-absolute": Case(lambda c: c.train(f"RESULT.exp_name={c.tmp / 'elsewhere'}"), ("RESULT.exp_name", "plain folder name")),
-    "exp-name-parent": Case(lambda c: c.train("RESULT.exp_name=../../escape"), ("RESULT.exp_name", "plain folder name", "'../../escape'")),
+    "backbone-choice": Case(
+        lambda c: c.train("MODEL.backbone=vgg16"), ("MODEL.backbone", "resnet18", "wide_resnet50_2")
+    ),
+    "exp-name-absolute": Case(
+        lambda c: c.train(f"RESULT.exp_name={c.tmp / 'elsewhere'}"), ("RESULT.exp_name", "plain folder name")
+    ),
+    "exp-name-parent": Case(
+        lambda c: c.train("RESULT.exp_name=../../escape"), ("RESULT.exp_name", "plain folder name", "'../../escape'")
+    ),
     # dataset
     "mvtec-missing": Case(
-        lambda c: ["--yaml_config", str(CONFIGS / "bottle.yaml"), f"DATASET.datadir={c.tmp / 'mvtec'}"], (str(Path("mvtec")), "MVTec AD")
+        lambda c: ["--yaml_config", str(CONFIGS / "bottle.yaml"), f"DATASET.datadir={c.tmp / 'mvtec'}"],
+        (str(Path("mvtec")), "MVTec AD"),
     ),
     "datadir-missing": Case(lambda c: c.train(data=c.tmp / "absent"), ("dataset folder", "absent", "DATASET.datadir")),
     "datadir-empty": Case(lambda c: c.train(data=c.folder("empty")), ("category folder", "DATASET.target", "none")),
-    "category-missing": Case(lambda c: c.train("DATASET.target=cable"), ("category folder", "cable", f"available categories: {CATEGORY}")),
-    "category-escapes": Case(lambda c: c.train("DATASET.target=../x"), ("DATASET.target", "'../x'", "plain folder name")),
+    "category-missing": Case(
+        lambda c: c.train("DATASET.target=cable"), ("category folder", "cable", f"available categories: {CATEGORY}")
+    ),
+    "category-escapes": Case(
+        lambda c: c.train("DATASET.target=../x"), ("DATASET.target", "'../x'", "plain folder name")
+    ),
     "train-good-missing": Case(
-        lambda c: c.train(data=broken_copy(c.dataset, c.tmp, lambda d: shutil.rmtree(d / "train" / "good"))), ("no images in", "train/good")
+        lambda c: c.train(data=broken_copy(c.dataset, c.tmp, lambda d: shutil.rmtree(d / "train" / "good"))),
+        ("no images in", "train/good"),
     ),
     "train-good-empty": Case(
-        lambda c: c.train(data=broken_copy(c.dataset, c.tmp, lambda d: empty_folder(d / "train" / "good"))), ("no images in", "train/good")
+        lambda c: c.train(data=broken_copy(c.dataset, c.tmp, lambda d: empty_folder(d / "train" / "good"))),
+        ("no images in", "train/good"),
     ),
     "truncated-image": Case(
         lambda c: c.train(data=broken_copy(c.dataset, c.tmp, lambda d: truncate(d / "train" / "good" / "003.png"))),
@@ -242,89 +272,145 @@ CASES: dict[str, Case] = {
         cli=True,
     ),
     "unreadable-image": Case(
-        lambda c: c.train(data=broken_copy(c.dataset, c.tmp, lambda d: (d / "test" / "good" / "001.png").write_bytes(os.urandom(512)))),
+        lambda c: c.train(
+            data=broken_copy(c.dataset, c.tmp, lambda d: (d / "test" / "good" / "001.png").write_bytes(os.urandom(512)))
+        ),
         ("cannot read image", "test/good/001.png"),
     ),
     "defect-without-mask": Case(
-        lambda c: c.train(data=broken_copy(c.dataset, c.tmp, lambda d: (d / "ground_truth" / "spot" / "000_mask.png").unlink())),
+        lambda c: c.train(
+            data=broken_copy(c.dataset, c.tmp, lambda d: (d / "ground_truth" / "spot" / "000_mask.png").unlink())
+        ),
         ("defect image", "spot/000.png", "has no mask", "000_mask.png"),
     ),
     "mask-other-size": Case(
         lambda c: c.train(
-            data=broken_copy(c.dataset, c.tmp, lambda d: Image.new("L", (32, 32)).save(d / "ground_truth" / "scratch" / "000_mask.png"))
+            data=broken_copy(
+                c.dataset,
+                c.tmp,
+                lambda d: Image.new("L", (32, 32)).save(d / "ground_truth" / "scratch" / "000_mask.png"),
+            )
         ),
         ("mask", "scratch/000_mask.png", "32x32", "64x64"),
     ),
     # outputs
     "savedir-under-a-file": Case(
-        lambda c: c.train(f"RESULT.savedir={c.file('plain-file', b'x') / 'sub'}"), ("plain-file/sub", "RESULT.savedir"),
+        lambda c: c.train(f"RESULT.savedir={c.file('plain-file', b'x') / 'sub'}"),
+        ("plain-file/sub", "RESULT.savedir"),
     ),
     # checkpoints: unreadable or foreign files
     "checkpoint-missing": Case(lambda c: c.test_with(c.tmp / "absent.pt"), ("checkpoint not found", "absent.pt")),
     "checkpoint-random-bytes": Case(
-        lambda c: c.test_with(c.file("random.pt", np.random.RandomState(0).bytes(4096))), ("random.pt", "not a PyTorch checkpoint")
+        lambda c: c.test_with(c.file("random.pt", np.random.RandomState(0).bytes(4096))),
+        ("random.pt", "not a PyTorch checkpoint"),
     ),
-    "checkpoint-text": Case(lambda c: c.test_with(c.file("notes.pt", b"epoch 10: loss 0.3\n")), ("notes.pt", "not a PyTorch checkpoint")),
+    "checkpoint-text": Case(
+        lambda c: c.test_with(c.file("notes.pt", b"epoch 10: loss 0.3\n")), ("notes.pt", "not a PyTorch checkpoint")
+    ),
     "checkpoint-empty": Case(lambda c: c.test_with(c.file("empty.pt", b"")), ("empty.pt", "is empty")),
     "checkpoint-truncated": Case(
         lambda c: c.test_with(c.file("half.pt", c.checkpoint.read_bytes()[:20000])), ("half.pt", "damaged or truncated")
     ),
     "checkpoint-a-list": Case(lambda c: c.test_with(c.saved("list.pt", [1, 2])), ("list.pt", "holds a list")),
     "checkpoint-backbone-weights": Case(
-        lambda c: c.test_with(c.saved("r18.pt", {"conv1.weight": torch.zeros(1)})), ("r18.pt", "neither a dmad checkpoint")
+        lambda c: c.test_with(c.saved("r18.pt", {"conv1.weight": torch.zeros(1)})),
+        ("r18.pt", "neither a dmad checkpoint"),
     ),
-    "checkpoint-without-config": Case(lambda c: c.test_with(c.saved("bare.pt", {"format": "tnvision-dmad"})), ("bare.pt", "lacks its config")),
+    "checkpoint-without-config": Case(
+        lambda c: c.test_with(c.saved("bare.pt", {"format": "tnvision-dmad"})), ("bare.pt", "lacks its config")
+    ),
     "checkpoint-other-method": Case(
-        lambda c: c.test_with(c.saved("video.pt", {"format": "tnvision-dmad-video", "config": {}, "state_dict": {}})), ("video.pt", "not 'tnvision-dmad'")
+        lambda c: c.test_with(c.saved("video.pt", {"format": "tnvision-dmad-video", "config": {}, "state_dict": {}})),
+        ("video.pt", "not 'tnvision-dmad'"),
     ),
     "checkpoint-missing-tensor": Case(
-        lambda c: c.test_with(c.saved("short.pt", {**torch.load(c.checkpoint, weights_only=True), "state_dict": dict(list(state_dict(c.checkpoint).items())[1:])})),
+        lambda c: c.test_with(
+            c.saved(
+                "short.pt",
+                {
+                    **torch.load(c.checkpoint, weights_only=True),
+                    "state_dict": dict(list(state_dict(c.checkpoint).items())[1:]),
+                },
+            )
+        ),
         ("short.pt", "missing tensor"),
     ),
     # network settings come from the checkpoint: a command-line override that differs names both values
     "checkpoint-other-backbone": Case(
-        lambda c: c.test_with(c.checkpoint, "MODEL.backbone=resnet34"), ("MODEL.backbone='resnet34'", "MODEL.backbone='resnet18'", "drop the override"),
+        lambda c: c.test_with(c.checkpoint, "MODEL.backbone=resnet34"),
+        ("MODEL.backbone='resnet34'", "MODEL.backbone='resnet18'", "drop the override"),
     ),
-    "checkpoint-other-size": Case(lambda c: c.test_with(c.checkpoint, "DATASET.resize=[96,96]"), ("DATASET.resize=[96, 96]", "DATASET.resize=[64, 64]")),
-    "checkpoint-other-pdm": Case(lambda c: c.test_with(c.checkpoint, "MODEL.pdm=false"), ("MODEL.pdm=False", "MODEL.pdm=True")),
+    "checkpoint-other-size": Case(
+        lambda c: c.test_with(c.checkpoint, "DATASET.resize=[96,96]"),
+        ("DATASET.resize=[96, 96]", "DATASET.resize=[64, 64]"),
+    ),
+    "checkpoint-other-pdm": Case(
+        lambda c: c.test_with(c.checkpoint, "MODEL.pdm=false"), ("MODEL.pdm=False", "MODEL.pdm=True")
+    ),
     # predict and export
     "predict-without-input": Case(lambda c: c.predict(), ("--mode predict needs --input",)),
     "predict-input-missing": Case(lambda c: c.predict(images=c.tmp / "nowhere"), ("--input", "nowhere", "not found")),
     "predict-empty-folder": Case(lambda c: c.predict(images=c.folder("empty")), ("no images in", "empty")),
-    "predict-broken-image": Case(lambda c: c.predict(images=c.file("bad/broken.png", b"not a png").parent), ("cannot read image", "broken.png")),
-    "predict-output-inside-input": Case(
-        lambda c: c.predict("--output", str(c.images() / "out"), images=c.images()), ("inside the input folder",), after=_nothing_inside_input
+    "predict-broken-image": Case(
+        lambda c: c.predict(images=c.file("bad/broken.png", b"not a png").parent), ("cannot read image", "broken.png")
     ),
-    "predict-output-is-input": Case(lambda c: c.predict("--output", str(c.images()), images=c.images()), ("inside the input folder",)),
+    "predict-output-inside-input": Case(
+        lambda c: c.predict("--output", str(c.images() / "out"), images=c.images()),
+        ("inside the input folder",),
+        after=_nothing_inside_input,
+    ),
+    "predict-output-is-input": Case(
+        lambda c: c.predict("--output", str(c.images()), images=c.images()), ("inside the input folder",)
+    ),
     "predict-overwrites-foreign-file": Case(
         lambda c: c.predict("--output", str(c.file("out/a.png.png", b"my own picture").parent), images=c.images()),
         ("a.png.png", "was not written by predict", "another --output"),
         after=_foreign_file_kept,
     ),
     "predict-scoring-override": Case(
-        lambda c: c.predict("MODEL.deform_weight=0.3", images=c.images()), ("MODEL.deform_weight=0.3", "0.05", "--mode test MODEL.deform_weight=0.3")
+        lambda c: c.predict("MODEL.deform_weight=0.3", images=c.images()),
+        ("MODEL.deform_weight=0.3", "0.05", "--mode test MODEL.deform_weight=0.3"),
     ),
     "predict-sigma-override": Case(
-        lambda c: c.predict("MODEL.sigma=2", images=c.images()), ("MODEL.sigma=2.0", "4.0", "--mode test MODEL.sigma=2.0")
+        lambda c: c.predict("MODEL.sigma=2", images=c.images()),
+        ("MODEL.sigma=2.0", "4.0", "--mode test MODEL.sigma=2.0"),
     ),
-    "predict-checkpoint-not-found": Case(lambda c: c.predict(f"RESULT.savedir={c.tmp / 'nothing'}", images=c.images()), ("checkpoint not found",)),
+    "predict-checkpoint-not-found": Case(
+        lambda c: c.predict(f"RESULT.savedir={c.tmp / 'nothing'}", images=c.images()), ("checkpoint not found",)
+    ),
     "predict-torch-from-onnx": Case(
-        lambda c: c.predict("--checkpoint", str(c.exported / "model.onnx"), images=c.images()), ("is an ONNX file", "--backend onnx")
+        lambda c: c.predict("--checkpoint", str(c.exported / "model.onnx"), images=c.images()),
+        ("is an ONNX file", "--backend onnx"),
     ),
     "predict-onnx-of-another-checkpoint": Case(  # model.onnx was exported from model.pt, not from last.pt beside it
-        lambda c: c.predict("--backend", "onnx", "--checkpoint", str(c.exported / "last.pt"), images=c.images()), ("exported from a different",)
+        lambda c: c.predict("--backend", "onnx", "--checkpoint", str(c.exported / "last.pt"), images=c.images()),
+        ("exported from a different",),
     ),
     "predict-onnx-partial-metadata": Case(
-        lambda c: c.predict("--backend", "onnx", "--checkpoint", str(onnx_without(c.exported / "model.onnx", c.tmp / "partial.onnx", "thresholds")), images=c.images()),
+        lambda c: c.predict(
+            "--backend",
+            "onnx",
+            "--checkpoint",
+            str(onnx_without(c.exported / "model.onnx", c.tmp / "partial.onnx", "thresholds")),
+            images=c.images(),
+        ),
         ("partial.onnx", "incomplete metadata", "--mode export"),
     ),
     "predict-onnx-not-ours": Case(
-        lambda c: c.predict("--backend", "onnx", "--checkpoint", str(onnx_without(c.exported / "model.onnx", c.tmp / "plain.onnx", "format")), images=c.images()),
+        lambda c: c.predict(
+            "--backend",
+            "onnx",
+            "--checkpoint",
+            str(onnx_without(c.exported / "model.onnx", c.tmp / "plain.onnx", "format")),
+            images=c.images(),
+        ),
         ("plain.onnx", "not a model exported by this toolkit"),
     ),
     "predict-onnx-edited-image-size": Case(
         lambda c: c.predict(
-            "--backend", "onnx", "--checkpoint",
+            "--backend",
+            "onnx",
+            "--checkpoint",
             str(onnx_with(c.exported / "model.onnx", c.tmp / "edited.onnx", "image_size", "[128, 64]")),
             images=c.images(),
         ),
@@ -334,7 +420,9 @@ CASES: dict[str, Case] = {
         lambda c: c.test_with(_zip_bomb(c.tmp / "bomb.pt")),
         ("bomb.pt", "records declare 3 GiB uncompressed", "nothing was decompressed"),
     ),
-    "export-scoring-override": Case(lambda c: c.predict("--mode", "export", "MODEL.deform_weight=0.3"), ("MODEL.deform_weight=0.3", "--mode test")),
+    "export-scoring-override": Case(
+        lambda c: c.predict("--mode", "export", "MODEL.deform_weight=0.3"), ("MODEL.deform_weight=0.3", "--mode test")
+    ),
 }
 
 
@@ -370,7 +458,9 @@ def test_malicious_checkpoint_is_refused_and_never_runs(kind: str, dataset: Path
     evil = tmp_path / "evil.pt"
     (write_evil_checkpoint if kind == "zip" else write_evil_pickle)(evil, marker)
     argv = ["--mode", "test", "--checkpoint", str(evil), *train_overrides(dataset, tmp_path / "runs")]
-    assert_user_error(main_in_process(*BASE, *argv), "refusing to load", "evil.pt", "would import", "system", "only tensors")
+    assert_user_error(
+        main_in_process(*BASE, *argv), "refusing to load", "evil.pt", "would import", "system", "only tensors"
+    )
     assert not marker.exists()
 
 
@@ -385,9 +475,12 @@ def test_skip_bad_images_warns_with_a_count(dataset: Path, tmp_path: Path) -> No
 # --------------------------------------------------------------------------- interrupted runs
 
 
-@pytest.mark.parametrize("interruption", [OSError(28, "No space left on device"), RuntimeError("writer crashed"), KeyboardInterrupt()])
+@pytest.mark.parametrize(
+    "interruption", [OSError(28, "No space left on device"), RuntimeError("writer crashed"), KeyboardInterrupt()]
+)
 def test_crash_during_checkpoint_write_keeps_previous(interruption: BaseException, tmp_path: Path, monkeypatch) -> None:
-    """torch.save dies half-way: the previous last.pt is intact, no temporary file is left, a disk error is a UserError."""
+    """torch.save dies half-way: the previous last.pt is intact, no temporary file is left, a disk error is a
+    UserError."""
     path = tmp_path / "last.pt"
     save_checkpoint({"step": 2, "weights": torch.arange(4.0)}, path)
     before = path.read_bytes()
@@ -414,7 +507,13 @@ def test_killed_run_resumes_to_identical_weights(trained_run, tmp_path: Path, ca
     (seed, epoch))."""
     args = trained_run.args(tmp_path / "runs", "TEST.save_images=false")
     last = tmp_path / "runs" / "dmad" / CATEGORY / "last.pt"
-    proc = subprocess.Popen([sys.executable, str(REPO / "main.py"), *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cpu_env())
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "main.py"), *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=cpu_env(),
+    )
     try:
         deadline = time.monotonic() + 600
         saved_step = 0
@@ -435,7 +534,9 @@ def test_killed_run_resumes_to_identical_weights(trained_run, tmp_path: Path, ca
     assert expected.keys() == got.keys()
     different = [k for k in expected if not torch.equal(expected[k], got[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-    assert json.loads((last.parent / "metrics.json").read_text()) == json.loads((trained_run.run_dir / "metrics.json").read_text())
+    assert json.loads((last.parent / "metrics.json").read_text()) == json.loads(
+        (trained_run.run_dir / "metrics.json").read_text()
+    )
 
 
 def test_rerunning_a_finished_run_only_reevaluates(trained_run, tmp_path: Path, caplog) -> None:
@@ -479,7 +580,9 @@ def _without(key: str, tensor: bool = False) -> Callable[[dict], dict]:
         ("missing-tensor", ("last.pt", "does not match this run's model", "RESUME.option=false")),
     ],
 )
-def test_unusable_resume_checkpoint_is_kept_and_named(damage: str, fragments: tuple[str, ...], trained_run, tmp_path: Path) -> None:
+def test_unusable_resume_checkpoint_is_kept_and_named(
+    damage: str, fragments: tuple[str, ...], trained_run, tmp_path: Path
+) -> None:
     source = trained_run.run_dir / "last.pt"
     target = tmp_path / "runs" / "dmad" / CATEGORY / "last.pt"
     target.parent.mkdir(parents=True)
@@ -491,7 +594,9 @@ def test_unusable_resume_checkpoint_is_kept_and_named(damage: str, fragments: tu
     else:
         state = torch.load(source, map_location="cpu", weights_only=True)
         assert "decoder.layer1.0.conv1.weight" in state["state_dict"]
-        change = _without("rng_torch") if damage == "missing-rng" else _without("decoder.layer1.0.conv1.weight", tensor=True)
+        change = (
+            _without("rng_torch") if damage == "missing-rng" else _without("decoder.layer1.0.conv1.weight", tensor=True)
+        )
         torch.save(change(state), target)
     before = target.read_bytes() if target.exists() else None
     assert_user_error(main_in_process(*trained_run.args(tmp_path / "runs", *extra)), *fragments)
@@ -521,7 +626,13 @@ class _NanGradient(torch.autograd.Function):
     ],
 )
 def test_non_finite_training_stops_and_keeps_last_good_checkpoint(
-    poison: str, bad_step: int, save_interval: int, fragments: tuple[str, ...], dataset: Path, tmp_path: Path, monkeypatch
+    poison: str,
+    bad_step: int,
+    save_interval: int,
+    fragments: tuple[str, ...],
+    dataset: Path,
+    tmp_path: Path,
+    monkeypatch,
 ) -> None:
     from task.anomaly.unsupervised.models.dmad import method as dmad_method
 
@@ -559,8 +670,13 @@ def test_picture_failure_does_not_lose_the_run(dataset: Path, tmp_path: Path, mo
     test_set = engine.dataset("test")
     n, (h, w) = len(test_set), test_set.size
     preds = Predictions(
-        torch.rand(n, h, w), torch.rand(n), torch.tensor(test_set.labels), None,
-        [s.path for s in test_set.samples], [s.defect for s in test_set.samples], {"deformation_map": torch.rand(n, h, w)},
+        torch.rand(n, h, w),
+        torch.rand(n),
+        torch.tensor(test_set.labels),
+        None,
+        [s.path for s in test_set.samples],
+        [s.defect for s in test_set.samples],
+        {"deformation_map": torch.rand(n, h, w)},
     )
 
     def broken(*args, **kwargs):
@@ -571,8 +687,16 @@ def test_picture_failure_does_not_lose_the_run(dataset: Path, tmp_path: Path, mo
     calibration = ImageCalibration(ScoreSample.of([0.1, 0.5]), ScoreSample.of([0.2, 0.5]), "train", 2)
     with caplog.at_level(logging.WARNING):
         evaluation.write_outputs(
-            engine, engine.run_dir, engine.method.build(engine.cfg, pretrained=False), preds, metrics, test_set, STEPS,
-            calibration, {"image": 0.5, "pixel": 0.5}, {},
+            engine,
+            engine.run_dir,
+            engine.method.build(engine.cfg, pretrained=False),
+            preds,
+            metrics,
+            test_set,
+            STEPS,
+            calibration,
+            {"image": 0.5, "pixel": 0.5},
+            {},
         )
     for name in ("model.pt", "metrics.json", "predictions.csv"):
         assert (engine.run_dir / name).is_file()
@@ -629,9 +753,17 @@ def test_failing_reporters_never_stop_training(dataset: Path, tmp_path: Path, mo
     monkeypatch.setattr(reporters, "REPORTERS", [*reporters.REPORTERS, _BrokenReporter])
     savedir = tmp_path / "runs"
     with caplog.at_level(logging.WARNING):
-        result = main_in_process(*BASE, *train_overrides(dataset, savedir), "TRAIN.num_training_steps=1", "LOG.wandb=true", "TEST.save_images=false")
+        result = main_in_process(
+            *BASE,
+            *train_overrides(dataset, savedir),
+            "TRAIN.num_training_steps=1",
+            "LOG.wandb=true",
+            "TEST.save_images=false",
+        )
     assert_ok(result)
-    assert (savedir / "dmad" / CATEGORY / "metrics.json").is_file() and (savedir / "dmad" / CATEGORY / "model.pt").is_file()
+    assert (savedir / "dmad" / CATEGORY / "metrics.json").is_file() and (
+        savedir / "dmad" / CATEGORY / "model.pt"
+    ).is_file()
     wandb_warnings = [r for r in caplog.records if "no W&B today" in r.getMessage()]
     assert len(wandb_warnings) == 1 and "W&B" in wandb_warnings[0].getMessage()
     broken = [r.getMessage() for r in caplog.records if "reporter exploded" in r.getMessage()]
@@ -643,7 +775,8 @@ def test_failing_reporters_never_stop_training(dataset: Path, tmp_path: Path, mo
 
 
 def _calls(tree: ast.AST):
-    """(call, owner, name) for ``name(...)`` (owner None) and ``owner.name(...)``; method calls on objects are skipped."""
+    """(call, owner, name) for ``name(...)`` (owner None) and ``owner.name(...)``; method calls on objects are
+    skipped."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             func = node.func
@@ -671,7 +804,14 @@ def test_source_loads_only_safe_formats() -> None:
                 flag = keywords.get("weights_only")
                 if not (isinstance(flag, ast.Constant) and flag.value is True):
                     problems.append(f"{where}:{node.lineno} torch.load without weights_only=True")
-            elif owner == "yaml" and name in ("load", "unsafe_load", "full_load", "load_all", "unsafe_load_all", "full_load_all"):
+            elif owner == "yaml" and name in (
+                "load",
+                "unsafe_load",
+                "full_load",
+                "load_all",
+                "unsafe_load_all",
+                "full_load_all",
+            ):
                 problems.append(f"{where}:{node.lineno} yaml.{name}")
             elif owner in ("pickle", "cPickle") and name in ("load", "loads", "Unpickler"):
                 problems.append(f"{where}:{node.lineno} pickle.{name}")
@@ -700,10 +840,14 @@ def test_run_directory_holds_no_credentials(trained_run) -> None:
         "last.pt": load_checkpoint(run_dir / "last.pt")["config"],
     }
     for name, config in configs.items():
-        suspicious = [k for k in _keys(config) if any(word in k.lower() for word in ("key", "token", "password", "secret"))]
+        suspicious = [
+            k for k in _keys(config) if any(word in k.lower() for word in ("key", "token", "password", "secret"))
+        ]
         assert not suspicious, f"{name}: {suspicious}"
     assert any((run_dir / "wandb").iterdir()), "the W&B offline run should have written its files"
-    leaks = [str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    leaks = [
+        str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()
+    ]
     assert not leaks, f"WANDB_API_KEY found in {leaks}"
 
 

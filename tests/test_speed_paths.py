@@ -21,7 +21,13 @@ from task.anomaly.unsupervised.models.dmad.deformation import PyramidDeformation
 from task.anomaly.unsupervised.models.dmad.torch_model import DMADModel
 from task.anomaly.unsupervised.records import Predictions
 
-TINY = ["MODEL.backbone=resnet18", "MODEL.pretrained=false", "DATASET.resize=[64,64]", "DATALOADER.batch_size=2", "TEST.batch_size=4"]
+TINY = [
+    "MODEL.backbone=resnet18",
+    "MODEL.pretrained=false",
+    "DATASET.resize=[64,64]",
+    "DATALOADER.batch_size=2",
+    "TEST.batch_size=4",
+]
 CPU = torch.device("cpu")
 DEFORMATION = "deformation_map"
 
@@ -97,10 +103,14 @@ def test_stacked_opening_conv_equals_each_head_on_its_own() -> None:
         stem = pdm.stem(x)
         features = torch.cat([pdm.refine(stem), stem], dim=1)
         for head, scale, field in (
-            (pdm.coarse_head, pdm.coarse_scale, out.coarse), (pdm.fine_head, pdm.fine_scale, out.fine),
-            (pdm.coarse_inverse_head, pdm.coarse_scale, out.coarse_inverse), (pdm.fine_inverse_head, pdm.fine_scale, out.fine_inverse),
+            (pdm.coarse_head, pdm.coarse_scale, out.coarse),
+            (pdm.fine_head, pdm.fine_scale, out.fine),
+            (pdm.coarse_inverse_head, pdm.coarse_scale, out.coarse_inverse),
+            (pdm.fine_inverse_head, pdm.fine_scale, out.fine_inverse),
         ):
-            expected = F.interpolate(head(features) * scale, (64, 96), mode="bilinear", align_corners=True).permute(0, 2, 3, 1)
+            expected = F.interpolate(head(features) * scale, (64, 96), mode="bilinear", align_corners=True).permute(
+                0, 2, 3, 1
+            )
             torch.testing.assert_close(field, expected, rtol=1e-5, atol=1e-7)
 
 
@@ -124,7 +134,9 @@ def test_bf16_evaluation_gives_float32_maps_close_to_float32(trained, test_batch
     assert bf16.anomaly_maps.dtype == torch.float32
     scale = float32_preds.anomaly_maps.abs().max()
     assert (bf16.anomaly_maps - float32_preds.anomaly_maps).abs().max() <= 0.02 * scale
-    assert (bf16.extras[DEFORMATION] - float32_preds.extras[DEFORMATION]).abs().max() <= 0.02 * float32_preds.extras[DEFORMATION].abs().max()
+    assert (bf16.extras[DEFORMATION] - float32_preds.extras[DEFORMATION]).abs().max() <= 0.02 * float32_preds.extras[
+        DEFORMATION
+    ].abs().max()
     torch.testing.assert_close(bf16.scores, float32_preds.scores, rtol=0.02, atol=0.02)
     # Smoothing runs in float32: the maps are not quantised to bf16's 256 steps per octave.
     assert bf16.anomaly_maps.unique().numel() > 0.5 * float32_preds.anomaly_maps.unique().numel()
@@ -146,14 +158,29 @@ def test_channels_last_gives_the_same_maps(trained, test_batches, float32_preds)
 def test_benchmark_mode_prints_one_json_object(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     result = main_in_process(
-        *BASE, "--mode", "benchmark", *TINY, f"DATASET.datadir={tmp_path / 'absent'}", "DATASET.demo=false",
-        f"RESULT.savedir={tmp_path / 'runs'}", "BENCHMARK.train_steps=2", "BENCHMARK.warmup=1", "BENCHMARK.eval_images=4",
+        *BASE,
+        "--mode",
+        "benchmark",
+        *TINY,
+        f"DATASET.datadir={tmp_path / 'absent'}",
+        "DATASET.demo=false",
+        f"RESULT.savedir={tmp_path / 'runs'}",
+        "BENCHMARK.train_steps=2",
+        "BENCHMARK.warmup=1",
+        "BENCHMARK.eval_images=4",
     )
     assert_ok(result)
     objects = [line for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(objects) == 1, result.stdout
     report = json.loads(objects[0])
-    for key in ("train_s_per_step", "train_images_per_s", "eval_images_per_s", "metrics_s", "peak_rss_mb", "peak_rss_train_mb"):
+    for key in (
+        "train_s_per_step",
+        "train_images_per_s",
+        "eval_images_per_s",
+        "metrics_s",
+        "peak_rss_mb",
+        "peak_rss_train_mb",
+    ):
         assert isinstance(report[key], float) and report[key] > 0, key
     assert report["peak_cuda_mb"] is None and report["device"] == "cpu" and report["dtype"] == "float32"
     assert report["batch_size"] == 2 and report["image_size"] == [64, 64] and report["backbone"] == "resnet18"

@@ -127,7 +127,9 @@ class LiveRun:
     def spawn(self, *extra: str) -> subprocess.Popen:
         """``python main.py`` in a process of its own: OpenCV's FFmpeg threads and the SIGINT stay out of pytest's."""
         command = [sys.executable, str(REPO / "main.py"), *self.args, *extra]
-        return subprocess.Popen(command, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            command, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
 
 
 @pytest.fixture(scope="module")

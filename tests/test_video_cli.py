@@ -16,7 +16,16 @@ from task.anomaly.unsupervised.scoring.score_file import read_scores
 
 def test_training_writes_every_video_output(video_run: Path) -> None:
     out = run_dir(video_run)
-    for name in ("model.pt", "last.pt", "metrics.json", "run.json", "frame_scores.csv", "scores.npz", "video_demo.gif", "train.log"):
+    for name in (
+        "model.pt",
+        "last.pt",
+        "metrics.json",
+        "run.json",
+        "frame_scores.csv",
+        "scores.npz",
+        "video_demo.gif",
+        "train.log",
+    ):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "plots").iterdir()) == [f"{i:02d}.png" for i in range(1, 7)]
     assert sorted(p.name for p in (out / "curves").iterdir()) == ["pr_frame.png", "roc_frame.png"]  # paper, online
@@ -33,7 +42,9 @@ def test_training_writes_every_video_output(video_run: Path) -> None:
 
 def test_score_mode_recomputes_the_metrics_from_scores_npz(video_run: Path) -> None:
     out = run_dir(video_run)
-    result = main_in_process(*video_args(out.parent.parent.parent, video_run, "--input", str(out / "scores.npz"), mode="score"))
+    result = main_in_process(
+        *video_args(out.parent.parent.parent, video_run, "--input", str(out / "scores.npz"), mode="score")
+    )
     assert_ok(result)
     recomputed = json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])
     metrics = json.loads((out / "metrics.json").read_text())
@@ -46,7 +57,13 @@ def test_resume_continues_from_last_pt(video_data: Path, video_run: Path, tmp_pa
     savedir = tmp_path / "runs"
     shutil.copytree(video_run, savedir)
     caplog.set_level("INFO")
-    assert_ok(main_in_process(*video_args(video_data, savedir, "TRAIN.num_training_steps=3", "TRAIN.save_interval=1", "TEST.save_images=false")))
+    assert_ok(
+        main_in_process(
+            *video_args(
+                video_data, savedir, "TRAIN.num_training_steps=3", "TRAIN.save_interval=1", "TEST.save_images=false"
+            )
+        )
+    )
     assert "resumed from" in caplog.text and "at step 2" in caplog.text
     assert torch.load(run_dir(savedir) / "last.pt", weights_only=True)["step"] == 3
 
@@ -80,7 +97,9 @@ def _copy(src: Path, dst: Path) -> Path:
         ("deformation-window-too-large", ("MODEL.deformation_window=[1000, 1000] is larger than the frames", "64, 64")),
     ],
 )
-def test_bad_video_input_is_a_one_line_error(video_data: Path, tmp_path: Path, breakage: str, needles: tuple[str, ...]) -> None:
+def test_bad_video_input_is_a_one_line_error(
+    video_data: Path, tmp_path: Path, breakage: str, needles: tuple[str, ...]
+) -> None:
     data = _copy(video_data, tmp_path / "data")
     root = data / "video_demo"
     labels = next(root.glob("frame_labels_*.npy"))
@@ -100,8 +119,10 @@ def test_bad_video_input_is_a_one_line_error(video_data: Path, tmp_path: Path, b
             _write_video(root / "testing" / "videos" / name, fourcc)
     elif breakage == "test-name-trailing-space":
         (root / "testing" / "frames" / "03").rename(root / "testing" / "frames" / "03 ")
-    extra = {"smooth-window-too-long": ["SCORE.SMOOTH.size=100", "SCORE.SMOOTH.weights=null"],
-             "deformation-window-too-large": ["MODEL.deformation_window=[1000,1000]"]}.get(breakage, [])
+    extra = {
+        "smooth-window-too-long": ["SCORE.SMOOTH.size=100", "SCORE.SMOOTH.weights=null"],
+        "deformation-window-too-large": ["MODEL.deformation_window=[1000,1000]"],
+    }.get(breakage, [])
     result = main_in_process(*video_args(data, tmp_path / "runs", "TRAIN.num_training_steps=1", *extra))
     assert_user_error(result, *needles)
     assert not (tmp_path / "runs" / "dmad" / "video_demo" / "model.pt").exists()
@@ -152,7 +173,14 @@ def test_per_video_backgrounds_stay_the_training_videos(video_data: Path, tmp_pa
     data = _copy(video_data, tmp_path / "data")
     shutil.rmtree(data / "video_demo" / "training" / "frames" / "06")
     per_video = ["DATASET.background=per_video", "MODEL.num_backgrounds=null", "TEST.save_images=false"]
-    args = video_args(data, tmp_path / "runs", *per_video, "TRAIN.num_training_steps=2", "TRAIN.save_interval=1", "LOG.eval_interval=1")
+    args = video_args(
+        data,
+        tmp_path / "runs",
+        *per_video,
+        "TRAIN.num_training_steps=2",
+        "TRAIN.save_interval=1",
+        "LOG.eval_interval=1",
+    )
     assert_ok(main_in_process(*args))
     out = run_dir(tmp_path / "runs")
     for name in ("model.pt", "last.pt"):
@@ -161,11 +189,22 @@ def test_per_video_backgrounds_stay_the_training_videos(video_data: Path, tmp_pa
     assert_ok(main_in_process(*video_args(data, tmp_path / "runs", *per_video, "SCORE.ONLINE.window=5", mode="test")))
 
 
-def test_a_scoring_override_at_predict_follows_the_settings_rule(video_data: Path, video_run: Path, tmp_path: Path) -> None:
+def test_a_scoring_override_at_predict_follows_the_settings_rule(
+    video_data: Path, video_run: Path, tmp_path: Path
+) -> None:
     """The checkpoint's calibration belongs to its score settings: a differing override is an error naming both."""
     frames = video_data / "video_demo" / "testing" / "frames" / "01"
     result = main_in_process(
-        *video_args(video_data, video_run, "--input", str(frames), "--output", str(tmp_path / "out"), "MODEL.prediction_score=mse", mode="predict")
+        *video_args(
+            video_data,
+            video_run,
+            "--input",
+            str(frames),
+            "--output",
+            str(tmp_path / "out"),
+            "MODEL.prediction_score=mse",
+            mode="predict",
+        )
     )
     assert_user_error(result, "MODEL.prediction_score='mse'", "'l1'", "--mode test MODEL.prediction_score=mse")
     assert not (tmp_path / "out").exists()

@@ -23,10 +23,18 @@ SIZE = 8
 
 
 def config(root: Path, target: str, clip_length: int = 2, labels: str | None = None, grayscale: bool = False) -> Config:
-    return Config({
-        "datadir": str(root), "target": target, "resize": [SIZE, SIZE], "cache": True,
-        "clip_length": clip_length, "labels": labels, "grayscale": grayscale, "background": "shared",
-    })
+    return Config(
+        {
+            "datadir": str(root),
+            "target": target,
+            "resize": [SIZE, SIZE],
+            "cache": True,
+            "clip_length": clip_length,
+            "labels": labels,
+            "grayscale": grayscale,
+            "background": "shared",
+        }
+    )
 
 
 def frame(value: int, size: int = SIZE) -> np.ndarray:
@@ -149,7 +157,9 @@ def test_video_file_decoding_and_seeking(tmp_path: Path, suffix: str, fourcc: st
 def test_shanghaitech_and_avenue_video_layouts(tmp_path: Path) -> None:
     write_video(tmp_path / "shanghaitech" / "training" / "videos" / "01_001.avi", [10, 20, 30, 40], "MJPG")
     (tmp_path / "shanghaitech" / "training" / "frames").mkdir()  # empty: the videos are used
-    write_frames(tmp_path / "shanghaitech" / "testing" / "frames" / "01_0014", [1, 2, 3], ["000.jpg", "001.jpg", "002.jpg"])
+    write_frames(
+        tmp_path / "shanghaitech" / "testing" / "frames" / "01_0014", [1, 2, 3], ["000.jpg", "001.jpg", "002.jpg"]
+    )
     write_video(tmp_path / "avenue" / "training_videos" / "01.avi", [10, 20, 30], "MJPG")
     write_video(tmp_path / "avenue" / "testing_videos" / "02.avi", [10, 20, 30], "MJPG")
     [train] = scan_videos(config(tmp_path, "shanghaitech"), "train")
@@ -165,7 +175,10 @@ def test_shanghaitech_and_avenue_video_layouts(tmp_path: Path) -> None:
 def test_clip_items(tmp_path: Path) -> None:
     write_frames(tmp_path / "a", [10, 20, 30, 40], ["1.png", "2.png", "3.png", "4.png"])
     write_frames(tmp_path / "b", [50, 60, 70], ["1.png", "2.png", "3.png"])
-    videos = attach_labels([video_from_path(tmp_path / "a"), video_from_path(tmp_path / "b")], [np.array([0, 0, 1, 1]), np.array([0, 1, 0])])
+    videos = attach_labels(
+        [video_from_path(tmp_path / "a"), video_from_path(tmp_path / "b")],
+        [np.array([0, 0, 1, 1]), np.array([0, 1, 0])],
+    )
     videos[1].labels = None
     dataset = ClipDataset(videos, 2, (SIZE, SIZE), False, True)
     assert len(dataset) == 2 + 1
@@ -173,7 +186,9 @@ def test_clip_items(tmp_path: Path) -> None:
     assert item["clip"].shape == (2, 3, SIZE, SIZE) and item["target"].shape == (3, SIZE, SIZE)
     assert item["clip"].is_contiguous() and item["clip"].dtype == torch.float32
     expected = torch.tensor([[20, 235, 10], [30, 225, 15], [40, 215, 20]], dtype=torch.float32) / 127.5 - 1
-    assert torch.allclose(item["clip"][:, :, 0, 0], expected[:2]) and torch.allclose(item["target"][:, 0, 0], expected[2])
+    assert torch.allclose(item["clip"][:, :, 0, 0], expected[:2]) and torch.allclose(
+        item["target"][:, 0, 0], expected[2]
+    )
     assert (int(item["video"]), int(item["frame"]), int(item["label"])) == (0, 3, 1)
     last = dataset[2]
     assert (int(last["video"]), int(last["frame"]), int(last["label"])) == (1, 2, -1)
@@ -200,7 +215,9 @@ def test_pixels_match_official_decoding_up_to_channel_order(tmp_path: Path) -> N
 
 def make_test_videos(tmp_path: Path, target: str, counts: list[int], layout: str = "testing/frames") -> list:
     for k, count in enumerate(counts, start=1):
-        write_frames(tmp_path / target / layout / f"{k:02d}", list(range(count)), [f"{i}.png" for i in range(1, count + 1)])
+        write_frames(
+            tmp_path / target / layout / f"{k:02d}", list(range(count)), [f"{i}.png" for i in range(1, count + 1)]
+        )
     return scan_videos(config(tmp_path, target), "test")
 
 
@@ -249,7 +266,10 @@ def test_labels_shanghaitech_frame_masks(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"02\.npy have 3 values but video .*02 has 4 frames"):
         load_frame_labels(config(tmp_path, "shanghaitech"), videos, 2)
     np.save(masks / "02.npy", np.array([1, 0, 0, 0]))
-    assert [g.tolist() for g in load_frame_labels(config(tmp_path, "shanghaitech"), videos, 2)] == [[0, 1, 1], [1, 0, 0, 0]]
+    assert [g.tolist() for g in load_frame_labels(config(tmp_path, "shanghaitech"), videos, 2)] == [
+        [0, 1, 1],
+        [1, 0, 0, 0],
+    ]
 
 
 def test_labels_ucsd_m_file(tmp_path: Path) -> None:
@@ -259,7 +279,9 @@ def test_labels_ucsd_m_file(tmp_path: Path) -> None:
     )
     got = load_frame_labels(config(tmp_path, "UCSDped2"), videos, 2)
     assert [g.tolist() for g in got] == [[0, 1, 1, 1, 0, 0], [1, 1, 0, 0, 1]]
-    (tmp_path / "UCSDped2" / "Test" / "UCSDped2.m").write_text("TestDataset.gt_frame{1} = [2:7];\nTestDataset.gt_frame{2} = [1:2];\n")
+    (tmp_path / "UCSDped2" / "Test" / "UCSDped2.m").write_text(
+        "TestDataset.gt_frame{1} = [2:7];\nTestDataset.gt_frame{2} = [1:2];\n"
+    )
     with pytest.raises(UserError, match=r"range 2:7 lies outside frames 1\.\.6"):
         load_frame_labels(config(tmp_path, "UCSDped2"), videos, 2)
 
@@ -445,7 +467,10 @@ def test_background_for_shared_per_video_and_cache(tmp_path: Path) -> None:
     videos = [video_from_path(tmp_path / "a"), video_from_path(tmp_path / "b")]
     per_video = background_for(videos, (SIZE, SIZE), False, True, tmp_path / "cache")
     assert per_video.shape == (2, SIZE, SIZE, 3) and per_video.dtype == np.uint8
-    assert per_video[0, 0, 0].tolist() == frame(10)[0, 0].tolist() and per_video[1, 0, 0].tolist() == frame(90)[0, 0].tolist()
+    assert (
+        per_video[0, 0, 0].tolist() == frame(10)[0, 0].tolist()
+        and per_video[1, 0, 0].tolist() == frame(90)[0, 0].tolist()
+    )
     shared = background_for(videos, (SIZE, SIZE), True, False, tmp_path / "cache")
     assert shared.shape == (1, SIZE, SIZE, 1)
     grey = np.concatenate([frames_of(v, (SIZE, SIZE), True) for v in videos])  # all 7 frames: under MAX_FRAMES

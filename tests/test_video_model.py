@@ -19,7 +19,13 @@ from task.anomaly.unsupervised.models.dmad_video.decoder import coordinate_chann
 from task.anomaly.unsupervised.models.dmad_video.deformation import Fields
 from task.anomaly.unsupervised.models.dmad_video.loss import LossWeights, VideoLoss, gradient_difference, smoothness_map
 from task.anomaly.unsupervised.models.dmad_video.official_import import convert_official
-from task.anomaly.unsupervised.models.dmad_video.scores import ScoreSettings, error_map, frame_scores, object_scores, window_max
+from task.anomaly.unsupervised.models.dmad_video.scores import (
+    ScoreSettings,
+    error_map,
+    frame_scores,
+    object_scores,
+    window_max,
+)
 from task.anomaly.unsupervised.models.dmad_video.torch_model import (
     VideoDMADModel,
     VideoOutput,
@@ -33,7 +39,9 @@ from task.common.warping import identity_grid
 GOLDEN = Path(__file__).parent / "golden" / "pdm_ped2_256.npz"
 
 
-def small_model(preset: str = "ped2", channels: int = 3, size: tuple[int, int] = (32, 32), num_videos: int = 3) -> VideoDMADModel:
+def small_model(
+    preset: str = "ped2", channels: int = 3, size: tuple[int, int] = (32, 32), num_videos: int = 3
+) -> VideoDMADModel:
     """A preset's architecture with tiny widths (memory_dim 32 -> widths 4, 8, 16, 32)."""
     torch.manual_seed(0)
     cfg = {**PRESETS[preset]["MODEL"], "channels": channels, "memory_dim": 32, "memory_size": 10}
@@ -64,7 +72,9 @@ def golden_inputs(seed: int, batch: int, size: int, backgrounds: int) -> tuple[t
     return clip, torch.rand(backgrounds, 3, size, size, generator=g) * 2 - 1
 
 
-@pytest.mark.parametrize("preset,channels,size", [("ped2", 3, (32, 32)), ("avenue", 1, (32, 48)), ("shanghaitech", 1, (48, 32))])
+@pytest.mark.parametrize(
+    "preset,channels,size", [("ped2", 3, (32, 32)), ("avenue", 1, (32, 48)), ("shanghaitech", 1, (48, 32))]
+)
 def test_shapes(preset: str, channels: int, size: tuple[int, int]) -> None:
     model = small_model(preset, channels, size)
     h, w = size
@@ -99,7 +109,15 @@ def test_gradients_reach_the_right_parameters() -> None:
     model.zero_grad(set_to_none=True)
     total, terms = VideoLoss(LossWeights.from_config(PRESETS["ped2"]["MODEL"]))(out, clip[:, -1])
     total.backward()
-    for part in ("encoder.stage1", "encoder.stage4", "encoder.skip3", "encoder.mask", "decoder", "deformation", "memory"):
+    for part in (
+        "encoder.stage1",
+        "encoder.stage4",
+        "encoder.skip3",
+        "encoder.mask",
+        "decoder",
+        "deformation",
+        "memory",
+    ):
         grads = [p.grad for n, p in model.named_parameters() if n.startswith(part)]
         assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), part
     # ... only the plain background term trains it: d MSE(b, x) / db = 2 * sum_batch(b - x) / numel.
@@ -108,7 +126,8 @@ def test_gradients_reach_the_right_parameters() -> None:
 
 
 def test_skips_do_not_train_the_encoder_stages() -> None:
-    """The skips read detached encoder features (as the official model): a loss on them alone leaves stage3 untouched."""
+    """The skips read detached encoder features (as the official model): a loss on them alone leaves stage3
+    untouched."""
     model = small_model("ped2")
     _, skip3, skip4, _ = model.encoder(torch.rand(1, 12, 32, 32))
     (skip3.sum() + skip4.sum()).backward()
@@ -148,8 +167,18 @@ def _output(prediction: torch.Tensor, coarse_field: torch.Tensor, mask: torch.Te
     zero = torch.zeros(b, h, w, 2)
     grid = identity_grid(b, h, w, torch.device("cpu"), torch.float32)
     mask = torch.ones(b, 1, h, w) if mask is None else mask
-    return VideoOutput(prediction, prediction, prediction, Fields(coarse_field, zero, grid, grid), mask, mask,
-                       torch.zeros(1, prediction.shape[1], h, w), torch.zeros(()), torch.zeros(()), torch.zeros(b, h // 8, w // 8))
+    return VideoOutput(
+        prediction,
+        prediction,
+        prediction,
+        Fields(coarse_field, zero, grid, grid),
+        mask,
+        mask,
+        torch.zeros(1, prediction.shape[1], h, w),
+        torch.zeros(()),
+        torch.zeros(()),
+        torch.zeros(b, h // 8, w // 8),
+    )
 
 
 def test_scores_on_hand_built_inputs() -> None:
@@ -166,7 +195,9 @@ def test_scores_on_hand_built_inputs() -> None:
     # A constant error e: l1 = e, mse = e^2; a (4, 4) window fits inside and sums the 3 channels' box means: 3 e^2.
     shifted = _output(target + 0.1, field)
     for kind, expected in (("l1", 0.1), ("mse", 0.01), ("window", 0.03)):
-        value = frame_scores(shifted, target, ScoreSettings(prediction_score=kind, prediction_window=(4, 4)))["prediction"]
+        value = frame_scores(shifted, target, ScoreSettings(prediction_score=kind, prediction_window=(4, 4)))[
+            "prediction"
+        ]
         torch.testing.assert_close(value, torch.full((2,), expected))  # float32 rounding of sums of 4800 terms
 
 
@@ -210,8 +241,15 @@ def test_loss_terms_add_up() -> None:
     clip = torch.rand(2, 4, 3, 32, 32) * 2 - 1
     out = model(clip, torch.tensor([0, 1]))
     total, t = VideoLoss(LossWeights.from_config(cfg))(out, clip[:, -1])
-    expected = (t["warped_mse"] + t["prediction_mse"] + t["gradient"] + t["vq"] + t["commitment"]
-                + 0.25 * (t["field_coarse"] + t["field_fine"] + t["smoothness"]) + t["background"])
+    expected = (
+        t["warped_mse"]
+        + t["prediction_mse"]
+        + t["gradient"]
+        + t["vq"]
+        + t["commitment"]
+        + 0.25 * (t["field_coarse"] + t["field_fine"] + t["smoothness"])
+        + t["background"]
+    )
     torch.testing.assert_close(total, expected)
     assert all(torch.isfinite(v) for v in t.values())
 
@@ -241,7 +279,8 @@ def test_grids_follow_dtype_and_size() -> None:
     assert grid.dtype == torch.float64 and grid.shape == (2, 3, 5, 2)
     assert grid[0, 0, :, 0].tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0] and grid[0, :, 0, 1].tolist() == [-1.0, 0.0, 1.0]
     coords = coordinate_channels(1, 64, 32, torch.device("cpu"), torch.float64)
-    # Official layout for 64 rows (32 blocks of 2): coarse = 2 * (i // 2) / 31 - 1, fine = 2 * (i / 63 - (i // 2) / 31) - 1.
+    # Official layout for 64 rows (32 blocks of 2): coarse = 2 * (i // 2) / 31 - 1, fine = 2 * (i / 63 - (i // 2) / 31)
+    # - 1.
     i = torch.arange(64.0, dtype=torch.float64)
     torch.testing.assert_close(coords[0, 1, :, 0], 2 * torch.div(i, 2, rounding_mode="floor") / 31 - 1)
     torch.testing.assert_close(coords[0, 0, :, 0], 2 * (i / 63 - torch.div(i, 2, rounding_mode="floor") / 31) - 1)
@@ -279,13 +318,18 @@ def test_golden_parity_with_the_official_model() -> None:
         scores = frame_scores(out, clip[:, 4], ScoreSettings.from_config(PRESETS["ped2"]["MODEL"]))
         _, terms = VideoLoss(LossWeights.from_config(PRESETS["ped2"]["MODEL"]))(out, clip[:, 4])
     ours = {
-        "prediction": out.prediction[0, :, ::16, ::16], "prototype": out.prototype[0, :, ::16, ::16],
-        "field_coarse": out.fields.coarse[0, ::16, ::16], "field_fine": out.fields.fine[0, ::16, ::16],
+        "prediction": out.prediction[0, :, ::16, ::16],
+        "prototype": out.prototype[0, :, ::16, ::16],
+        "field_coarse": out.fields.coarse[0, ::16, ::16],
+        "field_fine": out.fields.fine[0, ::16, ::16],
     }
     for key, value in ours.items():
         ref = torch.from_numpy(golden[key])
         assert (value - ref).abs().max() <= 1e-4 * (ref.max() - ref.min()), key
-    for key, value in {**{f"score_{k}": v[0] for k, v in scores.items()}, **{f"loss_{k}": v for k, v in terms.items()}}.items():
+    for key, value in {
+        **{f"score_{k}": v[0] for k, v in scores.items()},
+        **{f"loss_{k}": v for k, v in terms.items()},
+    }.items():
         assert value.item() == pytest.approx(float(golden[key]), rel=1e-4), key
 
 
@@ -313,7 +357,9 @@ class _Evil:
         return (os.system, ("touch " + str(Path(os.environ["PDM_TEST_MARKER"])),))
 
 
-def test_convert_official_reads_a_module_pickle_without_running_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_convert_official_reads_a_module_pickle_without_running_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source = convAE()
     source.payload = _Evil()
     marker = tmp_path / "executed"
@@ -322,12 +368,21 @@ def test_convert_official_reads_a_module_pickle_without_running_it(tmp_path: Pat
     torch.save(source, path)
     converted = convert_official(path)
     assert not marker.exists()
-    assert set(converted) == {"memory.codebook.weight", "background.template", "deformation.stem.0.conv.weight",
-                              "deformation.stem.1.weight", "deformation.stem.1.bias", "deformation.stem.1.running_mean",
-                              "deformation.stem.1.running_var", "deformation.stem.1.num_batches_tracked"}
+    assert set(converted) == {
+        "memory.codebook.weight",
+        "background.template",
+        "deformation.stem.0.conv.weight",
+        "deformation.stem.1.weight",
+        "deformation.stem.1.bias",
+        "deformation.stem.1.running_mean",
+        "deformation.stem.1.running_var",
+        "deformation.stem.1.num_batches_tracked",
+    }
     assert torch.equal(converted["memory.codebook.weight"], source.vq_layer.embedding.weight.detach())
     assert torch.equal(converted["background.template"], source.bkg.detach()[None])
-    assert torch.equal(converted["deformation.stem.0.conv.weight"], source.offset_net.conv_offset1[0].conv.weight.detach())
+    assert torch.equal(
+        converted["deformation.stem.0.conv.weight"], source.offset_net.conv_offset1[0].conv.weight.detach()
+    )
     state_path = tmp_path / "state.pth"
     torch.save(collections.OrderedDict(source.state_dict()), state_path)
     assert set(convert_official(state_path)) == set(converted)

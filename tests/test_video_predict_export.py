@@ -135,7 +135,9 @@ def _check_outputs(out_dir: Path, name: str, result) -> list[dict[str, str]]:
     return rows
 
 
-def test_predict_on_a_frame_folder_and_on_an_mp4(video_run: VideoRun, inputs: dict[str, Path], torch_rows, tmp_path: Path) -> None:
+def test_predict_on_a_frame_folder_and_on_an_mp4(
+    video_run: VideoRun, inputs: dict[str, Path], torch_rows, tmp_path: Path
+) -> None:
     result = video_run.call("--mode", "predict", "--input", str(inputs["mp4"]), "--output", str(tmp_path))
     assert_ok(result)
     _check_outputs(tmp_path, "street", result)  # the same frames as the folder, through the lossy mp4v codec
@@ -162,7 +164,13 @@ def test_export_writes_a_checked_onnx_with_metadata(video_run: VideoRun, exporte
     assert len(relatives) == 5 and all(r <= TOLERANCE for r in relatives), report
     model = onnx.load(video_run.run_dir / "model.onnx")
     assert [i.name for i in model.graph.input] == ["clip", "target"]  # one shared template: baked in
-    assert [o.name for o in model.graph.output] == ["predicted_frame", "error_map", "score_deformation", "score_prediction", "score_gradient"]
+    assert [o.name for o in model.graph.output] == [
+        "predicted_frame",
+        "error_map",
+        "score_deformation",
+        "score_prediction",
+        "score_gradient",
+    ]
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["format"] == VIDEO_ONNX_FORMAT and meta["clip_length"] == str(CLIP) and meta["channels"] == "1"
     assert json.loads(meta["image_size"]) == [SIZE, SIZE] and json.loads(meta["unexported_scores"]) == []
@@ -214,13 +222,23 @@ def test_one_line_errors(video_run: VideoRun, inputs: dict[str, Path], tmp_path:
     image_run = tmp_path / "image" / "model.pt"
     image_run.parent.mkdir()
     torch.save({**state, "format": "tnvision-dmad"}, image_run)  # what an image run's model.pt says it is
-    assert_user_error(video_run.call(*predict, "--input", str(inputs["folder"]), "--checkpoint", str(image_run)), str(image_run))
+    assert_user_error(
+        video_run.call(*predict, "--input", str(inputs["folder"]), "--checkpoint", str(image_run)), str(image_run)
+    )
 
     del state["calibration"]
     uncalibrated = tmp_path / "uncalibrated" / "model.pt"
     uncalibrated.parent.mkdir()
     torch.save(state, uncalibrated)
     for mode in (predict, ("--mode", "export")):
-        assert_user_error(video_run.call(*mode, "--input", str(inputs["folder"]), "--checkpoint", str(uncalibrated)), "no video calibration")
-    assert_user_error(video_run.call(*predict, "--input", str(inputs["folder"]), "--backend", "onnx", "--checkpoint", str(uncalibrated)), "run --mode export")
+        assert_user_error(
+            video_run.call(*mode, "--input", str(inputs["folder"]), "--checkpoint", str(uncalibrated)),
+            "no video calibration",
+        )
+    assert_user_error(
+        video_run.call(
+            *predict, "--input", str(inputs["folder"]), "--backend", "onnx", "--checkpoint", str(uncalibrated)
+        ),
+        "run --mode export",
+    )
     assert not (tmp_path / "out").exists() and not (uncalibrated.parent / "model.onnx").exists()

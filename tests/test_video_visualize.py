@@ -99,7 +99,7 @@ def test_cursor_follows_the_frame():
     for index in (10, 30):
         picture = render_video_frame(frame, error, (0.0, 1.0), plot, index / (num_frames - 1), 0.7, 0.5, 1, "c")
         assert picture.shape[1] == SIZE[1]
-        bottom = picture[-SIZE[0]:]
+        bottom = picture[-SIZE[0] :]
         x = plot_x(index, num_frames, SIZE[1])
         assert _column_is(bottom, x, CURSOR, rows)
         assert np.count_nonzero(np.all(bottom[rows] == CURSOR, axis=-1).any(axis=0)) == 2  # 2 px wide, nowhere else
@@ -109,14 +109,20 @@ def test_cursor_follows_the_frame():
 
 def test_small_frames_are_upscaled_and_sizes_add_up():
     plot = render_score_plot(np.zeros(3), np.arange(3), 3, None, None, "t", SIZE)
-    picture = render_video_frame(np.zeros((32, 48, 3), np.uint8), np.zeros((8, 12)), (0, 1), plot, 0.0, 0.0, None, None, "c")
+    picture = render_video_frame(
+        np.zeros((32, 48, 3), np.uint8), np.zeros((8, 12)), (0, 1), plot, 0.0, 0.0, None, None, "c"
+    )
     title = picture.shape[0] - SIZE[0] - 128
     assert title > 0 and picture.shape[1] == SIZE[1]
     assert np.all(picture[title : title + 128, (SIZE[1] - 2 * 192) // 2 + 100] == 0)  # inside the upscaled frame
 
 
 def test_degenerate_plots_render():
-    for scores, frames in [(np.zeros(0), np.zeros(0, np.int64)), (np.full(5, 2.5), np.arange(5)), (np.ones(1), np.array([0]))]:
+    for scores, frames in [
+        (np.zeros(0), np.zeros(0, np.int64)),
+        (np.full(5, 2.5), np.arange(5)),
+        (np.ones(1), np.array([0])),
+    ]:
         plot = render_score_plot(scores, frames, 5, np.array([0, 1, 1, 0, 1]), 2.5, "t", SIZE)
         assert plot.shape == (*SIZE, 3) and plot.dtype == np.uint8
     assert render_score_plot(np.zeros(1), np.array([0]), 1, None, None, "t", SIZE).shape == (*SIZE, 3)
@@ -133,7 +139,9 @@ def test_nan_and_bad_input_raise():
         gif_frame_positions(3, np.array([0.0, np.inf, 1.0]), None, 2)
     plot = render_score_plot(np.zeros(2), np.arange(2), 2, None, None, "t", SIZE)
     with pytest.raises(ValueError):
-        render_video_frame(np.zeros((8, 8, 3), np.uint8), np.full((8, 8), np.nan), (0, 1), plot, 0.0, 0.0, None, None, "c")
+        render_video_frame(
+            np.zeros((8, 8, 3), np.uint8), np.full((8, 8), np.nan), (0, 1), plot, 0.0, 0.0, None, None, "c"
+        )
 
 
 def test_selection_keeps_the_maximum_and_the_events():
@@ -166,7 +174,19 @@ def test_gif_decodes_to_the_chosen_frames(tmp_path):
     labels[:2] = -1
     labels[15:20] = 1
     targets = [tmp_path / "a" / "v.gif", tmp_path / "b.gif"]
-    picks = write_video_gif(frames, error_maps, scores, frame_indices, num_frames, labels, 0.8, "video", targets, max_frames=8, max_width=400)
+    picks = write_video_gif(
+        frames,
+        error_maps,
+        scores,
+        frame_indices,
+        num_frames,
+        labels,
+        0.8,
+        "video",
+        targets,
+        max_frames=8,
+        max_width=400,
+    )
     assert len(picks) == 8 and int(np.argmax(scores)) in picks
     data = targets[0].read_bytes()
     assert data == targets[1].read_bytes()

@@ -128,7 +128,11 @@ def test_a_signal_stops_the_watch_cleanly(trained_run, tmp_path: Path) -> None:
     args = trained_run.args(None, "--mode", "predict", "--input", str(inbox), "--output", str(out), "--watch")
     process = subprocess.Popen(
         [sys.executable, str(REPO / "main.py"), *args, "--duration", "120"],
-        cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        env=cpu_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 100

@@ -28,7 +28,12 @@ import numpy as np
 from task.common.errors import UserError, short_text
 
 __all__ = [
-    "MAX_ARRAY_BYTES", "MAX_NPZ_MEMBERS", "check_file_size", "check_zip_expansion", "load_npy", "load_npz",
+    "MAX_ARRAY_BYTES",
+    "MAX_NPZ_MEMBERS",
+    "check_file_size",
+    "check_zip_expansion",
+    "load_npy",
+    "load_npz",
     "zip_expansion_limit",
 ]
 
@@ -62,8 +67,9 @@ def check_file_size(path: Path, what: str, fix: str, limit: int) -> int:
     if info.st_size == 0:
         raise UserError(f"{what} {shown} is empty (0 bytes); {fix}")
     if info.st_size > limit:
-        raise UserError(f"{what} {shown} holds {_gib(info.st_size)}, more than the {_gib(limit)} such a file may "
-                        f"hold; {fix}")
+        raise UserError(
+            f"{what} {shown} holds {_gib(info.st_size)}, more than the {_gib(limit)} such a file may hold; {fix}"
+        )
     return info.st_size
 
 

@@ -62,16 +62,22 @@ class Field:
         if isinstance(value, bool) and bool not in self.types:
             raise UserError(f"config key {key} expects {self.type_names()}, got {short_repr(value)}")
         if not isinstance(value, self.types):
-            raise UserError(f"config key {key} expects {self.type_names()}, got {short_repr(value)} ({type(value).__name__})")
+            raise UserError(
+                f"config key {key} expects {self.type_names()}, got {short_repr(value)} ({type(value).__name__})"
+            )
         if self.choices is not None and value not in self.choices:
-            raise UserError(f"config key {key} must be one of {', '.join(map(str, self.choices))}; got {short_repr(value)}")
+            raise UserError(
+                f"config key {key} must be one of {', '.join(map(str, self.choices))}; got {short_repr(value)}"
+            )
         if isinstance(value, list):
             if self.length is not None and len(value) != self.length:
                 raise UserError(f"config key {key} expects a list of {self.length} items, got {short_repr(value)}")
             if self.item_type is not None:
                 value = [_as_float(v) for v in value] if self.item_type is float else value
                 if not all(isinstance(v, self.item_type) and not isinstance(v, bool) for v in value):
-                    raise UserError(f"config key {key} expects a list of {self.item_type.__name__}, got {short_repr(value)}")
+                    raise UserError(
+                        f"config key {key} expects a list of {self.item_type.__name__}, got {short_repr(value)}"
+                    )
         for number in value if isinstance(value, list) else [value]:
             self._check_range(key, number)
         return value
@@ -80,12 +86,17 @@ class Field:
         if isinstance(number, bool) or not isinstance(number, (int, float)):
             return
         if isinstance(number, float) and not math.isfinite(number):
-            raise UserError(f"config key {key} must be a finite number, got {number!r}; default is {short_repr(self.default)}")
+            raise UserError(
+                f"config key {key} must be a finite number, got {number!r}; default is {short_repr(self.default)}"
+            )
         low = self.min is not None and (number <= self.min if self.min_exclusive else number < self.min)
         high = self.max is not None and (number >= self.max if self.max_exclusive else number > self.max)
         if low or high or (self.multiple_of is not None and number % self.multiple_of):
             why = f" ({self.reason})" if self.reason else ""
-            raise UserError(f"config key {key} must be {self.range_text()}{why}, got {short_repr(number)}; default is {short_repr(self.default)}")
+            raise UserError(
+                f"config key {key} must be {self.range_text()}{why}, got {short_repr(number)}; default is "
+                f"{short_repr(self.default)}"
+            )
 
     def range_text(self) -> str:
         """E.g. '> 0', '>= 1', 'in [0, 1)', 'a multiple of 32 and >= 64'."""
@@ -93,7 +104,10 @@ class Field:
         if self.multiple_of is not None:
             parts.append(f"a multiple of {self.multiple_of}")
         if self.min is not None and self.max is not None:
-            parts.append(f"in {'(' if self.min_exclusive else '['}{_number(self.min)}, {_number(self.max)}{')' if self.max_exclusive else ']'}")
+            parts.append(
+                f"in {'(' if self.min_exclusive else '['}{_number(self.min)}, "
+                f"{_number(self.max)}{')' if self.max_exclusive else ']'}"
+            )
         elif self.min is not None:
             parts.append(f"{'>' if self.min_exclusive else '>='} {_number(self.min)}")
         elif self.max is not None:
@@ -165,7 +179,8 @@ class Config:
                 parent = ".".join(parts[:depth]) or "the top level"
                 raise UserError(
                     f"config key {short_text(dotted)} is missing (no {short_text(part)} under {short_text(parent)}); "
-                    "the config was probably saved by an older version of this toolkit: re-create that file with this version"
+                    "the config was probably saved by an older version of this toolkit: re-create that file with this "
+                    "version"
                 )
             node = node[part]
         return node
@@ -187,7 +202,9 @@ def _unknown_key(key: str, valid: list[str]) -> UserError:
 
 def _merge(schema: Schema, target: dict[str, Any], source: Any, prefix: str) -> None:
     if not isinstance(source, dict):
-        raise UserError(f"config section {short_text(prefix.rstrip('.')) or '<top>'} must be a mapping, got {short_repr(source)}")
+        raise UserError(
+            f"config section {short_text(prefix.rstrip('.')) or '<top>'} must be a mapping, got {short_repr(source)}"
+        )
     for key, value in source.items():
         key = str(key)
         dotted = prefix + key
@@ -219,12 +236,16 @@ class _ConfigLoader(yaml.SafeLoader):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             raise UserError(
-                f"{self.source} line {event.start_mark.line + 1}: YAML anchors and aliases (&name, *name) are not allowed "
+                f"{self.source} line {event.start_mark.line + 1}: YAML anchors and aliases (&name, *name) are not "
+                "allowed "
                 "in configs; write the values out"
             )
         self.depth += 1
         if self.depth > MAX_YAML_DEPTH:
-            raise UserError(f"{self.source} line {event.start_mark.line + 1}: nested more than {MAX_YAML_DEPTH} levels deep; a config nests 3")
+            raise UserError(
+                f"{self.source} line {event.start_mark.line + 1}: nested more than {MAX_YAML_DEPTH} levels deep; a "
+                "config nests 3"
+            )
         try:
             return super().compose_node(parent, index)
         finally:
@@ -239,7 +260,8 @@ class _ConfigLoader(yaml.SafeLoader):
             line = key_node.start_mark.line + 1
             if key in seen:
                 raise UserError(
-                    f"duplicate key {short_repr(key)} in {self.source} at lines {seen[key]} and {line}; keep only one of them"
+                    f"duplicate key {short_repr(key)} in {self.source} at lines {seen[key]} and {line}; keep only one "
+                    "of them"
                 )
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
@@ -249,7 +271,8 @@ class _ConfigLoader(yaml.SafeLoader):
             return super().construct_yaml_int(node)
         except ValueError:  # Python refuses int() of more than 4300 digits
             raise UserError(
-                f"{self.source} line {node.start_mark.line + 1}: an integer of {len(node.value)} digits is too large for a config value"
+                f"{self.source} line {node.start_mark.line + 1}: an integer of {len(node.value)} digits is too large "
+                "for a config value"
             ) from None
 
 
@@ -286,7 +309,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = _load_yaml(raw, f"override {short_text(key)}") if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise UserError(f"override {short_text(key)} has a value that is not valid YAML{_yaml_problem(exc, raw)}: {short_repr(raw)}") from None
+        raise UserError(
+            f"override {short_text(key)} has a value that is not valid YAML{_yaml_problem(exc, raw)}: {short_repr(raw)}"
+        ) from None
     return key, value
 
 
@@ -304,16 +329,27 @@ def _read_config_text(path: Path) -> str:
         with open(path, "rb") as handle:
             data = handle.read(MAX_CONFIG_BYTES + 1)  # st_size cannot be trusted (/proc files report 0)
     except FileNotFoundError:
-        raise UserError(f"config file not found: {shown}; pass --yaml_config with a path such as configs/anomaly/unsupervised/dmad/demo.yaml") from None
+        raise UserError(
+            f"config file not found: {shown}; pass --yaml_config with a path such as "
+            "configs/anomaly/unsupervised/dmad/demo.yaml"
+        ) from None
     except OSError as exc:
-        raise UserError(f"cannot read config file {shown} ({exc.strerror or type(exc).__name__}); check the path and its permissions") from None
+        raise UserError(
+            f"cannot read config file {shown} ({exc.strerror or type(exc).__name__}); check the path and its "
+            "permissions"
+        ) from None
     if len(data) > MAX_CONFIG_BYTES:
-        raise UserError(f"config file {shown} is over the {MAX_CONFIG_BYTES >> 10} KiB limit for a config (configs are a few KB); pass the right file")
+        raise UserError(
+            f"config file {shown} is over the {MAX_CONFIG_BYTES >> 10} KiB limit for a config (configs are a few KB); "
+            "pass the right file"
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise UserError(f"config file {shown} is not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}); save it as UTF-8") from None
+        raise UserError(
+            f"config file {shown} is not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}); save it as UTF-8"
+        ) from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -335,7 +371,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def validate_plain_data(obj: Any, what: str, max_items: int = 10_000, max_depth: int = 32, max_chars: int = 4096) -> None:
+def validate_plain_data(
+    obj: Any, what: str, max_items: int = 10_000, max_depth: int = 32, max_chars: int = 4096
+) -> None:
     """Refuse data that is not a small tree of plain values, before anything prints, copies or merges it.
 
     Allowed: dicts with str keys, lists and tuples, str (at most ``max_chars``), int (at most 64 bits), float,

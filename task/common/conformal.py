@@ -69,8 +69,12 @@ class Threshold:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "value": self.value, "alpha": self.alpha, "n": self.n, "rank": self.rank,
-            "capped": self.capped, "bound": self.bound,
+            "value": self.value,
+            "alpha": self.alpha,
+            "n": self.n,
+            "rank": self.rank,
+            "capped": self.capped,
+            "bound": self.bound,
         }
 
 

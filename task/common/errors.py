@@ -58,7 +58,15 @@ def _emit(value: Any, out: list[str], budget: list[int]) -> None:
     if isinstance(value, (list, tuple, set, frozenset, dict)) and type(value) in _BRACKETS:
         opening, closing = _BRACKETS[type(value)]
         if not value:
-            _put(out, budget, "set()" if isinstance(value, set) else "frozenset()" if isinstance(value, frozenset) else opening + closing)
+            _put(
+                out,
+                budget,
+                "set()"
+                if isinstance(value, set)
+                else "frozenset()"
+                if isinstance(value, frozenset)
+                else opening + closing,
+            )
             return
         _put(out, budget, opening)
         items = value.items() if isinstance(value, dict) else value
@@ -83,7 +91,11 @@ def _emit(value: Any, out: list[str], budget: list[int]) -> None:
 
 
 _BRACKETS: dict[type, tuple[str, str]] = {
-    list: ("[", "]"), tuple: ("(", ")"), dict: ("{", "}"), set: ("{", "}"), frozenset: ("frozenset({", "})"),
+    list: ("[", "]"),
+    tuple: ("(", ")"),
+    dict: ("{", "}"),
+    set: ("{", "}"),
+    frozenset: ("frozenset({", "})"),
 }
 
 

@@ -218,7 +218,12 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
         return removed
     for entry in entries:
         match = _TEMP_NAME.match(entry.name)
-        if match is None or match["host"] != host or not entry.is_file(follow_symlinks=False) or _pid_alive(int(match["pid"])):
+        if (
+            match is None
+            or match["host"] != host
+            or not entry.is_file(follow_symlinks=False)
+            or _pid_alive(int(match["pid"]))
+        ):
             continue
         with contextlib.suppress(FileNotFoundError, PermissionError):
             os.unlink(entry.path)
@@ -256,11 +261,17 @@ def ensure_dir(path: str | Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise UserError(f"cannot create output folder {_shown(path)}: a file of that name exists; {_OUTPUT_FIX}") from None
+        raise UserError(
+            f"cannot create output folder {_shown(path)}: a file of that name exists; {_OUTPUT_FIX}"
+        ) from None
     except OSError as exc:
-        raise UserError(f"cannot create output folder {_shown(path)} ({exc.strerror or type(exc).__name__}); {_OUTPUT_FIX}") from None
+        raise UserError(
+            f"cannot create output folder {_shown(path)} ({exc.strerror or type(exc).__name__}); {_OUTPUT_FIX}"
+        ) from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"output folder {_shown(path)} is not writable (permission denied); fix its permissions or {_OUTPUT_FIX}")
+        raise UserError(
+            f"output folder {_shown(path)} is not writable (permission denied); fix its permissions or {_OUTPUT_FIX}"
+        )
     return path
 
 
@@ -326,7 +337,10 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
         raise UserError(f"{what} {shown} is empty (0 bytes); re-create it or pass another file")
     # torch.save writes a zip archive (PK..); old torch versions wrote a bare pickle (protocol byte 0x80).
     if not head.startswith(b"PK") and head[0] != 0x80:
-        raise UserError(f"{what} {shown} is not a PyTorch checkpoint (neither a zip archive nor a pickle); pass a .pt file written by this toolkit")
+        raise UserError(
+            f"{what} {shown} is not a PyTorch checkpoint (neither a zip archive nor a pickle); pass a .pt file "
+            "written by this toolkit"
+        )
     # The zip directory's declared sizes, before torch inflates (and allocates) anything.
     check_zip_expansion(path, what, "re-create it or pass another file")
     try:
@@ -335,11 +349,14 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UserError(
-            f"refusing to load {what} {shown}: {_refusal_reason(exc, path)}, and only tensors and plain data are accepted; "
+            f"refusing to load {what} {shown}: {_refusal_reason(exc, path)}, and only tensors and plain data are "
+            "accepted; "
             "if you trust the file, re-save it as a plain state dict"
         ) from None
     except Exception as exc:  # damaged zip, truncated pickle, wrong record types: all mean the file is unusable
-        raise UserError(f"{what} {shown} is damaged or truncated ({type(exc).__name__}); re-create it or pass another file") from None
+        raise UserError(
+            f"{what} {shown} is damaged or truncated ({type(exc).__name__}); re-create it or pass another file"
+        ) from None
 
 
 def load_tensor_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:

@@ -48,12 +48,18 @@ _FLOAT32_EXACT = {torch.float32, torch.float16, torch.bfloat16, torch.bool, torc
 # amortise numpy's per-call cost, small enough that the chunk's temporaries stay around 100 MB.
 _CHUNK = 1 << 22
 
-# Threshold-free metrics and the test-optimal F1 (an oracle: its threshold is chosen with the test labels, never served),
+# Threshold-free metrics and the test-optimal F1 (an oracle: its threshold is chosen with the test labels, never
+# served),
 # then the rates at the deployed thresholds (calibrated on normal data), per level.
 AT_THRESHOLD = ("threshold", "fpr", "tpr", "precision", "f1")
 METRIC_KEYS = (
-    "image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_f1_max",
-    *(f"image_{k}" for k in AT_THRESHOLD), *(f"pixel_{k}" for k in AT_THRESHOLD),
+    "image_auroc",
+    "pixel_auroc",
+    "pixel_aupro",
+    "image_f1_max",
+    "pixel_f1_max",
+    *(f"image_{k}" for k in AT_THRESHOLD),
+    *(f"pixel_{k}" for k in AT_THRESHOLD),
 )
 
 
@@ -92,7 +98,9 @@ def _check_same_size(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> 
         raise ValueError(f"{name_a} has {a.size} elements but {name_b} has {b.size}; they must match")
 
 
-def _check_maps_and_masks(maps: torch.Tensor, masks: torch.Tensor, names: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_maps_and_masks(
+    maps: torch.Tensor, masks: torch.Tensor, names: tuple[str, str]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate [N, H, W] (or [N, 1, H, W]) maps and masks; return both as [N, H, W] CPU tensors (no copy)."""
     maps_t, masks_t = torch.as_tensor(maps).detach().cpu(), torch.as_tensor(masks).detach().cpu()
     # Tolerate a singleton channel axis, the usual layout of model outputs.
@@ -101,7 +109,9 @@ def _check_maps_and_masks(maps: torch.Tensor, masks: torch.Tensor, names: tuple[
     if masks_t.dim() == 4 and masks_t.shape[1] == 1:
         masks_t = masks_t[:, 0]
     if maps_t.dim() != 3 or maps_t.shape != masks_t.shape:
-        raise ValueError(f"{names[0]} and {names[1]} must both be [N, H, W]; got {tuple(maps.shape)} and {tuple(masks.shape)}")
+        raise ValueError(
+            f"{names[0]} and {names[1]} must both be [N, H, W]; got {tuple(maps.shape)} and {tuple(masks.shape)}"
+        )
     return maps_t, masks_t
 
 
@@ -188,7 +198,9 @@ def _negative_counts(values: np.ndarray, negatives: Iterable[np.ndarray]) -> tup
     return gaps, ties
 
 
-def _assemble(values: np.ndarray, counts: np.ndarray, sums: np.ndarray | None, gaps: np.ndarray, ties: np.ndarray) -> _Curve:
+def _assemble(
+    values: np.ndarray, counts: np.ndarray, sums: np.ndarray | None, gaps: np.ndarray, ties: np.ndarray
+) -> _Curve:
     """The curve's vertices in descending-threshold order from the table and the negative counts.
 
     Vertex sequence: end of the gap above the highest positive score, then for each distinct positive score
@@ -513,7 +525,9 @@ def compute_metrics(
     out["pixel_f1_max"] = _f1_from_curve(pix)[0]
     if _usable(thresholds.get("pixel")):
         out["pixel_threshold"] = float(thresholds["pixel"])
-        out.update({f"pixel_{k}": v for k, v in rates_at(_pixel_counts(maps_t, masks_t, out["pixel_threshold"])).items()})
+        out.update(
+            {f"pixel_{k}": v for k, v in rates_at(_pixel_counts(maps_t, masks_t, out["pixel_threshold"])).items()}
+        )
     if pix.n_neg == 0:
         log.warning("no normal pixel in the masks: pixel_auroc and pixel_aupro are null")
         return out

@@ -56,26 +56,38 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except (OSError, ValueError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
-            raise UserError(f"cannot create the run lock {shown} ({reason}); choose a writable RESULT.savedir") from None
+            raise UserError(
+                f"cannot create the run lock {shown} ({reason}); choose a writable RESULT.savedir"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _describe_holder(fd)
             os.close(fd)
             raise UserError(
-                f"run directory {short_text(str(self.run_dir), 160)} is in use by {holder}; wait for that run to finish, "
+                f"run directory {short_text(str(self.run_dir), 160)} is in use by {holder}; wait for that run to "
+                "finish, "
                 "or set RESULT.exp_name=<name> to use another directory"
             ) from None
         except OSError as exc:
             os.close(fd)
-            raise UserError(f"cannot lock {shown} ({exc.strerror}); the filesystem may not support locks: choose another RESULT.savedir") from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+            raise UserError(
+                f"cannot lock {shown} ({exc.strerror}); the filesystem may not support locks: choose another "
+                "RESULT.savedir"
+            ) from None
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         except OSError as exc:
             os.close(fd)  # closing releases the flock
-            raise UserError(f"cannot write the run lock {shown} ({exc.strerror}); free disk space or choose another RESULT.savedir") from None
+            raise UserError(
+                f"cannot write the run lock {shown} ({exc.strerror}); free disk space or choose another RESULT.savedir"
+            ) from None
         self._fd = fd
         return self
 
@@ -93,15 +105,20 @@ class RunLock:
     def __enter__(self) -> RunLock:
         return self.acquire()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.release()
 
 
 def _describe_holder(fd: int) -> str:
-    """'pid 123 on host gpu1 (started 2024-05-01T10:00:00+02:00)' from the holder's lock file, as far as it is readable."""
+    """'pid 123 on host gpu1 (started 2024-05-01T10:00:00+02:00)' from the holder's lock file, as far as it is
+    readable."""
     try:
         info = json.loads(os.pread(fd, _MAX_INFO_BYTES, 0).decode("utf-8"))
         pid, host, started = info["pid"], info["host"], info["started"]
     except (OSError, ValueError, KeyError, TypeError):  # the holder is between open() and writing its details
         return "another process (its details are not written yet)"
-    return f"pid {short_text(str(pid), 20)} on host {short_text(str(host), 64)} (started {short_text(str(started), 40)})"
+    return (
+        f"pid {short_text(str(pid), 20)} on host {short_text(str(host), 64)} (started {short_text(str(started), 40)})"
+    )

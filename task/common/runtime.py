@@ -181,14 +181,21 @@ def compile_model(model: torch.nn.Module, device: torch.device) -> None:
     Compilation happens at the first call of each mode (train / eval); should it fail there, torch falls back to
     eager execution with a warning instead of stopping the run.
     """
-    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
-        raise UserError("TRAIN.compile=true needs a C++ compiler on the PATH to build CPU kernels (g++ or clang++); install one or set TRAIN.compile=false")
+    if device.type == "cpu" and not any(
+        shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")
+    ):
+        raise UserError(
+            "TRAIN.compile=true needs a C++ compiler on the PATH to build CPU kernels (g++ or clang++); install one "
+            "or set TRAIN.compile=false"
+        )
     import torch._dynamo
 
     try:
         model.compile()
     except RuntimeError as exc:  # e.g. a Python version torch.compile does not support yet
-        raise UserError(f"torch.compile is unavailable here ({str(exc).splitlines()[0]}); set TRAIN.compile=false") from None
+        raise UserError(
+            f"torch.compile is unavailable here ({str(exc).splitlines()[0]}); set TRAIN.compile=false"
+        ) from None
     torch._dynamo.config.suppress_errors = True
     log.info("TRAIN.compile: the first training and evaluation steps compile the model (this takes a while)")
 

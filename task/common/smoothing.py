@@ -8,7 +8,8 @@ Precision (see the policy in ``task.common.runtime``): the blur always computes 
 stays float64). Each 1-D pass is a sum of ``2r + 1`` shifted, weighted slices (elementwise multiply-adds)
 rather than a convolution, so neither autocast (which would run ``conv2d`` in bf16/fp16; multiply, add and
 gather are on none of its lists) nor TF32 (which cuDNN may use for float32 convolutions when
-``torch.backends.cudnn.allow_tf32`` is on) can touch it, and CPU and CUDA do the same arithmetic. On CPU it costs what ``conv2d`` did (8 maps of 256x256, sigma 4, one
+``torch.backends.cudnn.allow_tf32`` is on) can touch it, and CPU and CUDA do the same arithmetic. On CPU it costs what
+``conv2d`` did (8 maps of 256x256, sigma 4, one
 thread: 46 ms against 45 ms).
 """
 

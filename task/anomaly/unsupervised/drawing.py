@@ -60,7 +60,9 @@ def display_bounds(anomaly_maps: Tensor, pixel_threshold: float | None = None) -
     return low, high
 
 
-def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, bounds: tuple[float, float], alpha: float = 0.5) -> np.ndarray:
+def heatmap_overlay(
+    image: np.ndarray, anomaly_map: np.ndarray, bounds: tuple[float, float], alpha: float = 0.5
+) -> np.ndarray:
     """Jet-coloured ``anomaly_map`` [H, W] blended over ``image`` [H, W, 3] uint8 RGB."""
     low, high = bounds
     scaled = np.clip((anomaly_map.astype(np.float32) - low) / (high - low), 0.0, 1.0)
@@ -77,7 +79,14 @@ def fit_scale(texts: list[str], width: int, start: float) -> float:
     return scale
 
 
-def draw_pieces(canvas: np.ndarray, pieces: list[tuple[str, tuple[int, int, int]]], x: int, baseline: int, scale: float, thickness: int) -> None:
+def draw_pieces(
+    canvas: np.ndarray,
+    pieces: list[tuple[str, tuple[int, int, int]]],
+    x: int,
+    baseline: int,
+    scale: float,
+    thickness: int,
+) -> None:
     """Write coloured text pieces one after another on one line."""
     for text, colour in pieces:
         cv2.putText(canvas, text, (x, baseline), FONT, scale, colour, thickness, cv2.LINE_AA)
@@ -103,7 +112,11 @@ def encode_gif(frames: list[np.ndarray], max_width: int = 800, duration_ms: int 
         if scale < 1.0:
             frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
         # No dithering: flat panels and text compress far better, and the heatmap has few distinct colours.
-        images.append(Image.fromarray(frame).quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE))
+        images.append(
+            Image.fromarray(frame).quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        )
     buffer = io.BytesIO()
-    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0, optimize=False)
+    images[0].save(
+        buffer, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0, optimize=False
+    )
     return buffer.getvalue()

@@ -28,7 +28,9 @@ def open_onnx(source: Path | bytes, name: str) -> tuple[Any, dict[str, str]]:
     import onnxruntime as ort
 
     try:
-        session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            source if isinstance(source, bytes) else str(source), providers=["CPUExecutionProvider"]
+        )
     except Exception as exc:  # onnxruntime raises its own classes (Fail, InvalidProtobuf, ...) for bad files
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load ONNX model {name} ({reason}); re-create it with --mode export") from None
@@ -53,15 +55,22 @@ def metadata_image_size(meta: dict[str, str], session: Any, name: str) -> tuple[
     except (ValueError, TypeError):
         value = None
     low, high = IMAGE_SIZE_RANGE
-    if (not isinstance(value, list) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in value)):
-        raise UserError(f"{name}: metadata image_size {short_text(str(meta['image_size']), 40)} is not [height, width] "
-                        f"with whole numbers in [{low}, {high}]; {fix}")
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in value)
+    ):
+        raise UserError(
+            f"{name}: metadata image_size {short_text(str(meta['image_size']), 40)} is not [height, width] "
+            f"with whole numbers in [{low}, {high}]; {fix}"
+        )
     for graph_input in session.get_inputs():
         shape = list(graph_input.shape or [])
         if len(shape) >= 4 and all(isinstance(v, int) for v in shape[-2:]) and shape[-2:] != value:
-            raise UserError(f"{name}: metadata image_size {value} differs from the graph input {graph_input.name!r} "
-                            f"({shape[-2]}x{shape[-1]}); {fix}")
+            raise UserError(
+                f"{name}: metadata image_size {value} differs from the graph input {graph_input.name!r} "
+                f"({shape[-2]}x{shape[-1]}); {fix}"
+            )
     return value[0], value[1]
 
 

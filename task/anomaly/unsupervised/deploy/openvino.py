@@ -5,7 +5,8 @@ parts of the graph in float32 while the convolutions run in bf16 or int8.
 Precisions (``EXPORT.precision``):
 
 * ``fp32``: float32 weights, float32 inference (the reference; parity with PyTorch within ``TOLERANCE``).
-* ``fp16``: float16 convolution weights (half the file); the convolutions run in the CPU's low precision where it has the units
+* ``fp16``: float16 convolution weights (half the file); the convolutions run in the CPU's low precision where it has
+  the units
   (bf16 on CPUs with AVX-512-BF16 or AMX: OpenVINO's ``BF16`` capability), float32 elsewhere.
 * ``int8``: NNCF post-training quantisation of the convolutions, calibrated on normal training images only; whatever
   is not quantised runs as for ``fp16``.
@@ -19,7 +20,8 @@ So ``split_by_precision`` cuts the graph into alternating segments, each compile
 in float32 (``sensitive_nodes``: every node after the last convolution on its paths to the outputs, the sampling grids
 with the GridSample that uses them, the distance matmul and top-k of the codebook lookup with what computes their
 inputs after the last convolution), everything else in the low precision. Tensors are copied from one segment to the
-next (cheap next to the convolutions). The IR on disk is one ordinary OpenVINO model (any OpenVINO tool reads it); the split happens when it is loaded.
+next (cheap next to the convolutions). The IR on disk is one ordinary OpenVINO model (any OpenVINO tool reads it); the
+split happens when it is loaded.
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def sensitive_nodes(model: Any) -> set[str]:
 
 @dataclass
 class Segment:
-    """One compiled piece of a split graph: reads ``inputs`` (tensor keys), writes ``outputs``; ``precision`` is its hint."""
+    """One compiled piece of a split graph: reads ``inputs`` (tensor keys), writes ``outputs``; ``precision`` is its
+    hint."""
 
     compiled: Any
     precision: str
@@ -125,7 +128,9 @@ class Segment:
 
 def _neutral(node: Any) -> bool:
     """Shape arithmetic (ShapeOf and integer/boolean results): runs in any segment, no precision to choose."""
-    return node.get_type_name() == "ShapeOf" or all(not output.get_element_type().is_real() for output in node.outputs())
+    return node.get_type_name() == "ShapeOf" or all(
+        not output.get_element_type().is_real() for output in node.outputs()
+    )
 
 
 def fold_constants(model: Any) -> Any:
@@ -144,8 +149,10 @@ def constant_subgraphs(model: Any) -> set[str]:
     constant: set[str] = set()
     for node in model.get_ordered_ops():
         values = node.input_values()
-        if node.get_type_name() not in SOURCES | {"Result"} and values and all(
-            v.get_node().get_type_name() == "Constant" or _name(v.get_node()) in constant for v in values
+        if (
+            node.get_type_name() not in SOURCES | {"Result"}
+            and values
+            and all(v.get_node().get_type_name() == "Constant" or _name(v.get_node()) in constant for v in values)
         ):
             constant.add(_name(node))
     return constant
@@ -155,7 +162,9 @@ def _key(output: Any) -> str:
     return f"{_name(output.get_node())}:{output.get_index()}"
 
 
-def split_by_precision(model: Any, sensitive: set[str]) -> tuple[list[tuple[Any, bool, list[str], list[str]]], dict[str, str]]:
+def split_by_precision(
+    model: Any, sensitive: set[str]
+) -> tuple[list[tuple[Any, bool, list[str], list[str]]], dict[str, str]]:
     """Cut ``model`` (modified in place) into alternating low-precision / float32 segments.
 
     Returns ([(ov.Model, is_float32, input keys, output keys)] in execution order, {output name: tensor key}). The
@@ -246,24 +255,41 @@ class IRRunner:
             model = core.read_model(str(source)) if isinstance(source, Path) else source.clone()
         except Exception as exc:  # noqa: BLE001  (OpenVINO raises RuntimeError and others, with a C++ trace, for bad files)
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"cannot load OpenVINO IR {name} ({reason}); re-create it with --mode export EXPORT.format=openvino") from None
+            raise UserError(
+                f"cannot load OpenVINO IR {name} ({reason}); re-create it with --mode export EXPORT.format=openvino"
+            ) from None
         self.metadata = read_metadata(model)
         self.precision = self.metadata.get("precision", "fp32")
         if self.precision not in PRECISIONS:
-            raise UserError(f"{name} has an unknown precision {self.precision!r:.20}; re-create it with --mode export EXPORT.format=openvino")
+            raise UserError(
+                f"{name} has an unknown precision {self.precision!r:.20}; re-create it with --mode export "
+                "EXPORT.format=openvino"
+            )
         self.input_names = [p.get_output_tensor(0).get_any_name() for p in model.get_parameters()]
         self.output_names = [r.get_output_tensor(0).get_any_name() for r in model.get_results()]
         self.low = low_precision_hint(core, self.precision)
         config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         if self.low == "f32":
-            self.segments = [Segment(core.compile_model(model, "CPU", {**config, "INFERENCE_PRECISION_HINT": "f32"}), "f32", self.input_names, self.output_names)]
+            self.segments = [
+                Segment(
+                    core.compile_model(model, "CPU", {**config, "INFERENCE_PRECISION_HINT": "f32"}),
+                    "f32",
+                    self.input_names,
+                    self.output_names,
+                )
+            ]
             self.output_keys = {n: n for n in self.output_names}
             self.requests = [self.segments[0].compiled.create_infer_request()]
             return
         fold_constants(model)
         pieces, self.output_keys = split_by_precision(model, sensitive_nodes(model))
         self.segments = [
-            Segment(core.compile_model(piece, "CPU", {**config, "INFERENCE_PRECISION_HINT": "f32" if exact else self.low}), "f32" if exact else self.low, ins, outs)
+            Segment(
+                core.compile_model(piece, "CPU", {**config, "INFERENCE_PRECISION_HINT": "f32" if exact else self.low}),
+                "f32" if exact else self.low,
+                ins,
+                outs,
+            )
             for piece, exact, ins, outs in pieces
         ]
         self.requests = [segment.compiled.create_infer_request() for segment in self.segments]
@@ -272,7 +298,10 @@ class IRRunner:
     def description(self) -> str:
         if len(self.segments) == 1:
             return f"{self.precision} IR, float32 inference"
-        return f"{self.precision} IR, {self.low} convolutions with float32 grids, codebook lookup and maps ({len(self.segments)} segments)"
+        return (
+            f"{self.precision} IR, {self.low} convolutions with float32 grids, codebook lookup and maps "
+            f"({len(self.segments)} segments)"
+        )
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays: dict[str, np.ndarray] = {name: np.ascontiguousarray(value) for name, value in inputs.items()}
@@ -313,8 +342,12 @@ def quantize_int8(model: Any, samples: Sequence[dict[str, np.ndarray]]) -> Any:
     ignored = sorted(sensitive_nodes(model))
     with _quiet_nncf():
         return nncf.quantize(
-            model, nncf.Dataset(list(samples)), preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(samples),
-            fast_bias_correction=True, ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
+            model,
+            nncf.Dataset(list(samples)),
+            preset=nncf.QuantizationPreset.PERFORMANCE,
+            subset_size=len(samples),
+            fast_bias_correction=True,
+            ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
         )
 
 
@@ -372,7 +405,8 @@ def save_ir(model: Any, target: Path, compress_to_fp16: bool = False) -> int:
         os.replace(written[0], target)
         return size
     except OSError as exc:
-        raise UserError(f"cannot write {target} ({exc.strerror or exc}); check the folder's permissions and free space") from None
+        raise UserError(
+            f"cannot write {target} ({exc.strerror or exc}); check the folder's permissions and free space"
+        ) from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-

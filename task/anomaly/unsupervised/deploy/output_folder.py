@@ -17,7 +17,9 @@ class OutputFolder:
     def __init__(self, folder: Path, input_path: Path) -> None:
         folder_abs, input_abs = folder.resolve(), input_path.resolve()
         if input_path.is_dir() and (folder_abs == input_abs or input_abs in folder_abs.parents):
-            raise UserError(f"--output {folder} is inside the input folder {input_path}; choose an output folder outside it")
+            raise UserError(
+                f"--output {folder} is inside the input folder {input_path}; choose an output folder outside it"
+            )
         if folder.exists() and not folder.is_dir():
             raise UserError(f"--output {folder} is a file; pass a folder")
         self.folder = folder
@@ -35,6 +37,9 @@ class OutputFolder:
         for name in names:
             target = self.folder / name
             if target.exists() and name.as_posix() not in self.owned:
-                raise UserError(f"{target} exists and was not written by predict; nothing was written: choose another --output or move that file")
+                raise UserError(
+                    f"{target} exists and was not written by predict; nothing was written: choose another --output or "
+                    "move that file"
+                )
         self.owned.update(n.as_posix() for n in names)
         write_text(self.manifest, json.dumps(sorted(self.owned)))

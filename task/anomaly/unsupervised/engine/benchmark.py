@@ -24,7 +24,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_training_steps(stepper: Stepper, batches: Iterable[dict[str, Tensor]], device: torch.device, warmup: int) -> list[float]:
+def time_training_steps(
+    stepper: Stepper, batches: Iterable[dict[str, Tensor]], device: torch.device, warmup: int
+) -> list[float]:
     """Seconds of each training step after the first ``warmup`` ones (the device synchronised around each step)."""
     times: list[float] = []
     for step, batch in enumerate(batches, start=1):

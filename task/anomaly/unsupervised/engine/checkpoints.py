@@ -43,12 +43,24 @@ def read_checkpoint(path: Path, method) -> dict:
         if method.is_foreign_checkpoint(state):
             return state
         keys = ", ".join(sorted(map(str, state))[:5])
-        raise UserError(f"{path} is neither a {method.name} checkpoint of this toolkit nor an official one (keys: {keys})")
+        raise UserError(
+            f"{path} is neither a {method.name} checkpoint of this toolkit nor an official one (keys: {keys})"
+        )
     if state["format"] != method.checkpoint_format:
-        raise UserError(f"{path} is a {str(state['format'])[:40]!r} checkpoint, not {method.checkpoint_format!r}; pass the model.pt of a {method.name} {method.modality} run")
+        raise UserError(
+            f"{path} is a {str(state['format'])[:40]!r} checkpoint, not {method.checkpoint_format!r}; pass the "
+            f"model.pt of a {method.name} {method.modality} run"
+        )
     weights = state.get("state_dict")
-    if not isinstance(state.get("config"), dict) or not isinstance(weights, dict) or not all(isinstance(v, Tensor) for v in weights.values()):
-        raise UserError(f"{path} claims to be a {method.name} checkpoint but lacks its config or state_dict; re-create it by training or pass another file")
+    if (
+        not isinstance(state.get("config"), dict)
+        or not isinstance(weights, dict)
+        or not all(isinstance(v, Tensor) for v in weights.values())
+    ):
+        raise UserError(
+            f"{path} claims to be a {method.name} checkpoint but lacks its config or state_dict; re-create it by "
+            "training or pass another file"
+        )
     validate_plain_data(state["config"], f"the config stored in checkpoint {path}")
     return state
 
@@ -62,24 +74,40 @@ def load_weights(model: nn.Module, state: dict, path: Path) -> None:
     missing = [k for k in own if k not in entries]
     if wrong or unexpected or missing:
         detail = (
-            f"shape mismatch at {wrong[0]} ({tuple(entries[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})" if wrong
-            else f"unexpected tensor {unexpected[0]}" if unexpected else f"missing tensor {missing[0]}"
+            f"shape mismatch at {wrong[0]} ({tuple(entries[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})"
+            if wrong
+            else f"unexpected tensor {unexpected[0]}"
+            if unexpected
+            else f"missing tensor {missing[0]}"
         )
-        raise UserError(f"checkpoint {path} does not fit the model its config describes ({detail}); the file is damaged or from another model")
+        raise UserError(
+            f"checkpoint {path} does not fit the model its config describes ({detail}); the file is damaged or from "
+            "another model"
+        )
     model.load_state_dict(entries)
 
 
 def resume_keys(method) -> tuple[str, ...]:
     """Settings a resumed run must share with its last.pt: the network's, and those that shape the optimisation (a
     loaded optimizer state would silently override a changed lr; batch size and seed fix the data order)."""
-    return tuple(method.network_keys) + tuple(method.resume_keys) + (
-        "OPTIMIZER.name", "OPTIMIZER.lr", "OPTIMIZER.betas", "OPTIMIZER.weight_decay", "SCHEDULER.name",
-        "DATALOADER.batch_size", "SEED",
+    return (
+        tuple(method.network_keys)
+        + tuple(method.resume_keys)
+        + (
+            "OPTIMIZER.name",
+            "OPTIMIZER.lr",
+            "OPTIMIZER.betas",
+            "OPTIMIZER.weight_decay",
+            "SCHEDULER.name",
+            "DATALOADER.batch_size",
+            "SEED",
+        )
     )
 
 
 def check_resumable(method, cfg: Config, state: Any, path: Path) -> None:
-    """Raise a one-line UserError unless ``state`` is a complete last.pt of this method trained with ``cfg``'s settings."""
+    """Raise a one-line UserError unless ``state`` is a complete last.pt of this method trained with ``cfg``'s
+    settings."""
     fix = "delete it or set RESUME.option=false"
     if not isinstance(state, dict) or state.get("format") != method.checkpoint_format:
         raise UserError(f"{path} is not a resumable {method.name} training state; {fix}")
@@ -91,7 +119,8 @@ def check_resumable(method, cfg: Config, state: Any, path: Path) -> None:
     validate_plain_data(state["config"], f"the config stored in {path}")
     saved = state["config"]
     changed = [
-        f"{k}={dotted(saved, k)!r} (config: {cfg.get(k)!r})" for k in resume_keys(method)
+        f"{k}={dotted(saved, k)!r} (config: {cfg.get(k)!r})"
+        for k in resume_keys(method)
         if dotted(saved, k) is not MISSING and dotted(saved, k) != cfg.get(k)
     ]
     if changed:

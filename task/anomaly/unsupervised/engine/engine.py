@@ -48,7 +48,10 @@ def run_dir_for(cfg: Config, model_name: str) -> Path:
     """``<savedir>/<model_name>/<target>[/<exp_name>]``; ``~`` in savedir is expanded, exp_name must be a plain name."""
     exp = cfg.RESULT.exp_name
     if exp is not None and (not exp or exp in (".", "..") or "/" in exp or "\\" in exp or "\0" in exp):
-        raise UserError(f"RESULT.exp_name must be a plain folder name (no '/', '\\' or '..'), got {exp[:80]!r}; e.g. RESULT.exp_name=trial1")
+        raise UserError(
+            f"RESULT.exp_name must be a plain folder name (no '/', '\\' or '..'), got {exp[:80]!r}; e.g. "
+            "RESULT.exp_name=trial1"
+        )
     target = cfg.DATASET.target
     if not target or target in (".", "..") or "/" in target or "\\" in target or "\0" in target:
         raise UserError(f"DATASET.target must be a plain folder name, got {target[:80]!r}; e.g. DATASET.target=bottle")
@@ -99,12 +102,17 @@ class Engine:
         out from training) or ``train`` (too few images to hold any out: the training images, with a warning)."""
         ds = self.cfg.DATASET
         parts = scan_training(ds, self.cfg.SEED)
-        return AnomalyDataset(parts.calibration, tuple(ds.resize), cache=ds.cache, skip_bad_images=ds.skip_bad_images), parts.source
+        return AnomalyDataset(
+            parts.calibration, tuple(ds.resize), cache=ds.cache, skip_bad_images=ds.skip_bad_images
+        ), parts.source
 
     def eval_loader(self, dataset) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=self.cfg.TEST.batch_size, shuffle=False,
-            num_workers=self.cfg.DATALOADER.num_workers, pin_memory=self.cfg.DATALOADER.pin_memory,
+            dataset,
+            batch_size=self.cfg.TEST.batch_size,
+            shuffle=False,
+            num_workers=self.cfg.DATALOADER.num_workers,
+            pin_memory=self.cfg.DATALOADER.pin_memory,
         )
 
     # ------------------------------------------------------------------ models
@@ -151,7 +159,9 @@ class Engine:
             # Scoring settings that live outside the weights (e.g. the smoothing sigma) are the checkpoint's too,
             # until a mode applies others (--mode test).
             method.apply_scoring(model, scoring_config(method, cfg, state))
-            thresholds = {k: float(v) for k, v in (state.get("thresholds") or {}).items() if isinstance(v, (int, float))}
+            thresholds = {
+                k: float(v) for k, v in (state.get("thresholds") or {}).items() if isinstance(v, (int, float))
+            }
             calibrated = bool(thresholds)
         model = method.to_device(model, self.device, self.channels_last).eval()
         return LoadedModel(model, cfg, thresholds, calibrated, path, state.get("calibration"))
@@ -181,7 +191,9 @@ class Engine:
     @contextlib.contextmanager
     def reporting(self, job_type: str):
         """The configured reporters (rank 0) for the duration of one mode, always finished."""
-        self.reporters = build_reporters(self.cfg, self.run_dir, job_type, self.method.name) if self.dist.is_main else Reporters([])
+        self.reporters = (
+            build_reporters(self.cfg, self.run_dir, job_type, self.method.name) if self.dist.is_main else Reporters([])
+        )
         success = False
         try:
             yield self.reporters
@@ -196,7 +208,9 @@ class Engine:
             return
         path = self.run_dir / "train.log"
         root = logging.getLogger()
-        if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers):
+        if not any(
+            isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers
+        ):
             handler = logging.FileHandler(path)
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             handler.setLevel(logging.DEBUG)

@@ -19,19 +19,47 @@ from task.common.io import write_text
 
 log = logging.getLogger("anomaly")
 
-__all__ = ["MVTEC_CATEGORIES", "TABLES", "RunRecord", "collect_runs", "latest_runs", "format_report", "replace_results", "write_report"]
+__all__ = [
+    "MVTEC_CATEGORIES",
+    "TABLES",
+    "RunRecord",
+    "collect_runs",
+    "latest_runs",
+    "format_report",
+    "replace_results",
+    "write_report",
+]
 
 # Folder name -> column title, in the order of the published tables (textures, then objects).
 MVTEC_CATEGORIES: dict[str, str] = {
-    "carpet": "Carpet", "grid": "Grid", "leather": "Leather", "tile": "Tile", "wood": "Wood",
-    "bottle": "Bottle", "cable": "Cable", "capsule": "Capsule", "hazelnut": "Hazelnut", "metal_nut": "Metal Nut",
-    "pill": "Pill", "screw": "Screw", "toothbrush": "Toothbrush", "transistor": "Transistor", "zipper": "Zipper",
+    "carpet": "Carpet",
+    "grid": "Grid",
+    "leather": "Leather",
+    "tile": "Tile",
+    "wood": "Wood",
+    "bottle": "Bottle",
+    "cable": "Cable",
+    "capsule": "Capsule",
+    "hazelnut": "Hazelnut",
+    "metal_nut": "Metal Nut",
+    "pill": "Pill",
+    "screw": "Screw",
+    "toothbrush": "Toothbrush",
+    "transistor": "Transistor",
+    "zipper": "Zipper",
 }
 # metrics.json key -> table title.
-TABLES: dict[str, str] = {"image_auroc": "Image-Level AUC", "pixel_auroc": "Pixel-Level AUC", "pixel_f1": "Pixel F1 Score"}
+TABLES: dict[str, str] = {
+    "image_auroc": "Image-Level AUC",
+    "pixel_auroc": "Pixel-Level AUC",
+    "pixel_f1": "Pixel F1 Score",
+}
 # Video runs' metrics.json key -> column title (paper protocol, then the online one).
 VIDEO_TABLE: dict[str, str] = {
-    "frame_auroc": "Frame AUC", "frame_aupr": "Frame AUPR", "frame_auroc_online": "Frame AUC (online)", "frame_aupr_online": "Frame AUPR (online)",
+    "frame_auroc": "Frame AUC",
+    "frame_aupr": "Frame AUPR",
+    "frame_auroc_online": "Frame AUC (online)",
+    "frame_aupr_online": "Frame AUPR (online)",
 }
 # Every metric a table shows: fractions in [0, 1].
 REPORTED = (*TABLES, *VIDEO_TABLE)
@@ -74,8 +102,13 @@ def _shown_metrics(metrics: dict[str, Any], path: Path) -> dict[str, float | Non
             continue
         number = out.get(key)
         if number is None or not 0.0 <= number <= 1.0:
-            log.warning("%s: %s = %s is not a number in [0, 1]; shown as %s (re-run --mode test to rewrite the file)",
-                        path, key, short_repr(value, 40), MISSING)
+            log.warning(
+                "%s: %s = %s is not a number in [0, 1]; shown as %s (re-run --mode test to rewrite the file)",
+                path,
+                key,
+                short_repr(value, 40),
+                MISSING,
+            )
             out[key] = None
     return out
 
@@ -93,10 +126,15 @@ def collect_runs(savedir: str | Path, method: str | None = None) -> list[RunReco
     runs whose run.json names another method are left out (runs that name none are kept)."""
     savedir = Path(savedir)
     if not savedir.is_dir():
-        raise UserError(f"RESULT.savedir {savedir} does not exist; train a model first or set RESULT.savedir to the folder holding the runs")
+        raise UserError(
+            f"RESULT.savedir {savedir} does not exist; train a model first or set RESULT.savedir to the folder "
+            "holding the runs"
+        )
     records = []
     for path in sorted(savedir.rglob("metrics.json")):
-        if "tests" in path.relative_to(savedir).parts[2:-1]:  # a foreign checkpoint tested inside a run: not the run's result
+        if (
+            "tests" in path.relative_to(savedir).parts[2:-1]
+        ):  # a foreign checkpoint tested inside a run: not the run's result
             continue
         metrics = _read_json(path)
         if not isinstance(metrics, dict):
@@ -110,7 +148,9 @@ def collect_runs(savedir: str | Path, method: str | None = None) -> list[RunReco
         if not isinstance(category, str) or not category:
             category = _category_from_path(path.parent, savedir)
         values = _shown_metrics(metrics, path)
-        if values.get("pixel_f1_max") is not None and 0.0 <= values["pixel_f1_max"] <= 1.0:  # the table's pixel F1 is the paper's F1-max (test-optimal threshold), not the F1 at the deployed one
+        if (
+            values.get("pixel_f1_max") is not None and 0.0 <= values["pixel_f1_max"] <= 1.0
+        ):  # the table's pixel F1 is the paper's F1-max (test-optimal threshold), not the F1 at the deployed one
             values["pixel_f1"] = values["pixel_f1_max"]
         records.append(RunRecord(category, path.parent, values, path.stat().st_mtime, info))
     return records
@@ -182,11 +222,21 @@ def format_report(runs: list[RunRecord]) -> str:
     video = sorted(c for c in chosen if "frame_auroc" in chosen[c].metrics)
     extra = sorted(c for c in chosen if c not in MVTEC_CATEGORIES and c not in video)
     if video:
-        lines += ["#### Video (frame level)", "", _row(["Dataset"] + list(VIDEO_TABLE.values())), _row(["---"] + ["---:"] * len(VIDEO_TABLE))]
+        lines += [
+            "#### Video (frame level)",
+            "",
+            _row(["Dataset"] + list(VIDEO_TABLE.values())),
+            _row(["---"] + ["---:"] * len(VIDEO_TABLE)),
+        ]
         lines += [_row([c] + [_percent(chosen[c].metrics.get(k)) for k in VIDEO_TABLE]) for c in video]
         lines.append("")
     if extra:
-        lines += ["#### Other categories (not in MVTec AD, not in Avg)", "", _row(["Category"] + list(TABLES.values())), _row(["---"] + ["---:"] * len(TABLES))]
+        lines += [
+            "#### Other categories (not in MVTec AD, not in Avg)",
+            "",
+            _row(["Category"] + list(TABLES.values())),
+            _row(["---"] + ["---:"] * len(TABLES)),
+        ]
         lines += [_row([c] + [_percent(chosen[c].metrics.get(k)) for k in TABLES]) for c in extra]
         lines.append("")
     if chosen:

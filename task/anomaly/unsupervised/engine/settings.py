@@ -67,10 +67,16 @@ def network_config(method, cfg: Config, state: dict, path: Path, overridden: fro
             continue
         if key in overridden:
             raise UserError(
-                f"{key}={current!r} was given on the command line but checkpoint {path} was trained with {key}={value!r}; "
+                f"{key}={current!r} was given on the command line but checkpoint {path} was trained with "
+                f"{key}={value!r}; "
                 "the network is defined by its weights: drop the override or pass a checkpoint trained with it"
             )
-        log.warning("%s: using the checkpoint's %r (the config says %r); network settings come from the checkpoint", key, value, current)
+        log.warning(
+            "%s: using the checkpoint's %r (the config says %r); network settings come from the checkpoint",
+            key,
+            value,
+            current,
+        )
         set_dotted(data, key, value)
     for key, value in (("MODEL.pretrained", False), ("MODEL.backbone_weights", None)):
         if dotted(data, key) is not MISSING:
@@ -116,7 +122,9 @@ def apply_test_scoring(engine: Engine, loaded: LoadedModel) -> bool:
     after = method.scoring_settings(loaded.model)
     changed = {k: (before[k], after[k]) for k in after if before.get(k) != after[k]}
     for key, (old, new) in changed.items():
-        log.info("%s: scoring with %r from the config (the checkpoint was calibrated with %r); recalibrating", key, new, old)
+        log.info(
+            "%s: scoring with %r from the config (the checkpoint was calibrated with %r); recalibrating", key, new, old
+        )
     return bool(changed) and loaded.calibrated
 
 
@@ -134,14 +142,21 @@ def check_served_scoring(engine: Engine, loaded: LoadedModel) -> None:
                 f"{key}={asked!r} differs from the {value!r} checkpoint {loaded.path} was calibrated with; "
                 f"run --mode test {key}={asked} first and use the model.pt it writes"
             )
-        log.warning("%s: serving the checkpoint's %r (the config says %r); a calibrated model keeps its scoring settings", key, value, asked)
+        log.warning(
+            "%s: serving the checkpoint's %r (the config says %r); a calibrated model keeps its scoring settings",
+            key,
+            value,
+            asked,
+        )
 
 
 def load_for_serving(engine: Engine, checkpoint: str | None) -> LoadedModel:
     """A calibrated model for predict/export, with the checkpoint's scoring settings."""
     path = engine.checkpoint_path(checkpoint)
     if path.suffix.lower() == ".onnx":
-        raise UserError(f"--checkpoint {path} is an ONNX file; predict from it with --backend onnx, export from a model.pt")
+        raise UserError(
+            f"--checkpoint {path} is an ONNX file; predict from it with --backend onnx, export from a model.pt"
+        )
     loaded = engine.load(path)
     if not loaded.calibrated:
         raise UserError(

@@ -64,23 +64,38 @@ def resolve(cfg: Config, samples: dict[str, ScoreSample], what: str) -> tuple[di
         if given is not None:
             values[kind] = given
             record[kind] = {"value": given, "given_by": KINDS[kind][1], "conformal": threshold.to_dict()}
-            log.info("%s threshold %.6g: given by %s (%s at its target would be %s)",
-                     kind, given, KINDS[kind][1], what, threshold.describe())
+            log.info(
+                "%s threshold %.6g: given by %s (%s at its target would be %s)",
+                kind,
+                given,
+                KINDS[kind][1],
+                what,
+                threshold.describe(),
+            )
             continue
         values[kind] = threshold.value
         record[kind] = {**threshold.to_dict(), "given_by": KINDS[kind][0]}
         if threshold.capped:
             log.warning(
                 "%s threshold: %s has %d calibration scores, too few for %s=%g (needs %d); using the largest one, "
-                "which bounds false alarms at 1/(n+1) = %.3g", kind, what, threshold.n, KINDS[kind][0], threshold.alpha,
-                math.ceil(1 / threshold.alpha - 1 - 1e-9), threshold.bound,
+                "which bounds false alarms at 1/(n+1) = %.3g",
+                kind,
+                what,
+                threshold.n,
+                KINDS[kind][0],
+                threshold.alpha,
+                math.ceil(1 / threshold.alpha - 1 - 1e-9),
+                threshold.bound,
             )
         log.info("%s threshold %s", kind, threshold.describe())
     return values, record
 
 
 def served(
-    cfg: Config, calibration: Any, stored: dict[str, float], what: str,
+    cfg: Config,
+    calibration: Any,
+    stored: dict[str, float],
+    what: str,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """The thresholds predict/export serve: re-derived from the stored calibration scores at the config's targets (or
     given explicitly); a checkpoint without calibration scores serves its stored ones, with a warning."""
@@ -89,13 +104,19 @@ def served(
         if stored and not isinstance(calibration, dict):  # (a video calibration keeps its threshold itself)
             log.warning(
                 "%s holds no calibration scores (an older model.pt, whose thresholds were chosen on its test labels); "
-                "serving them as stored: rerun --mode test to calibrate them on held-out normal images", what,
+                "serving them as stored: rerun --mode test to calibrate them on held-out normal images",
+                what,
             )
         return dict(stored), {}
     values, record = resolve(cfg, samples, what)
     changed = {k: (stored.get(k), v) for k, v in values.items() if stored.get(k) != v}
     for kind, (old, new) in changed.items():
-        log.info("serving %s threshold %.6g instead of the %s stored in %s "
-                 "(re-derived from its calibration scores; no retraining)",
-                 kind, new, "none" if old is None else f"{old:.6g}", what)
+        log.info(
+            "serving %s threshold %.6g instead of the %s stored in %s "
+            "(re-derived from its calibration scores; no retraining)",
+            kind,
+            new,
+            "none" if old is None else f"{old:.6g}",
+            what,
+        )
     return {**stored, **values}, record

@@ -94,7 +94,10 @@ def check_finite_loss(engine: Engine, step: int, loss: Tensor, terms: dict[str, 
     bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
     last = engine.run_dir / "last.pt"
     kept = f"; the last good checkpoint is {last}" if last.exists() else ""
-    raise UserError(f"training stopped at step {step}: the {', '.join(bad)} loss is not finite ({float(loss.detach())}){kept}; lower OPTIMIZER.lr or check the data")
+    raise UserError(
+        f"training stopped at step {step}: the {', '.join(bad)} loss is not finite ({float(loss.detach())}){kept}; "
+        "lower OPTIMIZER.lr or check the data"
+    )
 
 
 def save_training_state(engine: Engine, stepper: Stepper, scheduler, step: int) -> None:
@@ -104,12 +107,18 @@ def save_training_state(engine: Engine, stepper: Stepper, scheduler, step: int) 
     if broken is not None:  # every rank checks (DDP keeps the weights identical), so all of them stop together
         last = engine.run_dir / "last.pt"
         kept = f"; the last good checkpoint is {last}" if last.exists() else ""
-        raise UserError(f"training stopped at step {step}: weight {broken} is not finite{kept}; lower OPTIMIZER.lr or check the data")
+        raise UserError(
+            f"training stopped at step {step}: weight {broken} is not finite{kept}; lower OPTIMIZER.lr or check the "
+            "data"
+        )
     if not engine.dist.is_main:
         return
     payload = make_payload(engine.method, engine.cfg, model, None)
     payload.update(
-        optimizer=stepper.optimizer.state_dict(), scheduler=scheduler.state_dict(), step=step, rng_torch=torch.get_rng_state(),
+        optimizer=stepper.optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        step=step,
+        rng_torch=torch.get_rng_state(),
     )
     save_checkpoint(payload, engine.run_dir / "last.pt")
 
@@ -119,7 +128,9 @@ def maybe_resume(engine: Engine, stepper: Stepper, scheduler) -> int:
     cfg = engine.cfg
     path = Path(cfg.RESUME.checkpoint) if cfg.RESUME.checkpoint else engine.run_dir / "last.pt"
     if cfg.RESUME.option and cfg.RESUME.checkpoint and not path.is_file():
-        raise UserError(f"RESUME.checkpoint {path} not found; give the last.pt of an earlier run, or RESUME.checkpoint=null")
+        raise UserError(
+            f"RESUME.checkpoint {path} not found; give the last.pt of an earlier run, or RESUME.checkpoint=null"
+        )
     if not cfg.RESUME.option or not path.exists():
         return 0
     try:
@@ -140,12 +151,19 @@ def maybe_resume(engine: Engine, stepper: Stepper, scheduler) -> int:
         # torch's first line only says "Error(s) in loading state_dict"; the next one names the tensor
         detail = [line for line in lines if line.startswith(("Missing key", "Unexpected key", "size mismatch"))]
         reason = (detail or lines or [type(exc).__name__])[0][:160]
-        raise UserError(f"{path} does not match this run's model or optimiser ({reason}); delete it or set RESUME.option=false") from None
+        raise UserError(
+            f"{path} does not match this run's model or optimiser ({reason}); delete it or set RESUME.option=false"
+        ) from None
     log.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"])
 
 
-def train(engine: Engine, train_set, evaluate: Callable[[nn.Module, int, bool], dict[str, Any]], model: nn.Module | None = None) -> dict[str, Any]:
+def train(
+    engine: Engine,
+    train_set,
+    evaluate: Callable[[nn.Module, int, bool], dict[str, Any]],
+    model: nn.Module | None = None,
+) -> dict[str, Any]:
     """Train on ``train_set`` (items are dicts of tensors) and call ``evaluate(model, step, final)`` at
     LOG.eval_interval and at the end. ``model``: a prepared fresh model (default: ``engine.build_model()``).
     Returns the final metrics. A gradient-free method (``learning == "fit"``) is fitted instead (``fit``)."""
@@ -162,20 +180,31 @@ def train(engine: Engine, train_set, evaluate: Callable[[nn.Module, int, bool], 
     epochs = math.ceil(total_steps / steps_per_epoch)
     scheduler = (
         torch.optim.lr_scheduler.CosineAnnealingLR(stepper.optimizer, T_max=epochs)
-        if cfg.SCHEDULER.name == "cosine" else torch.optim.lr_scheduler.LambdaLR(stepper.optimizer, lambda _: 1.0)
+        if cfg.SCHEDULER.name == "cosine"
+        else torch.optim.lr_scheduler.LambdaLR(stepper.optimizer, lambda _: 1.0)
     )
     step = maybe_resume(engine, stepper, scheduler)
     log.info("run directory: %s", engine.run_dir)
-    log.info("%d training items, %d steps (%d per epoch) on %s", len(train_set), total_steps, steps_per_epoch, engine.device)
+    log.info(
+        "%d training items, %d steps (%d per epoch) on %s", len(train_set), total_steps, steps_per_epoch, engine.device
+    )
 
     eval_interval = cfg.LOG.eval_interval
-    progress = tqdm(total=total_steps, initial=step, desc=f"train {cfg.DATASET.target}", dynamic_ncols=True, disable=not engine.dist.is_main)
+    progress = tqdm(
+        total=total_steps,
+        initial=step,
+        desc=f"train {cfg.DATASET.target}",
+        dynamic_ncols=True,
+        disable=not engine.dist.is_main,
+    )
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
         batches = epoch_batches(len(train_set), batch_size, cfg.SEED, epoch)[offset:]
         loader = DataLoader(
-            train_set, batch_sampler=[engine.dist.shard(b) for b in batches],
-            num_workers=cfg.DATALOADER.num_workers, pin_memory=cfg.DATALOADER.pin_memory,
+            train_set,
+            batch_sampler=[engine.dist.shard(b) for b in batches],
+            num_workers=cfg.DATALOADER.num_workers,
+            pin_memory=cfg.DATALOADER.pin_memory,
         )
         model.train()
         for batch in loader:
@@ -186,7 +215,10 @@ def train(engine: Engine, train_set, evaluate: Callable[[nn.Module, int, bool], 
                 scheduler.step()
                 engine.method.on_epoch_end(cfg, stepper.optimizer, (step - 1) // steps_per_epoch)
             if step % cfg.LOG.log_interval == 0 or step == total_steps:
-                values = {k: float(v.detach()) for k, v in terms.items()} | {"loss": float(loss.detach()), "lr": stepper.optimizer.param_groups[0]["lr"]}
+                values = {k: float(v.detach()) for k, v in terms.items()} | {
+                    "loss": float(loss.detach()),
+                    "lr": stepper.optimizer.param_groups[0]["lr"],
+                }
                 progress.set_postfix({k: f"{v:.4f}" for k, v in values.items() if k != "lr"})
                 log.debug("step %d %s", step, " ".join(f"{k}={v:.5f}" for k, v in values.items()))
                 engine.reporters.log_train(step, values)
@@ -223,13 +255,18 @@ def fit(
     cfg = engine.cfg
     model = engine.build_model() if model is None else model
     loader = DataLoader(
-        train_set, batch_size=cfg.DATALOADER.batch_size, shuffle=False,
-        num_workers=cfg.DATALOADER.num_workers, pin_memory=cfg.DATALOADER.pin_memory,
+        train_set,
+        batch_size=cfg.DATALOADER.batch_size,
+        shuffle=False,
+        num_workers=cfg.DATALOADER.num_workers,
+        pin_memory=cfg.DATALOADER.pin_memory,
     )
     log.info("run directory: %s", engine.run_dir)
     log.info(
         "%d training items: %s learns by one gradient-free fit pass on %s (no optimiser steps)",
-        len(train_set), engine.method.name, engine.device,
+        len(train_set),
+        engine.method.name,
+        engine.device,
     )
     progress = tqdm(loader, desc=f"fit {cfg.DATASET.target}", dynamic_ncols=True, disable=not engine.dist.is_main)
     model.eval()

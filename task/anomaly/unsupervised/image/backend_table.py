@@ -11,7 +11,8 @@ Columns: images/s, the best (and the median) of ``TIMED_PASSES`` passes over the
 warm-up batch (the best, because other processes sharing the CPU only ever slow a pass down; the passes after the
 first run round-robin over the backends), latency of one image (median of 3 single-image
 calls), the memory the backend adds: the process's peak RSS while it was built and run (the high-water mark is reset
-before each backend on Linux) minus the RSS before (for PyTorch fp32: before the model was built), the largest map and score difference
+before each backend on Linux) minus the RSS before (for PyTorch fp32: before the model was built), the largest map and
+score difference
 from PyTorch float32 (relative to the reference map range / to max(1, |score|)), image AUROC and its change, and
 the time it took to prepare the backend (export, conversion, quantisation, compilation). Nothing is written to disk.
 """
@@ -118,12 +119,20 @@ def _inputs(engine: Engine) -> tuple[list[dict], list[torch.Tensor], str]:
         train_set = engine.dataset("train")
         picks = np.linspace(0, len(train_set) - 1, min(calibration_count, len(train_set))).round().astype(int)
         calibration = [train_set[int(i)]["image"].unsqueeze(0) for i in picks]
-        return batches, calibration, f"{data_root} (test split: {count} images; int8 calibration: {len(calibration)} training images)"
+        return (
+            batches,
+            calibration,
+            f"{data_root} (test split: {count} images; int8 calibration: {len(calibration)} training images)",
+        )
     generator = torch.Generator().manual_seed(cfg.SEED + 1)
     count = cfg.BENCHMARK.eval_images or 16
     batches = random_test_batches(count, size, cfg.TEST.batch_size, generator)
     calibration = list(random_images(calibration_count, size, torch.Generator().manual_seed(cfg.SEED + 2)).split(1))
-    return batches, calibration, f"random tensors ({count} test images; int8 calibration: {calibration_count} other random images)"
+    return (
+        batches,
+        calibration,
+        f"random tensors ({count} test images; int8 calibration: {calibration_count} other random images)",
+    )
 
 
 TIMED_PASSES = 3
@@ -163,7 +172,11 @@ def run_backend_table(engine: Engine, checkpoint: str | None) -> list[Row]:
         loaded = load_for_serving(engine, checkpoint)
         model, thresholds, source = loaded.model, loaded.thresholds, str(loaded.path)
     else:
-        model, thresholds, source = engine.method.build(cfg), {}, f"a new {cfg.MODEL.backbone} model (MODEL.pretrained={cfg.MODEL.pretrained})"
+        model, thresholds, source = (
+            engine.method.build(cfg),
+            {},
+            f"a new {cfg.MODEL.backbone} model (MODEL.pretrained={cfg.MODEL.pretrained})",
+        )
     model = model.float().cpu().eval()
     extra_names = engine.method.extra_map_names(cfg)
     batches, calibration, data = _inputs(engine)
@@ -179,10 +192,17 @@ def run_backend_table(engine: Engine, checkpoint: str | None) -> list[Row]:
     def onnx_bytes() -> bytes:
         if "data" not in onnx_data:
             module = ExportModule(model, True, extra_names).eval()
-            example = torch.cat([b["image"] for b in batches])[:2] * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+            example = torch.cat([b["image"] for b in batches])[:2] * torch.tensor(IMAGENET_STD).view(
+                1, 3, 1, 1
+            ) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
             with torch.no_grad():
                 module(example)  # fills the CoordConv caches, as the export does
-            metadata = {"format": ONNX_FORMAT, "input": "raw", "image_size": json.dumps(list(size)), "thresholds": json.dumps(thresholds)}
+            metadata = {
+                "format": ONNX_FORMAT,
+                "input": "raw",
+                "image_size": json.dumps(list(size)),
+                "thresholds": json.dumps(thresholds),
+            }
             onnx_data["data"] = onnx_with_metadata(export_onnx(module, example, cfg.EXPORT.opset), metadata)
             onnx_data["metadata"] = metadata
         return onnx_data["data"]
@@ -191,7 +211,13 @@ def run_backend_table(engine: Engine, checkpoint: str | None) -> list[Row]:
         def build() -> tuple[nn.Module, str, bool]:
             ir = onnx_to_openvino(onnx_bytes())
             if precision == "int8":
-                raw = [(image * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)).numpy() for image in calibration]
+                raw = [
+                    (
+                        image * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+                        + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+                    ).numpy()
+                    for image in calibration
+                ]
                 ir = quantize_int8(ir, [{ir.inputs[0].get_any_name(): x} for x in raw])
             elif precision == "fp16":
                 compress_weights_to_fp16(ir)
@@ -202,7 +228,9 @@ def run_backend_table(engine: Engine, checkpoint: str | None) -> list[Row]:
 
         return build
 
-    backends: list[tuple[str, Callable[[], tuple[nn.Module, str, bool]]]] = [("PyTorch fp32", lambda: (model, "none", False))]
+    backends: list[tuple[str, Callable[[], tuple[nn.Module, str, bool]]]] = [
+        ("PyTorch fp32", lambda: (model, "none", False))
+    ]
     if bf16:
         backends.append(("PyTorch bf16 (autocast, channels_last)", torch_bf16))
     backends += [
@@ -229,7 +257,9 @@ def run_backend_table(engine: Engine, checkpoint: str | None) -> list[Row]:
         reference = reference if reference is not None else preds
         span = float(reference.anomaly_maps.max() - reference.anomaly_maps.min()) or float(np.finfo(np.float32).eps)
         map_diff = float((preds.anomaly_maps - reference.anomaly_maps).abs().max()) / span
-        score_diff = float((preds.scores - reference.scores).abs().max()) / max(1.0, float(reference.scores.abs().max()))
+        score_diff = float((preds.scores - reference.scores).abs().max()) / max(
+            1.0, float(reference.scores.abs().max())
+        )
         rows.append(Row(name, rate, rate, latency, peak, map_diff, score_diff, _auroc(preds), prepare_s))
         built.append((backend_model, amp, channels_last))
         rates.append([rate])
@@ -240,15 +270,18 @@ def run_backend_table(engine: Engine, checkpoint: str | None) -> list[Row]:
     for row, row_rates in zip(rows, rates):
         row.images_per_s, row.median_images_per_s = max(row_rates), float(np.median(row_rates))
         log.info("%s: %s images/s", row.backend, ", ".join(f"{r:.2f}" for r in row_rates))
-    print_table(rows, {
-        "cpu": f"{cpu_name()} ({os.cpu_count()} logical CPUs; bf16 units: {'yes' if bf16 else 'no'})",
-        "threads": threads,
-        "model": f"{source}; {cfg.MODEL.backbone}, {size[0]}x{size[1]}",
-        "data": data,
-        "batch": cfg.TEST.batch_size,
-        "load average": " ".join(f"{v:.2f}" for v in os.getloadavg()),
-        "torch": torch.__version__,
-    })
+    print_table(
+        rows,
+        {
+            "cpu": f"{cpu_name()} ({os.cpu_count()} logical CPUs; bf16 units: {'yes' if bf16 else 'no'})",
+            "threads": threads,
+            "model": f"{source}; {cfg.MODEL.backbone}, {size[0]}x{size[1]}",
+            "data": data,
+            "batch": cfg.TEST.batch_size,
+            "load average": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+            "torch": torch.__version__,
+        },
+    )
     return rows
 
 
@@ -260,13 +293,15 @@ def print_table(rows: list[Row], conditions: dict[str, Any]) -> None:
     reference = rows[0]
     base_auroc = reference.image_auroc
     lines = [
-        "| backend | images/s, best (median) of 3 | vs PyTorch fp32 | latency, 1 image (ms) | memory added, peak (MB) | max map diff (of range) | max score diff | image AUROC | AUROC change | prepare (s) |",
+        "| backend | images/s, best (median) of 3 | vs PyTorch fp32 | latency, 1 image (ms) | memory added, peak (MB) "
+        "| max map diff (of range) | max score diff | image AUROC | AUROC change | prepare (s) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         change = None if row.image_auroc is None or base_auroc is None else row.image_auroc - base_auroc
         lines.append(
-            f"| {row.backend} | {row.images_per_s:.2f} ({row.median_images_per_s:.2f}) | {row.images_per_s / reference.images_per_s:.2f}x | {row.latency_ms:.0f} | "
+            f"| {row.backend} | {row.images_per_s:.2f} ({row.median_images_per_s:.2f}) | "
+            f"{row.images_per_s / reference.images_per_s:.2f}x | {row.latency_ms:.0f} | "
             f"{row.memory_mb:.0f} | {row.map_diff:.2e} | {row.score_diff:.2e} | {_fmt(row.image_auroc, '.4f')} | "
             f"{_fmt(change, '+.4f')} | {row.prepare_s:.1f} |"
         )

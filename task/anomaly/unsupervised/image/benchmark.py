@@ -34,7 +34,9 @@ def random_images(n: int, size: tuple[int, int], generator: torch.Generator) -> 
     return torch.randn(n, 3, *size, generator=generator)
 
 
-def random_test_batches(n: int, size: tuple[int, int], batch_size: int, generator: torch.Generator) -> list[dict[str, Tensor]]:
+def random_test_batches(
+    n: int, size: tuple[int, int], batch_size: int, generator: torch.Generator
+) -> list[dict[str, Tensor]]:
     """Test batches as ``predict_loader`` reads them: every second image anomalous, with one random rectangle mask.
 
     Each batch: image [b, 3, H, W], label [b] (int64), mask [b, 1, H, W] (float {0, 1}).
@@ -89,7 +91,8 @@ def time_fit(engine: Engine, model: torch.nn.Module, use_data: bool) -> dict[str
     cfg, device, bench = engine.cfg, engine.device, engine.cfg.BENCHMARK
     log.info(
         "%s learns by a gradient-free fit: timing one fit over %d batch(es) instead of optimiser steps",
-        engine.method.name, bench.train_steps,
+        engine.method.name,
+        bench.train_steps,
     )
     model.eval()
     seconds = 0.0
@@ -105,8 +108,12 @@ def time_fit(engine: Engine, model: torch.nn.Module, use_data: bool) -> dict[str
         seconds = time.perf_counter() - start if timed else seconds
     images = bench.train_steps * cfg.DATALOADER.batch_size
     return {
-        "train_s_per_step": None, "train_images_per_s": None, "train_steps": 0,
-        "fit_s": seconds, "fit_images": images, "fit_images_per_s": images / seconds,
+        "train_s_per_step": None,
+        "train_images_per_s": None,
+        "train_steps": 0,
+        "fit_s": seconds,
+        "fit_images": images,
+        "fit_images_per_s": images / seconds,
     }
 
 

@@ -46,7 +46,10 @@ class ImageCalibration:
     def to_dict(self) -> dict[str, Any]:
         return {
             "samples": {kind: sample.to_dict() for kind, sample in self.samples.items()},
-            "source": self.source, "images": self.images, "guarantee": GUARANTEE, "pixel_note": PIXEL_NOTE,
+            "source": self.source,
+            "images": self.images,
+            "guarantee": GUARANTEE,
+            "pixel_note": PIXEL_NOTE,
         }
 
     @classmethod

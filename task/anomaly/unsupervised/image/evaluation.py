@@ -1,4 +1,5 @@
-"""Image evaluation and its outputs: calibrate on held-out normal images, predict the test set, metrics, files, reporters.
+"""Image evaluation and its outputs: calibrate on held-out normal images, predict the test set, metrics, files,
+reporters.
 
 Outputs of an evaluation go to one folder (the run directory, or a folder of their own when a foreign checkpoint is
 tested): model.pt (with the calibration and thresholds), metrics.json, run.json, predictions.csv, optional maps,
@@ -42,18 +43,30 @@ def calibration_summary(calibration: ImageCalibration, record: dict[str, Any]) -
     out: dict[str, Any] = {"calibration_source": calibration.source, "calibration_images": calibration.images}
     for kind, chosen in record.items():
         conformal = chosen.get("conformal", chosen)
-        out.update({
-            f"{kind}_threshold_source": chosen["given_by"], f"{kind}_target_fpr": conformal["alpha"],
-            f"{kind}_calibration_n": conformal["n"], f"{kind}_threshold_rank": conformal["rank"],
-            f"{kind}_threshold_capped": conformal["capped"], f"{kind}_fpr_bound": conformal["bound"] if kind == "image" else None,
-        })
+        out.update(
+            {
+                f"{kind}_threshold_source": chosen["given_by"],
+                f"{kind}_target_fpr": conformal["alpha"],
+                f"{kind}_calibration_n": conformal["n"],
+                f"{kind}_threshold_rank": conformal["rank"],
+                f"{kind}_threshold_capped": conformal["capped"],
+                f"{kind}_fpr_bound": conformal["bound"] if kind == "image" else None,
+            }
+        )
     out["guarantee"] = GUARANTEE
     return out
 
 
 def evaluate(
-    engine: Engine, model: nn.Module, calibration_data: tuple[Any, str] | None, test_set, step: int | None = None, final: bool = False,
-    out_dir: Path | None = None, calibration: ImageCalibration | None = None, extra: dict[str, Any] | None = None,
+    engine: Engine,
+    model: nn.Module,
+    calibration_data: tuple[Any, str] | None,
+    test_set,
+    step: int | None = None,
+    final: bool = False,
+    out_dir: Path | None = None,
+    calibration: ImageCalibration | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Calibrate (when ``calibration_data`` = (normal images, source) is given; else use ``calibration``), predict the
     test set, compute metrics at the calibrated thresholds, write outputs (rank 0)."""
@@ -65,22 +78,37 @@ def evaluate(
         raise ValueError("evaluate needs calibration images or a calibration")
     thresholds, record = resolve(engine.cfg, calibration.samples, "the calibration")
     start = time.perf_counter()
-    preds = predict_loader(model, engine.eval_loader(test_set), engine.device, engine.amp, desc="test", channels_last=engine.channels_last)
+    preds = predict_loader(
+        model, engine.eval_loader(test_set), engine.device, engine.amp, desc="test", channels_last=engine.channels_last
+    )
     metrics = compute_metrics(preds.scores, preds.labels, preds.anomaly_maps, preds.masks, thresholds)
     log.info(
-        "%s%s: %s (%.1fs)", engine.cfg.DATASET.target, f" step {step}" if step is not None else "",
-        " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if v is not None), time.perf_counter() - start,
+        "%s%s: %s (%.1fs)",
+        engine.cfg.DATASET.target,
+        f" step {step}" if step is not None else "",
+        " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if v is not None),
+        time.perf_counter() - start,
     )
     engine.reporters.log_eval(step, metrics)
     if final:
         summary = {**calibration_summary(calibration, record), **(extra or {})}
-        write_outputs(engine, out_dir or engine.run_dir, model, preds, metrics, test_set, step, calibration, thresholds, summary)
+        write_outputs(
+            engine, out_dir or engine.run_dir, model, preds, metrics, test_set, step, calibration, thresholds, summary
+        )
     return metrics
 
 
 def write_outputs(
-    engine: Engine, out_dir: Path, model: nn.Module, preds: Predictions, metrics: dict[str, Any], test_set, step: int | None,
-    calibration: ImageCalibration, thresholds: dict[str, float], summary: dict[str, Any],
+    engine: Engine,
+    out_dir: Path,
+    model: nn.Module,
+    preds: Predictions,
+    metrics: dict[str, Any],
+    test_set,
+    step: int | None,
+    calibration: ImageCalibration,
+    thresholds: dict[str, float],
+    summary: dict[str, Any],
 ) -> None:
     """model.pt, metrics.json, run.json, predictions.csv, optional maps, pictures + GIF, reporters."""
     cfg = engine.cfg
@@ -105,10 +133,17 @@ def write_outputs(
         try:
             shown = {"image": thresholds.get("image", math.nan), "pixel": thresholds.get("pixel", math.nan)}
             images = save_result_images(preds, test_set, shown, out_dir / "images", cfg.TEST.region_min_area)
-            sample = [(images[i], f"{preds.defects[i]}/{images[i].stem} score {float(preds.scores[i]):.3f}") for i in select_frames(preds.labels, 8)]
+            sample = [
+                (images[i], f"{preds.defects[i]}/{images[i].stem} score {float(preds.scores[i]):.3f}")
+                for i in select_frames(preds.labels, 8)
+            ]
             gif = write_gif(engine, out_dir, preds, test_set, shown)
         except Exception as exc:  # noqa: BLE001  (pictures are a by-product: never lose a finished run over them)
-            log.warning("result pictures not written (%s: %s); model.pt and metrics are saved, rerun with --mode gif", type(exc).__name__, exc)
+            log.warning(
+                "result pictures not written (%s: %s); model.pt and metrics are saved, rerun with --mode gif",
+                type(exc).__name__,
+                exc,
+            )
     engine.reporters.log_results(metrics, sample, gif, out_dir / "model.pt")
     engine.reporters.log_curves(curves)
     log.info("outputs written to %s", out_dir)
@@ -124,9 +159,15 @@ def run_info(engine: Engine, out_dir: Path, step: int | None) -> dict[str, Any]:
             recorded = json.loads(previous.read_text(encoding="utf-8"))
             steps = recorded.get("steps") if isinstance(recorded, dict) else None
     return {
-        "method": engine.method.name, "modality": engine.method.modality, "category": cfg.DATASET.target,
-        "format": cfg.DATASET.format, "exp_name": cfg.RESULT.exp_name, **engine.method.describe(cfg),
-        "image_size": list(cfg.DATASET.resize), "steps": steps, "device": str(engine.device),
+        "method": engine.method.name,
+        "modality": engine.method.modality,
+        "category": cfg.DATASET.target,
+        "format": cfg.DATASET.format,
+        "exp_name": cfg.RESULT.exp_name,
+        **engine.method.describe(cfg),
+        "image_size": list(cfg.DATASET.resize),
+        "steps": steps,
+        "device": str(engine.device),
     }
 
 

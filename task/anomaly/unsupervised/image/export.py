@@ -40,7 +40,15 @@ import torch
 from torch import Tensor, nn
 
 from task.anomaly.unsupervised.data.image.formats import scan_dataset
-from task.anomaly.unsupervised.data.image.preprocess import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_image, resize_image, to_tensor, to_unit_tensor
+from task.anomaly.unsupervised.data.image.preprocess import (
+    IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    load_image,
+    resize_image,
+    to_tensor,
+    to_unit_tensor,
+)
 from task.anomaly.unsupervised.deploy.onnx import ONNX_FILENAME, TOLERANCE, Difference, file_sha256, with_metadata
 from task.anomaly.unsupervised.engine.engine import LoadedModel
 from task.anomaly.unsupervised.image.predict import ONNX_FORMAT, ONNX_INPUT, OnnxModel, list_images
@@ -86,10 +94,15 @@ def export_onnx(module: ExportModule, example: Tensor, opset: int) -> bytes:
         # The VQ training loss (F.mse_loss) is traced, then pruned as unused; only its shape check warns.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"torch\.nn\.functional")
         torch.onnx.export(
-            module, (example,), buffer,
-            input_names=[ONNX_INPUT], output_names=list(names),
+            module,
+            (example,),
+            buffer,
+            input_names=[ONNX_INPUT],
+            output_names=list(names),
             dynamic_axes={name: {0: "batch"} for name in (ONNX_INPUT, *names)},
-            opset_version=opset, do_constant_folding=True, **kwargs,
+            opset_version=opset,
+            do_constant_folding=True,
+            **kwargs,
         )
     return buffer.getvalue()
 
@@ -106,12 +119,17 @@ def check_image_paths(cfg: Config, input_path: str | None) -> list[Path]:
     if input_path:
         paths = list_images(Path(input_path))
         if not paths:
-            raise UserError(f"no images in {input_path} for the ONNX check; pass a folder with {', '.join(IMAGE_EXTENSIONS)} files")
+            raise UserError(
+                f"no images in {input_path} for the ONNX check; pass a folder with {', '.join(IMAGE_EXTENSIONS)} files"
+            )
         return _spread(paths, CHECK_IMAGES)
     try:
         samples = scan_dataset(cfg.DATASET, "test", cfg.SEED)
     except UserError as exc:
-        raise UserError(f"the ONNX check needs a few real images: pass --input IMAGE_OR_FOLDER, or point DATASET.datadir at the dataset ({exc})") from None
+        raise UserError(
+            "the ONNX check needs a few real images: pass --input IMAGE_OR_FOLDER, or point DATASET.datadir at the "
+            f"dataset ({exc})"
+        ) from None
     return [Path(s.path) for s in _spread(samples, CHECK_IMAGES)]
 
 
@@ -152,7 +170,9 @@ class PreparedExport:
     data: bytes
 
 
-def prepare_export(loaded: LoadedModel, paths: list[Path], extra_names: tuple[str, ...], input_format: str, opset: int) -> PreparedExport:
+def prepare_export(
+    loaded: LoadedModel, paths: list[Path], extra_names: tuple[str, ...], input_format: str, opset: int
+) -> PreparedExport:
     """Trace ``loaded``'s inference path into ONNX bytes and run PyTorch on the check images ``paths``."""
     checkpoint, cfg, thresholds = loaded.path, loaded.cfg, loaded.thresholds
     model = loaded.model.float().cpu().to(memory_format=torch.contiguous_format).eval()
@@ -172,7 +192,8 @@ def prepare_export(loaded: LoadedModel, paths: list[Path], extra_names: tuple[st
         "format": ONNX_FORMAT,
         "input": input_format,
         "input_description": (
-            "float32 [B, 3, H, W] RGB in [0, 1] (ImageNet normalisation is inside the graph)" if normalize
+            "float32 [B, 3, H, W] RGB in [0, 1] (ImageNet normalisation is inside the graph)"
+            if normalize
             else "float32 [B, 3, H, W] ImageNet-normalised RGB: (x / 255 - mean) / std"
         ),
         "mean": json.dumps(list(IMAGENET_MEAN)),
@@ -180,7 +201,9 @@ def prepare_export(loaded: LoadedModel, paths: list[Path], extra_names: tuple[st
         "image_size": json.dumps(list(size)),
         "thresholds": json.dumps({k: float(v) for k, v in thresholds.items()}),
         "category": str(cfg.DATASET.target),
-        "model": json.dumps({k: v for k, v in cfg.to_dict()["MODEL"].items() if k not in ("pretrained", "backbone_weights")}),
+        "model": json.dumps(
+            {k: v for k, v in cfg.to_dict()["MODEL"].items() if k not in ("pretrained", "backbone_weights")}
+        ),
         "outputs": ", ".join(["anomaly_map [B, 1, H, W]", "score [B]", *(f"{n} [B, 1, H, W]" for n in extra_names)]),
         "checkpoint_sha256": file_sha256(checkpoint),
     }
@@ -188,15 +211,24 @@ def prepare_export(loaded: LoadedModel, paths: list[Path], extra_names: tuple[st
 
 
 def export_run(
-    loaded: LoadedModel, paths: list[Path], extra_names: tuple[str, ...], input_format: str, opset: int, prepared: PreparedExport | None = None
+    loaded: LoadedModel,
+    paths: list[Path],
+    extra_names: tuple[str, ...],
+    input_format: str,
+    opset: int,
+    prepared: PreparedExport | None = None,
 ) -> Path:
-    """Export ``loaded`` to ``model.onnx`` beside its checkpoint, after checking the graph against PyTorch on ``paths``."""
+    """Export ``loaded`` to ``model.onnx`` beside its checkpoint, after checking the graph against PyTorch on
+    ``paths``."""
     prepared = prepared or prepare_export(loaded, paths, extra_names, input_format, opset)
     data = with_metadata(prepared.data, prepared.metadata)
 
     differences = compare(OnnxModel(data, "the exported graph"), prepared.inputs.numpy(), prepared.reference)
     summary = "; ".join(str(d) for d in differences)
-    print(f"ONNX check on {len(paths)} image(s), onnxruntime CPU vs PyTorch CPU: {summary}; tolerance {TOLERANCE:g} relative")
+    print(
+        f"ONNX check on {len(paths)} image(s), onnxruntime CPU vs PyTorch CPU: {summary}; tolerance {TOLERANCE:g} "
+        "relative"
+    )
     failed = [d for d in differences if not d.relative <= TOLERANCE]  # NaN fails too
     if failed:
         raise UserError(

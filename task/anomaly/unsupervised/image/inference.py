@@ -18,7 +18,12 @@ from task.common.runtime import autocast
 
 @torch.no_grad()
 def predict_loader(
-    model: torch.nn.Module, loader, device: torch.device, amp: str = "none", desc: str = "eval", channels_last: bool = False
+    model: torch.nn.Module,
+    loader,
+    device: torch.device,
+    amp: str = "none",
+    desc: str = "eval",
+    channels_last: bool = False,
 ) -> Predictions:
     """Run ``model`` (eval mode, returning ``InferenceOutput``) over batches of dicts with an ``image`` key.
 

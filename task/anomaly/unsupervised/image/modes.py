@@ -43,8 +43,13 @@ def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
             import yaml
 
             write_text(engine.run_dir / "config.yaml", yaml.safe_dump(engine.cfg.to_dict(), sort_keys=False))
-        log.info("%d training images, %d calibration images (%s), %d test images",
-                 len(train_set), len(calibration_data[0]), calibration_data[1], len(test_set))
+        log.info(
+            "%d training images, %d calibration images (%s), %d test images",
+            len(train_set),
+            len(calibration_data[0]),
+            calibration_data[1],
+            len(test_set),
+        )
         return train(engine, train_set, evaluation_with_selection(engine, calibration_data, test_set))
 
 
@@ -56,7 +61,10 @@ def evaluation_with_selection(engine: Engine, calibration_data, test_set):
     if engine.cfg.TRAIN.validation != "synthetic":
         return lambda model, step, final: evaluate(engine, model, calibration_data, test_set, step=step, final=final)
     if not engine.cfg.LOG.eval_interval:
-        log.warning("TRAIN.validation=synthetic chooses among evaluated checkpoints, but LOG.eval_interval is null: only the last is evaluated")
+        log.warning(
+            "TRAIN.validation=synthetic chooses among evaluated checkpoints, but LOG.eval_interval is null: only the "
+            "last is evaluated"
+        )
     selection = Selection()
     synthetic = SyntheticSet(calibration_data[0], engine.cfg.SEED)
 
@@ -65,7 +73,11 @@ def evaluation_with_selection(engine: Engine, calibration_data, test_set):
             observe(engine, model, synthetic, selection, step)
             if final and selection.step != step:
                 model.load_state_dict(selection.weights)
-                log.info("TRAIN.validation=synthetic: keeping the weights of step %d (validation %.4f)", selection.step, selection.score)
+                log.info(
+                    "TRAIN.validation=synthetic: keeping the weights of step %d (validation %.4f)",
+                    selection.step,
+                    selection.score,
+                )
         extra = {"selected_step": selection.step, "synthetic_validation": selection.score} if final else None
         return evaluate(engine, model, calibration_data, test_set, step=step, final=final, extra=extra)
 
@@ -87,13 +99,22 @@ def mode_test(engine: Engine, options: ModeOptions) -> dict[str, Any]:
         engine.maybe_compile(loaded.model)
         calibration = ImageCalibration.from_dict(loaded.calibration)
         if calibration is None and loaded.calibrated:
-            log.info("%s holds no calibration scores (its thresholds came from its test set); "
-                     "calibrating on held-out normal images", path)
+            log.info(
+                "%s holds no calibration scores (its thresholds came from its test set); "
+                "calibrating on held-out normal images",
+                path,
+            )
         calibration_data = engine.calibration_data() if recalibrate or calibration is None else None
         if out_dir != engine.run_dir:
             log.info("testing a checkpoint from outside this run: outputs go to %s", out_dir)
         return evaluate(
-            engine, loaded.model, calibration_data, test_set, final=True, out_dir=out_dir, calibration=calibration,
+            engine,
+            loaded.model,
+            calibration_data,
+            test_set,
+            final=True,
+            out_dir=out_dir,
+            calibration=calibration,
         )
 
 
@@ -112,7 +133,14 @@ def _write_gif_from(engine: Engine, path: Path) -> None:
     calibration = ImageCalibration.from_dict(loaded.calibration)
     if calibration is None:  # e.g. an official checkpoint: calibrate on held-out normal images (never the test set)
         calibration = calibrate(engine, loaded.model, *engine.calibration_data())
-    preds = predict_loader(loaded.model, engine.eval_loader(test_set), engine.device, engine.amp, desc="gif", channels_last=engine.channels_last)
+    preds = predict_loader(
+        loaded.model,
+        engine.eval_loader(test_set),
+        engine.device,
+        engine.amp,
+        desc="gif",
+        channels_last=engine.channels_last,
+    )
     thresholds, _ = resolve(engine.cfg, calibration.samples, str(path))
     shown = {"image": thresholds.get("image", float("nan")), "pixel": thresholds.get("pixel", float("nan"))}
     write_gif(engine, test_output_dir(engine, path), preds, test_set, shown)
@@ -130,10 +158,18 @@ def mode_export(engine: Engine, options: ModeOptions) -> None:
         from task.anomaly.unsupervised.image.openvino import calibration_batches, export_openvino
 
         # Before the (slow) trace: int8 needs the training images, and a missing dataset should stop the run at once.
-        calibration = calibration_batches(loaded.cfg, cfg.EXPORT.calibration_images, cfg.EXPORT.input == "raw") if cfg.EXPORT.precision == "int8" else []
-    prepared = prepare_export(loaded, paths, engine.method.extra_map_names(loaded.cfg), cfg.EXPORT.input, cfg.EXPORT.opset)
+        calibration = (
+            calibration_batches(loaded.cfg, cfg.EXPORT.calibration_images, cfg.EXPORT.input == "raw")
+            if cfg.EXPORT.precision == "int8"
+            else []
+        )
+    prepared = prepare_export(
+        loaded, paths, engine.method.extra_map_names(loaded.cfg), cfg.EXPORT.input, cfg.EXPORT.opset
+    )
     if cfg.EXPORT.format in ("onnx", "both"):
-        export_run(loaded, paths, engine.method.extra_map_names(loaded.cfg), cfg.EXPORT.input, cfg.EXPORT.opset, prepared)
+        export_run(
+            loaded, paths, engine.method.extra_map_names(loaded.cfg), cfg.EXPORT.input, cfg.EXPORT.opset, prepared
+        )
     if openvino:
         export_openvino(prepared, loaded, cfg, len(paths), torch.get_num_threads(), calibration)
 
@@ -147,9 +183,17 @@ def mode_predict(engine: Engine, options: ModeOptions) -> None:
     if options.backend == "onnx":
         source, paired = predict.onnx_source(options.checkpoint, engine.run_dir)
         model = predict.load_onnx_model(source, paired)
-        asked = sorted(k for k in engine.overridden if k in ("TEST.target_fpr", "TEST.pixel_target_fpr", "TEST.image_threshold", "TEST.pixel_threshold"))
+        asked = sorted(
+            k
+            for k in engine.overridden
+            if k in ("TEST.target_fpr", "TEST.pixel_target_fpr", "TEST.image_threshold", "TEST.pixel_threshold")
+        )
         if asked:
-            log.warning("%s: the ONNX file serves the thresholds it was exported with; export again with %s to change them", ", ".join(asked), asked[0])
+            log.warning(
+                "%s: the ONNX file serves the thresholds it was exported with; export again with %s to change them",
+                ", ".join(asked),
+                asked[0],
+            )
         runner = predict.Runner(model, model.image_size, model.thresholds, engine.cfg.TEST.batch_size)
     elif options.backend == "openvino":  # OpenVINO IR of EXPORT.precision (issue 17)
         from task.anomaly.unsupervised.image.openvino import ir_source, load_ir_model
@@ -161,8 +205,13 @@ def mode_predict(engine: Engine, options: ModeOptions) -> None:
         loaded = load_for_serving(engine, options.checkpoint)
         source = loaded.path
         runner = predict.Runner(
-            loaded.model, tuple(loaded.cfg.DATASET.resize), loaded.thresholds, engine.cfg.TEST.batch_size,
-            engine.device, engine.amp, engine.channels_last,
+            loaded.model,
+            tuple(loaded.cfg.DATASET.resize),
+            loaded.thresholds,
+            engine.cfg.TEST.batch_size,
+            engine.device,
+            engine.amp,
+            engine.channels_last,
         )
     runner.region_min_area = engine.cfg.TEST.region_min_area
     out_dir = Path(options.output) if options.output else source.parent / "predict"
@@ -206,4 +255,3 @@ IMAGE_MODES: dict[str, ModeFunction] = {
     "predict": mode_predict,
     "benchmark": mode_benchmark,
 }
-

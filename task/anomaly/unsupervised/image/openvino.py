@@ -60,16 +60,25 @@ class OpenVinoImageModel(nn.Module):
         self.runner = IRRunner(source, name, threads)
         meta = self.runner.metadata
         if meta.get("format") != ONNX_FORMAT:
-            raise UserError(f"{name} is not a model exported by this toolkit (no format={ONNX_FORMAT} metadata); re-create it with --mode export EXPORT.format=openvino")
+            raise UserError(
+                f"{name} is not a model exported by this toolkit (no format={ONNX_FORMAT} metadata); re-create it "
+                "with --mode export EXPORT.format=openvino"
+            )
         self.metadata = meta
         try:
             self.input_format: str = meta["input"]
             self.image_size: tuple[int, int] = tuple(int(v) for v in json.loads(meta["image_size"]))
             self.thresholds: dict[str, float] = {k: float(v) for k, v in json.loads(meta["thresholds"]).items()}
         except (KeyError, ValueError, TypeError) as exc:
-            raise UserError(f"{name} has incomplete metadata ({type(exc).__name__}: {str(exc)[:80]}); re-create it with --mode export") from None
+            raise UserError(
+                f"{name} has incomplete metadata ({type(exc).__name__}: {str(exc)[:80]}); re-create it with --mode "
+                "export"
+            ) from None
         if self.input_format not in ("raw", "imagenet") or self.runner.output_names[:2] != ["anomaly_map", "score"]:
-            raise UserError(f"{name} has metadata this toolkit does not know; re-create it with --mode export EXPORT.format=openvino")
+            raise UserError(
+                f"{name} has metadata this toolkit does not know; re-create it with --mode export "
+                "EXPORT.format=openvino"
+            )
         self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
 
@@ -89,13 +98,16 @@ def ir_source(checkpoint: str | None, run_dir: Path, precision: str) -> tuple[Pa
     else ``model-<EXPORT.precision>.xml`` beside the checkpoint (``--checkpoint`` or the run's model.pt)."""
     if checkpoint and Path(checkpoint).suffix.lower() == ".xml":
         if not Path(checkpoint).is_file():
-            raise UserError(f"OpenVINO IR not found: {checkpoint}; check the path or run --mode export EXPORT.format=openvino")
+            raise UserError(
+                f"OpenVINO IR not found: {checkpoint}; check the path or run --mode export EXPORT.format=openvino"
+            )
         return Path(checkpoint), None
     source = Path(checkpoint) if checkpoint else run_dir / "model.pt"
     path = source.parent / ir_filename(precision)
     if not path.is_file():
         raise UserError(
-            f"OpenVINO IR not found: {path}; run --mode export EXPORT.format=openvino EXPORT.precision={precision} first, or pass --checkpoint FILE.xml"
+            f"OpenVINO IR not found: {path}; run --mode export EXPORT.format=openvino EXPORT.precision={precision} "
+            "first, or pass --checkpoint FILE.xml"
         )
     return path, source
 
@@ -105,7 +117,10 @@ def load_ir_model(path: Path, checkpoint: Path | None, threads: int) -> OpenVino
     model = OpenVinoImageModel(path, str(path), threads)
     recorded = model.metadata.get("checkpoint_sha256")
     if recorded and checkpoint is not None and checkpoint.is_file() and file_sha256(checkpoint) != recorded:
-        raise UserError(f"{path} was exported from a different {checkpoint.name} than {checkpoint}; rerun --mode export EXPORT.format=openvino to refresh it")
+        raise UserError(
+            f"{path} was exported from a different {checkpoint.name} than {checkpoint}; rerun --mode export "
+            "EXPORT.format=openvino to refresh it"
+        )
     log.info("OpenVINO: %s (%s)", path, model.runner.description)
     return model
 
@@ -119,11 +134,15 @@ def spread(items: list, count: int) -> list:
 
 
 def calibration_batches(cfg: Config, count: int, raw: bool) -> list[np.ndarray]:
-    """``count`` normal training images of the run's dataset, one [1, 3, H, W] array each, in the graph's input format."""
+    """``count`` normal training images of the run's dataset, one [1, 3, H, W] array each, in the graph's input
+    format."""
     try:
         samples = scan_dataset(cfg.DATASET, "train", cfg.SEED)
     except UserError as exc:
-        raise UserError(f"EXPORT.precision=int8 calibrates on the normal training images: point DATASET.datadir at the dataset ({exc})") from None
+        raise UserError(
+            "EXPORT.precision=int8 calibrates on the normal training images: point DATASET.datadir at the dataset "
+            f"({exc})"
+        ) from None
     paths = [Path(s.path) for s in spread(samples, count)]
     normalized, unit = preprocess(paths, tuple(cfg.DATASET.resize))
     images = unit if raw else normalized
@@ -147,10 +166,19 @@ def held_out_split(cfg: Config) -> HeldOut | None:
 
 
 def _scores(run, images: Tensor, batch_size: int) -> Tensor:
-    return torch.cat([torch.as_tensor(np.asarray(run(images[i : i + batch_size]))) for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [torch.as_tensor(np.asarray(run(images[i : i + batch_size]))) for i in range(0, len(images), batch_size)]
+    )
 
 
-def compare_on_split(prepared: PreparedExport, ir: OpenVinoImageModel, held: HeldOut, size: tuple[int, int], batch_size: int, threshold: float) -> str:
+def compare_on_split(
+    prepared: PreparedExport,
+    ir: OpenVinoImageModel,
+    held: HeldOut,
+    size: tuple[int, int],
+    batch_size: int,
+    threshold: float,
+) -> str:
     """Image AUROC of PyTorch and of the IR on the held-out split, the change, and the verdicts the IR changes."""
     normalized, unit = preprocess(held.paths, size)
     images = unit if ir.input_format == "raw" else normalized
@@ -173,7 +201,14 @@ def compare_on_split(prepared: PreparedExport, ir: OpenVinoImageModel, held: Hel
     return f"on the {len(scores)} test images: {change}; {flips}"
 
 
-def export_openvino(prepared: PreparedExport, loaded: LoadedModel, cfg: Config, check_count: int, threads: int, batches: list[np.ndarray]) -> Path:
+def export_openvino(
+    prepared: PreparedExport,
+    loaded: LoadedModel,
+    cfg: Config,
+    check_count: int,
+    threads: int,
+    batches: list[np.ndarray],
+) -> Path:
     """Write ``model-<EXPORT.precision>.xml/.bin`` beside the checkpoint after checking the IR against PyTorch;
     ``batches``: the int8 calibration inputs (``calibration_batches``), unused for the other precisions."""
     precision = cfg.EXPORT.precision
@@ -190,15 +225,22 @@ def export_openvino(prepared: PreparedExport, loaded: LoadedModel, cfg: Config, 
     tolerance = TOLERANCES[precision]
     differences = compare(ir, prepared.inputs.numpy(), prepared.reference)
     summary = "; ".join(str(d) for d in differences)
-    print(f"OpenVINO {precision} check on {check_count} image(s) ({ir.runner.description}) vs PyTorch float32: {summary}; tolerance {tolerance:g} relative")
+    print(
+        f"OpenVINO {precision} check on {check_count} image(s) ({ir.runner.description}) vs PyTorch float32: "
+        f"{summary}; tolerance {tolerance:g} relative"
+    )
     held = held_out_split(loaded.cfg)
     if held is not None:
         threshold = float(loaded.thresholds.get("image", math.nan))
-        print(f"OpenVINO {precision} vs PyTorch float32 " + compare_on_split(prepared, ir, held, tuple(loaded.cfg.DATASET.resize), cfg.TEST.batch_size, threshold))
+        print(
+            f"OpenVINO {precision} vs PyTorch float32 "
+            + compare_on_split(prepared, ir, held, tuple(loaded.cfg.DATASET.resize), cfg.TEST.batch_size, threshold)
+        )
     failed = [d for d in differences if not d.relative <= tolerance]
     if failed:
         raise UserError(
-            f"OpenVINO {precision} output differs from PyTorch beyond the tolerance {tolerance:g} ({'; '.join(map(str, failed))}); "
+            f"OpenVINO {precision} output differs from PyTorch beyond the tolerance {tolerance:g} "
+            f"({'; '.join(map(str, failed))}); "
             "nothing was written; try a higher precision (EXPORT.precision=fp16 or fp32)"
         )
     target = loaded.path.parent / ir_filename(precision)

@@ -42,7 +42,15 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from task.anomaly.unsupervised.data.image.preprocess import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, display_rgb, load_image, resize_image, to_tensor
+from task.anomaly.unsupervised.data.image.preprocess import (
+    IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    display_rgb,
+    load_image,
+    resize_image,
+    to_tensor,
+)
 from task.anomaly.unsupervised.deploy.onnx import ONNX_FILENAME, file_sha256, metadata_image_size, open_onnx
 from task.anomaly.unsupervised.deploy.output_folder import OutputFolder
 from task.anomaly.unsupervised.drawing import display_bounds
@@ -78,7 +86,10 @@ class OnnxModel(nn.Module):
         super().__init__()
         self.session, meta = open_onnx(source, name)
         if meta.get("format") != ONNX_FORMAT:
-            raise UserError(f"{name} is not a model exported by this toolkit (no format={ONNX_FORMAT} metadata); re-create it with --mode export")
+            raise UserError(
+                f"{name} is not a model exported by this toolkit (no format={ONNX_FORMAT} metadata); re-create it "
+                "with --mode export"
+            )
         self.metadata: dict[str, str] = meta
         try:
             self.input_format: str = meta["input"]
@@ -86,9 +97,19 @@ class OnnxModel(nn.Module):
             self.thresholds: dict[str, float] = {k: float(v) for k, v in json.loads(meta["thresholds"]).items()}
             self.outputs: tuple[str, ...] = tuple(out.name for out in self.session.get_outputs())
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
-            raise UserError(f"{name} has incomplete metadata ({type(exc).__name__}: {str(exc)[:80]}); re-create it with --mode export") from None
-        if self.input_format not in ("raw", "imagenet") or len(self.image_size) != 2 or self.outputs[:2] != ("anomaly_map", "score"):
-            raise UserError(f"{name} has metadata this toolkit does not know (input {self.input_format!r:.40}, outputs {self.outputs[:3]}); re-create it with --mode export")
+            raise UserError(
+                f"{name} has incomplete metadata ({type(exc).__name__}: {str(exc)[:80]}); re-create it with --mode "
+                "export"
+            ) from None
+        if (
+            self.input_format not in ("raw", "imagenet")
+            or len(self.image_size) != 2
+            or self.outputs[:2] != ("anomaly_map", "score")
+        ):
+            raise UserError(
+                f"{name} has metadata this toolkit does not know (input {self.input_format!r:.40}, outputs "
+                f"{self.outputs[:3]}); re-create it with --mode export"
+            )
         self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
 
@@ -115,7 +136,10 @@ def onnx_source(checkpoint: str | None, run_dir: Path) -> tuple[Path, Path | Non
     source = Path(checkpoint) if checkpoint else run_dir / "model.pt"
     path = source.parent / ONNX_FILENAME
     if not path.is_file():
-        raise UserError(f"ONNX model not found: {path}; run --mode export first (same config and --checkpoint), or pass --checkpoint FILE.onnx")
+        raise UserError(
+            f"ONNX model not found: {path}; run --mode export first (same config and --checkpoint), or pass "
+            "--checkpoint FILE.onnx"
+        )
     return path, source
 
 
@@ -125,7 +149,10 @@ def load_onnx_model(path: Path, checkpoint: Path | None) -> OnnxModel:
     model = OnnxModel(path, str(path))
     recorded = model.metadata.get("checkpoint_sha256")
     if recorded and checkpoint is not None and checkpoint.is_file() and file_sha256(checkpoint) != recorded:
-        raise UserError(f"{path} was exported from a different {checkpoint.name} than {checkpoint}; rerun --mode export to refresh it")
+        raise UserError(
+            f"{path} was exported from a different {checkpoint.name} than {checkpoint}; rerun --mode export to "
+            "refresh it"
+        )
     return model
 
 
@@ -143,13 +170,18 @@ def list_images(path: Path) -> list[Path]:
     """
     if path.is_file():
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            raise UserError(f"--input {path} is not a supported image; use one of {', '.join(IMAGE_EXTENSIONS)} or a folder")
+            raise UserError(
+                f"--input {path} is not a supported image; use one of {', '.join(IMAGE_EXTENSIONS)} or a folder"
+            )
         return [path]
     if not path.is_dir():
         raise UserError(f"--input {path} not found; pass an image file or a folder of images")
     found = [
-        candidate for candidate in path.rglob("*")
-        if candidate.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(candidate.relative_to(path)) and candidate.is_file()
+        candidate
+        for candidate in path.rglob("*")
+        if candidate.suffix.lower() in IMAGE_EXTENSIONS
+        and not _hidden(candidate.relative_to(path))
+        and candidate.is_file()
     ]
     return sorted(found, key=lambda p: p.relative_to(path).as_posix())
 
@@ -172,14 +204,20 @@ class ImageFiles(Dataset):
 def picture_names(paths: list[Path], root: Path) -> list[Path]:
     """One output name per input, relative to the output folder: ``<relative path>.png`` with the whole file name
     kept (``a.jpg`` -> ``a.jpg.png``), so two inputs can never share a picture."""
-    return [(path.relative_to(root) if root.is_dir() else Path(path.name)).with_name(path.name + ".png") for path in paths]
+    return [
+        (path.relative_to(root) if root.is_dir() else Path(path.name)).with_name(path.name + ".png") for path in paths
+    ]
 
 
 # --------------------------------------------------------------------------- outputs
 
 
 def render_picture(
-    path: Path, anomaly_map: np.ndarray, bounds: tuple[float, float], score: float, thresholds: dict[str, float],
+    path: Path,
+    anomaly_map: np.ndarray,
+    bounds: tuple[float, float],
+    score: float,
+    thresholds: dict[str, float],
     min_area: int = 1,
 ) -> tuple[bytes, list[Region]]:
     """PNG bytes of input | heatmap | region for one input, at its original size (longest side <= MAX_PICTURE_SIDE),
@@ -199,8 +237,13 @@ def render_picture(
     resized = cv2.resize(anomaly_map.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
     shown = scale_regions(found, width / anomaly_map.shape[1], height / anomaly_map.shape[0])
     picture = render_result(
-        np.ascontiguousarray(image), resized, bounds, score, thresholds.get("image", math.nan),
-        thresholds.get("pixel", math.nan), regions=shown,
+        np.ascontiguousarray(image),
+        resized,
+        bounds,
+        score,
+        thresholds.get("image", math.nan),
+        thresholds.get("pixel", math.nan),
+        regions=shown,
     )
     buffer = io.BytesIO()
     Image.fromarray(picture).save(buffer, format="PNG")
@@ -237,14 +280,19 @@ def predict_folder(runner: Runner, input_path: Path, out_dir: Path, source: str)
     """Score every image of ``input_path`` and write pictures and predictions.csv into ``out_dir``."""
     paths = list_images(input_path)
     if not paths:
-        raise UserError(f"no images in {input_path} (searched recursively for {', '.join(IMAGE_EXTENSIONS)}); pass a folder that holds images")
+        raise UserError(
+            f"no images in {input_path} (searched recursively for {', '.join(IMAGE_EXTENSIONS)}); pass a folder that "
+            "holds images"
+        )
     output = OutputFolder(out_dir, input_path)
     names = picture_names(paths, input_path)
     output.claim(names + [Path("predictions.csv")])
     log.info("predicting %d image(s) from %s with %s", len(paths), input_path, source)
 
     loader = DataLoader(ImageFiles(paths, runner.size), batch_size=runner.batch_size, shuffle=False)
-    preds = predict_loader(runner.model, loader, runner.device, runner.amp, desc="predict", channels_last=runner.channels_last)
+    preds = predict_loader(
+        runner.model, loader, runner.device, runner.amp, desc="predict", channels_last=runner.channels_last
+    )
     thresholds = runner.thresholds
     bounds = display_bounds(preds.anomaly_maps, thresholds.get("pixel", math.nan))
     buffer = io.StringIO()

@@ -55,7 +55,12 @@ class Selection:
 def validation_score(engine: Engine, model: nn.Module, data: SyntheticSet) -> float:
     """Mean of image and pixel AUROC on the synthetic set (the model's score normalisation does not change AUROC)."""
     preds = predict_loader(
-        model, engine.eval_loader(data), engine.device, engine.amp, desc="validate", channels_last=engine.channels_last,
+        model,
+        engine.eval_loader(data),
+        engine.device,
+        engine.amp,
+        desc="validate",
+        channels_last=engine.channels_last,
     )
     return 0.5 * (auroc(preds.scores, preds.labels) + auroc(preds.anomaly_maps, preds.masks))
 

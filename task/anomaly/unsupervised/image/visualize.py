@@ -148,7 +148,9 @@ def render_result(
     draw_pieces(title, pieces, margin, line - margin - 2, scale, thickness)
     for i, caption in enumerate(captions):
         text_width = cv2.getTextSize(caption, FONT, scale, thickness)[0][0]
-        draw_pieces(title, [(caption, GREY)], i * width + (width - text_width) // 2, 2 * line - margin - 2, scale, thickness)
+        draw_pieces(
+            title, [(caption, GREY)], i * width + (width - text_width) // 2, 2 * line - margin - 2, scale, thickness
+        )
     return np.concatenate([title, strip], axis=0)
 
 
@@ -161,7 +163,11 @@ def _input_image(dataset: AnomalyDataset, preds: Predictions, index: int) -> np.
 
 
 def render_prediction(
-    preds: Predictions, dataset: AnomalyDataset, index: int, thresholds: dict[str, float], bounds: tuple[float, float],
+    preds: Predictions,
+    dataset: AnomalyDataset,
+    index: int,
+    thresholds: dict[str, float],
+    bounds: tuple[float, float],
     min_area: int = 1,
 ) -> np.ndarray:
     """``render_result`` for entry ``index`` of ``preds`` (computed on ``dataset`` in order, unshuffled); regions of

@@ -75,7 +75,9 @@ class Method(ABC):
         """Parameter groups for the optimiser (trainable parameters only; per-group ``lr`` where it differs)."""
         raise NotImplementedError(f"{self.name} learns by {self.learning}: it has no optimiser")
 
-    def training_loss(self, model: nn.Module, criterion: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def training_loss(
+        self, model: nn.Module, criterion: nn.Module, batch: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Forward one training batch (already on the device) and return (loss, named loss terms)."""
         raise NotImplementedError(f"{self.name} learns by {self.learning}: it has no training loss")
 
@@ -155,7 +157,8 @@ class VideoMethod(Method):
     """A method that scores the frame after each clip: raw per-frame scores, fused over time by the SCORE protocol.
 
     Batches are ClipDataset items ``{"clip", "target", "video", "frame", "label"}`` (``video`` indexes the list of
-    videos being scored). The calibration is the statistics of the raw scores on held-out normal frames (video/evaluation.py),
+    videos being scored). The calibration is the statistics of the raw scores on held-out normal frames
+    (video/evaluation.py),
     stored in the checkpoint. Shared video code reaches what the method keeps about the data (e.g. DMAD-PDM's
     background templates) only through ``prepare``, ``scoring_context`` and ``video_inputs``.
     """
@@ -171,7 +174,9 @@ class VideoMethod(Method):
         """What ``score_batch`` needs from the config (the score variants and windows)."""
 
     @abstractmethod
-    def score_batch(self, model: nn.Module, batch: dict[str, Tensor], settings: Any) -> tuple[dict[str, Tensor], Tensor]:
+    def score_batch(
+        self, model: nn.Module, batch: dict[str, Tensor], settings: Any
+    ) -> tuple[dict[str, Tensor], Tensor]:
         """Eval forward of one batch on the device: (raw scores name -> [B], prediction-error maps [B, 1, H, W])."""
 
     @abstractmethod
@@ -187,7 +192,9 @@ class VideoMethod(Method):
     def prepare(self, model: nn.Module, cfg: Config, videos: list[Any], cache_dir: Path | None) -> None:
         """Set data-dependent state of a new model from its training ``videos`` (default: none)."""
 
-    def scoring_context(self, model: nn.Module, cfg: Config, videos: list[Any], cache_dir: Path | None) -> AbstractContextManager[None]:
+    def scoring_context(
+        self, model: nn.Module, cfg: Config, videos: list[Any], cache_dir: Path | None
+    ) -> AbstractContextManager[None]:
         """State ``model`` needs while scoring ``videos`` it was not trained on, put back afterwards (default: none)."""
         return contextlib.nullcontext()
 

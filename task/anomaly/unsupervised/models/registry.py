@@ -1,6 +1,7 @@
 """Explicit method registry keyed by (task_type, model_type, model_name, modality).
 
-Method modules register an instance with ``register_method(...)``; ``main.py`` imports ``task.anomaly.unsupervised.models.available`` (a fixed list
+Method modules register an instance with ``register_method(...)``; ``main.py`` imports
+``task.anomaly.unsupervised.models.available`` (a fixed list
 of modules) and looks the key up here. Nothing is imported from a name the user typed. One ``--model_name`` may have
 an image and a video variant (DMAD's PPDM and PDM); the run's ``DATASET.format`` picks the modality.
 """
@@ -32,5 +33,6 @@ def get_method(task_type: str, model_type: str, model_name: str, modality: str) 
         raise UserError(f"--model_name {model_name} has no {modality} variant (it has: {have}); check DATASET.format")
     known = ", ".join("/".join(k[:3]) for k in sorted(METHODS)) or "none"
     raise UserError(
-        f"no method registered for --task_type {task_type} --model_type {model_type} --model_name {model_name}; registered: {known}"
+        f"no method registered for --task_type {task_type} --model_type {model_type} --model_name {model_name}; "
+        f"registered: {known}"
     )

@@ -23,7 +23,9 @@ class Reporter(Protocol):
 
     def log_eval(self, step: int | None, metrics: dict[str, Any]) -> None: ...
 
-    def log_results(self, metrics: dict[str, Any], images: list[tuple[Path, str]], gif: Path | None, checkpoint: Path | None) -> None: ...
+    def log_results(
+        self, metrics: dict[str, Any], images: list[tuple[Path, str]], gif: Path | None, checkpoint: Path | None
+    ) -> None: ...
 
     def log_curves(self, pictures: list[Path]) -> None: ...
 
@@ -45,7 +47,13 @@ class Reporters:
                 call(reporter)
             except Exception as exc:  # noqa: BLE001  (a reporter must never stop training)
                 self._active.remove(reporter)
-                log.warning("%s reporter disabled for the rest of this run: %s failed (%s: %s)", reporter.name, what, type(exc).__name__, exc)
+                log.warning(
+                    "%s reporter disabled for the rest of this run: %s failed (%s: %s)",
+                    reporter.name,
+                    what,
+                    type(exc).__name__,
+                    exc,
+                )
 
     def log_train(self, step: int, values: dict[str, float]) -> None:
         self._each("logging training losses", lambda r: r.log_train(step, values))
@@ -53,7 +61,9 @@ class Reporters:
     def log_eval(self, step: int | None, metrics: dict[str, Any]) -> None:
         self._each("logging eval metrics", lambda r: r.log_eval(step, metrics))
 
-    def log_results(self, metrics: dict[str, Any], images: list[tuple[Path, str]], gif: Path | None, checkpoint: Path | None) -> None:
+    def log_results(
+        self, metrics: dict[str, Any], images: list[tuple[Path, str]], gif: Path | None, checkpoint: Path | None
+    ) -> None:
         self._each("logging results", lambda r: r.log_results(metrics, images, gif, checkpoint))
 
     def log_curves(self, pictures: list[Path]) -> None:

@@ -49,7 +49,9 @@ class TensorBoardReporter:
             if isinstance(value, (int, float)):
                 writer.add_scalar(f"eval/{key}", value, step)
 
-    def log_results(self, metrics: dict[str, Any], images: list[tuple[Path, str]], gif: Path | None, checkpoint: Path | None) -> None:
+    def log_results(
+        self, metrics: dict[str, Any], images: list[tuple[Path, str]], gif: Path | None, checkpoint: Path | None
+    ) -> None:
         writer = self._get()
         for key, value in metrics.items():
             if isinstance(value, (int, float)):

@@ -101,7 +101,9 @@ class WandbReporter:
     # ------------------------------------------------------------------ hooks
     def log_train(self, step: int, values: dict[str, float]) -> None:
         """``values``: loss terms and lr of one logged training step."""
-        self._guard("logging training losses", lambda run: run.log({f"train/{k}": v for k, v in values.items()}, step=step))
+        self._guard(
+            "logging training losses", lambda run: run.log({f"train/{k}": v for k, v in values.items()}, step=step)
+        )
 
     def log_eval(self, step: int | None, metrics: dict[str, float]) -> None:
         """``metrics``: one evaluation's metrics; ``step`` None for a checkpoint evaluated outside training."""
@@ -136,8 +138,12 @@ class WandbReporter:
             if media:
                 run.log(media)
             if checkpoint is not None:
-                finite = {k: v for k, v in metrics.items() if v is not None and v == v}  # NaN/null are not valid artifact metadata
-                artifact = wandb.Artifact(_artifact_name(f"{self.method_name}-{self.cfg.DATASET.target}"), type="model", metadata=finite)
+                finite = {
+                    k: v for k, v in metrics.items() if v is not None and v == v
+                }  # NaN/null are not valid artifact metadata
+                artifact = wandb.Artifact(
+                    _artifact_name(f"{self.method_name}-{self.cfg.DATASET.target}"), type="model", metadata=finite
+                )
                 # "immutable": reference model.pt where it is instead of staging a copy outside the run directory.
                 artifact.add_file(str(checkpoint), name="model.pt", policy="immutable")
                 run.log_artifact(artifact)

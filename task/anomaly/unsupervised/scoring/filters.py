@@ -12,7 +12,9 @@ from task.anomaly.unsupervised.scoring.settings import WindowParams
 from task.common.errors import UserError, short_text
 
 
-def normalize(videos: Sequence[np.ndarray], scope: str, eps: float, polarity: str, name: str = "score") -> list[np.ndarray]:
+def normalize(
+    videos: Sequence[np.ndarray], scope: str, eps: float, polarity: str, name: str = "score"
+) -> list[np.ndarray]:
     """Min-max normalise oriented scores (higher = more anomalous) as the official code does.
 
     Args:
@@ -47,8 +49,10 @@ def normalize(videos: Sequence[np.ndarray], scope: str, eps: float, polarity: st
         denom = high - low + eps
         if denom == 0:
             span = scope.replace("_", " ")
-            raise UserError(f"score '{short_text(name)}' is constant ({float(low)!r}) over a {span} span, so min-max "
-                            "normalisation divides by 0; set SCORE.norm_eps > 0")
+            raise UserError(
+                f"score '{short_text(name)}' is constant ({float(low)!r}) over a {span} span, so min-max "
+                "normalisation divides by 0; set SCORE.norm_eps > 0"
+            )
         scaled = (v - low) / denom
         out.append(scaled if polarity == "anomaly" else 1.0 - scaled)
     return out
@@ -115,7 +119,9 @@ def smooth_sequences(videos: Sequence[np.ndarray], window: WindowParams) -> list
     return np.split(smoothed, np.cumsum(lengths)[:-1])
 
 
-def fuse(per_name: Mapping[str, Sequence[np.ndarray]], names: Sequence[str], weights: Sequence[float]) -> list[np.ndarray]:
+def fuse(
+    per_name: Mapping[str, Sequence[np.ndarray]], names: Sequence[str], weights: Sequence[float]
+) -> list[np.ndarray]:
     """Weighted sum per video, added in ``names`` order (float addition order as in the official code).
 
     Args:
@@ -132,8 +138,10 @@ def fuse(per_name: Mapping[str, Sequence[np.ndarray]], names: Sequence[str], wei
             for name, weight in zip(names[1:], weights[1:]):
                 total = total + np.asarray(per_name[name][v]) * weight
         if not np.all(np.isfinite(total)):  # e.g. huge weights on unnormalised scores
-            raise UserError("the fused score overflows to inf; scale SCORE.weights down (only their ratios matter) "
-                            "or normalise the scores (SCORE.normalize)")
+            raise UserError(
+                "the fused score overflows to inf; scale SCORE.weights down (only their ratios matter) "
+                "or normalise the scores (SCORE.normalize)"
+            )
         fused.append(total)
     return fused
 

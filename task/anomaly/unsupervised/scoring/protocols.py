@@ -31,10 +31,12 @@ causally again when the paper protocol smooths the fused score, and Kalman-filte
 does. With ``ONLINE.adapt = running`` each raw score is instead standardised against its video's own past,
 causally (``running_stats``): minus the running median of the frames before it (the last ``ONLINE.memory``, or all;
 the calibration mean contributes ``ONLINE.warmup`` frames' weight), divided by their running MAD (the causal
-counterpart of the paper protocol's per-video min-max normalisation). With ``warmup = 0`` a video's first frame is its own baseline: videos are assumed to start normal,
+counterpart of the paper protocol's per-video min-max normalisation). With ``warmup = 0`` a video's first frame is its
+own baseline: videos are assumed to start normal,
 and one that starts inside an anomaly takes it for its normal level until normal frames outnumber it; a warm-up
 weight on the calibration mean avoids that but makes the first frames of a video whose level differs from the
-calibration videos' alarm (or go blind) until its own past outweighs the warm-up. A baseline that follows the video also follows an anomaly that lasts long enough: once it fills about
+calibration videos' alarm (or go blind) until its own past outweighs the warm-up. A baseline that follows the video also
+follows an anomaly that lasts long enough: once it fills about
 half of the median's memory, its frames score as normal (``memory: 0`` keeps the whole past, so that takes as long as
 the video has run so far); ``adapt: none`` never adapts.
 ``fit_threshold`` picks the alarm threshold as the conformal order statistic of the fused online scores of the
@@ -108,16 +110,26 @@ def _check_inputs(scores: ScoreDict, labels: Sequence[np.ndarray] | None, names:
     n_videos = len(labels) if labels is not None else len(scores[names[0]]) if names[0] in scores else 0
     for name in names:
         if name not in scores:
-            raise UserError(f"no score '{short_text(name)}' (have: {', '.join(map(str, scores)) or 'none'}); set SCORE.names to the stored scores")
+            raise UserError(
+                f"no score '{short_text(name)}' (have: {', '.join(map(str, scores)) or 'none'}); set SCORE.names to "
+                "the stored scores"
+            )
         if len(scores[name]) != n_videos:
-            raise UserError(f"score '{short_text(name)}' has {len(scores[name])} videos but labels have {n_videos}; give one array per video")
+            raise UserError(
+                f"score '{short_text(name)}' has {len(scores[name])} videos but labels have {n_videos}; give one "
+                "array per video"
+            )
         for v, values in enumerate(scores[name]):
             values = np.asarray(values)
             if labels is not None and values.shape != np.shape(labels[v]):
-                raise UserError(f"score '{short_text(name)}' of video {v} has shape {values.shape} but its labels "
-                                f"{np.shape(labels[v])}; align labels with scored frames")
+                raise UserError(
+                    f"score '{short_text(name)}' of video {v} has shape {values.shape} but its labels "
+                    f"{np.shape(labels[v])}; align labels with scored frames"
+                )
             if not np.all(np.isfinite(values)):
-                raise UserError(f"score '{short_text(name)}' of video {v} has non-finite values (NaN or inf); fix the scoring run")
+                raise UserError(
+                    f"score '{short_text(name)}' of video {v} has non-finite values (NaN or inf); fix the scoring run"
+                )
     for v, lab in enumerate(labels or []):
         if np.any((np.asarray(lab) != 0) & (np.asarray(lab) != 1)):
             raise UserError(f"labels of video {v} must be 0 (normal) or 1 (abnormal) on every scored frame")
@@ -127,7 +139,9 @@ def _video_names(videos: Sequence[str] | None, n: int) -> list[str]:
     return list(videos) if videos is not None else [f"video_{v:03d}" for v in range(n)]
 
 
-def _metrics(ranking: Sequence[np.ndarray], labels: Sequence[np.ndarray], higher_is_normal: bool, videos: list[str], suffix: str) -> dict[str, Any]:
+def _metrics(
+    ranking: Sequence[np.ndarray], labels: Sequence[np.ndarray], higher_is_normal: bool, videos: list[str], suffix: str
+) -> dict[str, Any]:
     """Frame AUROC / AUPR (anomaly = positive class) over all frames, and AUROC per video.
 
     ``higher_is_normal`` reproduces the official call ``roc_auc_score(1 - labels, normality)`` exactly.
@@ -149,13 +163,22 @@ def _metrics(ranking: Sequence[np.ndarray], labels: Sequence[np.ndarray], higher
             per_video[name] = auc(yy, ss)
         else:
             per_video[name] = None
-            notes[name] = "no scored frames" if yy.size == 0 else f"all {yy.size} scored frames are {'abnormal' if k else 'normal'}"
+            notes[name] = (
+                "no scored frames"
+                if yy.size == 0
+                else f"all {yy.size} scored frames are {'abnormal' if k else 'normal'}"
+            )
     if one_class:  # as image runs without defective images: null metrics and the reason, never a made-up number
         kind = "abnormal" if n_abnormal == 0 else "normal"
         reason = f"no {kind} frame among the {y.size} scored frames, so frame AUROC/AUPR are undefined (null)"
         log.warning("%s; check the test labels (DATASET.labels)", reason)
-        return {f"frame_auroc{suffix}": None, f"frame_aupr{suffix}": None, f"per_video_auroc{suffix}": per_video,
-                f"per_video_note{suffix}": notes, f"note{suffix}": reason}
+        return {
+            f"frame_auroc{suffix}": None,
+            f"frame_aupr{suffix}": None,
+            f"per_video_auroc{suffix}": per_video,
+            f"per_video_note{suffix}": notes,
+            f"note{suffix}": reason,
+        }
     return {
         f"frame_auroc{suffix}": auc(y, s),
         # Negation reverses the order exactly, so AP ranks frames as the AUROC does.
@@ -203,7 +226,9 @@ def paper_frame_scores(scores: ScoreDict, params: ProtocolParams) -> list[np.nda
     return fused if params.polarity == "anomaly" else [1.0 - f for f in fused]
 
 
-def paper_protocol(scores: ScoreDict, labels: Sequence[np.ndarray], params: ProtocolParams, videos: Sequence[str] | None = None) -> dict[str, Any]:
+def paper_protocol(
+    scores: ScoreDict, labels: Sequence[np.ndarray], params: ProtocolParams, videos: Sequence[str] | None = None
+) -> dict[str, Any]:
     """The official evaluation, exactly: normalise, smooth, fuse, smooth, filter, then AUROC.
 
     Uses whole-video statistics (per-video min-max over all of a video's frames, future ones included) and
@@ -229,7 +254,9 @@ def paper_protocol(scores: ScoreDict, labels: Sequence[np.ndarray], params: Prot
 # --------------------------------------------------------------------------
 
 
-def fit_train_stats(train_scores: ScoreDict, quantiles: tuple[float, float] = (0.01, 0.99)) -> dict[str, dict[str, float]]:
+def fit_train_stats(
+    train_scores: ScoreDict, quantiles: tuple[float, float] = (0.01, 0.99)
+) -> dict[str, dict[str, float]]:
     """Statistics of the raw scores of TRAINING frames, per score name (all videos pooled).
 
     Args:
@@ -243,20 +270,36 @@ def fit_train_stats(train_scores: ScoreDict, quantiles: tuple[float, float] = (0
     for name, videos in train_scores.items():
         x = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in videos]) if len(videos) else np.empty(0)
         if x.size == 0:
-            raise UserError(f"no training frames for score '{short_text(name)}'; online statistics need training scores")
+            raise UserError(
+                f"no training frames for score '{short_text(name)}'; online statistics need training scores"
+            )
         if not np.all(np.isfinite(x)):
-            raise UserError(f"training score '{short_text(name)}' has non-finite values (NaN or inf); fix the scoring run")
+            raise UserError(
+                f"training score '{short_text(name)}' has non-finite values (NaN or inf); fix the scoring run"
+            )
         low, high = (float(q) for q in np.quantile(x, quantiles))
         if not high > low:
             # A score that does not vary on normal frames (e.g. a deformation field still at zero after a short run):
             # any change at test time is informative, so keep it with a minimal range rather than stop the run.
             high = low + max(float(x.std()), 1e-6 * max(1.0, abs(low)))
-            log.warning("training score '%s' is constant between its %s quantiles; it is normalised with a minimal range", short_text(name), quantiles)
-        stats[name] = {"low": float(low), "high": float(high), "mean": float(x.mean()), "std": float(x.std()), "count": int(x.size)}
+            log.warning(
+                "training score '%s' is constant between its %s quantiles; it is normalised with a minimal range",
+                short_text(name),
+                quantiles,
+            )
+        stats[name] = {
+            "low": float(low),
+            "high": float(high),
+            "mean": float(x.mean()),
+            "std": float(x.std()),
+            "count": int(x.size),
+        }
     return stats
 
 
-def running_stats(x: np.ndarray, prior: float, spread: float, memory: int, warmup: int) -> tuple[np.ndarray, np.ndarray]:
+def running_stats(
+    x: np.ndarray, prior: float, spread: float, memory: int, warmup: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Causal per-video location and scale: at frame ``t`` the median and the MAD (x 1.4826) of ``warmup`` copies of
     ``prior`` and the frames before ``t`` (the last ``memory`` of them; ``memory = 0``: all), so a sudden anomaly does
     not lift its own baseline. With no past (and no warm-up) the first frame is its own baseline: a video is assumed to
@@ -280,10 +323,15 @@ def running_stats(x: np.ndarray, prior: float, spread: float, memory: int, warmu
     return location, scale
 
 
-def _online_fused(scores: ScoreDict, train_stats: Mapping[str, Mapping[str, float]], params: ProtocolParams) -> list[np.ndarray]:
+def _online_fused(
+    scores: ScoreDict, train_stats: Mapping[str, Mapping[str, float]], params: ProtocolParams
+) -> list[np.ndarray]:
     for name in params.names:
         if name not in train_stats:
-            raise UserError(f"train_stats has no entry for score '{short_text(name)}'; refit them with fit_train_stats on training scores")
+            raise UserError(
+                f"train_stats has no entry for score '{short_text(name)}'; refit them with fit_train_stats on "
+                "training scores"
+            )
     o = params.online
     per_name = {}
     for name, sign in zip(params.names, params.signs):
@@ -309,7 +357,9 @@ def _online_fused(scores: ScoreDict, train_stats: Mapping[str, Mapping[str, floa
     return fused
 
 
-def online_frame_scores(scores: ScoreDict, train_stats: Mapping[str, Mapping[str, float]], params: ProtocolParams) -> list[np.ndarray]:
+def online_frame_scores(
+    scores: ScoreDict, train_stats: Mapping[str, Mapping[str, float]], params: ProtocolParams
+) -> list[np.ndarray]:
     """Online anomaly score per scored frame (higher = more anomalous), causal within each video.
 
     Each score ``x`` becomes ``(x - low) / (high - low)`` with the TRAINING ``low`` / ``high`` (``1 -`` that for
@@ -328,7 +378,9 @@ def online_frame_scores(scores: ScoreDict, train_stats: Mapping[str, Mapping[str
     return _online_fused(scores, train_stats, params)
 
 
-def fit_threshold(train_scores: ScoreDict, train_stats: Mapping[str, Mapping[str, float]], params: ProtocolParams) -> Threshold:
+def fit_threshold(
+    train_scores: ScoreDict, train_stats: Mapping[str, Mapping[str, float]], params: ProtocolParams
+) -> Threshold:
     """Alarm threshold: the conformal order statistic (``task/common/conformal.py``) of the online scores of the
     calibration frames (all normal) for the false-alarm target ``1 - ONLINE.threshold_quantile``."""
     fused = online_frame_scores(train_scores, train_stats, params)
@@ -360,11 +412,13 @@ def online_protocol(
     if threshold is not None:
         y = np.concatenate([np.asarray(lab, dtype=bool) for lab in labels])
         alarm = np.concatenate(fused) >= threshold
-        result.update({
-            "online_threshold": float(threshold),
-            "online_tpr": float(alarm[y].mean()) if y.any() else None,  # None: no abnormal frame to alarm on
-            "online_fpr": float(alarm[~y].mean()) if not y.all() else None,
-        })
+        result.update(
+            {
+                "online_threshold": float(threshold),
+                "online_tpr": float(alarm[y].mean()) if y.any() else None,  # None: no abnormal frame to alarm on
+                "online_fpr": float(alarm[~y].mean()) if not y.all() else None,
+            }
+        )
     return result
 
 
@@ -373,7 +427,9 @@ def online_protocol(
 # --------------------------------------------------------------------------
 
 
-def evaluate_scores(source: str | Path | Mapping[str, np.ndarray] | ScoreFile, params: ProtocolParams) -> dict[str, Any]:
+def evaluate_scores(
+    source: str | Path | Mapping[str, np.ndarray] | ScoreFile, params: ProtocolParams
+) -> dict[str, Any]:
     """Load and validate a ``scores.npz`` (path, key -> array mapping, or ``ScoreFile``) and run both protocols.
 
     Returns:
@@ -391,8 +447,10 @@ def evaluate_scores(source: str | Path | Mapping[str, np.ndarray] | ScoreFile, p
         sf = read_scores(source)
     missing = [n for n in params.names if n not in sf.scores]
     if missing:
-        raise UserError(f"the score file has no score '{short_text(missing[0])}' (it has: {', '.join(sf.score_names)}); "
-                        "set SCORE.names to stored scores")
+        raise UserError(
+            f"the score file has no score '{short_text(missing[0])}' (it has: {', '.join(sf.score_names)}); "
+            "set SCORE.names to stored scores"
+        )
     labels = sf.aligned_labels()
     params.check_lengths([lab.size for lab in labels], f"score file {sf.dataset!r}")
     scores = {n: sf.scores[n] for n in params.names}
@@ -405,7 +463,9 @@ def evaluate_scores(source: str | Path | Mapping[str, np.ndarray] | ScoreFile, p
     }
     result.update(paper_protocol(scores, labels, params, videos=sf.videos))
     if sf.train_stats is None:
-        result["online_note"] = "the file carries no train_stats, so the online protocol (training-frame normalisation) is skipped"
+        result["online_note"] = (
+            "the file carries no train_stats, so the online protocol (training-frame normalisation) is skipped"
+        )
     else:
         result.update(online_protocol(scores, labels, sf.train_stats, params, threshold=sf.threshold, videos=sf.videos))
     return result

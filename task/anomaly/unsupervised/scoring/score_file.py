@@ -42,7 +42,17 @@ from task.common.array_files import load_npz
 from task.common.errors import UserError, short_repr, short_text
 from task.common.io import atomic_write_bytes
 
-__all__ = ["FORMAT", "VERSION", "ScoreFile", "default_frames", "from_arrays", "read_scores", "to_arrays", "validate", "write_scores"]
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "ScoreFile",
+    "default_frames",
+    "from_arrays",
+    "read_scores",
+    "to_arrays",
+    "validate",
+    "write_scores",
+]
 
 FORMAT = "dmad-frame-scores"
 VERSION = 1
@@ -102,7 +112,10 @@ def _fail(where: str, problem: str) -> UserError:
 
 def _check_name(where: str, kind: str, name: Any) -> None:
     if not isinstance(name, str) or not name or "/" in name or name != name.strip():
-        raise _fail(where, f"{kind} name {short_repr(name)} is not valid; use a non-empty name without '/' or surrounding spaces")
+        raise _fail(
+            where,
+            f"{kind} name {short_repr(name)} is not valid; use a non-empty name without '/' or surrounding spaces",
+        )
 
 
 def _check_train_stats(where: str, stats: Any, names: list[str]) -> None:
@@ -111,13 +124,24 @@ def _check_train_stats(where: str, stats: Any, names: list[str]) -> None:
     for name in names:
         entry = stats.get(name)
         if not isinstance(entry, Mapping):
-            raise _fail(where, f"meta train_stats has no entry for score '{short_text(name)}'; refit it with frame_scoring.fit_train_stats")
+            raise _fail(
+                where,
+                f"meta train_stats has no entry for score '{short_text(name)}'; refit it with "
+                "frame_scoring.fit_train_stats",
+            )
         for key in _STAT_KEYS:
             value = entry.get(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise _fail(where, f"meta train_stats['{short_text(name)}']['{key}'] must be a finite number, got {short_repr(value)}")
+                raise _fail(
+                    where,
+                    f"meta train_stats['{short_text(name)}']['{key}'] must be a finite number, got {short_repr(value)}",
+                )
         if not entry["high"] > entry["low"]:
-            raise _fail(where, f"meta train_stats['{short_text(name)}'] has high <= low; the training scores are constant, so they cannot normalise")
+            raise _fail(
+                where,
+                f"meta train_stats['{short_text(name)}'] has high <= low; the training scores are constant, so they "
+                "cannot normalise",
+            )
 
 
 def validate(sf: ScoreFile, where: str = "scores") -> None:
@@ -131,7 +155,9 @@ def validate(sf: ScoreFile, where: str = "scores") -> None:
     if not isinstance(sf.dataset, str) or not sf.dataset:
         raise _fail(where, "meta dataset must be a non-empty string such as 'ped2'")
     if isinstance(sf.clip_length, bool) or not isinstance(sf.clip_length, int) or sf.clip_length < 0:
-        raise _fail(where, f"meta clip_length must be an integer >= 0 (input frames per clip), got {short_repr(sf.clip_length)}")
+        raise _fail(
+            where, f"meta clip_length must be an integer >= 0 (input frames per clip), got {short_repr(sf.clip_length)}"
+        )
     if not sf.videos:
         raise _fail(where, "no videos; the file must list at least one video under 'videos'")
     for video in sf.videos:
@@ -145,38 +171,67 @@ def validate(sf: ScoreFile, where: str = "scores") -> None:
         if name in RESERVED:
             raise _fail(where, f"'{name}' is reserved and cannot be a score name; rename the score")
     n_videos = len(sf.videos)
-    for what, arrays in [("labels", sf.labels), ("frames", sf.frames), *((f"score '{n}'", a) for n, a in sf.scores.items())]:
+    for what, arrays in [
+        ("labels", sf.labels),
+        ("frames", sf.frames),
+        *((f"score '{n}'", a) for n, a in sf.scores.items()),
+    ]:
         if len(arrays) != n_videos:
             raise _fail(where, f"{what} has {len(arrays)} arrays for {n_videos} videos; give one per video")
     for v, video in enumerate(sf.videos):
         labels, frames = np.asarray(sf.labels[v]), np.asarray(sf.frames[v])
         tag = f"video '{short_text(video)}'"
         if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
-            raise _fail(where, f"labels of {tag} must be a 1-D integer array (one label per frame), got {labels.dtype} {labels.shape}")
+            raise _fail(
+                where,
+                f"labels of {tag} must be a 1-D integer array (one label per frame), got {labels.dtype} {labels.shape}",
+            )
         if labels.size and (labels.min() < -1 or labels.max() > 1):
-            raise _fail(where, f"labels of {tag} must be 1 (abnormal), 0 (normal) or -1 (unknown); found {int(labels.min())}..{int(labels.max())}")
+            raise _fail(
+                where,
+                f"labels of {tag} must be 1 (abnormal), 0 (normal) or -1 (unknown); found "
+                f"{int(labels.min())}..{int(labels.max())}",
+            )
         if frames.ndim != 1 or not np.issubdtype(frames.dtype, np.integer):
-            raise _fail(where, f"frames of {tag} must be a 1-D integer array of frame indices, got {frames.dtype} {frames.shape}")
+            raise _fail(
+                where,
+                f"frames of {tag} must be a 1-D integer array of frame indices, got {frames.dtype} {frames.shape}",
+            )
         if frames.size:
             if frames[0] < sf.clip_length or frames[-1] >= labels.size:
-                raise _fail(where, f"frames of {tag} must lie in [clip_length={sf.clip_length}, {labels.size}) (the video has "
-                                   f"{labels.size} labels); found {int(frames.min())}..{int(frames.max())}")
+                raise _fail(
+                    where,
+                    f"frames of {tag} must lie in [clip_length={sf.clip_length}, {labels.size}) (the video has "
+                    f"{labels.size} labels); found {int(frames.min())}..{int(frames.max())}",
+                )
             if np.any(np.diff(frames) <= 0):
                 raise _fail(where, f"frames of {tag} must be strictly increasing")
             if np.any(labels[frames] < 0):
-                raise _fail(where, f"{tag} has an unknown label (-1) on a scored frame; label every scored frame 0 or 1")
+                raise _fail(
+                    where, f"{tag} has an unknown label (-1) on a scored frame; label every scored frame 0 or 1"
+                )
         for name, arrays in sf.scores.items():
             values = np.asarray(arrays[v])
             if values.ndim != 1 or not np.issubdtype(values.dtype, np.floating):
-                raise _fail(where, f"score '{name}' of {tag} must be a 1-D float array, got {values.dtype} {values.shape}")
+                raise _fail(
+                    where, f"score '{name}' of {tag} must be a 1-D float array, got {values.dtype} {values.shape}"
+                )
             if values.size != frames.size:
-                raise _fail(where, f"score '{name}' of {tag} has {values.size} values but frames has {frames.size}; store one score per scored frame")
+                raise _fail(
+                    where,
+                    f"score '{name}' of {tag} has {values.size} values but frames has {frames.size}; store one score "
+                    "per scored frame",
+                )
             bad = int(np.count_nonzero(~np.isfinite(values)))
             if bad:
-                raise _fail(where, f"score '{name}' of {tag} has {bad} non-finite values (NaN or inf); fix the scoring run")
+                raise _fail(
+                    where, f"score '{name}' of {tag} has {bad} non-finite values (NaN or inf); fix the scoring run"
+                )
     if sf.train_stats is not None:
         _check_train_stats(where, sf.train_stats, list(sf.scores))
-    if sf.threshold is not None and (isinstance(sf.threshold, bool) or not isinstance(sf.threshold, (int, float)) or not math.isfinite(sf.threshold)):
+    if sf.threshold is not None and (
+        isinstance(sf.threshold, bool) or not isinstance(sf.threshold, (int, float)) or not math.isfinite(sf.threshold)
+    ):
         raise _fail(where, f"meta threshold must be a finite number or absent, got {short_repr(sf.threshold)}")
 
 
@@ -188,7 +243,13 @@ def validate(sf: ScoreFile, where: str = "scores") -> None:
 def to_arrays(sf: ScoreFile) -> dict[str, np.ndarray]:
     """The ``scores.npz`` key -> array mapping of a (validated) ``ScoreFile``."""
     validate(sf)
-    meta = {"format": FORMAT, "version": VERSION, "dataset": sf.dataset, "clip_length": sf.clip_length, "scores": sf.score_names}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dataset": sf.dataset,
+        "clip_length": sf.clip_length,
+        "scores": sf.score_names,
+    }
     if sf.train_stats is not None:
         meta["train_stats"] = {n: {k: float(sf.train_stats[n][k]) for k in _STAT_KEYS} for n in sf.score_names}
     if sf.threshold is not None:
@@ -199,7 +260,9 @@ def to_arrays(sf: ScoreFile) -> dict[str, np.ndarray]:
         arrays[f"labels/{video}"] = np.asarray(sf.labels[v]).astype(np.int8)
         arrays[f"frames/{video}"] = np.asarray(sf.frames[v]).astype(np.int64)
         for name, per_video in sf.scores.items():
-            arrays[f"{name}/{video}"] = np.asarray(per_video[v])  # float32 or float64 kept: the protocols are dtype-exact
+            arrays[f"{name}/{video}"] = np.asarray(
+                per_video[v]
+            )  # float32 or float64 kept: the protocols are dtype-exact
     return arrays
 
 
@@ -231,8 +294,11 @@ def from_arrays(arrays: Mapping[str, np.ndarray], where: str = "scores") -> Scor
     counts = Counter(videos)
     repeated = sorted(v for v, c in counts.items() if c > 1)
     if repeated:
-        raise _fail(where, f"video '{short_text(repeated[0])}' appears {counts[repeated[0]]} times in 'videos' "
-                           f"({len(repeated)} name(s) repeat); each video must appear once (rename one of them)")
+        raise _fail(
+            where,
+            f"video '{short_text(repeated[0])}' appears {counts[repeated[0]]} times in 'videos' "
+            f"({len(repeated)} name(s) repeat); each video must appear once (rename one of them)",
+        )
     for video in videos:
         _check_name(where, "video", video)  # before building keys from it
     for name in names:
@@ -240,9 +306,17 @@ def from_arrays(arrays: Mapping[str, np.ndarray], where: str = "scores") -> Scor
     expected = {"meta", "videos"} | {f"{p}/{v}" for p in ["labels", "frames", *names] for v in videos}
     missing, unexpected = sorted(expected - keys), sorted(keys - expected)
     if missing:
-        raise _fail(where, f"key '{short_text(missing[0])}' is missing; every video needs labels/, frames/ and one array per score in meta scores")
+        raise _fail(
+            where,
+            f"key '{short_text(missing[0])}' is missing; every video needs labels/, frames/ and one array per score "
+            "in meta scores",
+        )
     if unexpected:
-        raise _fail(where, f"unexpected key '{short_text(unexpected[0])}'; list its video in 'videos' and its score in meta scores, or remove it")
+        raise _fail(
+            where,
+            f"unexpected key '{short_text(unexpected[0])}'; list its video in 'videos' and its score in meta scores, "
+            "or remove it",
+        )
     sf = ScoreFile(
         dataset=meta["dataset"],
         clip_length=meta["clip_length"],
@@ -252,7 +326,11 @@ def from_arrays(arrays: Mapping[str, np.ndarray], where: str = "scores") -> Scor
         frames=[np.asarray(arrays[f"frames/{v}"]) for v in videos],
         train_stats=meta.get("train_stats"),
         threshold=meta.get("threshold"),
-        extra={k: v for k, v in meta.items() if k not in ("format", "version", "dataset", "clip_length", "scores", "train_stats", "threshold")},
+        extra={
+            k: v
+            for k, v in meta.items()
+            if k not in ("format", "version", "dataset", "clip_length", "scores", "train_stats", "threshold")
+        },
     )
     validate(sf, where)
     return sf

@@ -82,17 +82,26 @@ class Calibration:
     threshold: float
     protocol: dict[str, Any] | None = None  # ProtocolParams.to_config() of the fit
     scoring: dict[str, Any] | None = None  # the method's scoring settings of the fit (score variants, windows)
-    fit: dict[str, Any] | None = None  # how the threshold was chosen (Threshold.to_dict: n, rank, target, bound; source)
+    fit: dict[str, Any] | None = (
+        None  # how the threshold was chosen (Threshold.to_dict: n, rank, target, bound; source)
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "train_stats": self.train_stats, "threshold": self.threshold, "protocol": self.protocol,
-            "scoring": self.scoring, "fit": self.fit,
+            "train_stats": self.train_stats,
+            "threshold": self.threshold,
+            "protocol": self.protocol,
+            "scoring": self.scoring,
+            "fit": self.fit,
         }
 
     @classmethod
     def from_dict(cls, data: Any) -> Calibration | None:
-        if not isinstance(data, dict) or not isinstance(data.get("train_stats"), dict) or not isinstance(data.get("threshold"), (int, float)):
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("train_stats"), dict)
+            or not isinstance(data.get("threshold"), (int, float))
+        ):
             return None
         protocol = data.get("protocol") if isinstance(data.get("protocol"), dict) else None
         scoring = data.get("scoring") if isinstance(data.get("scoring"), dict) else None
@@ -102,7 +111,9 @@ class Calibration:
     def fits(self, params: ProtocolParams, scoring: dict[str, Any]) -> bool:
         """True when this calibration was fitted with ``params`` and the method's ``scoring`` settings (what a
         calibration did not record is assumed to match)."""
-        return (self.protocol is None or self.protocol == params.to_config()) and (self.scoring is None or self.scoring == scoring)
+        return (self.protocol is None or self.protocol == params.to_config()) and (
+            self.scoring is None or self.scoring == scoring
+        )
 
 
 def served_protocol(calibration: Calibration, cfg: Config, path: Path) -> ProtocolParams:
@@ -110,7 +121,11 @@ def served_protocol(calibration: Calibration, cfg: Config, path: Path) -> Protoc
     asked = ProtocolParams.from_config(cfg.SCORE)
     if calibration.protocol is None or calibration.protocol == asked.to_config():
         return asked
-    log.warning("SCORE: serving the settings %s was calibrated with (the config's differ); run --mode test with the new SCORE section to recalibrate", path)
+    log.warning(
+        "SCORE: serving the settings %s was calibrated with (the config's differ); run --mode test with the new SCORE "
+        "section to recalibrate",
+        path,
+    )
     return ProtocolParams.from_config(calibration.protocol)
 
 
@@ -121,7 +136,11 @@ def calibration_split(engine: Engine, train_set: ClipDataset) -> tuple[Subset, S
 
 
 def calibrate(
-    engine: Engine, model: nn.Module, train_videos: list[Video], calibration_set, source: str = "calibration_split",
+    engine: Engine,
+    model: nn.Module,
+    train_videos: list[Video],
+    calibration_set,
+    source: str = "calibration_split",
 ) -> Calibration:
     """Statistics of the raw scores of (at most ``MAX_CALIBRATION_CLIPS``) calibration clips (a ClipDataset or a Subset
     of one over ``train_videos``), and the alarm threshold."""
@@ -135,13 +154,26 @@ def calibrate(
     frames = "held-out calibration frames" if source == "calibration_split" else "training frames"
     log.info("alarm threshold %s, %s", threshold.describe(), frames)
     if threshold.capped:
-        log.warning("alarm threshold: %d calibration frames are too few for a false-alarm target of %g; "
-                    "the largest score is used", threshold.n, threshold.alpha)
+        log.warning(
+            "alarm threshold: %d calibration frames are too few for a false-alarm target of %g; "
+            "the largest score is used",
+            threshold.n,
+            threshold.alpha,
+        )
     fit = {**threshold.to_dict(), "source": source, "guarantee": FRAME_NOTE}
     return Calibration(stats, threshold.value, params.to_config(), scoring, fit)
 
 
-def evaluate(engine: Engine, model: nn.Module, calibration: Calibration, test_videos: list[Video], test_set: ClipDataset, step: int | None, out_dir: Path | None, final: bool) -> dict[str, Any]:
+def evaluate(
+    engine: Engine,
+    model: nn.Module,
+    calibration: Calibration,
+    test_videos: list[Video],
+    test_set: ClipDataset,
+    step: int | None,
+    out_dir: Path | None,
+    final: bool,
+) -> dict[str, Any]:
     """Both protocols on the test videos; with ``final`` also every output file."""
     if not engine.dist.is_main:
         return {}
@@ -153,29 +185,60 @@ def evaluate(engine: Engine, model: nn.Module, calibration: Calibration, test_vi
     names = [v.name for v in scored.videos]
     params = ProtocolParams.from_config(cfg.SCORE)
     paper = paper_protocol({n: scored.scores[n] for n in params.names}, labels, params, names)
-    online = online_protocol({n: scored.scores[n] for n in params.names}, labels, calibration.train_stats, params, calibration.threshold, names)
+    online = online_protocol(
+        {n: scored.scores[n] for n in params.names},
+        labels,
+        calibration.train_stats,
+        params,
+        calibration.threshold,
+        names,
+    )
     metrics = {
-        "frame_auroc": paper["frame_auroc"], "frame_aupr": paper["frame_aupr"],
-        "frame_auroc_online": online["frame_auroc_online"], "frame_aupr_online": online["frame_aupr_online"],
-        "online_threshold": online["online_threshold"], "online_tpr": online["online_tpr"], "online_fpr": online["online_fpr"],
+        "frame_auroc": paper["frame_auroc"],
+        "frame_aupr": paper["frame_aupr"],
+        "frame_auroc_online": online["frame_auroc_online"],
+        "frame_aupr_online": online["frame_aupr_online"],
+        "online_threshold": online["online_threshold"],
+        "online_tpr": online["online_tpr"],
+        "online_fpr": online["online_fpr"],
     }
     if calibration.fit is not None:
         fit = calibration.fit
-        metrics.update({
-            "online_target_fpr": fit.get("alpha"), "calibration_frames": fit.get("n"), "online_threshold_rank": fit.get("rank"),
-        })
+        metrics.update(
+            {
+                "online_target_fpr": fit.get("alpha"),
+                "calibration_frames": fit.get("n"),
+                "online_threshold_rank": fit.get("rank"),
+            }
+        )
     log.info(
-        "%s%s: %s (%.1fs)", cfg.DATASET.target, f" step {step}" if step is not None else "",
-        " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)), time.perf_counter() - start,
+        "%s%s: %s (%.1fs)",
+        cfg.DATASET.target,
+        f" step {step}" if step is not None else "",
+        " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
+        time.perf_counter() - start,
     )
     engine.reporters.log_eval(step, metrics)
     if final:
-        details = {"per_video_auroc": paper["per_video_auroc"], "per_video_auroc_online": online["per_video_auroc_online"]}
+        details = {
+            "per_video_auroc": paper["per_video_auroc"],
+            "per_video_auroc_online": online["per_video_auroc_online"],
+        }
         write_outputs(engine, out_dir or engine.run_dir, model, test_set, calibration, scored, metrics, details, step)
     return metrics
 
 
-def write_outputs(engine: Engine, out_dir: Path, model: nn.Module, test_set: ClipDataset, calibration: Calibration, scored: FrameScores, metrics: dict[str, Any], details: dict[str, Any], step: int | None) -> None:
+def write_outputs(
+    engine: Engine,
+    out_dir: Path,
+    model: nn.Module,
+    test_set: ClipDataset,
+    calibration: Calibration,
+    scored: FrameScores,
+    metrics: dict[str, Any],
+    details: dict[str, Any],
+    step: int | None,
+) -> None:
     """model.pt (with the calibration), metrics.json, run.json, frame_scores.csv, scores.npz, plots, GIF, reporters."""
     cfg = engine.cfg
     ensure_dir(out_dir)
@@ -184,32 +247,60 @@ def write_outputs(engine: Engine, out_dir: Path, model: nn.Module, test_set: Cli
     save_checkpoint(payload, out_dir / "model.pt")
     fit = calibration.fit
     calibration_info = {"calibration_source": fit.get("source"), "guarantee": FRAME_NOTE} if fit else {}
-    write_json(out_dir / "metrics.json", {
-        **{k: _json_number(v) for k, v in metrics.items()}, **calibration_info,
-        **{k: {n: _json_number(x) for n, x in d.items()} for k, d in details.items()},
-    })
-    write_json(out_dir / "run.json", {
-        "method": engine.method.name, "modality": "video", "category": cfg.DATASET.target, "format": "video",
-        "exp_name": cfg.RESULT.exp_name, **engine.method.describe(cfg), "image_size": list(cfg.DATASET.resize),
-        "steps": step, "device": str(engine.device),
-    })
+    write_json(
+        out_dir / "metrics.json",
+        {
+            **{k: _json_number(v) for k, v in metrics.items()},
+            **calibration_info,
+            **{k: {n: _json_number(x) for n, x in d.items()} for k, d in details.items()},
+        },
+    )
+    write_json(
+        out_dir / "run.json",
+        {
+            "method": engine.method.name,
+            "modality": "video",
+            "category": cfg.DATASET.target,
+            "format": "video",
+            "exp_name": cfg.RESULT.exp_name,
+            **engine.method.describe(cfg),
+            "image_size": list(cfg.DATASET.resize),
+            "steps": step,
+            "device": str(engine.device),
+        },
+    )
     params = ProtocolParams.from_config(cfg.SCORE)
     online = online_frame_scores({n: scored.scores[n] for n in params.names}, calibration.train_stats, params)
     write_text(out_dir / "frame_scores.csv", frame_scores_csv(scored, online, calibration.threshold))
     curves = write_frame_curves(out_dir / "curves", scored, online, params)  # live: ROC/PR pictures
     if cfg.TEST.save_scores:
-        write_scores(out_dir / "scores.npz", ScoreFile(
-            dataset=cfg.DATASET.target, clip_length=cfg.DATASET.clip_length, videos=[v.name for v in scored.videos],
-            scores=scored.scores, labels=[np.asarray(v.labels, dtype=np.int8) for v in scored.videos], frames=scored.frames,
-            train_stats=calibration.train_stats, threshold=calibration.threshold, extra={"source": f"{engine.method.name} {cfg.DATASET.target}"},
-        ))
+        write_scores(
+            out_dir / "scores.npz",
+            ScoreFile(
+                dataset=cfg.DATASET.target,
+                clip_length=cfg.DATASET.clip_length,
+                videos=[v.name for v in scored.videos],
+                scores=scored.scores,
+                labels=[np.asarray(v.labels, dtype=np.int8) for v in scored.videos],
+                frames=scored.frames,
+                train_stats=calibration.train_stats,
+                threshold=calibration.threshold,
+                extra={"source": f"{engine.method.name} {cfg.DATASET.target}"},
+            ),
+        )
     gif, plots = None, []
     if cfg.TEST.save_images:
         try:
             with scoring_unseen(engine, model, scored.videos):
-                plots, gif = write_plots_and_gif(engine, out_dir, model, test_set, scored, online, calibration.threshold)
+                plots, gif = write_plots_and_gif(
+                    engine, out_dir, model, test_set, scored, online, calibration.threshold
+                )
         except Exception as exc:  # noqa: BLE001  (pictures are a by-product: never lose a finished run over them)
-            log.warning("score plots / GIF not written (%s: %s); model.pt and metrics are saved, rerun with --mode gif", type(exc).__name__, exc)
+            log.warning(
+                "score plots / GIF not written (%s: %s); model.pt and metrics are saved, rerun with --mode gif",
+                type(exc).__name__,
+                exc,
+            )
     engine.reporters.log_results(metrics, [(p, p.stem) for p in plots[:8]], gif, out_dir / "model.pt")
     engine.reporters.log_curves(curves)
     log.info("outputs written to %s", out_dir)

@@ -62,7 +62,9 @@ CHECK_CLIPS = 4
 
 
 # --------------------------------------------------------------------------------------------- the graph
-def export_graph(module: nn.Module, example: tuple[Tensor, ...], opset: int, input_names: list[str], output_names: list[str]) -> bytes:
+def export_graph(
+    module: nn.Module, example: tuple[Tensor, ...], opset: int, input_names: list[str], output_names: list[str]
+) -> bytes:
     """Trace ``module`` on ``example`` (CPU) into ONNX bytes with a dynamic batch axis (TorchScript exporter, as
     export.py: the torch.export-based one needs onnxscript)."""
     kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
@@ -74,9 +76,15 @@ def export_graph(module: nn.Module, example: tuple[Tensor, ...], opset: int, inp
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
         torch.onnx.export(
-            module, example, buffer, input_names=input_names, output_names=output_names,
+            module,
+            example,
+            buffer,
+            input_names=input_names,
+            output_names=output_names,
             dynamic_axes={name: {0: "batch"} for name in input_names + output_names},
-            opset_version=opset, do_constant_folding=True, **kwargs,
+            opset_version=opset,
+            do_constant_folding=True,
+            **kwargs,
         )
     return buffer.getvalue()
 
@@ -92,7 +100,10 @@ class OnnxVideoModel:
     def __init__(self, source: Path | bytes, name: str) -> None:
         self.session, meta = open_onnx(source, name)
         if meta.get("format") != VIDEO_ONNX_FORMAT:
-            raise UserError(f"{name} is not a video model exported by this toolkit (no format={VIDEO_ONNX_FORMAT} metadata); export the video run with --mode export")
+            raise UserError(
+                f"{name} is not a video model exported by this toolkit (no format={VIDEO_ONNX_FORMAT} metadata); "
+                "export the video run with --mode export"
+            )
         self.metadata: dict[str, str] = meta
         try:
             self.clip_length = int(meta["clip_length"])
@@ -104,13 +115,24 @@ class OnnxVideoModel:
             self.protocol: dict = json.loads(meta["protocol"])
             self.settings: dict[str, Any] = json.loads(meta.get("settings", "{}"))
         except (KeyError, ValueError, TypeError) as exc:
-            raise UserError(f"{name} has incomplete metadata ({type(exc).__name__}: {str(exc)[:80]}); re-create it with --mode export") from None
+            raise UserError(
+                f"{name} has incomplete metadata ({type(exc).__name__}: {str(exc)[:80]}); re-create it with --mode "
+                "export"
+            ) from None
         self.inputs = tuple(i.name for i in self.session.get_inputs())
         self.takes_video_input = len(self.inputs) == 3  # clip, target and the per-video input
         self.outputs = FRAME_OUTPUTS + tuple(f"score_{n}" for n in self.names)
         found = tuple(o.name for o in self.session.get_outputs())
-        if self.calibration is None or found != self.outputs or len(self.image_size) != 2 or not isinstance(self.settings, dict):
-            raise UserError(f"{name} has metadata or outputs this toolkit does not know (outputs {found[:6]}); re-create it with --mode export")
+        if (
+            self.calibration is None
+            or found != self.outputs
+            or len(self.image_size) != 2
+            or not isinstance(self.settings, dict)
+        ):
+            raise UserError(
+                f"{name} has metadata or outputs this toolkit does not know (outputs {found[:6]}); re-create it with "
+                "--mode export"
+            )
 
     def run(self, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Float32 inputs in graph order (clip, target[, video input]) -> the named outputs as arrays."""
@@ -129,7 +151,10 @@ def load_onnx_video_model(path: Path, checkpoint: Path | None) -> OnnxVideoModel
     model = OnnxVideoModel(path, str(path))
     recorded = model.metadata.get("checkpoint_sha256")
     if recorded and checkpoint is not None and checkpoint.is_file() and file_sha256(checkpoint) != recorded:
-        raise UserError(f"{path} was exported from a different {checkpoint.name} than {checkpoint}; rerun --mode export to refresh it")
+        raise UserError(
+            f"{path} was exported from a different {checkpoint.name} than {checkpoint}; rerun --mode export to "
+            "refresh it"
+        )
     return model
 
 
@@ -152,13 +177,18 @@ def check_inputs(method: VideoMethod, cfg: Config, input_path: str | None) -> li
     ds = cfg.DATASET
     if input_path:
         if not Path(input_path).exists():
-            raise UserError(f"--input {input_path} not found; pass a video file or a folder of frames for the ONNX check")
+            raise UserError(
+                f"--input {input_path} not found; pass a video file or a folder of frames for the ONNX check"
+            )
         videos = [video_from_path(input_path)]
     else:
         try:
             videos = scan_videos(ds, "test")
         except UserError as exc:
-            raise UserError(f"the ONNX check needs a few real clips: pass --input VIDEO, or point DATASET.datadir at the dataset ({exc})") from None
+            raise UserError(
+                "the ONNX check needs a few real clips: pass --input VIDEO, or point DATASET.datadir at the dataset "
+                f"({exc})"
+            ) from None
     every = ClipDataset(videos, ds.clip_length, tuple(ds.resize), ds.grayscale, False)
     picks = np.unique(np.linspace(0, len(every) - 1, min(len(every), CHECK_CLIPS)).round().astype(int))
     items = [every[int(i)] for i in picks]
@@ -171,7 +201,9 @@ def check_inputs(method: VideoMethod, cfg: Config, input_path: str | None) -> li
     return inputs
 
 
-def differences(onnx_model: OnnxVideoModel, inputs: list[Tensor], reference: dict[str, Tensor], calibration: Calibration) -> list[Difference]:
+def differences(
+    onnx_model: OnnxVideoModel, inputs: list[Tensor], reference: dict[str, Tensor], calibration: Calibration
+) -> list[Difference]:
     """ONNX Runtime on ``inputs`` as one batch and as a batch of one, against ``reference``: maps relative to their
     range, raw scores relative to their training spread."""
     arrays = [v.numpy() for v in inputs]
@@ -198,7 +230,11 @@ def export_video_run(engine: Engine, loaded: LoadedModel, calibration: Calibrati
     names = method.score_names(cfg, exportable=True)
     dropped = [n for n in method.score_names(cfg) if n not in names]
     if dropped:
-        log.warning("score(s) %s have no graph form and are not in the ONNX file; --backend onnx cannot serve a SCORE.names that needs them", ", ".join(dropped))
+        log.warning(
+            "score(s) %s have no graph form and are not in the ONNX file; --backend onnx cannot serve a SCORE.names "
+            "that needs them",
+            ", ".join(dropped),
+        )
     inputs = check_inputs(method, cfg, input_path)
     input_names = ["clip", "target", "video_input"][: len(inputs)]
     output_names = list(FRAME_OUTPUTS) + [f"score_{n}" for n in names]
@@ -209,7 +245,15 @@ def export_video_run(engine: Engine, loaded: LoadedModel, calibration: Calibrati
 
     size, opset, length = tuple(cfg.DATASET.resize), engine.cfg.EXPORT.opset, cfg.DATASET.clip_length
     channels = 1 if cfg.DATASET.grayscale else 3
-    log.info("exporting %s (clips of %d, %dx%d, %d channel(s), opset %d)", checkpoint, length, size[0], size[1], channels, opset)
+    log.info(
+        "exporting %s (clips of %d, %dx%d, %d channel(s), opset %d)",
+        checkpoint,
+        length,
+        size[0],
+        size[1],
+        channels,
+        opset,
+    )
     metadata = {
         "format": VIDEO_ONNX_FORMAT,
         "clip_length": str(length),
@@ -217,24 +261,41 @@ def export_video_run(engine: Engine, loaded: LoadedModel, calibration: Calibrati
         "image_size": json.dumps(list(size)),
         "grayscale": json.dumps(bool(cfg.DATASET.grayscale)),
         "inputs": ", ".join(
-            [f"clip float32 [B, {length}, {channels}, H, W] in [-1, 1] (x / 127.5 - 1)", f"target float32 [B, {channels}, H, W] in [-1, 1] (the next frame)"]
-            + ([f"video_input float32 [B, {channels}, H, W] in [-1, 1] (computed from the clip's own video)"] if len(inputs) == 3 else [])
+            [
+                f"clip float32 [B, {length}, {channels}, H, W] in [-1, 1] (x / 127.5 - 1)",
+                f"target float32 [B, {channels}, H, W] in [-1, 1] (the next frame)",
+            ]
+            + (
+                [f"video_input float32 [B, {channels}, H, W] in [-1, 1] (computed from the clip's own video)"]
+                if len(inputs) == 3
+                else []
+            )
         ),
-        "outputs": ", ".join(["predicted_frame [B, C, H, W]", "error_map [B, 1, H, W]", *(f"score_{n} [B]" for n in names)]),
+        "outputs": ", ".join(
+            ["predicted_frame [B, C, H, W]", "error_map [B, 1, H, W]", *(f"score_{n} [B]" for n in names)]
+        ),
         "scores": json.dumps(list(names)),
         "unexported_scores": json.dumps(dropped),
         "settings": json.dumps({key: cfg.get(key) for key in method.network_keys + method.scoring_keys}),
         "calibration": json.dumps(calibration.to_dict()),
-        "protocol": json.dumps(served_protocol(calibration, cfg, checkpoint).to_config()),  # what the threshold was fitted with
+        "protocol": json.dumps(
+            served_protocol(calibration, cfg, checkpoint).to_config()
+        ),  # what the threshold was fitted with
         "category": str(cfg.DATASET.target),
         "checkpoint_sha256": file_sha256(checkpoint),
     }
     data = with_metadata(export_graph(module, example, opset, input_names, output_names), metadata)
     found = differences(OnnxVideoModel(data, "the exported graph"), inputs, reference, calibration)
-    print(f"ONNX check on {count} clip(s), onnxruntime CPU vs PyTorch CPU: {'; '.join(map(str, found))}; tolerance {TOLERANCE:g} relative")
+    print(
+        f"ONNX check on {count} clip(s), onnxruntime CPU vs PyTorch CPU: {'; '.join(map(str, found))}; tolerance "
+        f"{TOLERANCE:g} relative"
+    )
     failed = [d for d in found if not d.relative <= TOLERANCE]  # NaN fails too
     if failed:
-        raise UserError(f"ONNX output differs from PyTorch beyond the tolerance {TOLERANCE:g} ({'; '.join(map(str, failed))}); nothing was written; report it with the checkpoint")
+        raise UserError(
+            f"ONNX output differs from PyTorch beyond the tolerance {TOLERANCE:g} ({'; '.join(map(str, failed))}); "
+            "nothing was written; report it with the checkpoint"
+        )
     target = checkpoint.parent / ONNX_FILENAME
     atomic_write_bytes(target, lambda handle: handle.write(data))
     print(f"exported {target} ({len(data) / 2**20:.1f} MiB)")
@@ -244,6 +305,9 @@ def export_video_run(engine: Engine, loaded: LoadedModel, calibration: Calibrati
 def mode_export(engine: Engine, options: ModeOptions) -> None:
     """Export the checkpoint's clip-to-scores path to model.onnx beside it, checked against PyTorch."""
     if engine.cfg.EXPORT.format != "onnx":  # OpenVINO IR (issue 17): the image half only, so far
-        raise UserError(f"EXPORT.format={engine.cfg.EXPORT.format} is available for image runs only; video runs export ONNX (EXPORT.format=onnx)")
+        raise UserError(
+            f"EXPORT.format={engine.cfg.EXPORT.format} is available for image runs only; video runs export ONNX "
+            "(EXPORT.format=onnx)"
+        )
     loaded, calibration = load_calibrated(engine, options.checkpoint)
     export_video_run(engine, loaded, calibration, options.input)

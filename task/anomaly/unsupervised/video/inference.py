@@ -23,7 +23,8 @@ from task.common.runtime import autocast
 
 
 class ClipScorer(Protocol):
-    """Batches of ClipDataset items (on the scorer's device; ``video_input`` [B, C, H, W] added where the run has per-video
+    """Batches of ClipDataset items (on the scorer's device; ``video_input`` [B, C, H, W] added where the run has
+    per-video
     inputs) -> (raw scores name -> [B], prediction-error maps [B, 1, H, W])."""
 
     def __call__(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]: ...
@@ -94,10 +95,23 @@ def run_clips(
     )
 
 
-def score_clips(engine: Engine, model: nn.Module, dataset, videos: list[Video], desc: str, keep_maps: set[tuple[int, int]] | None = None) -> FrameScores:
+def score_clips(
+    engine: Engine,
+    model: nn.Module,
+    dataset,
+    videos: list[Video],
+    desc: str,
+    keep_maps: set[tuple[int, int]] | None = None,
+) -> FrameScores:
     """``run_clips`` of a run's PyTorch model with the run's score settings, loader and precision."""
     cfg = engine.cfg
     model.eval()
-    loader = DataLoader(dataset, batch_size=cfg.TEST.batch_size, shuffle=False, num_workers=cfg.DATALOADER.num_workers, pin_memory=cfg.DATALOADER.pin_memory)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.TEST.batch_size,
+        shuffle=False,
+        num_workers=cfg.DATALOADER.num_workers,
+        pin_memory=cfg.DATALOADER.pin_memory,
+    )
     scorer = MethodScorer(engine.method, model, engine.method.score_settings(cfg))
     return run_clips(scorer, loader, videos, engine.device, engine.amp, desc, keep_maps)

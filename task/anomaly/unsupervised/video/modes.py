@@ -72,8 +72,15 @@ def mode_train(engine: Engine, options: ModeOptions) -> dict[str, Any]:
             import yaml
 
             write_text(engine.run_dir / "config.yaml", yaml.safe_dump(engine.cfg.to_dict(), sort_keys=False))
-        log.info("%d training videos (%d clips, %d calibration clips: %s), %d test videos (%d clips)",
-                 len(train_videos), len(train_set), len(calibration_set), source, len(test_videos), len(test_set))
+        log.info(
+            "%d training videos (%d clips, %d calibration clips: %s), %d test videos (%d clips)",
+            len(train_videos),
+            len(train_set),
+            len(calibration_set),
+            source,
+            len(test_videos),
+            len(test_set),
+        )
         model = fresh_model(engine, train_videos)
 
         def evaluate_now(trained, step: int, final: bool) -> dict[str, Any]:
@@ -96,10 +103,15 @@ def _calibration(engine: Engine, loaded: LoadedModel) -> Calibration:
     """The checkpoint's calibration when it was fitted with this config's SCORE settings; else fitted anew."""
     calibration = Calibration.from_dict(loaded.calibration)
     engine.method.apply_scoring(loaded.model, engine.cfg)  # score with this command's settings
-    if calibration is not None and calibration.fits(ProtocolParams.from_config(engine.cfg.SCORE), engine.method.config_scoring(engine.cfg)):
+    if calibration is not None and calibration.fits(
+        ProtocolParams.from_config(engine.cfg.SCORE), engine.method.config_scoring(engine.cfg)
+    ):
         return calibration
     if calibration is not None:
-        log.info("the scoring settings differ from those %s was calibrated with; recalibrating on the calibration frames", loaded.path)
+        log.info(
+            "the scoring settings differ from those %s was calibrated with; recalibrating on the calibration frames",
+            loaded.path,
+        )
     train_videos, all_train = video_split(engine, "train")
     _, calibration_set, source = calibration_split(engine, all_train)
     return calibrate(engine, loaded.model, train_videos, calibration_set, source)
@@ -139,18 +151,27 @@ def mode_gif(engine: Engine, options: ModeOptions) -> None:
             scored = score_clips(engine, loaded.model, test_set, test_videos, "gif")
             params = ProtocolParams.from_config(engine.cfg.SCORE)
             online = online_frame_scores({n: scored.scores[n] for n in params.names}, calibration.train_stats, params)
-            write_plots_and_gif(engine, test_output_dir(engine, path), loaded.model, test_set, scored, online, calibration.threshold)
+            write_plots_and_gif(
+                engine, test_output_dir(engine, path), loaded.model, test_set, scored, online, calibration.threshold
+            )
 
 
 def mode_score(engine: Engine, options: ModeOptions) -> dict[str, Any]:
     """Recompute both protocols from a scores.npz (``--input``), with this YAML's SCORE settings."""
     if not options.input:
-        raise UserError("--mode score needs --input FILE.npz (a scores.npz written by a video test run, or converted official scores)")
+        raise UserError(
+            "--mode score needs --input FILE.npz (a scores.npz written by a video test run, or converted official "
+            "scores)"
+        )
     scores = read_scores(Path(options.input))
     settings = scores.extra.get("protocol")
     if isinstance(settings, dict):
         # e.g. converted official files: their values already went through some protocol steps
-        log.info("%s carries its own SCORE settings (%s); they replace the YAML's SCORE section", options.input, scores.extra.get("source", "no source given"))
+        log.info(
+            "%s carries its own SCORE settings (%s); they replace the YAML's SCORE section",
+            options.input,
+            scores.extra.get("source", "no source given"),
+        )
         settings = with_command_line_score(engine, settings, options.input)
         params = ProtocolParams.from_config(settings)
     else:
@@ -192,7 +213,9 @@ def mode_benchmark(engine: Engine, options: ModeOptions) -> None:
     bench = cfg.BENCHMARK
     batch_size = cfg.DATALOADER.batch_size
     batches = (
-        torch.utils.data.default_collate([train_set[(step * batch_size + j) % len(train_set)] for j in range(batch_size)])
+        torch.utils.data.default_collate(
+            [train_set[(step * batch_size + j) % len(train_set)] for j in range(batch_size)]
+        )
         for step in range(bench.warmup + bench.train_steps)
     )
     model.train()
@@ -204,10 +227,20 @@ def mode_benchmark(engine: Engine, options: ModeOptions) -> None:
     eval_s = time.perf_counter() - start
     train_s = sum(times) / len(times)
     result = {
-        "train_s_per_step": train_s, "train_clips_per_s": batch_size / train_s, "eval_clips_per_s": count / eval_s,
-        "eval_clips": count, "device": str(engine.device), "amp": engine.amp, "batch_size": batch_size,
-        "eval_batch_size": cfg.TEST.batch_size, "image_size": list(cfg.DATASET.resize), "clip_length": cfg.DATASET.clip_length,
-        "method": method.name, **method.describe(cfg), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "train_s_per_step": train_s,
+        "train_clips_per_s": batch_size / train_s,
+        "eval_clips_per_s": count / eval_s,
+        "eval_clips": count,
+        "device": str(engine.device),
+        "amp": engine.amp,
+        "batch_size": batch_size,
+        "eval_batch_size": cfg.TEST.batch_size,
+        "image_size": list(cfg.DATASET.resize),
+        "clip_length": cfg.DATASET.clip_length,
+        "method": method.name,
+        **method.describe(cfg),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
     }
     if engine.dist.is_main:
         print(json.dumps(result), flush=True)
@@ -224,4 +257,3 @@ VIDEO_MODES: dict[str, ModeFunction] = {
     "export": mode_export,
     "benchmark": mode_benchmark,
 }
-

@@ -174,8 +174,13 @@ def render_score_plot(
         if labels is not None:
             for n, (start, end) in enumerate(abnormal_ranges(labels)):
                 # A frame owns the half frame either side of it, so a single abnormal frame is as wide as any other.
-                axes.axvspan(first_frame + start - 0.5, first_frame + end + 0.5, color=_SHADE, linewidth=0,
-                             label="abnormal (ground truth)" if n == 0 else None)
+                axes.axvspan(
+                    first_frame + start - 0.5,
+                    first_frame + end + 0.5,
+                    color=_SHADE,
+                    linewidth=0,
+                    label="abnormal (ground truth)" if n == 0 else None,
+                )
         order = np.argsort(frames, kind="stable")
         xs, ys = frames[order] + first_frame, scores[order]
         if xs.size:
@@ -195,8 +200,16 @@ def render_score_plot(
         figure.text(x0 / width, 1 - 4 / height, title, ha="left", va="top", fontsize=STYLE["axes.titlesize"])
         if axes.get_legend_handles_labels()[0]:
             # In the row between the title and the axes: the legend never hides a curve.
-            axes.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=4, frameon=False, borderaxespad=0.1,
-                        borderpad=0.1, handlelength=1.6, columnspacing=1.2)
+            axes.legend(
+                loc="lower left",
+                bbox_to_anchor=(0.0, 1.0),
+                ncol=4,
+                frameon=False,
+                borderaxespad=0.1,
+                borderpad=0.1,
+                handlelength=1.6,
+                columnspacing=1.2,
+            )
         return figure_rgb(figure)
 
 
@@ -296,7 +309,9 @@ def render_video_frame(
         truth = {1: ("abnormal", RED), 0: ("normal", GREEN)}.get(int(label), ("unknown", GREY))
         pieces += [("  true ", WHITE), truth]
     margin = 8
-    scale = fit_scale([caption, "".join(p for p, _ in pieces)], out_width - 2 * margin, max(0.4, min(0.75, out_width / 800 * 0.6)))
+    scale = fit_scale(
+        [caption, "".join(p for p, _ in pieces)], out_width - 2 * margin, max(0.4, min(0.75, out_width / 800 * 0.6))
+    )
     thickness = 2 if scale >= 0.9 else 1
     line = cv2.getTextSize("Ag", FONT, scale, thickness)[0][1] + 12
     title = np.empty((2 * line, out_width, 3), dtype=np.uint8)
@@ -375,8 +390,12 @@ def write_video_gif(
     if n == 0:
         raise ValueError("a GIF needs at least one frame")
     if not len(error_maps) == scores.size == frame_indices.size == n:
-        raise ValueError(f"{n} frames, {len(error_maps)} error maps, {scores.size} scores, {frame_indices.size} frame indices")
-    plot = render_score_plot(scores, frame_indices, num_frames, labels, threshold, title, (max(200, round(0.3 * max_width)), max_width))
+        raise ValueError(
+            f"{n} frames, {len(error_maps)} error maps, {scores.size} scores, {frame_indices.size} frame indices"
+        )
+    plot = render_score_plot(
+        scores, frame_indices, num_frames, labels, threshold, title, (max(200, round(0.3 * max_width)), max_width)
+    )
     labels_at = None if labels is None else np.asarray(labels).reshape(-1)[frame_indices]
     positions = gif_frame_positions(n, scores, labels_at, max_frames)
     chosen = [np.asarray(error_maps[p], dtype=np.float32) for p in positions]
@@ -390,9 +409,16 @@ def write_video_gif(
             index = int(frame_indices[p])
             pictures.append(
                 render_video_frame(
-                    frames[p], chosen[positions.index(p)], bounds, plot, index / max(1, num_frames - 1),
-                    float(scores[p]), threshold, None if labels_at is None else int(labels_at[p]),
-                    f"{title}  frame {index} / {num_frames - 1}", max_panel_height,
+                    frames[p],
+                    chosen[positions.index(p)],
+                    bounds,
+                    plot,
+                    index / max(1, num_frames - 1),
+                    float(scores[p]),
+                    threshold,
+                    None if labels_at is None else int(labels_at[p]),
+                    f"{title}  frame {index} / {num_frames - 1}",
+                    max_panel_height,
                 )
             )
         return pictures

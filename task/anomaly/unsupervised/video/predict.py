@@ -61,6 +61,7 @@ log = logging.getLogger("anomaly")
 
 MAX_GIF_FRAMES = 60
 
+
 @dataclass
 class VideoServing:
     """A calibrated video model and what it needs, from a checkpoint or from an ONNX file's metadata."""
@@ -81,33 +82,70 @@ class VideoServing:
         """Every score ``SCORE.names`` fuses must come from the model and have training statistics."""
         for name in self.params.names:
             if name not in self.names:
-                fix = "predict with --backend torch" if name in self.unexported else "use the SCORE section of the run's YAML"
-                raise UserError(f"SCORE.names needs the score {name!r}, which {self.source} does not compute ({self.backend}); {fix}")
+                fix = (
+                    "predict with --backend torch"
+                    if name in self.unexported
+                    else "use the SCORE section of the run's YAML"
+                )
+                raise UserError(
+                    f"SCORE.names needs the score {name!r}, which {self.source} does not compute ({self.backend}); "
+                    f"{fix}"
+                )
             if name not in self.calibration.train_stats:
-                raise UserError(f"the calibration of {self.source} has no statistics for the score {name!r}; run --mode test with this SCORE section and use the model.pt it writes")
+                raise UserError(
+                    f"the calibration of {self.source} has no statistics for the score {name!r}; run --mode test with "
+                    "this SCORE section and use the model.pt it writes"
+                )
 
 
 def serving_from(engine: Engine, options: ModeOptions) -> VideoServing:
     """The model ``--backend`` asks for: the checkpoint (``--checkpoint`` or the run's model.pt), or the model.onnx
     beside it (or ``--checkpoint FILE.onnx``)."""
     if options.backend == "openvino":  # OpenVINO IR (issue 17): the image half only, so far
-        raise UserError("--backend openvino is available for image runs only; video runs predict with --backend torch or onnx")
+        raise UserError(
+            "--backend openvino is available for image runs only; video runs predict with --backend torch or onnx"
+        )
     if options.backend == "onnx":
         path, paired = onnx_source(options.checkpoint, engine.run_dir)
         model = load_onnx_video_model(path, paired)
         unexported = tuple(json.loads(model.metadata.get("unexported_scores", "[]")))
         cfg = with_settings(engine.cfg, model.settings)
-        return VideoServing(model, model.names, unexported, cfg, model.calibration, ProtocolParams.from_config(model.protocol), path, "onnx")
+        return VideoServing(
+            model,
+            model.names,
+            unexported,
+            cfg,
+            model.calibration,
+            ProtocolParams.from_config(model.protocol),
+            path,
+            "onnx",
+        )
     loaded, calibration = load_calibrated(engine, options.checkpoint)
     cfg = loaded.cfg
     scorer = MethodScorer(engine.method, loaded.model.eval(), engine.method.score_settings(cfg))
     return VideoServing(
-        scorer, engine.method.score_names(cfg), (), cfg, calibration, served_protocol(calibration, cfg, loaded.path),
-        loaded.path, "torch", loaded.model, engine.device, engine.amp,
+        scorer,
+        engine.method.score_names(cfg),
+        (),
+        cfg,
+        calibration,
+        served_protocol(calibration, cfg, loaded.path),
+        loaded.path,
+        "torch",
+        loaded.model,
+        engine.device,
+        engine.amp,
     )
 
 
-def score_video(method: VideoMethod, serving: VideoServing, dataset, video: Video, batch_size: int, keep_maps: set[tuple[int, int]] | None) -> FrameScores:
+def score_video(
+    method: VideoMethod,
+    serving: VideoServing,
+    dataset,
+    video: Video,
+    batch_size: int,
+    keep_maps: set[tuple[int, int]] | None,
+) -> FrameScores:
     """Raw scores of the clips of ``dataset`` (one video, or a Subset of its clips) with either backend."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     if serving.model is None:  # the exported graph takes what the method computes per video as an input
@@ -146,14 +184,18 @@ def predict_video(method: VideoMethod, serving: VideoServing, input_path: Path, 
     scored = score_video(method, serving, dataset, video, batch_size, all_frames if every else None)
     frames = scored.frames[0]
     params, threshold = serving.params, serving.calibration.threshold
-    online = online_frame_scores({name: [scored.scores[name][0]] for name in params.names}, serving.calibration.train_stats, params)[0]
+    online = online_frame_scores(
+        {name: [scored.scores[name][0]] for name in params.names}, serving.calibration.train_stats, params
+    )[0]
     csv_text = predictions_csv(video.num_frames, frames, online, threshold)  # written with the GIF, below
 
     positions = gif_frame_positions(len(frames), online, None, MAX_GIF_FRAMES)
     kept = scored.error_maps.get(0, {})
     if not every:
         shown_frames = {(0, int(frames[p])) for p in positions}
-        kept = score_video(method, serving, Subset(dataset, positions), video, batch_size, shown_frames).error_maps.get(0, {})
+        kept = score_video(method, serving, Subset(dataset, positions), video, batch_size, shown_frames).error_maps.get(
+            0, {}
+        )
     pixels = frames_of(video, size, grayscale)
     placeholder = next(iter(kept.values()))
     maps = [kept.get(int(f), placeholder) for f in frames]  # write_video_gif reads only the shown positions
@@ -167,16 +209,20 @@ def predict_video(method: VideoMethod, serving: VideoServing, input_path: Path, 
         if not every and shown != positions:  # the placeholders above would have been drawn
             raise RuntimeError(f"the GIF showed frames {shown[:5]}... but predict rendered {positions[:5]}...")
         gif_bytes = rendered.read_bytes()
-    write_together({
-        out_dir / csv_name: lambda handle: handle.write(csv_text.encode("utf-8")),
-        out_dir / gif_name: lambda handle: handle.write(gif_bytes),
-    })
+    write_together(
+        {
+            out_dir / csv_name: lambda handle: handle.write(csv_text.encode("utf-8")),
+            out_dir / gif_name: lambda handle: handle.write(gif_bytes),
+        }
+    )
 
     alarms = int((online >= threshold).sum())
     peak = int(np.argmax(online))
     print(
-        f"{input_path}: {video.num_frames} frames, {len(frames)} scored, {alarms} alarm(s) (threshold {threshold:.4f}), "
-        f"max score {online[peak]:.4f} at frame {int(frames[peak])}; wrote {out_dir / csv_name} and {out_dir / gif_name}"
+        f"{input_path}: {video.num_frames} frames, {len(frames)} scored, {alarms} alarm(s) (threshold "
+        f"{threshold:.4f}), "
+        f"max score {online[peak]:.4f} at frame {int(frames[peak])}; wrote {out_dir / csv_name} and "
+        f"{out_dir / gif_name}"
     )
 
 
@@ -191,7 +237,9 @@ def mode_predict(engine: Engine, options: ModeOptions) -> None:
         return
     input_path = Path(options.input).expanduser()
     if not input_path.exists():
-        raise UserError(f"--input {input_path} not found; pass a video file (.mp4, .avi) or a folder of numbered frames")
+        raise UserError(
+            f"--input {input_path} not found; pass a video file (.mp4, .avi) or a folder of numbered frames"
+        )
     serving = serving_from(engine, options)
     out_dir = Path(options.output).expanduser() if options.output else serving.source.parent / "predict"
     predict_video(engine.method, serving, input_path, out_dir, engine.cfg.TEST.batch_size)

@@ -14,7 +14,9 @@ from task.common.smoothing import gaussian_blur2d
 from .deformation import Deformation
 
 
-def feature_discrepancy(encoder_features: list[Tensor], decoder_features: list[Tensor], size: tuple[int, int]) -> Tensor:
+def feature_discrepancy(
+    encoder_features: list[Tensor], decoder_features: list[Tensor], size: tuple[int, int]
+) -> Tensor:
     """Sum over scales of per-pixel (1 - cosine similarity), each upsampled to ``size``: [B, 1, H, W]."""
     total = None
     for enc, dec in zip(encoder_features, decoder_features):
@@ -35,19 +37,29 @@ class AnomalyMapGenerator(nn.Module):
         self.sigma = sigma
 
     def forward(
-        self, encoder_features: list[Tensor], decoder_features: list[Tensor], size: tuple[int, int], deformation: Deformation | None
+        self,
+        encoder_features: list[Tensor],
+        decoder_features: list[Tensor],
+        size: tuple[int, int],
+        deformation: Deformation | None,
     ) -> tuple[Tensor, Tensor | None]:
         # Maps are computed in float32 even under autocast: smoothing and warps are cheap and precision-sensitive
         # (autocast would run the smoothing convolutions in bf16/fp16 and quantise the maps into many tied values).
         device_type = encoder_features[0].device.type
-        float32 = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
+        float32 = (
+            torch.autocast(device_type, enabled=False)
+            if torch.is_autocast_enabled(device_type)
+            else contextlib.nullcontext()
+        )
         with float32:
             enc = [f.float() for f in encoder_features]
             dec = [f.float() for f in decoder_features]
             anomaly = feature_discrepancy(enc, dec, size)
             if deformation is None:
                 return gaussian_blur2d(anomaly, self.sigma), None
-            return gaussian_blur2d(deformation.unwarp(anomaly), self.sigma), gaussian_blur2d(deformation.magnitude_map(), self.sigma)
+            return gaussian_blur2d(deformation.unwarp(anomaly), self.sigma), gaussian_blur2d(
+                deformation.magnitude_map(), self.sigma
+            )
 
 
 def fuse_scores(anomaly_max: Tensor, deformation_max: Tensor | None, stats: Tensor, weight: Tensor) -> Tensor:

@@ -23,7 +23,9 @@ class DecoderBasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, upsample: nn.Module | None = None, base_width: int = 64) -> None:
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, upsample: nn.Module | None = None, base_width: int = 64
+    ) -> None:
         super().__init__()
         self.conv1 = _upsample_or_conv(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -44,7 +46,9 @@ class DecoderBottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, upsample: nn.Module | None = None, base_width: int = 64) -> None:
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, upsample: nn.Module | None = None, base_width: int = 64
+    ) -> None:
         super().__init__()
         width = int(planes * base_width / 64)
         self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)

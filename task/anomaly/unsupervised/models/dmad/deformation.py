@@ -82,7 +82,11 @@ class ResidualBlock(nn.Module):
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
-    return [nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+    return [
+        nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
 
 
 def _field_head(downsamplings: int, channels: int = 64) -> nn.Sequential:
@@ -134,8 +138,12 @@ class PyramidDeformation(nn.Module):
     def __init__(self, in_channels: int = 3, coarse_shift: float = 8 / 256, fine_shift: float = 3 / 256) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            CoordConv2d(in_channels, 64), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-            CoordConv2d(64, 64), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+            CoordConv2d(in_channels, 64),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            CoordConv2d(64, 64),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
         )
         self.refine = nn.Sequential(ResidualBlock(64), nn.BatchNorm2d(64))
         self.fine_head = _field_head(1)
@@ -158,8 +166,11 @@ class PyramidDeformation(nn.Module):
         # channel is the same sum as before, so only float rounding can differ.
         openers = [head[0] for head in heads]
         opened = F.conv2d(
-            features, torch.cat([c.weight for c in openers]), torch.cat([c.bias for c in openers]),
-            stride=openers[0].stride, padding=openers[0].padding,
+            features,
+            torch.cat([c.weight for c in openers]),
+            torch.cat([c.bias for c in openers]),
+            stride=openers[0].stride,
+            padding=openers[0].padding,
         )
 
         def field(head: nn.Sequential, opened_part: Tensor, scale: float) -> Tensor:

@@ -37,11 +37,29 @@ class BackboneSpec:
 
 # IMAGENET1K_V1 are the weights the official DMAD code downloads (e.g. wide_resnet50_2-95faca4d.pth).
 BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": BackboneSpec(models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, models.resnet.BasicBlock, (2, 2, 2, 2), 64),
-    "resnet34": BackboneSpec(models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1, models.resnet.BasicBlock, (3, 4, 6, 3), 64),
-    "resnet50": BackboneSpec(models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1, models.resnet.Bottleneck, (3, 4, 6, 3), 64),
-    "wide_resnet50_2": BackboneSpec(models.wide_resnet50_2, models.Wide_ResNet50_2_Weights.IMAGENET1K_V1, models.resnet.Bottleneck, (3, 4, 6, 3), 128),
-    "wide_resnet101_2": BackboneSpec(models.wide_resnet101_2, models.Wide_ResNet101_2_Weights.IMAGENET1K_V1, models.resnet.Bottleneck, (3, 4, 23, 3), 128),
+    "resnet18": BackboneSpec(
+        models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, models.resnet.BasicBlock, (2, 2, 2, 2), 64
+    ),
+    "resnet34": BackboneSpec(
+        models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1, models.resnet.BasicBlock, (3, 4, 6, 3), 64
+    ),
+    "resnet50": BackboneSpec(
+        models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1, models.resnet.Bottleneck, (3, 4, 6, 3), 64
+    ),
+    "wide_resnet50_2": BackboneSpec(
+        models.wide_resnet50_2,
+        models.Wide_ResNet50_2_Weights.IMAGENET1K_V1,
+        models.resnet.Bottleneck,
+        (3, 4, 6, 3),
+        128,
+    ),
+    "wide_resnet101_2": BackboneSpec(
+        models.wide_resnet101_2,
+        models.Wide_ResNet101_2_Weights.IMAGENET1K_V1,
+        models.resnet.Bottleneck,
+        (3, 4, 23, 3),
+        128,
+    ),
 }
 
 
@@ -56,8 +74,10 @@ def _pretrained_state_dict(name: str, spec: BackboneSpec) -> dict[str, Tensor]:
         return spec.weights.get_state_dict(progress=True)
     except Exception as exc:  # network, proxy, hash or disk errors all end the same way for the user
         raise UserError(
-            f"could not fetch ImageNet weights for {name} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            "set MODEL.backbone_weights to a local torchvision state dict (.pth), or MODEL.pretrained=false for a random-init encoder"
+            f"could not fetch ImageNet weights for {name} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); "
+            "set MODEL.backbone_weights to a local torchvision state dict (.pth), or MODEL.pretrained=false for a "
+            "random-init encoder"
         ) from None
 
 
@@ -117,11 +137,16 @@ def load_backbone_state(net: nn.Module, state: dict[str, Tensor], name: str, sou
     wrong = [k for k in needed if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or wrong:
         detail = f"missing {missing[:3]}" if missing else f"shape mismatch at {wrong[:3]}"
-        raise UserError(f"{source} is not a torchvision {name} state dict ({detail}); check MODEL.backbone and MODEL.backbone_weights")
+        raise UserError(
+            f"{source} is not a torchvision {name} state dict ({detail}); check MODEL.backbone and "
+            "MODEL.backbone_weights"
+        )
     net.load_state_dict({k: state[k] for k in needed}, strict=False)
 
 
 def resolve_weights_path(path: str | None) -> str | None:
     if path and not Path(path).is_file():
-        raise UserError(f"MODEL.backbone_weights file not found: {path}; give the path of a torchvision .pth state dict")
+        raise UserError(
+            f"MODEL.backbone_weights file not found: {path}; give the path of a torchvision .pth state dict"
+        )
     return path

@@ -34,7 +34,8 @@ def deformation_loss(x: Tensor, deformation: Deformation, gamma: float) -> Tenso
     """Forward-field magnitudes + smoothness of all four fields + gamma * MSE(unwarp(warp(x)), x)."""
     magnitude = deformation.coarse.norm(dim=-1).mean() + deformation.fine.norm(dim=-1).mean()
     smooth = sum(
-        smoothness(f) for f in (deformation.coarse, deformation.fine, deformation.coarse_inverse, deformation.fine_inverse)
+        smoothness(f)
+        for f in (deformation.coarse, deformation.fine, deformation.coarse_inverse, deformation.fine_inverse)
     )
     cycle = F.mse_loss(deformation.unwarp(deformation.warped), x)
     return magnitude + smooth + gamma * cycle
@@ -48,7 +49,12 @@ class DMADLoss(nn.Module):
         self.gamma = gamma
 
     def forward(
-        self, x: Tensor, encoder_features: list[Tensor], decoder_features: list[Tensor], deformation: Deformation | None, vq_loss: Tensor
+        self,
+        x: Tensor,
+        encoder_features: list[Tensor],
+        decoder_features: list[Tensor],
+        deformation: Deformation | None,
+        vq_loss: Tensor,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Terms ``distillation``, ``deformation`` (only with a PDM) and ``vq`` (zero without a codebook)."""
         terms = {"distillation": distillation_loss(encoder_features, decoder_features)}

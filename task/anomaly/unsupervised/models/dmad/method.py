@@ -26,7 +26,12 @@ class DMADImageMethod(ImageMethod):
     checkpoint_format = "tnvision-dmad"
     model_schema = MODEL_SCHEMA
     network_keys = (
-        "MODEL.backbone", "MODEL.pdm", "MODEL.vq", "MODEL.vq_num_embeddings", "MODEL.coarse_shift", "MODEL.fine_shift",
+        "MODEL.backbone",
+        "MODEL.pdm",
+        "MODEL.vq",
+        "MODEL.vq_num_embeddings",
+        "MODEL.coarse_shift",
+        "MODEL.fine_shift",
         "DATASET.resize",
     )
     scoring_keys = ("MODEL.sigma", "MODEL.deform_weight")
@@ -59,7 +64,9 @@ class DMADImageMethod(ImageMethod):
         """One group: the trainable parameters (the frozen encoder gets neither gradients nor optimiser state)."""
         return [{"params": model.trainable_parameters()}]
 
-    def training_loss(self, model: nn.Module, criterion: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def training_loss(
+        self, model: nn.Module, criterion: nn.Module, batch: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         images = batch["image"]
         out = model(images)
         return criterion(images, out.encoder_features, out.decoder_features, out.deformation, out.vq_loss)
@@ -95,7 +102,10 @@ class DMADImageMethod(ImageMethod):
         own = model.state_dict()
         wrong = [k for k in entries if k not in own or tuple(entries[k].shape) != tuple(own[k].shape)]
         if wrong:
-            raise UserError(f"official checkpoint {path} does not fit the configured model (at {wrong[0]}); check MODEL.backbone and MODEL.vq")
+            raise UserError(
+                f"official checkpoint {path} does not fit the configured model (at {wrong[0]}); check MODEL.backbone "
+                "and MODEL.vq"
+            )
         missing = [k for k in own if k not in entries and not k.startswith(self.foreign_frozen_prefixes())]
         if missing:
             raise UserError(f"official checkpoint {path} lacks {missing[0]}; it is not a complete DMAD-PPDM checkpoint")

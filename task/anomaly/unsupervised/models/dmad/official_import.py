@@ -25,7 +25,11 @@ OFFICIAL_KEYS = {"offset", "bn", "decoder"}
 _OFFICIAL_UNUSED: list[tuple[str, str, str]] = [
     # conv_offset1.0 and .3 are CoordConv2d, a Conv2d subclass whose forward runs its inner .conv; indices 1 and
     # 4 are BatchNorms whose weight/bias are used, so only 0 and 3 may be dropped.
-    ("offset", r"^conv_offset1\.[03]\.(weight|bias)$", "CoordConv2d's inherited Conv2d weight/bias (its forward uses .conv)"),
+    (
+        "offset",
+        r"^conv_offset1\.[03]\.(weight|bias)$",
+        "CoordConv2d's inherited Conv2d weight/bias (its forward uses .conv)",
+    ),
     ("bn", r"^(conv4|bn4)\.", "conv4/bn4 are built in BN_layer but never called in its forward"),
 ]
 # (official pattern, our replacement) per official sub-dict.
@@ -54,7 +58,12 @@ _OFFICIAL_RULES: dict[str, list[tuple[str, str]]] = {
     "decoder": [(r"^", "")],
 }
 # The official code's fixed settings; other values change what an official checkpoint computes.
-OFFICIAL_SETTINGS = {"DATASET.resize": [256, 256], "MODEL.coarse_shift": 8 / 256, "MODEL.fine_shift": 3 / 256, "MODEL.sigma": 4.0}
+OFFICIAL_SETTINGS = {
+    "DATASET.resize": [256, 256],
+    "MODEL.coarse_shift": 8 / 256,
+    "MODEL.fine_shift": 3 / 256,
+    "MODEL.sigma": 4.0,
+}
 _OUR_PREFIX = {"offset": "deformation.", "bn": "bottleneck.", "decoder": "decoder."}
 
 
@@ -92,7 +101,8 @@ def convert_official(state: dict[str, dict[str, Tensor]]) -> tuple[dict[str, Ten
 
 
 def describe_official(state: dict) -> dict[str, object]:
-    """The config an official checkpoint needs, read from its tensors: {MODEL.backbone, MODEL.vq, MODEL.vq_num_embeddings}.
+    """The config an official checkpoint needs, read from its tensors: {MODEL.backbone, MODEL.vq,
+    MODEL.vq_num_embeddings}.
 
     The backbone is recognised from the decoder's layer3 (block count and bottleneck width); None if unknown.
     """
@@ -102,7 +112,11 @@ def describe_official(state: dict) -> dict[str, object]:
     conv1 = decoder.get("layer3.0.conv1.weight")
     width = conv1.shape[0] if "layer3.0.conv3.weight" in decoder and isinstance(conv1, Tensor) else None
     backbone = next(
-        (name for name, spec in BACKBONES.items() if spec.expansion == 4 and spec.layers[2] == blocks and spec.width_per_group == width),
+        (
+            name
+            for name, spec in BACKBONES.items()
+            if spec.expansion == 4 and spec.layers[2] == blocks and spec.width_per_group == width
+        ),
         None,
     )
     described: dict[str, object] = {"MODEL.backbone": backbone, "MODEL.vq": isinstance(codebook, Tensor)}
@@ -126,17 +140,28 @@ def check_official(state: dict, path: str | Path, cfg: Config) -> None:
 
 
 def is_official(state: dict) -> bool:
-    return "format" not in state and OFFICIAL_KEYS <= set(state) and all(isinstance(state[k], dict) for k in OFFICIAL_KEYS)
+    return (
+        "format" not in state and OFFICIAL_KEYS <= set(state) and all(isinstance(state[k], dict) for k in OFFICIAL_KEYS)
+    )
 
 
-def log_official_load(path: str | Path, cfg: Config, entries: dict[str, Tensor], ignored: list[tuple[str, str]], state: dict) -> None:
+def log_official_load(
+    path: str | Path, cfg: Config, entries: dict[str, Tensor], ignored: list[tuple[str, str]], state: dict
+) -> None:
     described = describe_official(state)
     counts = {prefix.rstrip("."): sum(k.startswith(prefix) for k in entries) for prefix in _OUR_PREFIX.values()}
-    encoder = cfg.MODEL.backbone_weights or ("torchvision IMAGENET1K_V1 weights (as the official code)" if cfg.MODEL.pretrained else "random init (MODEL.pretrained=false)")
+    encoder = cfg.MODEL.backbone_weights or (
+        "torchvision IMAGENET1K_V1 weights (as the official code)"
+        if cfg.MODEL.pretrained
+        else "random init (MODEL.pretrained=false)"
+    )
     log.info(
         "loaded official DMAD-PPDM checkpoint %s (%s): %d tensors into %s; encoder from %s",
-        path, ", ".join(f"{k}={_override(v)}" for k, v in described.items()), len(entries),
-        ", ".join(f"{k} ({n})" for k, n in counts.items()), encoder,
+        path,
+        ", ".join(f"{k}={_override(v)}" for k, v in described.items()),
+        len(entries),
+        ", ".join(f"{k} ({n})" for k, n in counts.items()),
+        encoder,
     )
     by_reason: dict[str, list[str]] = {}
     for key, why in ignored:
@@ -144,6 +169,13 @@ def log_official_load(path: str | Path, cfg: Config, entries: dict[str, Tensor],
     for why, keys in by_reason.items():
         log.info("ignored %d official tensors, %s: %s", len(keys), why, ", ".join(keys))
     log.info("official checkpoints hold no score statistics; they are measured on the training images")
-    differ = [f"{k}={_override(cfg.get(k))} (official: {_override(v)})" for k, v in OFFICIAL_SETTINGS.items() if cfg.get(k) != v]
+    differ = [
+        f"{k}={_override(cfg.get(k))} (official: {_override(v)})"
+        for k, v in OFFICIAL_SETTINGS.items()
+        if cfg.get(k) != v
+    ]
     if differ:
-        log.warning("settings differ from the official evaluation, so results are not comparable with the published ones: %s", ", ".join(differ))
+        log.warning(
+            "settings differ from the official evaluation, so results are not comparable with the published ones: %s",
+            ", ".join(differ),
+        )

@@ -75,7 +75,9 @@ class DMADModel(nn.Module):
         out = self.features(x)
         if self.training:
             return out
-        anomaly_map, deformation_map = self.anomaly_map(out.encoder_features, out.decoder_features, tuple(x.shape[-2:]), out.deformation)
+        anomaly_map, deformation_map = self.anomaly_map(
+            out.encoder_features, out.decoder_features, tuple(x.shape[-2:]), out.deformation
+        )
         deformation_max = deformation_map.amax(dim=(1, 2, 3)) if deformation_map is not None else None
         score = fuse_scores(anomaly_map.amax(dim=(1, 2, 3)), deformation_max, self.score_stats, self.deform_weight)
         extras = {DEFORMATION_MAP: deformation_map} if deformation_map is not None else {}

@@ -24,7 +24,8 @@ class BackgroundTemplates(nn.Module):
         """Copy ``template`` [V, C, H, W] (values in [-1, 1]) into the parameter; V, C, H, W must match it."""
         if tuple(template.shape) != tuple(self.template.shape):
             raise UserError(
-                f"background template has shape {tuple(template.shape)} but the model expects {tuple(self.template.shape)}; "
+                f"background template has shape {tuple(template.shape)} but the model expects "
+                f"{tuple(self.template.shape)}; "
                 "build the model with MODEL.num_backgrounds, MODEL.channels and the frame size of the data"
             )
         with torch.no_grad():
@@ -34,7 +35,9 @@ class BackgroundTemplates(nn.Module):
         """The template of each clip [B, C, H, W] for ``index`` [B] int64, or the single template [1, C, H, W]."""
         if index is None:
             if self.template.shape[0] != 1:
-                raise ValueError(f"{self.template.shape[0]} background templates: pass background_index [B] to pick one per clip")
+                raise ValueError(
+                    f"{self.template.shape[0]} background templates: pass background_index [B] to pick one per clip"
+                )
             return self.template
         return self.template[index]
 

@@ -67,8 +67,12 @@ class CoordConv2d(nn.Module):
 def coord_block(in_channels: int, out_channels: int) -> FoldedSequential:
     """Two coordinate convs, each followed by BN and ReLU."""
     return FoldedSequential(
-        CoordConv2d(in_channels, out_channels), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
-        CoordConv2d(out_channels, out_channels), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
+        CoordConv2d(in_channels, out_channels),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        CoordConv2d(out_channels, out_channels),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -76,16 +80,22 @@ def upsample(in_channels: int, out_channels: int) -> FoldedSequential:
     """x2 transposed conv (3x3, no bias), BN, ReLU."""
     return FoldedSequential(
         nn.ConvTranspose2d(in_channels, out_channels, 3, stride=2, padding=1, output_padding=1, bias=False),
-        nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
     )
 
 
 def image_head(in_channels: int, out_channels: int, mid_channels: int, activation: nn.Module) -> FoldedSequential:
     """conv-BN-ReLU twice (no bias), then a biased 3x3 conv to ``out_channels`` and ``activation``."""
     return FoldedSequential(
-        nn.Conv2d(in_channels, mid_channels, 3, padding=1, bias=False), nn.BatchNorm2d(mid_channels), nn.ReLU(inplace=True),
-        nn.Conv2d(mid_channels, mid_channels, 3, padding=1, bias=False), nn.BatchNorm2d(mid_channels), nn.ReLU(inplace=True),
-        nn.Conv2d(mid_channels, out_channels, 3, padding=1), activation,
+        nn.Conv2d(in_channels, mid_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(mid_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(mid_channels, mid_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(mid_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(mid_channels, out_channels, 3, padding=1),
+        activation,
     )
 
 
@@ -105,7 +115,8 @@ class PredictionDecoder(nn.Module):
         self.mask = image_head(w1, 1, w1, nn.Sigmoid()) if mask else None
 
     def forward(self, z: Tensor, skip3: Tensor, skip4: Tensor) -> tuple[Tensor, Tensor | None]:
-        """z [B, D, h, w], skip3 [B, S, 2h, 2w], skip4 [B, S, h, w] -> (frame [B, C, 8h, 8w], mask [B, 1, 8h, 8w] | None)."""
+        """z [B, D, h, w], skip3 [B, S, 2h, 2w], skip4 [B, S, h, w] -> (frame [B, C, 8h, 8w], mask [B, 1, 8h, 8w] |
+        None)."""
         x = self.up4(self.block4(torch.cat([z, skip4], dim=1)))
         x = self.up3(self.block3(torch.cat([x, skip3], dim=1)))
         x = self.up2(self.block2(x))

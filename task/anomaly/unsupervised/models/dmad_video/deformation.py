@@ -34,8 +34,11 @@ class ResidualBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.body = FoldedSequential(
-            nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels),
-            nn.ReLU(), nn.Conv2d(channels, channels, 1),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 1),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -75,8 +78,12 @@ class PyramidDeformation(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, coarse_shift: float, fine_shift: float,
-        coarse_strides: Sequence[int] = (1, 2, 2), width: int = 64,
+        self,
+        in_channels: int,
+        coarse_shift: float,
+        fine_shift: float,
+        coarse_strides: Sequence[int] = (1, 2, 2),
+        width: int = 64,
     ) -> None:
         super().__init__()
         self.stem = coord_block(in_channels, width)

@@ -23,10 +23,16 @@ from .fold import FoldedSequential
 def conv_block(in_channels: int, out_channels: int, last_bias_relu: bool = True) -> FoldedSequential:
     """conv-BN-ReLU twice (3x3, no bias); with ``last_bias_relu=False`` the second conv has a bias and no BN/ReLU."""
     layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
     ]
     if last_bias_relu:
-        layers += [nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+        layers += [
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        ]
     else:
         layers += [nn.Conv2d(out_channels, out_channels, 3, padding=1)]
     return FoldedSequential(*layers)

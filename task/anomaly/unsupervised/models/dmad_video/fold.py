@@ -38,7 +38,9 @@ def folded_forward(layer: nn.Module, bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
     bias = shift if conv.bias is None else conv.bias * scale + shift
     if isinstance(conv, nn.ConvTranspose2d):  # weight [in, out, kh, kw]
         weight = conv.weight * scale.view(1, -1, 1, 1)
-        return F.conv_transpose2d(x, weight, bias, conv.stride, conv.padding, conv.output_padding, conv.groups, conv.dilation)
+        return F.conv_transpose2d(
+            x, weight, bias, conv.stride, conv.padding, conv.output_padding, conv.groups, conv.dilation
+        )
     weight = conv.weight * scale.view(-1, 1, 1, 1)
     if conv is not layer:
         return layer.forward_with(x, weight, bias)

@@ -106,15 +106,18 @@ class VideoLoss(nn.Module):
         terms = {
             "warped_mse": weighted_mean((output.coarse_prediction - target) ** 2, weight),
             "prediction_mse": weighted_mean((output.prediction - target) ** 2, weight),
-            "gradient": w.gradient_weight * (
+            "gradient": w.gradient_weight
+            * (
                 weighted_mean(gradient_difference(target, output.prediction), weight)
-                + w.warped_gradient_weight * weighted_mean(gradient_difference(target, output.coarse_prediction), weight)
+                + w.warped_gradient_weight
+                * weighted_mean(gradient_difference(target, output.coarse_prediction), weight)
             ),
             "vq": output.codebook_loss,
             "commitment": output.commitment_loss,
             "field_coarse": w.field_magnitude_weight * weighted_mean(coarse.norm(dim=-1), magnitude_weight),
             "field_fine": w.field_magnitude_weight * weighted_mean(fine.norm(dim=-1), magnitude_weight),
-            "smoothness": w.smoothness_weight * (
+            "smoothness": w.smoothness_weight
+            * (
                 weighted_mean(smoothness_map(coarse, w.smoothness, w.coarse_smooth_kernel), weight)
                 + weighted_mean(smoothness_map(fine, w.smoothness, w.fine_smooth_kernel), weight)
             ),
@@ -125,7 +128,9 @@ class VideoLoss(nn.Module):
             outside = 1 - output.mask_warped.detach()
             terms["background"] = 0.1 * mask_entropy(output.mask) + weighted_mean((background - target) ** 2, outside)
         total = (
-            terms["warped_mse"] + terms["prediction_mse"] + terms["gradient"]
+            terms["warped_mse"]
+            + terms["prediction_mse"]
+            + terms["gradient"]
             + w.vq_weight * (terms["vq"] + terms["commitment"])
             + w.field_weight * (terms["field_coarse"] + terms["field_fine"] + terms["smoothness"])
             + terms["background"]

@@ -35,4 +35,6 @@ class PrototypeMemory(nn.Module):
         codebook_loss = F.mse_loss(quantized, latents.detach())
         commitment_loss = self.beta * F.mse_loss(quantized.detach(), latents)
         quantized = latents + (quantized - latents).detach()
-        return Quantized(quantized.permute(0, 3, 1, 2), indices.view(latents.shape[:-1]), codebook_loss, commitment_loss)
+        return Quantized(
+            quantized.permute(0, 3, 1, 2), indices.view(latents.shape[:-1]), codebook_loss, commitment_loss
+        )

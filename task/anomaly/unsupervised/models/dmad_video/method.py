@@ -31,9 +31,22 @@ OFFICIAL = "official_dmad_pdm"  # key of a converted official state dict in a fo
 # The clip length is a property of the data (DATASET.clip_length) that the network is built for: one key, not two.
 VIDEO_MODEL_SCHEMA = {
     **{k: v for k, v in MODEL_SCHEMA.items() if k != "clip_length"},
-    "background_lr_factor": F(float, 50.0, min=0, help="the background template's lr = factor x OPTIMIZER.lr (official: 50, ShanghaiTech 10)"),
-    "background_lr_late_factor": F(float, 20.0, nullable=True, min=0, help="from background_lr_switch_epoch on, the template's lr is fixed at this x OPTIMIZER.lr (official ped2/avenue); null: keep the schedule"),
-    "background_lr_switch_epoch": F(int, 6, nullable=True, min=0, help="0-based epoch where background_lr_late_factor starts"),
+    "background_lr_factor": F(
+        float, 50.0, min=0, help="the background template's lr = factor x OPTIMIZER.lr (official: 50, ShanghaiTech 10)"
+    ),
+    "background_lr_late_factor": F(
+        float,
+        20.0,
+        nullable=True,
+        min=0,
+        help=(
+            "from background_lr_switch_epoch on, the template's lr is fixed at this x OPTIMIZER.lr (official "
+            "ped2/avenue); null: keep the schedule"
+        ),
+    ),
+    "background_lr_switch_epoch": F(
+        int, 6, nullable=True, min=0, help="0-based epoch where background_lr_late_factor starts"
+    ),
 }
 
 
@@ -48,20 +61,58 @@ class DMADVideoMethod(VideoMethod):
     model_schema = VIDEO_MODEL_SCHEMA
     extra_sections = {"SCORE": SCORE_SCHEMA}
     dataset_keys = {
-        "background": F(str, "shared", choices=("shared", "per_video"), help="one background template, or one per video (ShanghaiTech)"),
+        "background": F(
+            str,
+            "shared",
+            choices=("shared", "per_video"),
+            help="one background template, or one per video (ShanghaiTech)",
+        ),
     }
     network_keys = tuple(
-        f"MODEL.{k}" for k in (
-            "channels", "memory_size", "memory_dim", "skip_ratio", "coarse_shift", "fine_shift", "pdm_width",
-            "coarse_strides", "num_backgrounds", "background_input", "mask_source",
+        f"MODEL.{k}"
+        for k in (
+            "channels",
+            "memory_size",
+            "memory_dim",
+            "skip_ratio",
+            "coarse_shift",
+            "fine_shift",
+            "pdm_width",
+            "coarse_strides",
+            "num_backgrounds",
+            "background_input",
+            "mask_source",
         )
     ) + ("DATASET.clip_length", "DATASET.resize", "DATASET.grayscale", "DATASET.background")
-    scoring_keys = tuple(f"MODEL.{k}" for k in ("deformation_field", "deformation_window", "prediction_score", "prediction_window", "gradient_window", "object_score"))
+    scoring_keys = tuple(
+        f"MODEL.{k}"
+        for k in (
+            "deformation_field",
+            "deformation_window",
+            "prediction_score",
+            "prediction_window",
+            "gradient_window",
+            "object_score",
+        )
+    )
     resume_keys = tuple(
-        f"MODEL.{k}" for k in (
-            "vq_beta", "gradient_weight", "warped_gradient_weight", "vq_weight", "field_weight", "field_magnitude_weight",
-            "smoothness_weight", "smoothness", "coarse_smooth_kernel", "fine_smooth_kernel", "foreground_weighting",
-            "background_loss", "background_lr_factor", "background_lr_late_factor", "background_lr_switch_epoch",
+        f"MODEL.{k}"
+        for k in (
+            "vq_beta",
+            "gradient_weight",
+            "warped_gradient_weight",
+            "vq_weight",
+            "field_weight",
+            "field_magnitude_weight",
+            "smoothness_weight",
+            "smoothness",
+            "coarse_smooth_kernel",
+            "fine_smooth_kernel",
+            "foreground_weighting",
+            "background_loss",
+            "background_lr_factor",
+            "background_lr_late_factor",
+            "background_lr_switch_epoch",
         )
     )
 
@@ -73,12 +124,19 @@ class DMADVideoMethod(VideoMethod):
         for key in ("deformation_window", "prediction_window", "gradient_window"):
             h, w = cfg.MODEL[key]
             if h > height or w > width:  # a box beyond the frame pads it by its size: hours of work for no score
-                raise UserError(f"MODEL.{key}={[h, w]} is larger than the frames (DATASET.resize={[height, width]}); "
-                                f"use a window of at most [{height}, {width}] (the presets use [7, 18])")
+                raise UserError(
+                    f"MODEL.{key}={[h, w]} is larger than the frames (DATASET.resize={[height, width]}); "
+                    f"use a window of at most [{height}, {width}] (the presets use [7, 18])"
+                )
         per_video = cfg.DATASET.background == "per_video"
         if per_video != (cfg.MODEL.num_backgrounds is None):
-            fix = "MODEL.num_backgrounds=null" if per_video else "DATASET.background=per_video or MODEL.num_backgrounds=1"
-            raise UserError(f"DATASET.background={cfg.DATASET.background} and MODEL.num_backgrounds={cfg.MODEL.num_backgrounds} disagree; set {fix}")
+            fix = (
+                "MODEL.num_backgrounds=null" if per_video else "DATASET.background=per_video or MODEL.num_backgrounds=1"
+            )
+            raise UserError(
+                f"DATASET.background={cfg.DATASET.background} and MODEL.num_backgrounds={cfg.MODEL.num_backgrounds} "
+                f"disagree; set {fix}"
+            )
 
     def build(self, cfg: Config, pretrained: bool | None = None, num_videos: int | None = None) -> VideoDMADModel:
         settings = {**cfg.to_dict()["MODEL"], "clip_length": cfg.DATASET.clip_length}
@@ -96,15 +154,21 @@ class DMADVideoMethod(VideoMethod):
 
     def on_epoch_end(self, cfg: Config, optimizer: torch.optim.Optimizer, epoch: int) -> None:
         """The official ped2/avenue schedule fixes the background's lr from a given epoch on."""
-        lr = official_background_lr(epoch, cfg.OPTIMIZER.lr, cfg.MODEL.background_lr_late_factor, cfg.MODEL.background_lr_switch_epoch)
+        lr = official_background_lr(
+            epoch, cfg.OPTIMIZER.lr, cfg.MODEL.background_lr_late_factor, cfg.MODEL.background_lr_switch_epoch
+        )
         if lr is not None:
             optimizer.param_groups[-1]["lr"] = lr
 
-    def training_loss(self, model: nn.Module, criterion: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def training_loss(
+        self, model: nn.Module, criterion: nn.Module, batch: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         clip, target = self._frames(model, batch)
         return criterion(model(clip, self._template_index(model, batch)), target)
 
-    def score_batch(self, model: nn.Module, batch: dict[str, Tensor], settings: ScoreSettings) -> tuple[dict[str, Tensor], Tensor]:
+    def score_batch(
+        self, model: nn.Module, batch: dict[str, Tensor], settings: ScoreSettings
+    ) -> tuple[dict[str, Tensor], Tensor]:
         """Eval forward of one batch: (raw per-frame scores name -> [B], prediction-error maps [B, 1, H, W])."""
         clip, target = self._frames(model, batch)
         out = model(clip, self._template_index(model, batch))
@@ -149,7 +213,9 @@ class DMADVideoMethod(VideoMethod):
         model.set_background(self._templates(cfg, videos, cache_dir).expand(-1, model.channels, -1, -1).contiguous())
 
     @contextlib.contextmanager
-    def scoring_context(self, model: nn.Module, cfg: Config, videos: list[Video], cache_dir: Path | None) -> Iterator[None]:
+    def scoring_context(
+        self, model: nn.Module, cfg: Config, videos: list[Video], cache_dir: Path | None
+    ) -> Iterator[None]:
         """Per-video templates are learned for the training videos, so each scored video gets the median template of
         its own frames (as the official ShanghaiTech evaluation); the trained ones are put back afterwards, so
         training, calibration and the saved model.pt keep them. Shared templates are used as they are."""
@@ -159,7 +225,9 @@ class DMADVideoMethod(VideoMethod):
         module = getattr(model, "module", model)
         trained = module.background.template
         templates = self._templates(cfg, videos, cache_dir).to(trained.device)
-        module.background.template = nn.Parameter(templates.expand(-1, module.channels, -1, -1).contiguous(), requires_grad=False)
+        module.background.template = nn.Parameter(
+            templates.expand(-1, module.channels, -1, -1).contiguous(), requires_grad=False
+        )
         try:
             yield
         finally:
@@ -197,8 +265,15 @@ class DMADVideoMethod(VideoMethod):
 
     def check_foreign_checkpoint(self, state: dict, path: Path, cfg: Config) -> None:
         template = state[OFFICIAL].get("background.template")
-        if isinstance(template, Tensor) and cfg.MODEL.num_backgrounds is not None and template.shape[0] != cfg.MODEL.num_backgrounds:
-            raise UserError(f"official checkpoint {path} holds {template.shape[0]} background templates; use the YAML of its dataset (MODEL.num_backgrounds)")
+        if (
+            isinstance(template, Tensor)
+            and cfg.MODEL.num_backgrounds is not None
+            and template.shape[0] != cfg.MODEL.num_backgrounds
+        ):
+            raise UserError(
+                f"official checkpoint {path} holds {template.shape[0]} background templates; use the YAML of its "
+                "dataset (MODEL.num_backgrounds)"
+            )
 
     def load_foreign_checkpoint(self, model: nn.Module, state: dict, path: Path, cfg: Config) -> None:
         own = model.state_dict()
@@ -207,13 +282,18 @@ class DMADVideoMethod(VideoMethod):
         if wrong:
             found = tuple(weights[wrong[0]].shape) if wrong[0] in weights else "missing"
             raise UserError(
-                f"official checkpoint {path} does not fit the configured model at {wrong[0]} ({found} vs {tuple(own[wrong[0]].shape)}); "
+                f"official checkpoint {path} does not fit the configured model at {wrong[0]} ({found} vs "
+                f"{tuple(own[wrong[0]].shape)}); "
                 "use the YAML of the dataset it was trained on (configs/anomaly/unsupervised/dmad/<dataset>.yaml)"
             )
         model.load_state_dict({k: weights[k] for k in own})
 
     def describe(self, cfg: Config) -> dict[str, Any]:
-        return {"memory_size": cfg.MODEL.memory_size, "memory_dim": cfg.MODEL.memory_dim, "channels": cfg.MODEL.channels}
+        return {
+            "memory_size": cfg.MODEL.memory_size,
+            "memory_dim": cfg.MODEL.memory_dim,
+            "channels": cfg.MODEL.channels,
+        }
 
 
 register_method(DMADVideoMethod())

@@ -28,9 +28,16 @@ _ALLOWED = {
     ("collections", "OrderedDict"): collections.OrderedDict,
 }
 _STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
 }
 
 
@@ -75,11 +82,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
         except KeyError:
             raise pickle.UnpicklingError(f"storage record {key!r:.40} is missing") from None
         if info.file_size > self.budget:
-            raise pickle.UnpicklingError(f"storage record {key!r:.40} declares {info.file_size} bytes, "
-                                         "more than the archive can hold")
+            raise pickle.UnpicklingError(
+                f"storage record {key!r:.40} declares {info.file_size} bytes, more than the archive can hold"
+            )
         if not isinstance(numel, int) or numel < 0 or numel * storage_type.dtype.itemsize > info.file_size:
-            raise pickle.UnpicklingError(f"storage {key!r:.40} claims {numel!r:.20} elements, "
-                                         f"beyond its {info.file_size}-byte record")
+            raise pickle.UnpicklingError(
+                f"storage {key!r:.40} claims {numel!r:.20} elements, beyond its {info.file_size}-byte record"
+            )
         self.budget -= info.file_size
         data = bytearray(self.archive.read(info))
         untyped = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data else torch.UntypedStorage(0)
@@ -117,8 +126,22 @@ def read_official(path: str | Path) -> dict[str, Tensor]:
                 tensors = {k: v for k, v in dict(root).items() if isinstance(v, Tensor)}
     except UserError:
         raise
-    except (pickle.UnpicklingError, EOFError, RecursionError, RuntimeError, ValueError, TypeError, KeyError,
-            AttributeError, IndexError, OverflowError, MemoryError, zipfile.BadZipFile, zlib.error, OSError) as error:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        RecursionError,
+        RuntimeError,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        IndexError,
+        OverflowError,
+        MemoryError,
+        zipfile.BadZipFile,
+        zlib.error,
+        OSError,
+    ) as error:
         reason = f"{type(error).__name__}: {short_text(str(error), 80)}" if str(error) else type(error).__name__
         raise UserError(f"official checkpoint {path} is damaged or not a DMAD-PDM model ({reason}); {_FIX}") from None
     return {k.removeprefix("module."): v for k, v in tensors.items()}
@@ -175,16 +198,18 @@ def convert_state(official: dict[str, Tensor]) -> dict[str, Tensor]:
             continue
         skip = re.match(r"^encoder\.(skip\w*)\.", key)
         if skip and skip.group(1) in skips:
-            converted[f"encoder.{skips[skip.group(1)]}." + key[skip.end():]] = value
+            converted[f"encoder.{skips[skip.group(1)]}." + key[skip.end() :]] = value
             continue
         for pattern, replacement in _RULES:
             match = re.match(pattern, key)
             if match:
-                name = replacement.format(*match.groups()) + key[match.end():]
+                name = replacement.format(*match.groups()) + key[match.end() :]
                 converted[name] = value.unsqueeze(0) if name == "background.template" and value.dim() == 3 else value
                 break
         else:
-            raise UserError(f"official checkpoint tensor {key!r} has no counterpart in the video model; is it a DMAD-PDM model.pth?")
+            raise UserError(
+                f"official checkpoint tensor {key!r} has no counterpart in the video model; is it a DMAD-PDM model.pth?"
+            )
     return converted
 
 

@@ -36,18 +36,44 @@ from task.anomaly.unsupervised.scoring.settings import score_schema
 _NAMES = ["deformation", "prediction", "gradient"]
 
 
-_OFF = {"enabled": False, "size": 1, "keep": 1, "weights": None, "scope": "video", "shift": 0,
-        "edge_left": "replicate", "edge_right": "replicate", "fill": 0.0}
+_OFF = {
+    "enabled": False,
+    "size": 1,
+    "keep": 1,
+    "weights": None,
+    "scope": "video",
+    "shift": 0,
+    "edge_left": "replicate",
+    "edge_right": "replicate",
+    "fill": 0.0,
+}
 
 
 def _avenue_window() -> dict[str, Any]:
     # A fresh dict and list per use: shared objects would make yaml.safe_dump write &anchors, which configs refuse.
-    return {"enabled": True, "size": 11, "keep": 5, "weights": [0.5, 0.8, 0.8, 1.0, 1.0, 2.5, 1.0, 1.0, 0.8, 0.8, 0.5],
-            "scope": "concat", "shift": 0, "edge_left": "replicate", "edge_right": "replicate", "fill": 0.0}
+    return {
+        "enabled": True,
+        "size": 11,
+        "keep": 5,
+        "weights": [0.5, 0.8, 0.8, 1.0, 1.0, 2.5, 1.0, 1.0, 0.8, 0.8, 0.5],
+        "scope": "concat",
+        "shift": 0,
+        "edge_left": "replicate",
+        "edge_right": "replicate",
+        "fill": 0.0,
+    }
 
 
 # utils.conf_avg: output at start + (size + 1) // 2 (one past the centre), every other position stays 1.
-_SHANGHAI_WINDOW = {"enabled": True, "scope": "concat", "weights": None, "shift": 1, "edge_left": "fill", "edge_right": "fill", "fill": 1.0}
+_SHANGHAI_WINDOW = {
+    "enabled": True,
+    "scope": "concat",
+    "weights": None,
+    "shift": 1,
+    "edge_left": "fill",
+    "edge_right": "fill",
+    "fill": 1.0,
+}
 
 
 # The online protocol (not the paper's): each raw score standardised by its video's running median and MAD over the
@@ -57,18 +83,35 @@ ONLINE_ADAPTIVE = {"adapt": "running", "memory": 0, "warmup": 0}
 
 PAPER_PRESETS: dict[str, dict[str, Any]] = {
     "ped2": {
-        "names": list(_NAMES), "weights": [0.2, 0.4, 0.6], "signs": [1, 1, 1],
-        "normalize": "per_video", "norm_eps": 1e-8, "polarity": "normality",
+        "names": list(_NAMES),
+        "weights": [0.2, 0.4, 0.6],
+        "signs": [1, 1, 1],
+        "normalize": "per_video",
+        "norm_eps": 1e-8,
+        "polarity": "normality",
         "PRE_SMOOTH": dict(_OFF),
-        "SMOOTH": {"enabled": True, "size": 11, "keep": 5, "weights": [1.0, 1.0, 1.0, 1.0, 1.2, 1.6, 1.2, 1.0, 1.0, 1.0, 1.0],
-                   "scope": "concat", "shift": 0, "edge_left": "fill", "edge_right": "replicate", "fill": 1.0},
+        "SMOOTH": {
+            "enabled": True,
+            "size": 11,
+            "keep": 5,
+            "weights": [1.0, 1.0, 1.0, 1.0, 1.2, 1.6, 1.2, 1.0, 1.0, 1.0, 1.0],
+            "scope": "concat",
+            "shift": 0,
+            "edge_left": "fill",
+            "edge_right": "replicate",
+            "fill": 1.0,
+        },
         "POST_SMOOTH": dict(_OFF),
         "KALMAN": {"enabled": False, "process_var": 1e-5, "measurement_std": 0.01},
         "ONLINE": {"window": 6, "keep": 3, "threshold_quantile": 0.99, **ONLINE_ADAPTIVE},
     },
     "avenue": {
-        "names": ["deformation", "prediction"], "weights": [0.2, 0.4], "signs": [1, 1],
-        "normalize": "global", "norm_eps": 0.0, "polarity": "anomaly",
+        "names": ["deformation", "prediction"],
+        "weights": [0.2, 0.4],
+        "signs": [1, 1],
+        "normalize": "global",
+        "norm_eps": 0.0,
+        "polarity": "anomaly",
         "PRE_SMOOTH": dict(_OFF),
         "SMOOTH": _avenue_window(),
         "POST_SMOOTH": _avenue_window(),
@@ -76,8 +119,12 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
         "ONLINE": {"window": 6, "keep": 3, "threshold_quantile": 0.99, **ONLINE_ADAPTIVE},
     },
     "shanghaitech": {
-        "names": list(_NAMES), "weights": [0.2, 0.4, 0.6], "signs": [1, 1, 1],
-        "normalize": "per_video", "norm_eps": 1e-8, "polarity": "normality",
+        "names": list(_NAMES),
+        "weights": [0.2, 0.4, 0.6],
+        "signs": [1, 1, 1],
+        "normalize": "per_video",
+        "norm_eps": 1e-8,
+        "polarity": "normality",
         "PRE_SMOOTH": {**_SHANGHAI_WINDOW, "size": 69, "keep": 25, "scope": "video"},  # keep = round(69 * 0.36)
         "SMOOTH": {**_SHANGHAI_WINDOW, "size": 55, "keep": 49},  # keep = int(55 * 0.9)
         "POST_SMOOTH": {**_SHANGHAI_WINDOW, "size": 55, "keep": 27},  # keep = 55 // 2

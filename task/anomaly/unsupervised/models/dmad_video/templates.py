@@ -103,7 +103,9 @@ def _write_png(path: str, picture: np.ndarray) -> None:
         raise OSError(f"OpenCV could not write {path}")
 
 
-def _cached(stem: str, cache_dir: Path | None, shape: tuple[int, int, int], build: Callable[[], np.ndarray]) -> np.ndarray:
+def _cached(
+    stem: str, cache_dir: Path | None, shape: tuple[int, int, int], build: Callable[[], np.ndarray]
+) -> np.ndarray:
     if cache_dir is None:
         return build()
     array_path = cache_dir / f"{stem}.npy"
@@ -113,7 +115,9 @@ def _cached(stem: str, cache_dir: Path | None, shape: tuple[int, int, int], buil
         except (OSError, ValueError):
             template = None
         if template is None or template.shape != shape or template.dtype != np.uint8:
-            raise UserError(f"cached background {array_path} is damaged (expected uint8 {list(shape)}); delete it to rebuild")
+            raise UserError(
+                f"cached background {array_path} is damaged (expected uint8 {list(shape)}); delete it to rebuild"
+            )
         return template
     template = build()
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -148,7 +152,9 @@ def background_for(
     if per_video:
         templates = [
             _cached(
-                _cache_stem(v.name, [v], size, grayscale), cache, shape,
+                _cache_stem(v.name, [v], size, grayscale),
+                cache,
+                shape,
                 lambda v=v: build_background(frames_of(v, size, grayscale, _even_indices(v.num_frames, MAX_FRAMES))),
             )
             for v in videos

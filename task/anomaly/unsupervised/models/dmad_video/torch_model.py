@@ -63,11 +63,15 @@ class VideoDMADModel(nn.Module):
     ) -> None:
         super().__init__()
         if memory_dim % 8 or memory_dim % skip_ratio:
-            raise UserError(f"MODEL.memory_dim={memory_dim} must be a multiple of 8 and of MODEL.skip_ratio={skip_ratio}")
+            raise UserError(
+                f"MODEL.memory_dim={memory_dim} must be a multiple of 8 and of MODEL.skip_ratio={skip_ratio}"
+            )
         if mask_source not in ("encoder", "decoder"):
             raise UserError(f"MODEL.mask_source must be encoder or decoder; got {mask_source!r}")
         if any(s % 8 or s < 16 for s in image_size):
-            raise UserError(f"frame size {tuple(image_size)} must be multiples of 8 and at least 16; set DATASET.resize")
+            raise UserError(
+                f"frame size {tuple(image_size)} must be multiples of 8 and at least 16; set DATASET.resize"
+            )
         self.channels, self.clip_length = channels, clip_length
         self.background_input = background_input
         in_channels = channels * (clip_length + int(background_input))
@@ -79,15 +83,31 @@ class VideoDMADModel(nn.Module):
         self.background = BackgroundTemplates(num_backgrounds, channels, tuple(image_size))
 
     @classmethod
-    def from_config(cls, model: dict[str, Any], image_size: tuple[int, int], num_videos: int | None = None) -> "VideoDMADModel":
+    def from_config(
+        cls, model: dict[str, Any], image_size: tuple[int, int], num_videos: int | None = None
+    ) -> "VideoDMADModel":
         """Build from a MODEL section dict (``config.MODEL_SCHEMA``); ``num_videos`` resolves num_backgrounds=null."""
         num = model["num_backgrounds"]
         if num is None:
             if num_videos is None:
-                raise UserError("MODEL.num_backgrounds is null (one per video) but the number of videos is unknown; set it")
+                raise UserError(
+                    "MODEL.num_backgrounds is null (one per video) but the number of videos is unknown; set it"
+                )
             num = num_videos
-        keys = ("channels", "clip_length", "memory_size", "memory_dim", "skip_ratio", "vq_beta", "coarse_shift",
-                "fine_shift", "coarse_strides", "background_input", "mask_source", "pdm_width")
+        keys = (
+            "channels",
+            "clip_length",
+            "memory_size",
+            "memory_dim",
+            "skip_ratio",
+            "vq_beta",
+            "coarse_shift",
+            "fine_shift",
+            "coarse_strides",
+            "background_input",
+            "mask_source",
+            "pdm_width",
+        )
         return cls(**{k: model[k] for k in keys}, num_backgrounds=num, image_size=tuple(image_size))
 
     def set_background(self, template: Tensor) -> None:
@@ -101,7 +121,9 @@ class VideoDMADModel(nn.Module):
             raise ValueError(f"expected clips [B, {self.clip_length}, {self.channels}, H, W], got {list(clip.shape)}")
         background = self.background.select(background_index)
         if background.shape[-2:] != (height, width):
-            raise ValueError(f"frames are {height}x{width} but the background template is {tuple(background.shape[-2:])}")
+            raise ValueError(
+                f"frames are {height}x{width} but the background template is {tuple(background.shape[-2:])}"
+            )
         x = clip.reshape(batch, length * channels, height, width)  # frame-major channel stacking, as the official
         fixed_background = background.detach()
         if self.background_input:
@@ -121,8 +143,14 @@ class VideoDMADModel(nn.Module):
         return VideoOutput(
             prediction=combine(fine, mask_fine, fixed_background),
             coarse_prediction=combine(coarse, mask_coarse, fixed_background),
-            prototype=prototype, fields=fields, mask=mask, mask_warped=mask_fine, background=background,
-            codebook_loss=quantized.codebook_loss, commitment_loss=quantized.commitment_loss, indices=quantized.indices,
+            prototype=prototype,
+            fields=fields,
+            mask=mask,
+            mask_warped=mask_fine,
+            background=background,
+            codebook_loss=quantized.codebook_loss,
+            commitment_loss=quantized.commitment_loss,
+            indices=quantized.indices,
         )
 
 
