@@ -670,14 +670,14 @@ import task.common.io as io
 folder, when = Path(sys.argv[1]), sys.argv[2]
 def gif(handle):
     if when == "while-writing":
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # arrives while the second temp file is"""
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the second temp file is"""
     """ written
     handle.write(b"new gif")
 real_replace = os.replace
 def replace(a, b):
     real_replace(a, b)
     if when == "between-renames":
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # held back until both files are in place
+        os.kill(os.getpid(), signal.SIGTERM)  # held back until both files are in place
 io.os.replace = replace
 io.write_together({folder / "v.csv": lambda h: h.write(b"new csv"), folder / "v.gif": gif})
 print("survived")
