@@ -21,7 +21,7 @@ from task.anomaly.unsupervised.data.image.formats import scan_dataset, scan_trai
 from task.anomaly.unsupervised.data.image.synthetic import make_demo_dataset
 from task.anomaly.unsupervised.engine.checkpoints import load_weights, read_checkpoint
 from task.anomaly.unsupervised.engine.settings import network_config, scoring_config
-from task.anomaly.unsupervised.models.base import Method
+from task.anomaly.unsupervised.method import Method
 from task.anomaly.unsupervised.reporters import Reporters, build_reporters
 from task.common.config import Config
 from task.common.errors import UserError

@@ -275,7 +275,7 @@ def run_schema(
 
 
 def method_schema(method: Any) -> Schema:
-    """The run schema of ``method`` (a ``models.base.Method``)."""
+    """The run schema of ``method`` (a ``method.Method``)."""
     return run_schema(
         method.model_schema, method.extra_sections, method.modality, method.dataset_keys, method.run_defaults
     )

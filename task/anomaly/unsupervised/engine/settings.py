@@ -4,8 +4,9 @@
   override that differs is an error naming both values, a differing YAML value is a warning and the checkpoint's
   value is used (``network_config``).
 * ``Method.scoring_keys`` define how maps become scores: ``--mode test`` applies the config's values and recalibrates
-  (``apply_test_scoring``); predict and export serve the checkpoint's values, because its thresholds belong to them
-  (``load_for_serving``), and an override that differs is an error telling the user to run ``--mode test`` first.
+  (``serving.apply_test_scoring``); predict and export serve the checkpoint's values, because its thresholds
+  belong to them (``serving.load_for_serving``), and an override that differs is an error telling the user to run
+  ``--mode test`` first.
 * The false-alarm targets and explicit thresholds (``TEST.target_fpr``, ``TEST.pixel_target_fpr``,
   ``TEST.image_threshold``, ``TEST.pixel_threshold``) are neither: the thresholds are re-derived from the calibration
   scores the checkpoint stores (``thresholds.py``), in every mode, without retraining; predict/export log which
@@ -18,14 +19,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from task.anomaly.unsupervised.engine.thresholds import served
 from task.common.config import Config
 from task.common.errors import UserError
-
-if TYPE_CHECKING:  # the engine imports this module
-    from task.anomaly.unsupervised.engine.engine import Engine, LoadedModel
 
 log = logging.getLogger("anomaly")
 
@@ -110,61 +107,3 @@ def _schema_field(method, key: str):
     for part in key.split("."):
         node = node[part]
     return node
-
-
-# ---------------------------------------------------------------------------------------------- settings at test time
-def apply_test_scoring(engine: Engine, loaded: LoadedModel) -> bool:
-    """``--mode test``: score with the config's settings. Returns True when they differ from the checkpoint's (the
-    model must then be recalibrated)."""
-    method = engine.method
-    before = method.scoring_settings(loaded.model)
-    method.apply_scoring(loaded.model, loaded.cfg)
-    after = method.scoring_settings(loaded.model)
-    changed = {k: (before[k], after[k]) for k in after if before.get(k) != after[k]}
-    for key, (old, new) in changed.items():
-        log.info(
-            "%s: scoring with %r from the config (the checkpoint was calibrated with %r); recalibrating", key, new, old
-        )
-    return bool(changed) and loaded.calibrated
-
-
-def check_served_scoring(engine: Engine, loaded: LoadedModel) -> None:
-    """predict/export serve the checkpoint's scoring (its thresholds belong to it): an override that differs is an
-    error, a YAML value that differs is a warning."""
-    held = engine.method.scoring_settings(loaded.model)
-    wanted = engine.method.config_scoring(loaded.cfg)
-    for key, value in held.items():
-        asked = wanted.get(key, value)
-        if asked == value:
-            continue
-        if key in engine.overridden:
-            raise UserError(
-                f"{key}={asked!r} differs from the {value!r} checkpoint {loaded.path} was calibrated with; "
-                f"run --mode test {key}={asked} first and use the model.pt it writes"
-            )
-        log.warning(
-            "%s: serving the checkpoint's %r (the config says %r); a calibrated model keeps its scoring settings",
-            key,
-            value,
-            asked,
-        )
-
-
-def load_for_serving(engine: Engine, checkpoint: str | None) -> LoadedModel:
-    """A calibrated model for predict/export, with the checkpoint's scoring settings."""
-    path = engine.checkpoint_path(checkpoint)
-    if path.suffix.lower() == ".onnx":
-        raise UserError(
-            f"--checkpoint {path} is an ONNX file; predict from it with --backend onnx, export from a model.pt"
-        )
-    loaded = engine.load(path)
-    if not loaded.calibrated:
-        raise UserError(
-            f"checkpoint {path} has no score calibration or thresholds; run --mode test --checkpoint {path} first "
-            "and use the model.pt it writes"
-        )
-    check_served_scoring(engine, loaded)
-    loaded.thresholds, _ = served(engine.cfg, loaded.calibration, loaded.thresholds, str(path))
-    # what is served (and written into an export's metadata) is the calibrated scoring the model holds
-    loaded.cfg = with_settings(loaded.cfg, engine.method.scoring_settings(loaded.model))
-    return loaded

@@ -49,7 +49,7 @@ from task.anomaly.unsupervised.deploy.openvino import (
 )
 from task.anomaly.unsupervised.engine.benchmark import peak_rss_mb
 from task.anomaly.unsupervised.engine.engine import Engine
-from task.anomaly.unsupervised.engine.settings import load_for_serving
+from task.anomaly.unsupervised.engine.serving import load_for_serving
 from task.anomaly.unsupervised.image.benchmark import random_images, random_test_batches
 from task.anomaly.unsupervised.image.export import ExportModule, export_onnx
 from task.anomaly.unsupervised.image.inference import predict_loader

@@ -16,7 +16,7 @@ import torch
 
 from task.anomaly.unsupervised.engine.engine import Engine
 from task.anomaly.unsupervised.engine.modes import ModeFunction, ModeOptions, mode_report, test_output_dir
-from task.anomaly.unsupervised.engine.settings import apply_test_scoring, load_for_serving
+from task.anomaly.unsupervised.engine.serving import apply_test_scoring, load_for_serving
 from task.anomaly.unsupervised.engine.thresholds import resolve
 from task.anomaly.unsupervised.image.calibration import ImageCalibration, calibrate
 from task.anomaly.unsupervised.image.evaluation import evaluate, write_gif

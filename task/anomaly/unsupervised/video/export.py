@@ -46,8 +46,8 @@ from task.anomaly.unsupervised.deploy.onnx import (
 )
 from task.anomaly.unsupervised.engine.engine import Engine, LoadedModel
 from task.anomaly.unsupervised.engine.modes import ModeOptions
-from task.anomaly.unsupervised.engine.settings import load_for_serving
-from task.anomaly.unsupervised.models.base import VideoMethod
+from task.anomaly.unsupervised.engine.serving import load_for_serving
+from task.anomaly.unsupervised.method import VideoMethod
 from task.anomaly.unsupervised.video.evaluation import Calibration, served_protocol
 from task.common.config import Config
 from task.common.errors import UserError

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from task.anomaly.unsupervised.data.video.clips import Video
 from task.anomaly.unsupervised.engine.engine import Engine
-from task.anomaly.unsupervised.models.base import VideoMethod
+from task.anomaly.unsupervised.method import VideoMethod
 from task.common.runtime import autocast
 
 

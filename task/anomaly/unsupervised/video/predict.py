@@ -45,7 +45,7 @@ from task.anomaly.unsupervised.engine.engine import Engine
 from task.anomaly.unsupervised.engine.modes import ModeOptions
 from task.anomaly.unsupervised.engine.settings import with_settings
 from task.anomaly.unsupervised.image.predict import onnx_source
-from task.anomaly.unsupervised.models.base import VideoMethod
+from task.anomaly.unsupervised.method import VideoMethod
 from task.anomaly.unsupervised.scoring.protocols import online_frame_scores
 from task.anomaly.unsupervised.scoring.settings import ProtocolParams
 from task.anomaly.unsupervised.video.evaluation import Calibration, served_protocol

@@ -62,7 +62,7 @@ from task.anomaly.unsupervised.drawing import display_bounds, png_bytes
 from task.anomaly.unsupervised.engine.engine import Engine
 from task.anomaly.unsupervised.engine.modes import ModeOptions
 from task.anomaly.unsupervised.image.visualize import render_result
-from task.anomaly.unsupervised.models.base import VideoMethod
+from task.anomaly.unsupervised.method import VideoMethod
 from task.anomaly.unsupervised.regions import find_regions, regions_record, scale_regions
 from task.anomaly.unsupervised.scoring.running import RunningOnlineScore
 from task.anomaly.unsupervised.video.alarms import AlarmEvent, AlarmTracker

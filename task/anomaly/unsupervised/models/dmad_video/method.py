@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from task.anomaly.unsupervised.data.video.clips import Video
-from task.anomaly.unsupervised.models.base import VideoMethod
+from task.anomaly.unsupervised.method import VideoMethod
 from task.anomaly.unsupervised.models.registry import register_method
 from task.common.config import Config, F
 from task.common.errors import UserError

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from task.anomaly.unsupervised.models.base import ImageMethod
+from task.anomaly.unsupervised.method import ImageMethod
 from task.anomaly.unsupervised.models.registry import register_method
 from task.anomaly.unsupervised.records import Predictions
 from task.common.config import Config
