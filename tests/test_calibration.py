@@ -24,6 +24,7 @@ from scipy.stats import binom
 from helpers import BASE, assert_ok, main_in_process, make_engine
 from task.anomaly.unsupervised.data.image.calibration import MIN_CALIBRATION_IMAGES, split_calibration
 from task.anomaly.unsupervised.data.image.dataset import Sample
+from task.anomaly.unsupervised.scoring.adaptive import VideoLevel
 from task.common.conformal import ScoreSample, conformal_rank
 
 SIZE = 64
@@ -199,19 +200,36 @@ def test_video_calibration_split_holds_out_the_end_of_each_video(caplog) -> None
     assert "calibrating on the training frames" in caplog.text
 
 
-def test_running_stats_are_causal_and_warm_up_from_the_calibration() -> None:
-    from task.anomaly.unsupervised.scoring.protocols import running_stats
+def _level(adapt: str, **online) -> VideoLevel:
+    from task.anomaly.unsupervised.scoring.settings import OnlineParams
 
+    params = OnlineParams(window=1, keep=1, threshold_quantile=0.99, adapt=adapt, **online)
+    return VideoLevel(params, {"low": 0.0, "high": 8.0, "mean": 0.0}, 1)
+
+
+def test_running_adaptation_is_causal_and_warms_up_from_the_calibration() -> None:
     x = np.array([10.0, 10.0, 10.0, 10.0, 50.0])
-    location, scale = running_stats(x, 0.0, 8.0, 0, 0)
-    np.testing.assert_array_equal(location, [10.0, 10.0, 10.0, 10.0, 10.0])  # frame 0: itself; 50 never lifts its own
-    np.testing.assert_array_equal(scale, [2.0] * 5)  # fewer than 8 past frames: spread / 4
-    location, _ = running_stats(x, 0.0, 8.0, 0, 3)
-    assert location[0] == 0.0 and location[4] == 10.0  # median(0, 0, 0, 10, 10, 10, 10)
+    # frame 0: itself; 50 never lifts its own baseline; fewer than 8 past frames: scale = spread / 4 = 2
+    np.testing.assert_array_equal(_level("running").scale(x), [0.0, 0.0, 0.0, 0.0, 20.0])
+    # three copies of the calibration mean 0 in front: median(0, 0, 0) = 0 at frame 0, median(0, 0, 0, 10 x 4) at 4
+    assert _level("running", warmup=3).scale(x)[[0, 4]].tolist() == [5.0, 20.0]
     y = np.r_[np.tile([1.0, 3.0], 10), 100.0]
-    location, scale = running_stats(y, 0.0, 8.0, 0, 0)
-    assert location[-1] == 2.0 and scale[-1] == pytest.approx(1.4826)  # MAD 1 of the 20 frames before
-    assert running_stats(np.ones(20), 0.0, 8.0, 0, 0)[1][-1] == pytest.approx(0.4)  # a constant video: the floor
+    assert _level("running").scale(y)[-1] == pytest.approx((100.0 - 2.0) / 1.4826)  # MAD 1 of the 20 frames before
+    assert _level("running").scale(np.ones(20) * 2)[-1] == 0.0  # a constant video: (x - median) / floor 0.4 = 0
+
+
+def test_range_adaptation_is_the_causal_per_video_min_max() -> None:
+    x = np.array([5.0, 7.0, 6.0, 9.0, 5.5, 30.0, 8.0])
+    # settle 2: frames 0 and 1 set the range; frame t: (x - min) / max(max - min, 0.25 * 8) of frames before t
+    expected = [0.0, 0.0, 1 / 2, 4 / 2, 0.5 / 4, 25 / 4, 3 / 25]
+    np.testing.assert_allclose(_level("range", settle=2, min_range=0.25).scale(x), expected, rtol=1e-12)
+    # memory 2: only the two frames before count (the 30 has left the range by the last frame of y)
+    y = np.array([5.0, 7.0, 30.0, 6.0, 6.5, 7.0])
+    np.testing.assert_allclose(
+        _level("range", settle=1, memory=2, min_range=0.25).scale(y), [0.0, 1.0, 25 / 2, -1 / 23, 0.5 / 24, 1 / 2]
+    )
+    flipped = VideoLevel(_level("range", settle=1, min_range=0.25).online, {"low": 0.0, "high": 8.0}, -1)
+    assert flipped.scale(np.array([5.0, 1.0]))[-1] == 2.0  # sign -1: lower is more anomalous, (-1 - -5) / 2
 
 
 def _offset_videos(rng: np.random.Generator, names: tuple[str, ...], anomaly: tuple[int, int], length: int = 300):
@@ -227,10 +245,10 @@ def _offset_videos(rng: np.random.Generator, names: tuple[str, ...], anomaly: tu
     return scores, labels
 
 
-@pytest.mark.parametrize("adapt", ["none", "running"])
+@pytest.mark.parametrize("adapt", ["none", "running", "range"])
 def test_adaptive_online_protocol_on_videos_at_different_levels(adapt: str) -> None:
     """Calibration frames mix the levels; without adaptation a video's level decides its alarms, with it the anomaly
-    does. A long anomaly fades with a short memory (the documented trade-off)."""
+    does. With the running median a long anomaly fades with a short memory (the documented trade-off)."""
     from dataclasses import replace
 
     from task.anomaly.unsupervised.models.dmad_video.presets import PAPER_PRESETS
@@ -247,6 +265,8 @@ def test_adaptive_online_protocol_on_videos_at_different_levels(adapt: str) -> N
     result = fs.online_protocol(scores, labels, stats, params, threshold.value)
     if adapt == "none":
         assert result["frame_auroc_online"] < 0.8  # the level of a video, not the anomaly, decides
+    elif adapt == "range":
+        assert result["frame_auroc_online"] > 0.95 and result["online_fpr"] < 0.05 and result["online_tpr"] > 0.5
     else:
         assert result["frame_auroc_online"] > 0.95 and result["online_fpr"] < 0.05 and result["online_tpr"] > 0.8
         long_scores, long_labels = _offset_videos(rng, params.names, (50, 300))

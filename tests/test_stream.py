@@ -33,19 +33,22 @@ needs_ffmpeg = pytest.mark.skipif(
 )
 
 
-def _params(post_smooth: bool, kalman: bool) -> ProtocolParams:
-    """The video demo's SCORE settings with POST_SMOOTH and KALMAN switched as asked."""
+def _params(post_smooth: bool, kalman: bool, adapt: str) -> ProtocolParams:
+    """The video demo's SCORE settings with POST_SMOOTH, KALMAN and ONLINE.adapt switched as asked."""
     from task.common.config import read_yaml
 
     config = ProtocolParams.from_config(read_yaml(str(VIDEO_YAML))["SCORE"]).to_config()
     config["POST_SMOOTH"]["enabled"] = post_smooth
     config["KALMAN"]["enabled"] = kalman
+    config["ONLINE"]["adapt"] = adapt
     return ProtocolParams.from_config(config)
 
 
-@pytest.mark.parametrize(("post_smooth", "kalman"), [(False, False), (True, True)])
-def test_the_running_score_is_the_online_protocol(post_smooth: bool, kalman: bool) -> None:
-    params = _params(post_smooth, kalman)
+@pytest.mark.parametrize(
+    ("post_smooth", "kalman", "adapt"), [(False, False, "range"), (True, True, "running"), (False, False, "none")]
+)
+def test_the_running_score_is_the_online_protocol(post_smooth: bool, kalman: bool, adapt: str) -> None:
+    params = _params(post_smooth, kalman, adapt)
     rng = np.random.default_rng(0)
     raw = {name: rng.normal(1.0, 0.3, 70) for name in params.names}
     stats = {name: {"low": 0.5, "high": 1.6} for name in params.names}

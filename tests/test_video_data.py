@@ -500,9 +500,9 @@ def test_demo_deterministic_and_labels_mark_events(tmp_path: Path) -> None:
     videos = scan_videos(config(tmp_path / "one", "demo", clip_length=4), "test")
     labels = load_frame_labels(config(tmp_path / "one", "demo", clip_length=4), videos, 4)
     events = json.loads((first / ".complete").read_text())["events"]
-    background = synthetic_video._background(0, 64)
+    background = synthetic_video._background(0, 64, "walkway")
     for index, (video, video_labels) in enumerate(zip(videos, labels)):
-        movers, _ = synthetic_video._test_scene(0, index, 64)
+        movers, _ = synthetic_video._test_scene(0, index, 64, "walkway")
         without_event = synthetic_video._render(background, movers, 64)
         differs = (frames_of(video, (64, 64), False) != without_event).any(axis=(1, 2, 3))
         assert np.array_equal(differs, video_labels.astype(bool))  # label 1 exactly where the event object shows

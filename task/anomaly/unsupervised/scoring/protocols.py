@@ -23,22 +23,16 @@ use future frames: the paper protocol is an offline benchmark, not something a c
 
 The official settings of each dataset are DMAD-PDM's presets (``models/dmad_video/presets.py``).
 
-**Online protocol** (``online_protocol``): what a deployed camera can do. Each score is normalised with
-statistics of CALIBRATION frames only (``fit_train_stats``: robust low/high quantiles of held-out normal frames; the
-name is historical), smoothed causally (each frame's value depends only on itself and earlier frames of its video: a
-trailing robust window of ``ONLINE.window`` frames, ``ONLINE.keep`` kept), fused with the same weights, smoothed
-causally again when the paper protocol smooths the fused score, and Kalman-filtered (causal) when the paper protocol
-does. With ``ONLINE.adapt = running`` each raw score is instead standardised against its video's own past,
-causally (``running_stats``): minus the running median of the frames before it (the last ``ONLINE.memory``, or all;
-the calibration mean contributes ``ONLINE.warmup`` frames' weight), divided by their running MAD (the causal
-counterpart of the paper protocol's per-video min-max normalisation). With ``warmup = 0`` a video's first frame is its
-own baseline: videos are assumed to start normal,
-and one that starts inside an anomaly takes it for its normal level until normal frames outnumber it; a warm-up
-weight on the calibration mean avoids that but makes the first frames of a video whose level differs from the
-calibration videos' alarm (or go blind) until its own past outweighs the warm-up. A baseline that follows the video also
-follows an anomaly that lasts long enough: once it fills about
-half of the median's memory, its frames score as normal (``memory: 0`` keeps the whole past, so that takes as long as
-the video has run so far); ``adapt: none`` never adapts.
+**Online protocol** (``online_protocol``): what a deployed camera can do. Each raw score is scaled causally (frame
+t's value depends only on itself, earlier frames of its video and statistics of CALIBRATION frames, held-out normal
+frames: ``fit_train_stats``, a historical name) by ``ONLINE.adapt`` (``adaptive.py``): ``range`` (default) by the
+min and max of the video's earlier frames, the causal counterpart of the paper protocol's per-video min-max
+normalisation (the first ``ONLINE.settle`` frames only set the range); ``running`` by their median and MAD; ``none``
+by the calibration low/high quantiles only. Each scaled score is smoothed by a trailing robust window of
+``ONLINE.window`` frames (``ONLINE.keep`` kept), fused with the same weights, smoothed causally again when the paper
+protocol smooths the fused score, and Kalman-filtered (causal) when the paper protocol does. Per-video adaptation
+assumes a video starts normal, and it follows an anomaly that lasts long enough (``ONLINE.memory``; ``adaptive.py``
+says when); ``adapt: none`` never adapts, so a video's own level decides its alarms.
 ``fit_threshold`` picks the alarm threshold as the conformal order statistic of the fused online scores of the
 calibration frames for the false-alarm target ``1 - ONLINE.threshold_quantile`` (frames of one video are not
 exchangeable, so this targets the rate without a finite-sample guarantee).
@@ -58,12 +52,12 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from task.anomaly.unsupervised.scoring.adaptive import VideoLevel
 from task.anomaly.unsupervised.scoring.filters import (
     causal_smooth,
     fuse,
     kalman_filter,
     normalize,
-    robust_level,
     smooth_sequences,
 )
 from task.anomaly.unsupervised.scoring.score_file import ScoreFile, from_arrays, read_scores
@@ -297,32 +291,6 @@ def fit_train_stats(
     return stats
 
 
-def running_stats(
-    x: np.ndarray, prior: float, spread: float, memory: int, warmup: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Causal per-video location and scale: at frame ``t`` the median and the MAD (x 1.4826) of ``warmup`` copies of
-    ``prior`` and the frames before ``t`` (the last ``memory`` of them; ``memory = 0``: all), so a sudden anomaly does
-    not lift its own baseline. With no past (and no warm-up) the first frame is its own baseline: a video is assumed to
-    start normal. The scale falls back to ``spread / 4`` while fewer than ``MIN_SCALE_FRAMES`` frames are in the set
-    and is at least ``SCALE_FLOOR * spread``.
-
-    Args:
-        x: [n] raw scores of one video, in frame order (oriented: higher = more anomalous).
-        prior, spread: the calibration mean and ``high - low`` of this score.
-
-    Returns:
-        (location [n], scale [n]) float64.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    location = np.empty(x.shape[0], dtype=np.float64)
-    scale = np.empty(x.shape[0], dtype=np.float64)
-    head = np.full(warmup, float(prior))
-    for t in range(x.shape[0]):
-        past = np.concatenate([head, x[max(0, t - memory) if memory else 0 : t]])
-        location[t], scale[t] = robust_level(past if past.size else x[t : t + 1], spread)
-    return location, scale
-
-
 def _online_fused(
     scores: ScoreDict, train_stats: Mapping[str, Mapping[str, float]], params: ProtocolParams
 ) -> list[np.ndarray]:
@@ -333,22 +301,10 @@ def _online_fused(
                 "training scores"
             )
     o = params.online
-    per_name = {}
-    for name, sign in zip(params.names, params.signs):
-        low, high = train_stats[name]["low"], train_stats[name]["high"]
-        per_name[name] = []
-        for v in scores[name]:
-            v = np.asarray(v, dtype=np.float64)
-            if o.adapt == "running":
-                # oriented so that higher = more anomalous, referred to the video's own running level
-                mean = float(train_stats[name].get("mean", (low + high) / 2))  # only a warm-up uses it
-                oriented, prior = (v, mean) if sign > 0 else (-v, -mean)
-                location, scale = running_stats(oriented, prior, high - low, o.memory, o.warmup)
-                scaled = (oriented - location) / scale
-            else:
-                scaled = (v - low) / (high - low)
-                scaled = scaled if sign > 0 else 1.0 - scaled
-            per_name[name].append(causal_smooth(scaled, o.window, o.keep))
+    per_name = {
+        name: [causal_smooth(VideoLevel(o, train_stats[name], sign).scale(v), o.window, o.keep) for v in scores[name]]
+        for name, sign in zip(params.names, params.signs)
+    }
     fused = fuse(per_name, params.names, params.weights)
     if params.post_smooth.enabled:
         fused = [causal_smooth(f, o.window, o.keep) for f in fused]

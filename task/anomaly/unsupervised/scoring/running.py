@@ -12,7 +12,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from task.anomaly.unsupervised.scoring.filters import causal_smooth, robust_level
+from task.anomaly.unsupervised.scoring.adaptive import VideoLevel
+from task.anomaly.unsupervised.scoring.filters import causal_smooth
 from task.anomaly.unsupervised.scoring.settings import ProtocolParams
 from task.common.errors import UserError, short_text
 
@@ -28,16 +29,10 @@ class RunningOnlineScore:
                     "refit them with fit_train_stats on training scores"
                 )
         self.params = params
-        self.bounds = {
-            name: (float(train_stats[name]["low"]), float(train_stats[name]["high"])) for name in params.names
-        }
-        o = params.online
-        # ONLINE.adapt=running: each score's oriented raw values so far (the last ONLINE.memory; 0: all, which grows
-        # with the stream: set ONLINE.memory for sources that run for hours) and its warm-up head
-        self.past = {name: deque(maxlen=o.memory or None) for name in params.names}
-        self.head = {
-            name: np.full(o.warmup, sign * float(train_stats[name].get("mean", sum(self.bounds[name]) / 2)))
-            for name, sign in zip(params.names, params.signs)
+        # ONLINE.adapt's per-video state of each score (adapt=running with memory 0 keeps the whole stream: set
+        # ONLINE.memory for sources that run for hours; adapt=range with memory 0 keeps two numbers)
+        self.levels = {
+            name: VideoLevel(params.online, train_stats[name], sign) for name, sign in zip(params.names, params.signs)
         }
         window = params.online.window
         self.history = {name: deque(maxlen=window) for name in params.names}
@@ -49,22 +44,13 @@ class RunningOnlineScore:
         """The online score of the next frame from its raw scores (name -> value; every ``SCORE.names`` entry)."""
         p, o = self.params, self.params.online
         total = 0.0
-        for name, sign, weight in zip(p.names, p.signs, p.weights):
+        for name, weight in zip(p.names, p.weights):
             value = float(raw[name])
             if not np.isfinite(value):
                 raise UserError(
                     f"score '{short_text(name)}' is not finite at frame {self.count}; the model produced NaN or inf"
                 )
-            low, high = self.bounds[name]
-            if o.adapt == "running":  # as protocols.running_stats: the frames before this one, then this one joins
-                oriented = value if sign > 0 else -value
-                past = np.concatenate([self.head[name], np.fromiter(self.past[name], np.float64)])
-                location, scale = robust_level(past if past.size else np.array([oriented]), high - low)
-                self.past[name].append(oriented)
-                self.history[name].append((oriented - location) / scale)
-            else:
-                scaled = (value - low) / (high - low)
-                self.history[name].append(scaled if sign > 0 else 1.0 - scaled)
+            self.history[name].append(self.levels[name].push(value))
             total += weight * causal_smooth(np.fromiter(self.history[name], np.float64), o.window, o.keep)[-1]
         value = total
         if p.post_smooth.enabled:

@@ -18,6 +18,8 @@ from task.common.errors import UserError, short_repr, short_text
 
 log = logging.getLogger("anomaly")
 
+ADAPT_MODES = ("none", "running", "range")  # SCORE.ONLINE.adapt (scoring/adaptive.py)
+
 # Largest fusion weight: fused scores are sums of weight x score, and only the weights' ratios matter.
 MAX_WEIGHT = 1e6
 
@@ -101,9 +103,9 @@ def score_schema(d: Mapping[str, Any]) -> Schema:
             "adapt": F(
                 str,
                 d["ONLINE"]["adapt"],
-                choices=("none", "running"),
-                help="running: standardise each raw score by its video's running median and MAD of past "
-                "frames; none: calibration statistics only",
+                choices=ADAPT_MODES,
+                help="range: scale each raw score by the min and max of its video's earlier frames (the causal "
+                "per-video min-max); running: by their median and MAD; none: calibration statistics only",
             ),
             "memory": F(
                 int,
@@ -117,6 +119,18 @@ def score_schema(d: Mapping[str, Any]) -> Schema:
                 d["ONLINE"]["warmup"],
                 min=0,
                 help="adapt=running: weight, in frames, of the calibration mean in the running median",
+            ),
+            "settle": F(
+                int,
+                d["ONLINE"]["settle"],
+                min=0,
+                help="adapt=range: first frames of a video that only set its range and score 0 (assumed normal)",
+            ),
+            "min_range": F(
+                float,
+                d["ONLINE"]["min_range"],
+                min=0,
+                help="adapt=range: smallest per-video range, as a fraction of the calibration spread (high - low)",
             ),
         },
     }
@@ -155,9 +169,10 @@ def _require_every_key(schema: Schema, data: Any, prefix: str) -> None:
             _require_every_key(spec, data[key], f"{prefix}.{key}")
 
 
-# ONLINE keys added with the adaptive online protocol: a recorded protocol without them (an older calibration or score
-# file) was fitted without adaptation, so their absence means exactly that.
-ONLINE_BEFORE_ADAPTATION = {"adapt": "none", "memory": 0, "warmup": 0}
+# ONLINE keys added with the adaptive online protocols: a recorded protocol without them (an older calibration or score
+# file) was fitted without adaptation (or, without settle / min_range, with adapt: running, which ignores them), so
+# their absence means exactly that.
+ONLINE_BEFORE_ADAPTATION = {"adapt": "none", "memory": 0, "warmup": 0, "settle": 0, "min_range": 0.0}
 _OPTIONAL = {f"SCORE.ONLINE.{key}" for key in ONLINE_BEFORE_ADAPTATION}
 
 _NO_WINDOW = {
@@ -223,6 +238,8 @@ class OnlineParams:
     adapt: str = "none"
     memory: int = 0
     warmup: int = 0
+    settle: int = 0
+    min_range: float = 0.0
 
 
 @dataclass(frozen=True)

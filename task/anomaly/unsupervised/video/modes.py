@@ -42,7 +42,7 @@ def prepare_video_data(engine: Engine) -> None:
     ds = engine.cfg.DATASET
     if ds.demo:
         if engine.dist.is_main:
-            make_video_demo(ds.datadir, ds.target, size=ds.resize[0])
+            make_video_demo(ds.datadir, ds.target, size=ds.resize[0], scene=ds.demo_scene)
         engine.dist.barrier()
 
 

@@ -51,6 +51,9 @@ VIDEO_DATASET_KEYS: Schema = {
     "clip_length": F(int, 4, min=1, help="input frames per clip; the frame after them is the prediction target"),
     "labels": F(str, None, nullable=True, help="test frame labels: a .npy, .m or folder; null: where the dataset keeps them"),
     "grayscale": F(bool, False, help="decode frames as one grey channel"),
+    "demo_scene": F(
+        str, "walkway", choices=("walkway", "crossing"), help="DATASET.demo: the synthetic scene (data/video/synthetic.py)"
+    ),
 }
 
 # (folder under <root>/<name>, holds frame folders (True) or video files (False)) per split, in search order.

@@ -76,9 +76,10 @@ _SHANGHAI_WINDOW = {
 }
 
 
-# The online protocol (not the paper's): each raw score standardised by its video's running median and MAD over the
-# whole video so far, without a warm-up weight on the calibration mean (scoring/protocols.py explains the choice).
-ONLINE_ADAPTIVE = {"adapt": "running", "memory": 0, "warmup": 0}
+# The online protocol (not the paper's): each raw score scaled by the min and max of its video's earlier frames (the
+# causal per-video min-max); the first 8 frames of a video set its range, and the range is at least half the
+# calibration spread (scoring/adaptive.py; README "Calibrated, adaptive online detector" for the measurements).
+ONLINE_ADAPTIVE = {"adapt": "range", "memory": 0, "warmup": 0, "settle": 8, "min_range": 0.5}
 
 
 PAPER_PRESETS: dict[str, dict[str, Any]] = {
