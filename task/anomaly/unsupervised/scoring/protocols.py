@@ -338,9 +338,20 @@ def fit_threshold(
     train_scores: ScoreDict, train_stats: Mapping[str, Mapping[str, float]], params: ProtocolParams
 ) -> Threshold:
     """Alarm threshold: the conformal order statistic (``task/common/conformal.py``) of the online scores of the
-    calibration frames (all normal) for the false-alarm target ``1 - ONLINE.threshold_quantile``."""
+    calibration frames (all normal) for the false-alarm target ``1 - ONLINE.threshold_quantile``. With ``adapt:
+    range`` the first ``ONLINE.settle`` frames of each calibration video score 0 by construction and are left out of
+    the sample (they would only pad n)."""
     fused = online_frame_scores(train_scores, train_stats, params)
-    return ScoreSample.of(np.concatenate(fused)).threshold(1.0 - params.online.threshold_quantile)
+    o = params.online
+    skip = o.settle if o.adapt == "range" else 0
+    scored = np.concatenate([f[skip:] for f in fused])
+    if scored.size == 0:
+        longest = max((f.size for f in fused), default=0)
+        raise UserError(
+            f"no calibration frame is scored: the calibration videos have at most {longest} frame(s) and "
+            f"SCORE.ONLINE.settle={o.settle}; lower SCORE.ONLINE.settle or raise DATASET.calibration_split"
+        )
+    return ScoreSample.of(scored).threshold(1.0 - o.threshold_quantile)
 
 
 def online_protocol(
