@@ -26,6 +26,7 @@ from task.anomaly.unsupervised.data.image.calibration import MIN_CALIBRATION_IMA
 from task.anomaly.unsupervised.data.image.dataset import Sample
 from task.anomaly.unsupervised.scoring.adaptive import VideoLevel
 from task.common.conformal import ScoreSample, conformal_rank
+from task.common.errors import UserError
 
 SIZE = 64
 CATEGORY = "held"
@@ -230,6 +231,25 @@ def test_range_adaptation_is_the_causal_per_video_min_max() -> None:
     )
     flipped = VideoLevel(_level("range", settle=1, min_range=0.25).online, {"low": 0.0, "high": 8.0}, -1)
     assert flipped.scale(np.array([5.0, 1.0]))[-1] == 2.0  # sign -1: lower is more anomalous, (-1 - -5) / 2
+
+
+def test_range_threshold_leaves_the_settle_frames_out() -> None:
+    from dataclasses import replace
+
+    from task.anomaly.unsupervised.models.dmad_video.presets import PAPER_PRESETS
+    from task.anomaly.unsupervised.scoring import protocols as fs
+    from task.anomaly.unsupervised.scoring.settings import ProtocolParams
+
+    params = ProtocolParams.from_config(PAPER_PRESETS["ped2"])  # adapt range, settle 8
+    rng = np.random.default_rng(0)
+    videos = {n: [rng.normal(1.0, 0.1, 20) for _ in range(10)] for n in params.names}
+    threshold = fs.fit_threshold(videos, fs.fit_train_stats(videos), params)
+    assert threshold.n == 10 * (20 - params.online.settle)
+    short = {n: [v[:8] for v in vs] for n, vs in videos.items()}
+    with pytest.raises(UserError, match="lower SCORE.ONLINE.settle or raise DATASET.calibration_split"):
+        fs.fit_threshold(short, fs.fit_train_stats(short), params)
+    none = replace(params, online=replace(params.online, adapt="none"))
+    assert fs.fit_threshold(short, fs.fit_train_stats(short), none).n == 80
 
 
 def _offset_videos(rng: np.random.Generator, names: tuple[str, ...], anomaly: tuple[int, int], length: int = 300):
