@@ -249,22 +249,3 @@ def test_benchmark_prints_one_table_of_every_backend(ir_run) -> None:
         if row[0].strip() in ("ONNX Runtime fp32", "OpenVINO fp32"):
             assert float(row[5]) <= TOLERANCE and float(row[6]) <= TOLERANCE  # map and score differences
     assert "conditions: cpu:" in result.stdout
-
-
-def test_video_runs_say_openvino_is_for_images(tmp_path: Path) -> None:
-    from helpers import CONFIGS
-
-    video = [
-        "--task_type",
-        "anomaly",
-        "--model_name",
-        "dmad",
-        "--yaml_config",
-        str(CONFIGS / "video_demo.yaml"),
-        f"RESULT.savedir={tmp_path}",
-    ]
-    assert_user_error(
-        main_in_process(*video, "--mode", "export", "EXPORT.format=openvino"),
-        "EXPORT.format=openvino",
-        "image runs only",
-    )

@@ -196,7 +196,8 @@ def mode_predict(engine: Engine, options: ModeOptions) -> None:
             )
         runner = predict.Runner(model, model.image_size, model.thresholds, engine.cfg.TEST.batch_size)
     elif options.backend == "openvino":  # OpenVINO IR of EXPORT.precision (issue 17)
-        from task.anomaly.unsupervised.image.openvino import ir_source, load_ir_model
+        from task.anomaly.unsupervised.deploy.openvino import ir_source
+        from task.anomaly.unsupervised.image.openvino import load_ir_model
 
         source, paired = ir_source(options.checkpoint, engine.run_dir, engine.cfg.EXPORT.precision)
         model = load_ir_model(source, paired, torch.get_num_threads())

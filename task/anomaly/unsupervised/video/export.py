@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from task.anomaly.unsupervised.data.video.clips import ClipDataset, scan_videos, video_from_path
+from task.anomaly.unsupervised.data.video.clips import ClipDataset, Video, scan_videos, video_from_path
 from task.anomaly.unsupervised.deploy.onnx import (
     ONNX_FILENAME,
     TOLERANCE,
@@ -90,15 +91,19 @@ def export_graph(
 
 
 # --------------------------------------------------------------------------------------------- ONNX Runtime
-class OnnxVideoModel:
-    """An exported video graph on ONNX Runtime's CPU provider, with what its metadata says about it.
+class ExportedVideoGraph:
+    """What the metadata of an exported video graph says about it, checked against the graph; shared by the ONNX
+    Runtime and the OpenVINO model of a video run.
 
     ``__call__(batch)`` is a ``ClipScorer`` (video/inference.py): the same batches as the PyTorch path, the same
-    (raw scores, error maps) out, so predict runs either backend through ``run_clips``.
+    (raw scores, error maps) out, so predict runs any backend through ``run_clips``. Subclasses provide ``run``.
     """
 
-    def __init__(self, source: Path | bytes, name: str) -> None:
-        self.session, meta = open_onnx(source, name)
+    def __init__(
+        self, meta: dict[str, str], graph: Any, input_names: tuple[str, ...], output_names: tuple[str, ...], name: str
+    ) -> None:
+        """``graph``: anything with onnxruntime's ``get_inputs()`` (name and shape of each input), for the frame size
+        check; ``input_names`` / ``output_names``: the graph's, in order."""
         if meta.get("format") != VIDEO_ONNX_FORMAT:
             raise UserError(
                 f"{name} is not a video model exported by this toolkit (no format={VIDEO_ONNX_FORMAT} metadata); "
@@ -108,7 +113,7 @@ class OnnxVideoModel:
         try:
             self.clip_length = int(meta["clip_length"])
             self.channels = int(meta["channels"])
-            self.image_size: tuple[int, int] = metadata_image_size(meta, self.session, name)  # ints, limits, graph
+            self.image_size: tuple[int, int] = metadata_image_size(meta, graph, name)  # ints, limits, graph
             self.grayscale = json.loads(meta["grayscale"]) is True
             self.names: tuple[str, ...] = tuple(json.loads(meta["scores"]))
             self.calibration = Calibration.from_dict(json.loads(meta["calibration"]))
@@ -119,30 +124,47 @@ class OnnxVideoModel:
                 f"{name} has incomplete metadata ({type(exc).__name__}: {str(exc)[:80]}); re-create it with --mode "
                 "export"
             ) from None
-        self.inputs = tuple(i.name for i in self.session.get_inputs())
+        self.inputs = input_names
         self.takes_video_input = len(self.inputs) == 3  # clip, target and the per-video input
         self.outputs = FRAME_OUTPUTS + tuple(f"score_{n}" for n in self.names)
-        found = tuple(o.name for o in self.session.get_outputs())
         if (
             self.calibration is None
-            or found != self.outputs
+            or output_names != self.outputs
             or len(self.image_size) != 2
             or not isinstance(self.settings, dict)
         ):
             raise UserError(
-                f"{name} has metadata or outputs this toolkit does not know (outputs {found[:6]}); re-create it with "
-                "--mode export"
+                f"{name} has metadata or outputs this toolkit does not know (outputs {output_names[:6]}); re-create "
+                "it with --mode export"
             )
 
     def run(self, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
-        """Float32 inputs in graph order (clip, target[, video input]) -> the named outputs as arrays."""
-        feed = {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in zip(self.inputs, inputs)}
-        return dict(zip(self.outputs, self.session.run(list(self.outputs), feed)))
+        """Float32 inputs in graph order (clip [B, T, C, H, W], target [B, C, H, W][, video input [B, C, H, W]]) ->
+        the named outputs as arrays."""
+        raise NotImplementedError
 
     def __call__(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         keys = ("clip", "target", "video_input") if self.takes_video_input else ("clip", "target")
         out = self.run([batch[k].detach().float().cpu().numpy() for k in keys])
         return {n: torch.from_numpy(out[f"score_{n}"]) for n in self.names}, torch.from_numpy(out["error_map"])
+
+
+class OnnxVideoModel(ExportedVideoGraph):
+    """An exported video graph on ONNX Runtime's CPU provider, with what its metadata says about it."""
+
+    def __init__(self, source: Path | bytes, name: str) -> None:
+        self.session, meta = open_onnx(source, name)
+        super().__init__(
+            meta,
+            self.session,
+            tuple(i.name for i in self.session.get_inputs()),
+            tuple(o.name for o in self.session.get_outputs()),
+            name,
+        )
+
+    def run(self, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+        feed = {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in zip(self.inputs, inputs)}
+        return dict(zip(self.outputs, self.session.run(list(self.outputs), feed)))
 
 
 def load_onnx_video_model(path: Path, checkpoint: Path | None) -> OnnxVideoModel:
@@ -171,26 +193,12 @@ def load_calibrated(engine: Engine, checkpoint: str | None) -> tuple[LoadedModel
     return loaded, calibration
 
 
-def check_inputs(method: VideoMethod, cfg: Config, input_path: str | None) -> list[Tensor]:
-    """Graph inputs (clip, target[, video input]) of ``CHECK_CLIPS`` real clips spread over ``--input``'s video or
-    the test videos (per-video inputs are computed for those videos only)."""
+def clip_inputs(method: VideoMethod, cfg: Config, videos: list[Video], count: int) -> list[Tensor]:
+    """Graph inputs (clip, target[, video input]) of ``count`` clips spread evenly over ``videos`` (per-video inputs
+    are computed for the videos picked only)."""
     ds = cfg.DATASET
-    if input_path:
-        if not Path(input_path).exists():
-            raise UserError(
-                f"--input {input_path} not found; pass a video file or a folder of frames for the ONNX check"
-            )
-        videos = [video_from_path(input_path)]
-    else:
-        try:
-            videos = scan_videos(ds, "test")
-        except UserError as exc:
-            raise UserError(
-                "the ONNX check needs a few real clips: pass --input VIDEO, or point DATASET.datadir at the dataset "
-                f"({exc})"
-            ) from None
     every = ClipDataset(videos, ds.clip_length, tuple(ds.resize), ds.grayscale, False)
-    picks = np.unique(np.linspace(0, len(every) - 1, min(len(every), CHECK_CLIPS)).round().astype(int))
+    picks = np.unique(np.linspace(0, len(every) - 1, min(len(every), count)).round().astype(int))
     items = [every[int(i)] for i in picks]
     inputs = [torch.stack([x["clip"] for x in items]), torch.stack([x["target"] for x in items])]
     used = sorted({int(x["video"]) for x in items})
@@ -201,14 +209,33 @@ def check_inputs(method: VideoMethod, cfg: Config, input_path: str | None) -> li
     return inputs
 
 
+def check_inputs(method: VideoMethod, cfg: Config, input_path: str | None) -> list[Tensor]:
+    """Graph inputs of ``CHECK_CLIPS`` real clips spread over ``--input``'s video or the test videos."""
+    if input_path:
+        if not Path(input_path).exists():
+            raise UserError(
+                f"--input {input_path} not found; pass a video file or a folder of frames for the export check"
+            )
+        videos = [video_from_path(input_path)]
+    else:
+        try:
+            videos = scan_videos(cfg.DATASET, "test")
+        except UserError as exc:
+            raise UserError(
+                "the export check needs a few real clips: pass --input VIDEO, or point DATASET.datadir at the "
+                f"dataset ({exc})"
+            ) from None
+    return clip_inputs(method, cfg, videos, CHECK_CLIPS)
+
+
 def differences(
-    onnx_model: OnnxVideoModel, inputs: list[Tensor], reference: dict[str, Tensor], calibration: Calibration
+    graph: ExportedVideoGraph, inputs: list[Tensor], reference: dict[str, Tensor], calibration: Calibration
 ) -> list[Difference]:
-    """ONNX Runtime on ``inputs`` as one batch and as a batch of one, against ``reference``: maps relative to their
-    range, raw scores relative to their training spread."""
+    """``graph`` (ONNX Runtime or OpenVINO) on ``inputs`` as one batch and as a batch of one, against ``reference``:
+    maps relative to their range, raw scores relative to their training spread."""
     arrays = [v.numpy() for v in inputs]
-    full = onnx_model.run(arrays)
-    single = onnx_model.run([v[:1] for v in arrays])
+    full = graph.run(arrays)
+    single = graph.run([v[:1] for v in arrays])
     out = []
     for name, expected_tensor in reference.items():
         expected = expected_tensor.numpy()
@@ -222,17 +249,34 @@ def differences(
     return out
 
 
-def export_video_run(engine: Engine, loaded: LoadedModel, calibration: Calibration, input_path: str | None) -> Path:
-    """Export ``loaded`` to ``model.onnx`` beside its checkpoint after the ONNX Runtime check; returns the path."""
+@dataclass
+class PreparedVideoExport:
+    """What every export format of a video run starts from: the traced graph (ONNX bytes) and its metadata, the
+    check clips (graph inputs clip [N, T, C, H, W], target [N, C, H, W][, video input [N, C, H, W]]) and PyTorch's
+    outputs on them (the reference)."""
+
+    module: nn.Module
+    inputs: list[Tensor]
+    reference: dict[str, Tensor]
+    metadata: dict[str, str]
+    data: bytes  # the ONNX graph without the metadata
+    calibration: Calibration
+    checkpoint: Path
+
+
+def prepare_video_export(
+    engine: Engine, loaded: LoadedModel, calibration: Calibration, input_path: str | None
+) -> PreparedVideoExport:
+    """Trace ``loaded``'s clip-to-scores path into ONNX bytes and run PyTorch on the check clips."""
     method, cfg, checkpoint = engine.method, loaded.cfg, loaded.path
     model = loaded.model.float().cpu().to(memory_format=torch.contiguous_format).eval()
-    module = method.serving_module(model, cfg)
+    module = method.serving_module(model, cfg).eval()  # eval: the exporter restores the mode it finds
     names = method.score_names(cfg, exportable=True)
     dropped = [n for n in method.score_names(cfg) if n not in names]
     if dropped:
         log.warning(
-            "score(s) %s have no graph form and are not in the ONNX file; --backend onnx cannot serve a SCORE.names "
-            "that needs them",
+            "score(s) %s have no graph form and are not in the exported graph; --backend onnx/openvino cannot serve "
+            "a SCORE.names that needs them",
             ", ".join(dropped),
         )
     inputs = check_inputs(method, cfg, input_path)
@@ -284,11 +328,19 @@ def export_video_run(engine: Engine, loaded: LoadedModel, calibration: Calibrati
         "category": str(cfg.DATASET.target),
         "checkpoint_sha256": file_sha256(checkpoint),
     }
-    data = with_metadata(export_graph(module, example, opset, input_names, output_names), metadata)
-    found = differences(OnnxVideoModel(data, "the exported graph"), inputs, reference, calibration)
+    data = export_graph(module, example, opset, input_names, output_names)
+    return PreparedVideoExport(module, inputs, reference, metadata, data, calibration, checkpoint)
+
+
+def export_video_onnx(prepared: PreparedVideoExport) -> Path:
+    """Write ``model.onnx`` beside the checkpoint after the ONNX Runtime check; returns the path."""
+    data = with_metadata(prepared.data, prepared.metadata)
+    found = differences(
+        OnnxVideoModel(data, "the exported graph"), prepared.inputs, prepared.reference, prepared.calibration
+    )
     print(
-        f"ONNX check on {count} clip(s), onnxruntime CPU vs PyTorch CPU: {'; '.join(map(str, found))}; tolerance "
-        f"{TOLERANCE:g} relative"
+        f"ONNX check on {len(prepared.inputs[0])} clip(s), onnxruntime CPU vs PyTorch CPU: "
+        f"{'; '.join(map(str, found))}; tolerance {TOLERANCE:g} relative"
     )
     failed = [d for d in found if not d.relative <= TOLERANCE]  # NaN fails too
     if failed:
@@ -296,18 +348,28 @@ def export_video_run(engine: Engine, loaded: LoadedModel, calibration: Calibrati
             f"ONNX output differs from PyTorch beyond the tolerance {TOLERANCE:g} ({'; '.join(map(str, failed))}); "
             "nothing was written; report it with the checkpoint"
         )
-    target = checkpoint.parent / ONNX_FILENAME
+    target = prepared.checkpoint.parent / ONNX_FILENAME
     atomic_write_bytes(target, lambda handle: handle.write(data))
     print(f"exported {target} ({len(data) / 2**20:.1f} MiB)")
     return target
 
 
 def mode_export(engine: Engine, options: ModeOptions) -> None:
-    """Export the checkpoint's clip-to-scores path to model.onnx beside it, checked against PyTorch."""
-    if engine.cfg.EXPORT.format != "onnx":  # OpenVINO IR (issue 17): the image half only, so far
-        raise UserError(
-            f"EXPORT.format={engine.cfg.EXPORT.format} is available for image runs only; video runs export ONNX "
-            "(EXPORT.format=onnx)"
-        )
+    """Export the checkpoint's clip-to-scores path beside it (``EXPORT.format``: model.onnx, the OpenVINO IR
+    model-<EXPORT.precision>.xml/.bin, or both), each checked against PyTorch before it is written."""
+    fmt = engine.cfg.EXPORT.format
     loaded, calibration = load_calibrated(engine, options.checkpoint)
-    export_video_run(engine, loaded, calibration, options.input)
+    if fmt in ("openvino", "both"):  # OpenVINO IR (issue 17): video/openvino.py
+        from task.anomaly.unsupervised.video.openvino import calibration_clips, export_video_openvino
+
+        # Before the (slow) trace: int8 needs the training videos, and a missing dataset should stop the run at once.
+        clips = (
+            calibration_clips(engine.method, loaded.cfg, engine.cfg.EXPORT.calibration_images)
+            if engine.cfg.EXPORT.precision == "int8"
+            else []
+        )
+    prepared = prepare_video_export(engine, loaded, calibration, options.input)
+    if fmt in ("onnx", "both"):
+        export_video_onnx(prepared)
+    if fmt in ("openvino", "both"):
+        export_video_openvino(prepared, engine.method, loaded, engine.cfg, torch.get_num_threads(), clips)

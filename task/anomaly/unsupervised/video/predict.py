@@ -40,6 +40,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from task.anomaly.unsupervised.data.video.clips import ClipDataset, Video, frames_of, video_from_path
+from task.anomaly.unsupervised.deploy.openvino import ir_source
 from task.anomaly.unsupervised.deploy.output_folder import OutputFolder
 from task.anomaly.unsupervised.engine.engine import Engine
 from task.anomaly.unsupervised.engine.modes import ModeOptions
@@ -49,7 +50,7 @@ from task.anomaly.unsupervised.method import VideoMethod
 from task.anomaly.unsupervised.scoring.protocols import online_frame_scores
 from task.anomaly.unsupervised.scoring.settings import ProtocolParams
 from task.anomaly.unsupervised.video.evaluation import Calibration, served_protocol
-from task.anomaly.unsupervised.video.export import load_calibrated, load_onnx_video_model
+from task.anomaly.unsupervised.video.export import ExportedVideoGraph, load_calibrated, load_onnx_video_model
 from task.anomaly.unsupervised.video.inference import ClipScorer, FrameScores, MethodScorer, run_clips
 from task.anomaly.unsupervised.video.live_source import is_live_source
 from task.anomaly.unsupervised.video.plots import gif_frame_positions, write_video_gif
@@ -101,13 +102,15 @@ class VideoServing:
 def serving_from(engine: Engine, options: ModeOptions) -> VideoServing:
     """The model ``--backend`` asks for: the checkpoint (``--checkpoint`` or the run's model.pt), or the model.onnx
     beside it (or ``--checkpoint FILE.onnx``)."""
-    if options.backend == "openvino":  # OpenVINO IR (issue 17): the image half only, so far
-        raise UserError(
-            "--backend openvino is available for image runs only; video runs predict with --backend torch or onnx"
-        )
-    if options.backend == "onnx":
-        path, paired = onnx_source(options.checkpoint, engine.run_dir)
-        model = load_onnx_video_model(path, paired)
+    if options.backend in ("onnx", "openvino"):
+        if options.backend == "onnx":
+            path, paired = onnx_source(options.checkpoint, engine.run_dir)
+            model: ExportedVideoGraph = load_onnx_video_model(path, paired)
+        else:  # OpenVINO IR of EXPORT.precision (issue 17)
+            from task.anomaly.unsupervised.video.openvino import load_ir_video_model
+
+            path, paired = ir_source(options.checkpoint, engine.run_dir, engine.cfg.EXPORT.precision)
+            model = load_ir_video_model(path, paired, torch.get_num_threads())
         unexported = tuple(json.loads(model.metadata.get("unexported_scores", "[]")))
         cfg = with_settings(engine.cfg, model.settings)
         return VideoServing(
@@ -118,7 +121,7 @@ def serving_from(engine: Engine, options: ModeOptions) -> VideoServing:
             model.calibration,
             ProtocolParams.from_config(model.protocol),
             path,
-            "onnx",
+            options.backend,
         )
     loaded, calibration = load_calibrated(engine, options.checkpoint)
     cfg = loaded.cfg
