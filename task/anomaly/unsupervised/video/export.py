@@ -100,10 +100,17 @@ class ExportedVideoGraph:
     """
 
     def __init__(
-        self, meta: dict[str, str], graph: Any, input_names: tuple[str, ...], output_names: tuple[str, ...], name: str
+        self,
+        meta: dict[str, str],
+        graph: Any,
+        input_names: tuple[str, ...],
+        output_names: tuple[str, ...],
+        name: str,
+        calibrated: bool = True,
     ) -> None:
         """``graph``: anything with onnxruntime's ``get_inputs()`` (name and shape of each input), for the frame size
-        check; ``input_names`` / ``output_names``: the graph's, in order."""
+        check; ``input_names`` / ``output_names``: the graph's, in order; ``calibrated=False`` accepts a graph without
+        a calibration (benchmarks of a fresh model; predict needs one)."""
         if meta.get("format") != VIDEO_ONNX_FORMAT:
             raise UserError(
                 f"{name} is not a video model exported by this toolkit (no format={VIDEO_ONNX_FORMAT} metadata); "
@@ -128,7 +135,7 @@ class ExportedVideoGraph:
         self.takes_video_input = len(self.inputs) == 3  # clip, target and the per-video input
         self.outputs = FRAME_OUTPUTS + tuple(f"score_{n}" for n in self.names)
         if (
-            self.calibration is None
+            (calibrated and self.calibration is None)
             or output_names != self.outputs
             or len(self.image_size) != 2
             or not isinstance(self.settings, dict)
@@ -264,40 +271,32 @@ class PreparedVideoExport:
     checkpoint: Path
 
 
-def prepare_video_export(
-    engine: Engine, loaded: LoadedModel, calibration: Calibration, input_path: str | None
-) -> PreparedVideoExport:
-    """Trace ``loaded``'s clip-to-scores path into ONNX bytes and run PyTorch on the check clips."""
-    method, cfg, checkpoint = engine.method, loaded.cfg, loaded.path
-    model = loaded.model.float().cpu().to(memory_format=torch.contiguous_format).eval()
+@dataclass
+class TracedGraph:
+    """A video model's serving module traced to ONNX bytes (no metadata yet) with PyTorch's outputs on the inputs it
+    was traced from, and the metadata that describes the graph itself (format, frame geometry, inputs, outputs)."""
+
+    module: nn.Module
+    data: bytes
+    reference: dict[str, Tensor]
+    metadata: dict[str, str]
+    names: tuple[str, ...]  # the raw scores, in output order
+
+
+def trace_video_graph(
+    method: VideoMethod, model: nn.Module, cfg: Config, inputs: list[Tensor], opset: int
+) -> TracedGraph:
+    """Trace ``model``'s serving module (CPU, float32) on ``inputs`` (clip [N, T, C, H, W], target [N, C, H, W][, video
+    input [N, C, H, W]]) after running PyTorch on them (the reference)."""
     module = method.serving_module(model, cfg).eval()  # eval: the exporter restores the mode it finds
     names = method.score_names(cfg, exportable=True)
-    dropped = [n for n in method.score_names(cfg) if n not in names]
-    if dropped:
-        log.warning(
-            "score(s) %s have no graph form and are not in the exported graph; --backend onnx/openvino cannot serve "
-            "a SCORE.names that needs them",
-            ", ".join(dropped),
-        )
-    inputs = check_inputs(method, cfg, input_path)
     input_names = ["clip", "target", "video_input"][: len(inputs)]
     output_names = list(FRAME_OUTPUTS) + [f"score_{n}" for n in names]
     with torch.no_grad():
         reference = dict(zip(output_names, module(*inputs)))
-    count = len(inputs[0])
-    example = tuple(v[:2] if count >= 2 else torch.cat([v] * 2) for v in inputs)
-
-    size, opset, length = tuple(cfg.DATASET.resize), engine.cfg.EXPORT.opset, cfg.DATASET.clip_length
+    example = tuple(v[:2] if len(v) >= 2 else torch.cat([v] * 2) for v in inputs)
+    size, length = tuple(cfg.DATASET.resize), cfg.DATASET.clip_length
     channels = 1 if cfg.DATASET.grayscale else 3
-    log.info(
-        "exporting %s (clips of %d, %dx%d, %d channel(s), opset %d)",
-        checkpoint,
-        length,
-        size[0],
-        size[1],
-        channels,
-        opset,
-    )
     metadata = {
         "format": VIDEO_ONNX_FORMAT,
         "clip_length": str(length),
@@ -319,6 +318,41 @@ def prepare_video_export(
             ["predicted_frame [B, C, H, W]", "error_map [B, 1, H, W]", *(f"score_{n} [B]" for n in names)]
         ),
         "scores": json.dumps(list(names)),
+        "calibration": "null",
+        "protocol": "{}",
+    }
+    data = export_graph(module, example, opset, input_names, output_names)
+    return TracedGraph(module, data, reference, metadata, tuple(names))
+
+
+def prepare_video_export(
+    engine: Engine, loaded: LoadedModel, calibration: Calibration, input_path: str | None
+) -> PreparedVideoExport:
+    """Trace ``loaded``'s clip-to-scores path into ONNX bytes and run PyTorch on the check clips."""
+    method, cfg, checkpoint = engine.method, loaded.cfg, loaded.path
+    model = loaded.model.float().cpu().to(memory_format=torch.contiguous_format).eval()
+    names = method.score_names(cfg, exportable=True)
+    dropped = [n for n in method.score_names(cfg) if n not in names]
+    if dropped:
+        log.warning(
+            "score(s) %s have no graph form and are not in the exported graph; --backend onnx/openvino cannot serve "
+            "a SCORE.names that needs them",
+            ", ".join(dropped),
+        )
+    inputs = check_inputs(method, cfg, input_path)
+    size, opset = tuple(cfg.DATASET.resize), engine.cfg.EXPORT.opset
+    log.info(
+        "exporting %s (clips of %d, %dx%d, %s, opset %d)",
+        checkpoint,
+        cfg.DATASET.clip_length,
+        size[0],
+        size[1],
+        "grey" if cfg.DATASET.grayscale else "colour",
+        opset,
+    )
+    traced = trace_video_graph(method, model, cfg, inputs, opset)
+    metadata = {
+        **traced.metadata,
         "unexported_scores": json.dumps(dropped),
         "settings": json.dumps({key: cfg.get(key) for key in method.network_keys + method.scoring_keys}),
         "calibration": json.dumps(calibration.to_dict()),
@@ -328,8 +362,7 @@ def prepare_video_export(
         "category": str(cfg.DATASET.target),
         "checkpoint_sha256": file_sha256(checkpoint),
     }
-    data = export_graph(module, example, opset, input_names, output_names)
-    return PreparedVideoExport(module, inputs, reference, metadata, data, calibration, checkpoint)
+    return PreparedVideoExport(traced.module, inputs, traced.reference, metadata, traced.data, calibration, checkpoint)
 
 
 def export_video_onnx(prepared: PreparedVideoExport) -> Path:

@@ -69,10 +69,15 @@ class OpenVinoVideoModel(ExportedVideoGraph):
     """An exported video IR compiled for this CPU (``deploy/openvino.IRRunner``: precision-sensitive parts float32),
     with what its metadata says about it; a ``ClipScorer`` like ``OnnxVideoModel``."""
 
-    def __init__(self, source: Path | Any, name: str, threads: int) -> None:
+    def __init__(self, source: Path | Any, name: str, threads: int, calibrated: bool = True) -> None:
         self.runner = IRRunner(source, name, threads)
         super().__init__(
-            self.runner.metadata, self.runner, tuple(self.runner.input_names), tuple(self.runner.output_names), name
+            self.runner.metadata,
+            self.runner,
+            tuple(self.runner.input_names),
+            tuple(self.runner.output_names),
+            name,
+            calibrated,
         )
 
     def run(self, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -163,6 +168,28 @@ def compare_on_videos(
     return f"on {len(videos)} labelled test video(s), {frames} frames: {change}; {flipped} frame alarm(s) changed"
 
 
+def convert_video_graph(
+    data: bytes,
+    metadata: dict[str, str],
+    precision: str,
+    samples: list[list[np.ndarray]],
+    threads: int,
+    calibrated: bool = True,
+) -> tuple[Any, OpenVinoVideoModel]:
+    """(OpenVINO model, compiled for this CPU) of the ONNX graph ``data`` at ``precision``; ``samples``: the int8
+    calibration inputs (``calibration_clips``), unused for the other precisions."""
+    assert precision in PRECISIONS, precision
+    model = onnx_to_openvino(data)
+    if precision == "int8":
+        log.info("NNCF int8 calibration on %d clip(s) of the training videos", len(samples))
+        names = [i.get_any_name() for i in model.inputs]
+        model = quantize_int8(model, [dict(zip(names, clip)) for clip in samples])
+    elif precision == "fp16":
+        compress_weights_to_fp16(model)
+    with_metadata(model, {**metadata, "precision": precision})
+    return model, OpenVinoVideoModel(model, f"the converted {precision} IR", threads, calibrated)
+
+
 def export_video_openvino(
     prepared: PreparedVideoExport,
     method: VideoMethod,
@@ -174,16 +201,7 @@ def export_video_openvino(
     """Write ``model-<EXPORT.precision>.xml/.bin`` beside the checkpoint after checking the IR against PyTorch;
     ``clips``: the int8 calibration inputs (``calibration_clips``), unused for the other precisions."""
     precision = cfg.EXPORT.precision
-    assert precision in PRECISIONS, precision
-    model = onnx_to_openvino(prepared.data)
-    if precision == "int8":
-        log.info("NNCF int8 calibration on %d clip(s) of the training videos", len(clips))
-        names = [i.get_any_name() for i in model.inputs]
-        model = quantize_int8(model, [dict(zip(names, clip)) for clip in clips])
-    elif precision == "fp16":
-        compress_weights_to_fp16(model)
-    with_metadata(model, {**prepared.metadata, "precision": precision})
-    ir = OpenVinoVideoModel(model, "the converted IR", threads)
+    model, ir = convert_video_graph(prepared.data, prepared.metadata, precision, clips, threads)
 
     tolerances = {name: TOLERANCES[precision] for name in FRAME_OUTPUTS}
     found = differences(ir, prepared.inputs, prepared.reference, prepared.calibration)
