@@ -176,8 +176,8 @@ def ours_steps(args, engine, model, frames: np.ndarray):
 
 def openvino_eval(args, engine, model, frames: np.ndarray):
     """(one evaluation pass through our model's OpenVINO IR at ``args.precision``, differences from PyTorch fp32)."""
-    from task.anomaly.unsupervised.video.inference import run_clips
     from task.anomaly.unsupervised.video.export import trace_video_graph
+    from task.anomaly.unsupervised.video.inference import run_clips
     from task.anomaly.unsupervised.video.openvino import convert_video_graph
 
     cfg, method = engine.cfg, engine.method

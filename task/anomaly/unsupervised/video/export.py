@@ -159,7 +159,7 @@ class ExportedVideoGraph:
 class OnnxVideoModel(ExportedVideoGraph):
     """An exported video graph on ONNX Runtime's CPU provider, with what its metadata says about it."""
 
-    def __init__(self, source: Path | bytes, name: str) -> None:
+    def __init__(self, source: Path | bytes, name: str, calibrated: bool = True) -> None:
         self.session, meta = open_onnx(source, name)
         super().__init__(
             meta,
@@ -167,6 +167,7 @@ class OnnxVideoModel(ExportedVideoGraph):
             tuple(i.name for i in self.session.get_inputs()),
             tuple(o.name for o in self.session.get_outputs()),
             name,
+            calibrated,
         )
 
     def run(self, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:

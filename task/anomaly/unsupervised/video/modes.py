@@ -200,7 +200,8 @@ def with_command_line_score(engine: Engine, settings: dict[str, Any], source: st
 
 
 def mode_benchmark(engine: Engine, options: ModeOptions) -> None:
-    """Clips/s for training steps and for evaluation (scores included), as one JSON line."""
+    """Clips/s for training steps and for evaluation (scores included), as one JSON line; with
+    BENCHMARK.backends=true one table of every inference backend instead (backend_table.py)."""
     from task.anomaly.unsupervised.engine.benchmark import time_training_steps
     from task.anomaly.unsupervised.engine.training import Stepper
     from task.anomaly.unsupervised.video.inference import score_clips
@@ -209,6 +210,16 @@ def mode_benchmark(engine: Engine, options: ModeOptions) -> None:
     method = engine.method
     prepare_video_data(engine)
     train_videos, train_set = video_split(engine, "train")
+    if cfg.BENCHMARK.backends:  # one table of every inference backend (issue 17)
+        from task.anomaly.unsupervised.video.backend_table import run_video_backend_table
+        from task.anomaly.unsupervised.video.export import load_calibrated
+
+        if options.checkpoint:
+            loaded, calibration = load_calibrated(engine, options.checkpoint)
+            run_video_backend_table(engine, loaded.model, calibration, str(loaded.path), train_videos)
+        else:
+            run_video_backend_table(engine, fresh_model(engine, train_videos), None, "a fresh model", train_videos)
+        return
     model = fresh_model(engine, train_videos)
     bench = cfg.BENCHMARK
     batch_size = cfg.DATALOADER.batch_size
