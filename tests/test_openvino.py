@@ -324,3 +324,20 @@ def test_video_predict_without_an_ir_is_a_one_line_error(video_data: Path, video
         *video_args(video_data, video_run, mode="predict"), "--input", str(tmp_path), "--backend", "openvino"
     )
     assert_user_error(result, "model-fp32.xml", "EXPORT.format=openvino")
+
+
+def test_backend_auto_picks_a_current_ir_on_the_cpu(video_ir_run, tmp_path: Path) -> None:
+    from task.anomaly.unsupervised.deploy.openvino import has_bf16_units, with_auto_backend
+    from task.anomaly.unsupervised.engine.modes import ModeOptions
+
+    _, run_dir, _, _, _ = video_ir_run
+    auto = ModeOptions(backend="auto")
+    chosen = with_auto_backend(auto, run_dir, "cpu")
+    expected = "model-fp16.xml" if has_bf16_units(ov.Core()) else "model-fp32.xml"  # never int8
+    assert chosen.backend == "openvino" and chosen.checkpoint == str(run_dir / expected)
+    assert with_auto_backend(auto, run_dir, "cuda").backend == "torch"
+    retrained = tmp_path / "model.pt"  # a checkpoint the IRs beside it do not come from
+    retrained.write_bytes((run_dir / "model.pt").read_bytes() + b"\0")
+    for name in ("model-fp16.xml", "model-fp16.bin", "model-fp32.xml", "model-fp32.bin"):
+        (tmp_path / name).write_bytes((run_dir / name).read_bytes())
+    assert with_auto_backend(ModeOptions(backend="auto", checkpoint=str(retrained)), run_dir, "cpu").backend == "torch"

@@ -32,13 +32,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from task.anomaly.unsupervised.deploy.onnx import TOLERANCE, file_sha256
+from task.anomaly.unsupervised.engine.modes import ModeOptions
 from task.common.errors import UserError
 
 log = logging.getLogger("anomaly")
@@ -89,6 +90,40 @@ def check_exported_from(path: Path, metadata: dict[str, str], checkpoint: Path |
             f"{path} was exported from a different {checkpoint.name} than {checkpoint}; rerun --mode export "
             "EXPORT.format=openvino to refresh it"
         )
+
+
+def with_auto_backend(options: ModeOptions, run_dir: Path, device_type: str) -> ModeOptions:
+    """``options`` with ``--backend auto`` replaced by the backend (and checkpoint) predict runs with.
+
+    An OpenVINO IR beside the checkpoint when this is a CPU run, the IR's export check passed (it was written, so it
+    did) and it comes from this very checkpoint (its sha256): fp16 (bf16 convolutions, within ``TOLERANCES["fp16"]``)
+    only where the CPU has bf16 units, else fp32; int8 never (its bound is loose). Otherwise PyTorch. An explicit
+    .xml / .onnx ``--checkpoint`` keeps its backend. Logs one line saying what it chose and how to force PyTorch.
+    """
+    if options.backend != "auto":
+        return options
+    checkpoint = options.checkpoint
+    suffix = Path(checkpoint).suffix.lower() if checkpoint else ""
+    if suffix in (".xml", ".onnx"):
+        return replace(options, backend="openvino" if suffix == ".xml" else "onnx")
+    source = Path(checkpoint) if checkpoint else run_dir / "model.pt"
+    if device_type == "cpu" and source.is_file():
+        bf16 = has_bf16_units(openvino_core())
+        for precision in ("fp16", "fp32") if bf16 else ("fp32",):
+            path = source.parent / ir_filename(precision)
+            if path.is_file() and path.with_suffix(".bin").is_file():
+                with contextlib.suppress(UserError):
+                    check_exported_from(path, read_metadata(openvino_core().read_model(str(path))), source)
+                    log.info(
+                        "--backend auto: OpenVINO %s IR %s (export-checked against this checkpoint%s); "
+                        "--backend torch forces PyTorch",
+                        precision,
+                        path,
+                        ", bf16 convolutions on this CPU's bf16 units" if precision == "fp16" else "",
+                    )
+                    return replace(options, backend="openvino", checkpoint=str(path))
+    log.info("--backend auto: PyTorch (no current OpenVINO IR beside %s for this device)", source)
+    return replace(options, backend="torch")
 
 
 def openvino_core() -> Any:

@@ -46,7 +46,6 @@ from task.anomaly.unsupervised.deploy.onnx import (
     with_metadata,
 )
 from task.anomaly.unsupervised.engine.engine import Engine, LoadedModel
-from task.anomaly.unsupervised.engine.modes import ModeOptions
 from task.anomaly.unsupervised.engine.serving import load_for_serving
 from task.anomaly.unsupervised.method import VideoMethod
 from task.anomaly.unsupervised.video.evaluation import Calibration, served_protocol
@@ -386,24 +385,3 @@ def export_video_onnx(prepared: PreparedVideoExport) -> Path:
     atomic_write_bytes(target, lambda handle: handle.write(data))
     print(f"exported {target} ({len(data) / 2**20:.1f} MiB)")
     return target
-
-
-def mode_export(engine: Engine, options: ModeOptions) -> None:
-    """Export the checkpoint's clip-to-scores path beside it (``EXPORT.format``: model.onnx, the OpenVINO IR
-    model-<EXPORT.precision>.xml/.bin, or both), each checked against PyTorch before it is written."""
-    fmt = engine.cfg.EXPORT.format
-    loaded, calibration = load_calibrated(engine, options.checkpoint)
-    if fmt in ("openvino", "both"):  # OpenVINO IR (issue 17): video/openvino.py
-        from task.anomaly.unsupervised.video.openvino import calibration_clips, export_video_openvino
-
-        # Before the (slow) trace: int8 needs the training videos, and a missing dataset should stop the run at once.
-        clips = (
-            calibration_clips(engine.method, loaded.cfg, engine.cfg.EXPORT.calibration_images)
-            if engine.cfg.EXPORT.precision == "int8"
-            else []
-        )
-    prepared = prepare_video_export(engine, loaded, calibration, options.input)
-    if fmt in ("onnx", "both"):
-        export_video_onnx(prepared)
-    if fmt in ("openvino", "both"):
-        export_video_openvino(prepared, engine.method, loaded, engine.cfg, torch.get_num_threads(), clips)

@@ -29,7 +29,8 @@ from task.anomaly.unsupervised.video.evaluation import (
     evaluate,
     video_split,
 )
-from task.anomaly.unsupervised.video.export import mode_export
+from task.anomaly.unsupervised.video.export import export_video_onnx, load_calibrated, prepare_video_export
+from task.anomaly.unsupervised.video.openvino import calibration_clips, export_video_openvino
 from task.anomaly.unsupervised.video.predict import mode_predict
 from task.common.errors import UserError
 from task.common.io import ensure_dir, write_text
@@ -199,6 +200,25 @@ def with_command_line_score(engine: Engine, settings: dict[str, Any], source: st
     return merged
 
 
+def mode_export(engine: Engine, options: ModeOptions) -> None:
+    """Export the checkpoint's clip-to-scores path beside it (``EXPORT.format``: model.onnx, the OpenVINO IR
+    model-<EXPORT.precision>.xml/.bin, or both), each checked against PyTorch before it is written."""
+    fmt = engine.cfg.EXPORT.format
+    loaded, calibration = load_calibrated(engine, options.checkpoint)
+    if fmt in ("openvino", "both"):  # OpenVINO IR (issue 17): video/openvino.py
+        # Before the (slow) trace: int8 needs the training videos, and a missing dataset should stop the run at once.
+        clips = (
+            calibration_clips(engine.method, loaded.cfg, engine.cfg.EXPORT.calibration_images)
+            if engine.cfg.EXPORT.precision == "int8"
+            else []
+        )
+    prepared = prepare_video_export(engine, loaded, calibration, options.input)
+    if fmt in ("onnx", "both"):
+        export_video_onnx(prepared)
+    if fmt in ("openvino", "both"):
+        export_video_openvino(prepared, engine.method, loaded, engine.cfg, torch.get_num_threads(), clips)
+
+
 def mode_benchmark(engine: Engine, options: ModeOptions) -> None:
     """Clips/s for training steps and for evaluation (scores included), as one JSON line; with
     BENCHMARK.backends=true one table of every inference backend instead (backend_table.py)."""
@@ -212,7 +232,6 @@ def mode_benchmark(engine: Engine, options: ModeOptions) -> None:
     train_videos, train_set = video_split(engine, "train")
     if cfg.BENCHMARK.backends:  # one table of every inference backend (issue 17)
         from task.anomaly.unsupervised.video.backend_table import run_video_backend_table
-        from task.anomaly.unsupervised.video.export import load_calibrated
 
         if options.checkpoint:
             loaded, calibration = load_calibrated(engine, options.checkpoint)

@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from task.anomaly.unsupervised.data.video.clips import ClipDataset, Video, frames_of, video_from_path
-from task.anomaly.unsupervised.deploy.openvino import ir_source
+from task.anomaly.unsupervised.deploy.openvino import ir_source, with_auto_backend
 from task.anomaly.unsupervised.deploy.output_folder import OutputFolder
 from task.anomaly.unsupervised.engine.engine import Engine
 from task.anomaly.unsupervised.engine.modes import ModeOptions
@@ -233,6 +233,7 @@ def mode_predict(engine: Engine, options: ModeOptions) -> None:
     """Scores, alarms and an annotated GIF for one video (``--input``), with PyTorch or ONNX Runtime."""
     if not options.input:
         raise UserError("--mode predict needs --input VIDEO (an .mp4/.avi file or a folder of numbered frames)")
+    options = with_auto_backend(options, engine.run_dir, engine.device.type)
     if is_live_source(options.input):  # live: streams and cameras (stream.py)
         from task.anomaly.unsupervised.video.stream import predict_stream
 
