@@ -18,6 +18,10 @@ test videos of the dataset, or over ``--input``'s video) as one batch and as a b
 float32) on the same clips. A map fails when ``max |onnx - torch|`` exceeds ``TOLERANCE`` times its range over the
 batch; a raw score fails when it exceeds ``TOLERANCE`` times its training spread (``high - low`` of the calibration),
 the unit in which the online protocol uses it. Observed differences are around 1e-7 of that.
+
+The graph is traced once (``trace_video_graph``, ``prepare_video_export``); ``EXPORT.format=openvino`` converts the
+same graph into an OpenVINO IR with its own check (``video/openvino.py``), and ``ExportedVideoGraph`` reads the
+metadata of either.
 """
 
 from __future__ import annotations

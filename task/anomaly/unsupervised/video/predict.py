@@ -3,17 +3,19 @@
 ``--input`` is an .mp4/.avi file or a folder of numbered frame images (``data/video.video_from_path``). Every
 predictable frame (``clip_length .. N - 1``: each needs the ``clip_length`` frames before it) is scored by the model
 (``--backend torch``: the checkpoint on the run's device; ``--backend onnx``: model.onnx of ``--mode export`` on ONNX
-Runtime's CPU provider), and its raw scores are fused with the ONLINE protocol (``frame_scoring.online_frame_scores``):
-normalised with the TRAINING statistics of the calibration and smoothed causally, so a frame's score depends only on
-itself and earlier frames, as a live camera would have it. The paper protocol is never used here: it normalises by
-the min and max of the whole video, i.e. by the future. An alarm is ``score >= threshold`` of the calibration.
+Runtime's CPU provider; ``--backend openvino``: the IR model-<EXPORT.precision>.xml of ``EXPORT.format=openvino``;
+``--backend auto``: ``deploy/openvino.with_auto_backend``), and its raw scores are fused with the ONLINE protocol
+(``frame_scoring.online_frame_scores``): normalised with the TRAINING statistics of the calibration and smoothed
+causally, so a frame's score depends only on itself and earlier frames, as a live camera would have it. The paper
+protocol is never used here: it normalises by the min and max of the whole video, i.e. by the future. An alarm is
+``score >= threshold`` of the calibration.
 
 Everything the model needs comes from the checkpoint (or the ONNX metadata): clip length, frame size, grey or colour,
 score settings, calibration. What the method needs to score a video it was not trained on (DMAD-PDM with one
 background template per video: the video's own median template) comes from the method, for either backend, as for
 the test videos. Both backends run through ``video/inference.run_clips``. The ``SCORE`` section that fuses
 the scores is the config's for ``--backend torch`` (the one the run was calibrated with, when it is the run's YAML)
-and the one recorded at export for ``--backend onnx``.
+and the one recorded at export for ``--backend onnx`` and ``openvino``.
 
 Outputs, in ``--output`` (default: ``predict/`` next to the checkpoint or ONNX file), named after the video:
 
