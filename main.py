@@ -39,8 +39,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--backend",
         default="torch",
-        choices=("torch", "onnx", "openvino"),
-        help="--mode predict: run with PyTorch, the exported ONNX model or the OpenVINO IR (EXPORT.precision)",
+        choices=("torch", "onnx", "openvino", "auto"),
+        help=(
+            "--mode predict: run with PyTorch, the exported ONNX model or the OpenVINO IR (EXPORT.precision); auto: "
+            "the export-checked IR beside the checkpoint on a CPU (fp16 where the CPU has bf16 units), else PyTorch"
+        ),
     )
     parser.add_argument(
         "--output", default=None, help="--mode predict: output folder (default: predict/ next to the checkpoint)"

@@ -9,6 +9,12 @@ per item as each loader does) and the same thread count; data loading runs in th
 ours      training: the engine's ``Stepper`` (the step ``--mode benchmark`` times), batch 8.
           evaluation: ``video_evaluation.score_clips`` (the evaluation path, per-frame raw scores included),
           batch TEST.batch_size of the YAML unless ``--eval-batch``.
+ours_openvino  (with ``--backend openvino``) the same evaluation (``run_clips``, same clips and batch) through the
+          OpenVINO IR of our model at ``--precision`` (``video/openvino.convert_video_graph``: fp16 runs its
+          convolutions in bf16 where the CPU has the units, grids, codebook lookup and maps in float32), timed in the
+          same alternation as the other sides; its largest raw-score and error-map differences from PyTorch fp32 on
+          the first evaluation batch are reported too (``max_diff_relative``: error map of its range, scores of their
+          largest magnitude: random weights have no training spread).
 official  training: ``forward`` + ``loss_function`` + backward + AdamW step with Train_ped2.py's parameter groups
           and its per-step ``latest_losses`` floats, batch 8.
           evaluation: Evaluate_ped2.py's loop: batch 1, ``forward(x, True)`` + ``loss_function(..., True)`` +
@@ -168,6 +174,30 @@ def ours_steps(args, engine, model, frames: np.ndarray):
     return train_step, lambda: score_clips(engine, model, eval_set, [_Video()], "ours")
 
 
+def openvino_eval(args, engine, model, frames: np.ndarray):
+    """(one evaluation pass through our model's OpenVINO IR at ``args.precision``, differences from PyTorch fp32)."""
+    from task.anomaly.unsupervised.video.export import trace_video_graph
+    from task.anomaly.unsupervised.video.inference import run_clips
+    from task.anomaly.unsupervised.video.openvino import convert_video_graph
+
+    cfg, method = engine.cfg, engine.method
+    model = model.float().eval()
+    first = default_collate([OurClips(frames, args.eval_clips)[i] for i in range(min(cfg.TEST.batch_size, 8))])
+    traced = trace_video_graph(method, model, cfg, [first["clip"], first["target"]], cfg.EXPORT.opset)
+    _, ir = convert_video_graph(traced.data, traced.metadata, args.precision, [], args.threads, calibrated=False)
+    out = ir.run([first["clip"].numpy(), first["target"].numpy()])
+    diffs = {}  # random weights: no training spread, so scores relative to their magnitude, maps to their range
+    for name, expected in traced.reference.items():
+        scale = float(expected.max() - expected.min()) if name == "error_map" else float(expected.abs().max())
+        diffs[name] = float(np.abs(out[name] - expected.numpy()).max()) / (scale or 1.0)
+    loader = DataLoader(OurClips(frames, args.eval_clips), batch_size=cfg.TEST.batch_size, shuffle=False)
+    run_clips(ir, loader, [_Video()], torch.device("cpu"), "none", "warmup")
+    return (
+        lambda: run_clips(ir, loader, [_Video()], torch.device("cpu"), "none", "ours_openvino"),
+        {"ir": ir.runner.description, "max_diff_relative": diffs},
+    )
+
+
 def build_official(path: str, ours: torch.nn.Module):
     """The official ped2 ``convAE`` holding our weights (the inverse of ``checkpoint.convert_state``)."""
     from task.anomaly.unsupervised.models.dmad_video.official_import import convert_state
@@ -264,7 +294,16 @@ def main() -> None:
     )
     parser.add_argument("--skip-train", action="store_true", help="time evaluation only")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "openvino"),
+        default="torch",
+        help="openvino: also time our evaluation through the OpenVINO IR (side ours_openvino)",
+    )
+    parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16", help="the IR's precision")
     args = parser.parse_args()
+    if args.backend == "openvino" and args.precision == "int8":
+        parser.error("--precision int8 needs calibration clips; time fp32 or fp16 here, int8 with --mode benchmark")
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
@@ -287,22 +326,32 @@ def main() -> None:
         "train_batch": 8,
         "eval_clips": args.eval_clips,
     }
+    evals_only = {}
+    if args.backend == "openvino":  # built before our training steps change the weights
+        evals_only["ours_openvino"], result["openvino"] = openvino_eval(args, engine, model, frames)
     sides = {"ours": ours_steps(args, engine, model, frames)}
     if official is not None:
         sides["official"] = official_steps(args, official, frames)
     train = (
         {} if args.skip_train else timed_alternating({k: v[0] for k, v in sides.items()}, args.warmup, args.train_steps)
     )
-    evals = timed_alternating({k: v[1] for k, v in sides.items()}, 0, args.eval_repeats)
-    for name in sides:
+    evals = timed_alternating({**{k: v[1] for k, v in sides.items()}, **evals_only}, 0, args.eval_repeats)
+    for name in evals:
         result[name] = summary(
-            train.get(name, []), evals[name], args.eval_clips, engine.cfg.TEST.batch_size if name == "ours" else 1
+            train.get(name, []), evals[name], args.eval_clips, 1 if name == "official" else engine.cfg.TEST.batch_size
         )
     if official is not None:
-        o, f = result["ours"], result["official"]
-        for key in ("train_clips_per_s", "train_clips_per_cpu_s", "eval_clips_per_s", "eval_clips_per_cpu_s"):
-            if key in o:
-                result["ratio_" + key.replace("_clips", "")] = round(o[key] / f[key], 2)
+        f = result["official"]
+        for side in ("ours", "ours_openvino"):
+            for key in ("train_clips_per_s", "train_clips_per_cpu_s", "eval_clips_per_s", "eval_clips_per_cpu_s"):
+                if key in result.get(side, {}):
+                    prefix = "ratio_" if side == "ours" else "ratio_openvino_"
+                    result[prefix + key.replace("_clips", "")] = round(result[side][key] / f[key], 2)
+    if "ours_openvino" in result:
+        result["ratio_openvino_vs_torch_eval_per_s"] = round(
+            result["ours_openvino"]["eval_clips_per_s"] / result["ours"]["eval_clips_per_s"], 2
+        )
+    result["load_average"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(result), flush=True)
 
 

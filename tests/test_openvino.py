@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -251,20 +252,92 @@ def test_benchmark_prints_one_table_of_every_backend(ir_run) -> None:
     assert "conditions: cpu:" in result.stdout
 
 
-def test_video_runs_say_openvino_is_for_images(tmp_path: Path) -> None:
-    from helpers import CONFIGS
+# --------------------------------------------------------------------------------------------- the video half
+@pytest.fixture(scope="module")
+def video_ir_run(video_data: Path, video_run: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A copy of the shared video run with model-fp32/fp16/int8.xml (the export's stdout by precision), the first 10
+    frames of a test video and the torch predict rows on them."""
+    from helpers import run_dir, video_args
 
-    video = [
-        "--task_type",
-        "anomaly",
-        "--model_name",
-        "dmad",
-        "--yaml_config",
-        str(CONFIGS / "video_demo.yaml"),
-        f"RESULT.savedir={tmp_path}",
-    ]
-    assert_user_error(
-        main_in_process(*video, "--mode", "export", "EXPORT.format=openvino"),
-        "EXPORT.format=openvino",
-        "image runs only",
+    savedir = tmp_path_factory.mktemp("video-openvino") / "runs"
+    shutil.copytree(video_run, savedir, ignore=shutil.ignore_patterns(".lock"))
+    exports = {}
+    for precision in ("fp32", "fp16", "int8"):
+        result = main_in_process(
+            *video_args(video_data, savedir, mode="export"),
+            "EXPORT.format=openvino",
+            f"EXPORT.precision={precision}",
+            "EXPORT.calibration_images=4",
+            "EXPORT.check_videos=1",
+        )
+        assert_ok(result)
+        exports[precision] = result.stdout
+    frames = tmp_path_factory.mktemp("video-openvino-input") / "clip"
+    frames.mkdir()
+    for source in sorted((video_data / "video_demo" / "testing" / "frames" / "01").iterdir())[:10]:
+        shutil.copy(source, frames / source.name)
+    out = frames.parent / "torch"
+    assert_ok(
+        main_in_process(*video_args(video_data, savedir, mode="predict"), "--input", str(frames), "--output", str(out))
     )
+    return video_args(video_data, savedir, mode="predict"), run_dir(savedir), exports, frames, _rows(out / "clip.csv")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_video_ir_export_and_predict_round_trip(video_ir_run, tmp_path: Path, precision: str) -> None:
+    from task.anomaly.unsupervised.video.openvino import SCORE_TOLERANCES
+
+    args, run_dir, exports, frames, torch_rows = video_ir_run
+    report = next(line for line in exports[precision].splitlines() if line.startswith(f"OpenVINO {precision} check"))
+    found = dict(re.findall(r"(\w+) max \|diff\| \S+ \((\S+) of", report))
+    assert set(found) == {"predicted_frame", "error_map", "score_deformation", "score_prediction", "score_gradient"}
+    for name, relative in found.items():
+        bound = TOLERANCES[precision] if name in ("predicted_frame", "error_map") else SCORE_TOLERANCES[precision]
+        assert float(relative) <= bound, report
+    assert re.search(
+        r"on 1 labelled test video\(s\), \d+ frames: frame AUROC \(online\) \S+ -> \S+ \([+-]\S+\); \d+ frame alarm",
+        exports[precision],
+    )
+    model = ov.Core().read_model(str(run_dir / f"model-{precision}.xml"))
+    meta = read_metadata(model)
+    assert meta["precision"] == precision and json.loads(meta["calibration"])["threshold"] is not None
+    assert [i.get_any_name() for i in model.inputs] == ["clip", "target"]
+
+    out = tmp_path / "out"
+    result = main_in_process(
+        *args, f"EXPORT.precision={precision}", "--input", str(frames), "--backend", "openvino", "--output", str(out)
+    )
+    assert_ok(result)
+    rows = _rows(out / "clip.csv")
+    assert [r["frame"] for r in rows] == [r["frame"] for r in torch_rows] and (out / "clip.gif").is_file()
+    scored = [(float(a["score"]), float(b["score"]), a, b) for a, b in zip(torch_rows, rows) if a["score"]]
+    assert scored and all(np.isfinite(b) for _, b, _, _ in scored)
+    if precision == "fp32":  # float32 on both sides: the same online scores and alarms
+        span = max(max(a for a, *_ in scored) - min(a for a, *_ in scored), 1e-6)
+        assert all(abs(a - b) <= 1e-4 * span and ra["prediction"] == rb["prediction"] for a, b, ra, rb in scored)
+
+
+def test_video_predict_without_an_ir_is_a_one_line_error(video_data: Path, video_run: Path, tmp_path: Path) -> None:
+    from helpers import video_args
+
+    result = main_in_process(
+        *video_args(video_data, video_run, mode="predict"), "--input", str(tmp_path), "--backend", "openvino"
+    )
+    assert_user_error(result, "model-fp32.xml", "EXPORT.format=openvino")
+
+
+def test_backend_auto_picks_a_current_ir_on_the_cpu(video_ir_run, tmp_path: Path) -> None:
+    from task.anomaly.unsupervised.deploy.openvino import has_bf16_units, with_auto_backend
+    from task.anomaly.unsupervised.engine.modes import ModeOptions
+
+    _, run_dir, _, _, _ = video_ir_run
+    auto = ModeOptions(backend="auto")
+    chosen = with_auto_backend(auto, run_dir, "cpu")
+    expected = "model-fp16.xml" if has_bf16_units(ov.Core()) else "model-fp32.xml"  # never int8
+    assert chosen.backend == "openvino" and chosen.checkpoint == str(run_dir / expected)
+    assert with_auto_backend(auto, run_dir, "cuda").backend == "torch"
+    retrained = tmp_path / "model.pt"  # a checkpoint the IRs beside it do not come from
+    retrained.write_bytes((run_dir / "model.pt").read_bytes() + b"\0")
+    for name in ("model-fp16.xml", "model-fp16.bin", "model-fp32.xml", "model-fp32.bin"):
+        (tmp_path / name).write_bytes((run_dir / name).read_bytes())
+    assert with_auto_backend(ModeOptions(backend="auto", checkpoint=str(retrained)), run_dir, "cpu").backend == "torch"

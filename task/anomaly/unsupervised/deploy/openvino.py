@@ -32,13 +32,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from task.anomaly.unsupervised.deploy.onnx import TOLERANCE
+from task.anomaly.unsupervised.deploy.onnx import TOLERANCE, file_sha256
+from task.anomaly.unsupervised.engine.modes import ModeOptions
 from task.common.errors import UserError
 
 log = logging.getLogger("anomaly")
@@ -59,6 +60,70 @@ SOURCES = frozenset({"Constant", "Parameter"})
 
 def ir_filename(precision: str) -> str:
     return f"model-{precision}.xml"
+
+
+def ir_source(checkpoint: str | None, run_dir: Path, precision: str) -> tuple[Path, Path | None]:
+    """(IR .xml, checkpoint it must come from) for ``--backend openvino``: ``--checkpoint`` itself when it ends in .xml,
+    else ``model-<EXPORT.precision>.xml`` beside the checkpoint (``--checkpoint`` or the run's model.pt)."""
+    if checkpoint and Path(checkpoint).suffix.lower() == ".xml":
+        if not Path(checkpoint).is_file():
+            raise UserError(
+                f"OpenVINO IR not found: {checkpoint}; check the path or run --mode export EXPORT.format=openvino"
+            )
+        return Path(checkpoint), None
+    source = Path(checkpoint) if checkpoint else run_dir / "model.pt"
+    path = source.parent / ir_filename(precision)
+    if not path.is_file():
+        raise UserError(
+            f"OpenVINO IR not found: {path}; run --mode export EXPORT.format=openvino EXPORT.precision={precision} "
+            "first, or pass --checkpoint FILE.xml"
+        )
+    return path, source
+
+
+def check_exported_from(path: Path, metadata: dict[str, str], checkpoint: Path | None) -> None:
+    """Refuse the IR at ``path`` when ``checkpoint`` exists and is not the file it was exported from (sha256 recorded
+    at export), so a retrained run cannot silently serve its old IR."""
+    recorded = metadata.get("checkpoint_sha256")
+    if recorded and checkpoint is not None and checkpoint.is_file() and file_sha256(checkpoint) != recorded:
+        raise UserError(
+            f"{path} was exported from a different {checkpoint.name} than {checkpoint}; rerun --mode export "
+            "EXPORT.format=openvino to refresh it"
+        )
+
+
+def with_auto_backend(options: ModeOptions, run_dir: Path, device_type: str) -> ModeOptions:
+    """``options`` with ``--backend auto`` replaced by the backend (and checkpoint) predict runs with.
+
+    An OpenVINO IR beside the checkpoint when this is a CPU run, the IR's export check passed (it was written, so it
+    did) and it comes from this very checkpoint (its sha256): fp16 (bf16 convolutions, within ``TOLERANCES["fp16"]``)
+    only where the CPU has bf16 units, else fp32; int8 never (its bound is loose). Otherwise PyTorch. An explicit
+    .xml / .onnx ``--checkpoint`` keeps its backend. Logs one line saying what it chose and how to force PyTorch.
+    """
+    if options.backend != "auto":
+        return options
+    checkpoint = options.checkpoint
+    suffix = Path(checkpoint).suffix.lower() if checkpoint else ""
+    if suffix in (".xml", ".onnx"):
+        return replace(options, backend="openvino" if suffix == ".xml" else "onnx")
+    source = Path(checkpoint) if checkpoint else run_dir / "model.pt"
+    if device_type == "cpu" and source.is_file():
+        bf16 = has_bf16_units(openvino_core())
+        for precision in ("fp16", "fp32") if bf16 else ("fp32",):
+            path = source.parent / ir_filename(precision)
+            if path.is_file() and path.with_suffix(".bin").is_file():
+                with contextlib.suppress(UserError):
+                    check_exported_from(path, read_metadata(openvino_core().read_model(str(path))), source)
+                    log.info(
+                        "--backend auto: OpenVINO %s IR %s (export-checked against this checkpoint%s); "
+                        "--backend torch forces PyTorch",
+                        precision,
+                        path,
+                        ", bf16 convolutions on this CPU's bf16 units" if precision == "fp16" else "",
+                    )
+                    return replace(options, backend="openvino", checkpoint=str(path))
+    log.info("--backend auto: PyTorch (no current OpenVINO IR beside %s for this device)", source)
+    return replace(options, backend="torch")
 
 
 def openvino_core() -> Any:
@@ -242,6 +307,14 @@ def _segment_model(ops: Any, values: list[Any], params: list[Any], name: str) ->
 
 
 # --------------------------------------------------------------------------------------------- runner
+@dataclass
+class GraphInput:
+    """Name and shape (None for a dynamic dimension) of a graph input."""
+
+    name: str
+    shape: list[int | None]
+
+
 class IRRunner:
     """An IR compiled for this CPU: float32 as one model, otherwise split by precision (module docstring).
 
@@ -266,6 +339,10 @@ class IRRunner:
                 "EXPORT.format=openvino"
             )
         self.input_names = [p.get_output_tensor(0).get_any_name() for p in model.get_parameters()]
+        self.graph_inputs = [
+            GraphInput(name, [d.get_length() if d.is_static else None for d in p.get_partial_shape()])
+            for name, p in zip(self.input_names, model.get_parameters())
+        ]
         self.output_names = [r.get_output_tensor(0).get_any_name() for r in model.get_results()]
         self.low = low_precision_hint(core, self.precision)
         config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
@@ -293,6 +370,10 @@ class IRRunner:
             for piece, exact, ins, outs in pieces
         ]
         self.requests = [segment.compiled.create_infer_request() for segment in self.segments]
+
+    def get_inputs(self) -> list[GraphInput]:
+        """The graph's inputs as onnxruntime's ``session.get_inputs()`` lists them (dynamic dimensions: None)."""
+        return self.graph_inputs
 
     @property
     def description(self) -> str:

@@ -23,7 +23,7 @@ class ModeOptions:
 
     checkpoint: str | None = None  # --checkpoint: test/gif/export/predict (default: the run's model.pt)
     input: str | None = None  # --input: predict's images/video; export's check images; score's scores.npz
-    backend: str = "torch"  # --backend: predict with "torch" or "onnx"
+    backend: str = "torch"  # --backend: predict with "torch", "onnx", "openvino" or "auto" (deploy/openvino.py)
     output: str | None = None  # --output: predict's output folder
     update_readme: bool = False  # --update-readme: report rewrites README.md's tables
     # live sources (predict): --watch a folder; stop after --max-images / --max-frames or --duration seconds

@@ -158,8 +158,19 @@ RUN_SECTIONS: Schema = {
             32,
             min=1,
             max=10000,
-            help="int8: normal training images NNCF calibrates on",
+            help="int8: normal training images (video runs: clips of the training videos) NNCF calibrates on",
             reason="each one is a full forward pass at export",
+        ),
+        "check_videos": F(
+            int,
+            None,
+            nullable=True,
+            min=0,
+            help=(
+                "video OpenVINO export: labelled test videos (the first N; null: all) both PyTorch and the IR score "
+                "for the frame AUROC change"
+            ),
+            reason="each one is scored twice at export",
         ),
     },
     "RESULT": {

@@ -19,18 +19,13 @@ the time it took to prepare the backend (export, conversion, quantisation, compi
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
-import math
 import os
-import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +33,13 @@ from torch import nn
 from torch.utils.data import Subset
 
 from task.anomaly.unsupervised.data.image.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from task.anomaly.unsupervised.deploy.backend_table import (
+    Row,
+    cpu_name,
+    current_rss_mb,
+    measure_backends,
+    print_table,
+)
 from task.anomaly.unsupervised.deploy.onnx import with_metadata as onnx_with_metadata
 from task.anomaly.unsupervised.deploy.openvino import (
     compress_weights_to_fp16,
@@ -47,7 +49,6 @@ from task.anomaly.unsupervised.deploy.openvino import (
     quantize_int8,
     with_metadata,
 )
-from task.anomaly.unsupervised.engine.benchmark import peak_rss_mb
 from task.anomaly.unsupervised.engine.engine import Engine
 from task.anomaly.unsupervised.engine.serving import load_for_serving
 from task.anomaly.unsupervised.image.benchmark import random_images, random_test_batches
@@ -59,49 +60,6 @@ from task.anomaly.unsupervised.records import Predictions
 from task.common.metrics import compute_metrics
 
 log = logging.getLogger("anomaly")
-
-
-@dataclass
-class Row:
-    backend: str
-    images_per_s: float  # the best of TIMED_PASSES passes (the machine may be shared)
-    median_images_per_s: float
-    latency_ms: float
-    memory_mb: float  # peak RSS while built and run, minus the RSS before (its model, graph and working memory)
-    map_diff: float  # max |map - reference| / reference map range
-    score_diff: float  # max |score - reference| / max(1, |reference|)
-    image_auroc: float | None
-    prepare_s: float
-
-
-def reset_peak_rss() -> bool:
-    """Reset the process's peak RSS (Linux ``clear_refs``); False where that is not possible."""
-    with contextlib.suppress(OSError):
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    return False
-
-
-def _status_mb(field: str) -> float | None:
-    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration), open("/proc/self/status") as handle:
-        return next(int(line.split()[1]) for line in handle if line.startswith(field + ":")) / 1024
-    return None
-
-
-def current_peak_rss_mb() -> float:
-    peak = _status_mb("VmHWM")
-    return peak if peak is not None else peak_rss_mb()
-
-
-def current_rss_mb() -> float:
-    return _status_mb("VmRSS") or 0.0
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as handle:
-        return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    return platform.processor() or "unknown CPU"
 
 
 def _inputs(engine: Engine) -> tuple[list[dict], list[torch.Tensor], str]:
@@ -135,7 +93,6 @@ def _inputs(engine: Engine) -> tuple[list[dict], list[torch.Tensor], str]:
     )
 
 
-TIMED_PASSES = 3
 CPU = torch.device("cpu")
 
 
@@ -240,36 +197,22 @@ def run_backend_table(engine: Engine, checkpoint: str | None) -> list[Row]:
         ("OpenVINO int8", openvino("int8")),
     ]
 
-    # Built and measured one after the other (peak memory, first pass, latency); then the remaining timed passes run
-    # round-robin over all backends, so a burst of load from other processes on a shared machine hits every backend.
-    built, rows, rates = [], [], []
-    reference: Predictions | None = None
-    for name, build in backends:
-        before = base_rss if not rows else current_rss_mb()
-        reset_peak_rss()
-        start = time.perf_counter()
-        backend_model, amp, channels_last = build()
-        prepare_s = time.perf_counter() - start
-        predict_loader(backend_model, batches[:1], CPU, amp, desc="warm-up", channels_last=channels_last)
-        preds, rate = _pass(backend_model, batches, amp, channels_last)
-        latency = _latency_ms(backend_model, batches[0]["image"][:1], amp, channels_last)
-        peak = current_peak_rss_mb() - before
-        reference = reference if reference is not None else preds
+    def compare(preds: Predictions, reference: Predictions) -> tuple[float, float, float | None]:
         span = float(reference.anomaly_maps.max() - reference.anomaly_maps.min()) or float(np.finfo(np.float32).eps)
         map_diff = float((preds.anomaly_maps - reference.anomaly_maps).abs().max()) / span
         score_diff = float((preds.scores - reference.scores).abs().max()) / max(
             1.0, float(reference.scores.abs().max())
         )
-        rows.append(Row(name, rate, rate, latency, peak, map_diff, score_diff, _auroc(preds), prepare_s))
-        built.append((backend_model, amp, channels_last))
-        rates.append([rate])
-        log.info("%s: %.2f images/s (first pass)", name, rate)
-    for _ in range(TIMED_PASSES - 1):
-        for (backend_model, amp, channels_last), row_rates in zip(built, rates):
-            row_rates.append(_pass(backend_model, batches, amp, channels_last)[1])
-    for row, row_rates in zip(rows, rates):
-        row.images_per_s, row.median_images_per_s = max(row_rates), float(np.median(row_rates))
-        log.info("%s: %s images/s", row.backend, ", ".join(f"{r:.2f}" for r in row_rates))
+        return map_diff, score_diff, _auroc(preds)
+
+    rows = measure_backends(
+        backends,
+        lambda built: predict_loader(built[0], batches[:1], CPU, built[1], desc="warm-up", channels_last=built[2]),
+        lambda built: _pass(built[0], batches, *built[1:]),
+        lambda built: _latency_ms(built[0], batches[0]["image"][:1], *built[1:]),
+        compare,
+        base_rss,
+    )
     print_table(
         rows,
         {
@@ -281,29 +224,8 @@ def run_backend_table(engine: Engine, checkpoint: str | None) -> list[Row]:
             "load average": " ".join(f"{v:.2f}" for v in os.getloadavg()),
             "torch": torch.__version__,
         },
+        "image",
+        "image AUROC",
+        "of max(1, |score|)",
     )
     return rows
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-def print_table(rows: list[Row], conditions: dict[str, Any]) -> None:
-    reference = rows[0]
-    base_auroc = reference.image_auroc
-    lines = [
-        "| backend | images/s, best (median) of 3 | vs PyTorch fp32 | latency, 1 image (ms) | memory added, peak (MB) "
-        "| max map diff (of range) | max score diff | image AUROC | AUROC change | prepare (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        change = None if row.image_auroc is None or base_auroc is None else row.image_auroc - base_auroc
-        lines.append(
-            f"| {row.backend} | {row.images_per_s:.2f} ({row.median_images_per_s:.2f}) | "
-            f"{row.images_per_s / reference.images_per_s:.2f}x | {row.latency_ms:.0f} | "
-            f"{row.memory_mb:.0f} | {row.map_diff:.2e} | {row.score_diff:.2e} | {_fmt(row.image_auroc, '.4f')} | "
-            f"{_fmt(change, '+.4f')} | {row.prepare_s:.1f} |"
-        )
-    print("\n".join(lines))
-    print("conditions: " + "; ".join(f"{k}: {v}" for k, v in conditions.items()), flush=True)

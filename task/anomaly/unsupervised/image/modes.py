@@ -176,10 +176,12 @@ def mode_export(engine: Engine, options: ModeOptions) -> None:
 
 def mode_predict(engine: Engine, options: ModeOptions) -> None:
     """Maps, scores and OK/NG verdicts for unlabelled images, with PyTorch, ONNX Runtime or OpenVINO."""
+    from task.anomaly.unsupervised.deploy.openvino import with_auto_backend
     from task.anomaly.unsupervised.image import predict
 
     if not options.input:
         raise UserError("--mode predict needs --input IMAGE_OR_FOLDER")
+    options = with_auto_backend(options, engine.run_dir, engine.device.type)
     if options.backend == "onnx":
         source, paired = predict.onnx_source(options.checkpoint, engine.run_dir)
         model = predict.load_onnx_model(source, paired)
@@ -196,7 +198,8 @@ def mode_predict(engine: Engine, options: ModeOptions) -> None:
             )
         runner = predict.Runner(model, model.image_size, model.thresholds, engine.cfg.TEST.batch_size)
     elif options.backend == "openvino":  # OpenVINO IR of EXPORT.precision (issue 17)
-        from task.anomaly.unsupervised.image.openvino import ir_source, load_ir_model
+        from task.anomaly.unsupervised.deploy.openvino import ir_source
+        from task.anomaly.unsupervised.image.openvino import load_ir_model
 
         source, paired = ir_source(options.checkpoint, engine.run_dir, engine.cfg.EXPORT.precision)
         model = load_ir_model(source, paired, torch.get_num_threads())

@@ -23,11 +23,11 @@ from torch import Tensor, nn
 
 from task.anomaly.unsupervised.data.image.formats import scan_dataset
 from task.anomaly.unsupervised.data.image.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from task.anomaly.unsupervised.deploy.onnx import file_sha256
 from task.anomaly.unsupervised.deploy.openvino import (
     PRECISIONS,
     TOLERANCES,
     IRRunner,
+    check_exported_from,
     compress_weights_to_fp16,
     ir_filename,
     onnx_to_openvino,
@@ -93,34 +93,10 @@ class OpenVinoImageModel(nn.Module):
         return InferenceOutput(out.pop("anomaly_map"), out.pop("score"), out)
 
 
-def ir_source(checkpoint: str | None, run_dir: Path, precision: str) -> tuple[Path, Path | None]:
-    """(IR .xml, checkpoint it must come from) for ``--backend openvino``: ``--checkpoint`` itself when it ends in .xml,
-    else ``model-<EXPORT.precision>.xml`` beside the checkpoint (``--checkpoint`` or the run's model.pt)."""
-    if checkpoint and Path(checkpoint).suffix.lower() == ".xml":
-        if not Path(checkpoint).is_file():
-            raise UserError(
-                f"OpenVINO IR not found: {checkpoint}; check the path or run --mode export EXPORT.format=openvino"
-            )
-        return Path(checkpoint), None
-    source = Path(checkpoint) if checkpoint else run_dir / "model.pt"
-    path = source.parent / ir_filename(precision)
-    if not path.is_file():
-        raise UserError(
-            f"OpenVINO IR not found: {path}; run --mode export EXPORT.format=openvino EXPORT.precision={precision} "
-            "first, or pass --checkpoint FILE.xml"
-        )
-    return path, source
-
-
 def load_ir_model(path: Path, checkpoint: Path | None, threads: int) -> OpenVinoImageModel:
     """The IR at ``path``; refused when ``checkpoint`` exists and is not the file it was exported from."""
     model = OpenVinoImageModel(path, str(path), threads)
-    recorded = model.metadata.get("checkpoint_sha256")
-    if recorded and checkpoint is not None and checkpoint.is_file() and file_sha256(checkpoint) != recorded:
-        raise UserError(
-            f"{path} was exported from a different {checkpoint.name} than {checkpoint}; rerun --mode export "
-            "EXPORT.format=openvino to refresh it"
-        )
+    check_exported_from(path, model.metadata, checkpoint)
     log.info("OpenVINO: %s (%s)", path, model.runner.description)
     return model
 

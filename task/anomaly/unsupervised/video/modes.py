@@ -29,7 +29,8 @@ from task.anomaly.unsupervised.video.evaluation import (
     evaluate,
     video_split,
 )
-from task.anomaly.unsupervised.video.export import mode_export
+from task.anomaly.unsupervised.video.export import export_video_onnx, load_calibrated, prepare_video_export
+from task.anomaly.unsupervised.video.openvino import calibration_clips, export_video_openvino
 from task.anomaly.unsupervised.video.predict import mode_predict
 from task.common.errors import UserError
 from task.common.io import ensure_dir, write_text
@@ -199,8 +200,28 @@ def with_command_line_score(engine: Engine, settings: dict[str, Any], source: st
     return merged
 
 
+def mode_export(engine: Engine, options: ModeOptions) -> None:
+    """Export the checkpoint's clip-to-scores path beside it (``EXPORT.format``: model.onnx, the OpenVINO IR
+    model-<EXPORT.precision>.xml/.bin, or both), each checked against PyTorch before it is written."""
+    fmt = engine.cfg.EXPORT.format
+    loaded, calibration = load_calibrated(engine, options.checkpoint)
+    if fmt in ("openvino", "both"):  # OpenVINO IR (issue 17): video/openvino.py
+        # Before the (slow) trace: int8 needs the training videos, and a missing dataset should stop the run at once.
+        clips = (
+            calibration_clips(engine.method, loaded.cfg, engine.cfg.EXPORT.calibration_images)
+            if engine.cfg.EXPORT.precision == "int8"
+            else []
+        )
+    prepared = prepare_video_export(engine, loaded, calibration, options.input)
+    if fmt in ("onnx", "both"):
+        export_video_onnx(prepared)
+    if fmt in ("openvino", "both"):
+        export_video_openvino(prepared, engine.method, loaded, engine.cfg, torch.get_num_threads(), clips)
+
+
 def mode_benchmark(engine: Engine, options: ModeOptions) -> None:
-    """Clips/s for training steps and for evaluation (scores included), as one JSON line."""
+    """Clips/s for training steps and for evaluation (scores included), as one JSON line; with
+    BENCHMARK.backends=true one table of every inference backend instead (backend_table.py)."""
     from task.anomaly.unsupervised.engine.benchmark import time_training_steps
     from task.anomaly.unsupervised.engine.training import Stepper
     from task.anomaly.unsupervised.video.inference import score_clips
@@ -209,6 +230,15 @@ def mode_benchmark(engine: Engine, options: ModeOptions) -> None:
     method = engine.method
     prepare_video_data(engine)
     train_videos, train_set = video_split(engine, "train")
+    if cfg.BENCHMARK.backends:  # one table of every inference backend (issue 17)
+        from task.anomaly.unsupervised.video.backend_table import run_video_backend_table
+
+        if options.checkpoint:
+            loaded, calibration = load_calibrated(engine, options.checkpoint)
+            run_video_backend_table(engine, loaded.model, calibration, str(loaded.path), train_videos)
+        else:
+            run_video_backend_table(engine, fresh_model(engine, train_videos), None, "a fresh model", train_videos)
+        return
     model = fresh_model(engine, train_videos)
     bench = cfg.BENCHMARK
     batch_size = cfg.DATALOADER.batch_size

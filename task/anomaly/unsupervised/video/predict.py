@@ -3,17 +3,19 @@
 ``--input`` is an .mp4/.avi file or a folder of numbered frame images (``data/video.video_from_path``). Every
 predictable frame (``clip_length .. N - 1``: each needs the ``clip_length`` frames before it) is scored by the model
 (``--backend torch``: the checkpoint on the run's device; ``--backend onnx``: model.onnx of ``--mode export`` on ONNX
-Runtime's CPU provider), and its raw scores are fused with the ONLINE protocol (``frame_scoring.online_frame_scores``):
-normalised with the TRAINING statistics of the calibration and smoothed causally, so a frame's score depends only on
-itself and earlier frames, as a live camera would have it. The paper protocol is never used here: it normalises by
-the min and max of the whole video, i.e. by the future. An alarm is ``score >= threshold`` of the calibration.
+Runtime's CPU provider; ``--backend openvino``: the IR model-<EXPORT.precision>.xml of ``EXPORT.format=openvino``;
+``--backend auto``: ``deploy/openvino.with_auto_backend``), and its raw scores are fused with the ONLINE protocol
+(``frame_scoring.online_frame_scores``): normalised with the TRAINING statistics of the calibration and smoothed
+causally, so a frame's score depends only on itself and earlier frames, as a live camera would have it. The paper
+protocol is never used here: it normalises by the min and max of the whole video, i.e. by the future. An alarm is
+``score >= threshold`` of the calibration.
 
 Everything the model needs comes from the checkpoint (or the ONNX metadata): clip length, frame size, grey or colour,
 score settings, calibration. What the method needs to score a video it was not trained on (DMAD-PDM with one
 background template per video: the video's own median template) comes from the method, for either backend, as for
 the test videos. Both backends run through ``video/inference.run_clips``. The ``SCORE`` section that fuses
 the scores is the config's for ``--backend torch`` (the one the run was calibrated with, when it is the run's YAML)
-and the one recorded at export for ``--backend onnx``.
+and the one recorded at export for ``--backend onnx`` and ``openvino``.
 
 Outputs, in ``--output`` (default: ``predict/`` next to the checkpoint or ONNX file), named after the video:
 
@@ -40,6 +42,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from task.anomaly.unsupervised.data.video.clips import ClipDataset, Video, frames_of, video_from_path
+from task.anomaly.unsupervised.deploy.openvino import ir_source, with_auto_backend
 from task.anomaly.unsupervised.deploy.output_folder import OutputFolder
 from task.anomaly.unsupervised.engine.engine import Engine
 from task.anomaly.unsupervised.engine.modes import ModeOptions
@@ -49,7 +52,7 @@ from task.anomaly.unsupervised.method import VideoMethod
 from task.anomaly.unsupervised.scoring.protocols import online_frame_scores
 from task.anomaly.unsupervised.scoring.settings import ProtocolParams
 from task.anomaly.unsupervised.video.evaluation import Calibration, served_protocol
-from task.anomaly.unsupervised.video.export import load_calibrated, load_onnx_video_model
+from task.anomaly.unsupervised.video.export import ExportedVideoGraph, load_calibrated, load_onnx_video_model
 from task.anomaly.unsupervised.video.inference import ClipScorer, FrameScores, MethodScorer, run_clips
 from task.anomaly.unsupervised.video.live_source import is_live_source
 from task.anomaly.unsupervised.video.plots import gif_frame_positions, write_video_gif
@@ -101,13 +104,15 @@ class VideoServing:
 def serving_from(engine: Engine, options: ModeOptions) -> VideoServing:
     """The model ``--backend`` asks for: the checkpoint (``--checkpoint`` or the run's model.pt), or the model.onnx
     beside it (or ``--checkpoint FILE.onnx``)."""
-    if options.backend == "openvino":  # OpenVINO IR (issue 17): the image half only, so far
-        raise UserError(
-            "--backend openvino is available for image runs only; video runs predict with --backend torch or onnx"
-        )
-    if options.backend == "onnx":
-        path, paired = onnx_source(options.checkpoint, engine.run_dir)
-        model = load_onnx_video_model(path, paired)
+    if options.backend in ("onnx", "openvino"):
+        if options.backend == "onnx":
+            path, paired = onnx_source(options.checkpoint, engine.run_dir)
+            model: ExportedVideoGraph = load_onnx_video_model(path, paired)
+        else:  # OpenVINO IR of EXPORT.precision (issue 17)
+            from task.anomaly.unsupervised.video.openvino import load_ir_video_model
+
+            path, paired = ir_source(options.checkpoint, engine.run_dir, engine.cfg.EXPORT.precision)
+            model = load_ir_video_model(path, paired, torch.get_num_threads())
         unexported = tuple(json.loads(model.metadata.get("unexported_scores", "[]")))
         cfg = with_settings(engine.cfg, model.settings)
         return VideoServing(
@@ -118,7 +123,7 @@ def serving_from(engine: Engine, options: ModeOptions) -> VideoServing:
             model.calibration,
             ProtocolParams.from_config(model.protocol),
             path,
-            "onnx",
+            options.backend,
         )
     loaded, calibration = load_calibrated(engine, options.checkpoint)
     cfg = loaded.cfg
@@ -230,6 +235,7 @@ def mode_predict(engine: Engine, options: ModeOptions) -> None:
     """Scores, alarms and an annotated GIF for one video (``--input``), with PyTorch or ONNX Runtime."""
     if not options.input:
         raise UserError("--mode predict needs --input VIDEO (an .mp4/.avi file or a folder of numbered frames)")
+    options = with_auto_backend(options, engine.run_dir, engine.device.type)
     if is_live_source(options.input):  # live: streams and cameras (stream.py)
         from task.anomaly.unsupervised.video.stream import predict_stream
 
