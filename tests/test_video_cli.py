@@ -208,3 +208,11 @@ def test_a_scoring_override_at_predict_follows_the_settings_rule(
     )
     assert_user_error(result, "MODEL.prediction_score='mse'", "'l1'", "--mode test MODEL.prediction_score=mse")
     assert not (tmp_path / "out").exists()
+
+
+def test_watch_on_a_video_run_is_a_one_line_error(video_data: Path, video_run: Path, tmp_path: Path) -> None:
+    frames = video_data / "video_demo" / "testing" / "frames" / "01"
+    args = video_args(video_data, video_run, "--input", str(frames), "--output", str(tmp_path / "out"), mode="predict")
+    result = main_in_process(*args, "--watch")
+    assert_user_error(result, "--watch", "needs an image run", "without --watch")
+    assert not (tmp_path / "out").exists()

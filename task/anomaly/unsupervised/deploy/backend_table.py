@@ -24,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from task.anomaly.unsupervised.deploy.openvino import PRECISIONS
 from task.anomaly.unsupervised.engine.benchmark import peak_rss_mb
+from task.common.errors import UserError
 
 log = logging.getLogger("anomaly")
 
@@ -42,6 +44,21 @@ class Row:
     score_diff: float  # max |score - reference| in the modality's unit (image: of max(1, |score|); video: of spread)
     auroc: float | None
     prepare_s: float
+
+
+def openvino_precisions(requested: list[str]) -> list[str]:
+    """``BENCHMARK.openvino`` checked: OpenVINO precisions of the table, in the order of ``PRECISIONS``."""
+    unknown = [p for p in requested if p not in PRECISIONS]
+    if unknown:
+        raise UserError(
+            f"BENCHMARK.openvino lists {unknown[0]!r}; use any of {', '.join(PRECISIONS)} (e.g. [fp32, fp16]) or [] "
+            "for none"
+        )
+    return [p for p in PRECISIONS if p in requested]
+
+
+def openvino_label(precision: str, bf16: bool) -> str:
+    return f"OpenVINO {precision}" + (" (bf16 compute)" if bf16 and precision == "fp16" else "")
 
 
 def reset_peak_rss() -> bool:

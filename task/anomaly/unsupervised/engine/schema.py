@@ -208,6 +208,12 @@ RUN_SECTIONS: Schema = {
                 "fp32/fp16/int8) instead of the training timing"
             ),
         ),
+        "openvino": F(
+            list,
+            ["fp32", "fp16", "int8"],
+            item_type=str,
+            help="BENCHMARK.backends: the OpenVINO precisions in the table (int8 calibration takes the longest)",
+        ),
     },
     # live: --mode predict on a stream or camera (video/stream.py)
     "STREAM": {

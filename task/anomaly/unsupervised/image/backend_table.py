@@ -38,6 +38,8 @@ from task.anomaly.unsupervised.deploy.backend_table import (
     cpu_name,
     current_rss_mb,
     measure_backends,
+    openvino_label,
+    openvino_precisions,
     print_table,
 )
 from task.anomaly.unsupervised.deploy.onnx import with_metadata as onnx_with_metadata
@@ -192,10 +194,8 @@ def run_backend_table(engine: Engine, checkpoint: str | None) -> list[Row]:
         backends.append(("PyTorch bf16 (autocast, channels_last)", torch_bf16))
     backends += [
         ("ONNX Runtime fp32", lambda: (OnnxModel(onnx_bytes(), "the exported graph"), "none", False)),
-        ("OpenVINO fp32", openvino("fp32")),
-        ("OpenVINO fp16" + (" (bf16 compute)" if bf16 else ""), openvino("fp16")),
-        ("OpenVINO int8", openvino("int8")),
     ]
+    backends += [(openvino_label(p, bf16), openvino(p)) for p in openvino_precisions(engine.cfg.BENCHMARK.openvino)]
 
     def compare(preds: Predictions, reference: Predictions) -> tuple[float, float, float | None]:
         span = float(reference.anomaly_maps.max() - reference.anomaly_maps.min()) or float(np.finfo(np.float32).eps)

@@ -31,6 +31,8 @@ from task.anomaly.unsupervised.deploy.backend_table import (
     cpu_name,
     current_rss_mb,
     measure_backends,
+    openvino_label,
+    openvino_precisions,
     print_table,
 )
 from task.anomaly.unsupervised.deploy.onnx import with_metadata
@@ -108,10 +110,8 @@ def run_video_backend_table(
         )
     backends += [
         ("ONNX Runtime fp32", onnx),
-        ("OpenVINO fp32", exported("fp32")),
-        ("OpenVINO fp16" + (" (bf16 compute)" if bf16 else ""), exported("fp16")),
-        ("OpenVINO int8", exported("int8")),
     ]
+    backends += [(openvino_label(p, bf16), exported(p)) for p in openvino_precisions(cfg.BENCHMARK.openvino)]
 
     def scored(built: tuple[ClipScorer, str], clips: Any, keep: set | None) -> FrameScores:
         scorer, amp = built

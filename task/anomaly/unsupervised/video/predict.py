@@ -232,9 +232,14 @@ def predict_video(method: VideoMethod, serving: VideoServing, input_path: Path, 
 
 
 def mode_predict(engine: Engine, options: ModeOptions) -> None:
-    """Scores, alarms and an annotated GIF for one video (``--input``), with PyTorch or ONNX Runtime."""
+    """Scores, alarms and an annotated GIF for one video (``--input``), with PyTorch, ONNX Runtime or OpenVINO."""
     if not options.input:
         raise UserError("--mode predict needs --input VIDEO (an .mp4/.avi file or a folder of numbered frames)")
+    if options.watch:
+        raise UserError(
+            "--watch scores images as they arrive in a folder and needs an image run; for a video run pass a stream or "
+            "camera as --input (rtsp://..., 0), or a video file or frame folder without --watch"
+        )
     options = with_auto_backend(options, engine.run_dir, engine.device.type)
     if is_live_source(options.input):  # live: streams and cameras (stream.py)
         from task.anomaly.unsupervised.video.stream import predict_stream
