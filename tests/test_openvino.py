@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 from helpers import CATEGORY, SIZE, assert_ok, assert_user_error, main_in_process
+from task.anomaly.unsupervised.deploy.ir_runner import IRRunner, read_metadata, sensitive_nodes
 from task.anomaly.unsupervised.deploy.onnx import TOLERANCE
-from task.anomaly.unsupervised.deploy.openvino import TOLERANCES, IRRunner, read_metadata, sensitive_nodes
+from task.anomaly.unsupervised.deploy.openvino import TOLERANCES
 
 ov = pytest.importorskip("openvino")
 
@@ -328,7 +329,8 @@ def test_video_predict_without_an_ir_is_a_one_line_error(video_data: Path, video
 
 
 def test_backend_auto_picks_a_current_ir_on_the_cpu(video_ir_run, tmp_path: Path) -> None:
-    from task.anomaly.unsupervised.deploy.openvino import has_bf16_units, with_auto_backend
+    from task.anomaly.unsupervised.deploy.ir_runner import has_bf16_units
+    from task.anomaly.unsupervised.deploy.openvino import with_auto_backend
     from task.anomaly.unsupervised.engine.modes import ModeOptions
 
     _, run_dir, _, _, _ = video_ir_run

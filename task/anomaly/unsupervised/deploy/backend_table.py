@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from task.anomaly.unsupervised.deploy.openvino import PRECISIONS
+from task.anomaly.unsupervised.deploy.ir_runner import PRECISIONS
 from task.anomaly.unsupervised.engine.benchmark import peak_rss_mb
 from task.common.errors import UserError
 

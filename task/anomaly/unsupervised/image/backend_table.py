@@ -42,12 +42,11 @@ from task.anomaly.unsupervised.deploy.backend_table import (
     openvino_precisions,
     print_table,
 )
+from task.anomaly.unsupervised.deploy.ir_runner import has_bf16_units, openvino_core
 from task.anomaly.unsupervised.deploy.onnx import with_metadata as onnx_with_metadata
 from task.anomaly.unsupervised.deploy.openvino import (
     compress_weights_to_fp16,
-    has_bf16_units,
     onnx_to_openvino,
-    openvino_core,
     quantize_int8,
     with_metadata,
 )

@@ -23,10 +23,9 @@ from torch import Tensor, nn
 
 from task.anomaly.unsupervised.data.image.formats import scan_dataset
 from task.anomaly.unsupervised.data.image.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from task.anomaly.unsupervised.deploy.ir_runner import PRECISIONS, IRRunner
 from task.anomaly.unsupervised.deploy.openvino import (
-    PRECISIONS,
     TOLERANCES,
-    IRRunner,
     check_exported_from,
     compress_weights_to_fp16,
     ir_filename,

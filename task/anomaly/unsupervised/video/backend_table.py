@@ -35,8 +35,8 @@ from task.anomaly.unsupervised.deploy.backend_table import (
     openvino_precisions,
     print_table,
 )
+from task.anomaly.unsupervised.deploy.ir_runner import has_bf16_units, openvino_core
 from task.anomaly.unsupervised.deploy.onnx import with_metadata
-from task.anomaly.unsupervised.deploy.openvino import has_bf16_units, openvino_core
 from task.anomaly.unsupervised.engine.engine import Engine
 from task.anomaly.unsupervised.scoring.protocols import online_protocol
 from task.anomaly.unsupervised.scoring.settings import ProtocolParams

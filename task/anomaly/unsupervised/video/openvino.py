@@ -27,10 +27,9 @@ from torch.utils.data import DataLoader
 
 from task.anomaly.unsupervised.data.video.clips import ClipDataset, Video, scan_videos
 from task.anomaly.unsupervised.data.video.labels import attach_labels, load_frame_labels
+from task.anomaly.unsupervised.deploy.ir_runner import PRECISIONS, IRRunner
 from task.anomaly.unsupervised.deploy.openvino import (
-    PRECISIONS,
     TOLERANCES,
-    IRRunner,
     check_exported_from,
     compress_weights_to_fp16,
     ir_filename,
