@@ -12,8 +12,9 @@ its video and the calibration statistics, so the batch protocol (``protocols.onl
   ``min_range`` times the calibration spread ``high - low`` (a video whose first frames barely vary does not turn noise
   into alarms). The first ``settle`` frames of a video only establish its range and score 0: a video is assumed to
   start normal, and an anomaly present from its first frame is only seen once it exceeds the range its first frames
-  set. An anomaly lasting longer than ``memory`` frames becomes part of the range (with ``memory: 0`` it never leaves
-  it, so a second anomaly at the same level is scored below 1).
+  set. An anomaly is part of the range once seen: a long one at a steady level scores near 1 (it alarms mainly at its
+  onset and where it grows) and a second one at the same level scores below 1; a ``memory`` of M frames forgets it M
+  frames later (``memory: 0`` never does).
 """
 
 from __future__ import annotations
