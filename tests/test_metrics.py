@@ -16,8 +16,10 @@ from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 from torchmetrics.functional.classification import binary_auroc
 
+import task.common.exact_curve as exact_curve
 import task.common.metrics as metrics_module
-from task.common.metrics import _label_regions, aupro, auroc, compute_metrics, f1_max
+from task.common.exact_curve import label_regions
+from task.common.metrics import aupro, auroc, compute_metrics, f1_max
 
 METRIC_KEYS = set(metrics_module.METRIC_KEYS)
 AT_THRESHOLD = ("threshold", "fpr", "tpr", "precision", "f1")
@@ -254,13 +256,13 @@ def test_regions_use_8_connectivity() -> None:
     masks[0, 0, 0] = masks[0, 1, 1] = masks[0, 2, 2] = True  # one diagonal region
     masks[0, 4, 4] = True  # a second region
     masks[1, 0, 5] = masks[1, 5, 0] = True  # two more in the next image
-    (n0, ids0), (n1, ids1) = _label_regions(masks[0]), _label_regions(masks[1])
+    (n0, ids0), (n1, ids1) = label_regions(masks[0]), label_regions(masks[1])
     assert (n0, n1) == (2, 2)
     assert ids0[0, 0] == ids0[1, 1] == ids0[2, 2] != ids0[4, 4]
     assert ids1[0, 5] != ids1[5, 0]
     for m, ids in ((masks[0], ids0), (masks[1], ids1)):
         assert (ids[~m] == 0).all() and (ids[m] > 0).all()
-    assert _label_regions(np.zeros((3, 3), dtype=bool))[0] == 0
+    assert label_regions(np.zeros((3, 3), dtype=bool))[0] == 0
 
 
 # --------------------------------------------------------------------------
@@ -373,7 +375,7 @@ def test_streaming_pixel_metrics_are_exact(monkeypatch: pytest.MonkeyPatch, coar
     labels = masks_t.flatten(1).any(1).long()
     thresholds = {"image": 1.05, "pixel": 0.85}  # off the coarse grid: no float32 vs float64 tie question
     one_chunk = compute_metrics(maps_t.flatten(1).amax(1), labels, maps_t, masks_t, thresholds)
-    monkeypatch.setattr(metrics_module, "_CHUNK", 1000)  # 40 maps of 24x24 -> 40 chunks of one map
+    monkeypatch.setattr(exact_curve, "_CHUNK", 1000)  # 40 maps of 24x24 -> 40 chunks of one map
     out = compute_metrics(maps_t.flatten(1).amax(1), labels, maps_t, masks_t, thresholds)
     assert out == pytest.approx(one_chunk, abs=1e-12)
 

@@ -1,19 +1,9 @@
-"""Anomaly-detection metrics: AUROC, F1-max, AUPRO and a one-call summary, exact and in bounded memory.
+"""Anomaly-detection metrics: AUROC, F1-max, AUPRO, the rates at a deployed threshold and a one-call summary.
 
 Every distinct score is a threshold and a prediction is positive when ``score >= threshold``.  Nothing is
-approximated: the curves are the exact ones, built without sorting all scores at once.
+approximated: the metrics are read off the exact curves of ``exact_curve.py``.
 
-How (the "positive table"): between two consecutive distinct *positive* scores the true-positive count and
-the per-region overlap are constant, so the negatives there only move the false-positive count along a
-horizontal segment of the ROC / PRO curve.  The curve is therefore fully described by
-
-* the distinct positive scores ``v_1 > ... > v_D`` with their positive count and summed region weight, and
-* for every negative, the gap between two ``v`` it falls in, or the ``v`` it ties with.
-
-The positives (anomalous pixels, a few percent of a test set) are sorted once; the negatives are streamed in
-chunks of about 4M scores, each sorted and located in the table with a binary search, and only counted.
-Memory is ``O(#anomalous pixels + chunk)`` instead of ``O(#pixels)``: 1,000 maps of 512x512 (262M pixels)
-need well under 1 GB besides the input maps (``scripts/metrics_memory.py`` measures it).
+The exact curves, built in memory bounded by the anomalous pixels, are ``exact_curve.py``.
 
 Definitions follow the usual references:
 
@@ -30,27 +20,28 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Iterable, Iterator
 
-import cv2
 import numpy as np
 import torch
+
+from task.common.exact_curve import (
+    Curve,
+    check_maps_and_masks,
+    check_same_size,
+    image_chunks,
+    label_curve,
+    labels_to_numpy,
+    pixel_curve,
+    scores_to_numpy,
+)
 
 __all__ = ["aupro", "auroc", "compute_metrics", "f1_max", "rates_at"]
 
 log = logging.getLogger("anomaly.metrics")
 
-# Score dtypes that float32 represents exactly; everything else is compared in float64.
-_FLOAT32_EXACT = {torch.float32, torch.float16, torch.bfloat16, torch.bool, torch.uint8, torch.int8, torch.int16}
-
-# Negatives are located in the positive table this many at a time (16 maps of 512x512): large enough to
-# amortise numpy's per-call cost, small enough that the chunk's temporaries stay around 100 MB.
-_CHUNK = 1 << 22
 
 # Threshold-free metrics and the test-optimal F1 (an oracle: its threshold is chosen with the test labels, never
-# served),
-# then the rates at the deployed thresholds (calibrated on normal data), per level.
+# served), then the rates at the deployed thresholds (calibrated on normal data), per level.
 AT_THRESHOLD = ("threshold", "fpr", "tpr", "precision", "f1")
 METRIC_KEYS = (
     "image_auroc",
@@ -64,246 +55,11 @@ METRIC_KEYS = (
 
 
 # --------------------------------------------------------------------------
-# Input conversion
-# --------------------------------------------------------------------------
-
-
-def _scores_to_numpy(scores: torch.Tensor, name: str) -> np.ndarray:
-    """Flatten ``scores`` (any shape) to a 1-D float32 array, or float64 when float32 would round them.
-
-    For a float32 CPU tensor this is a view, not a copy.
-    """
-    t = torch.as_tensor(scores).detach().cpu().reshape(-1)
-    t = t.to(torch.float32 if t.dtype in _FLOAT32_EXACT else torch.float64)
-    arr = t.numpy()
-    # NaN has no place in an ordering; failing loudly beats a silent garbage curve.
-    if np.isnan(arr).any():
-        raise ValueError(f"{name} contains NaN; metrics need finite or +-inf scores")
-    return arr
-
-
-def _labels_to_numpy(labels: torch.Tensor, name: str) -> np.ndarray:
-    """Flatten binary ``labels`` (bool or numbers in {0, 1}, any shape) to a 1-D bool array."""
-    t = torch.as_tensor(labels).detach().cpu().reshape(-1)
-    if t.dtype != torch.bool:
-        # Reject e.g. 0/255 masks or soft labels instead of guessing a cut-off.
-        if not bool(((t == 0) | (t == 1)).all()):
-            raise ValueError(f"{name} must be binary (bool or values in {{0, 1}})")
-        t = t != 0
-    return t.numpy()
-
-
-def _check_same_size(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
-    if a.size != b.size:
-        raise ValueError(f"{name_a} has {a.size} elements but {name_b} has {b.size}; they must match")
-
-
-def _check_maps_and_masks(
-    maps: torch.Tensor, masks: torch.Tensor, names: tuple[str, str]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate [N, H, W] (or [N, 1, H, W]) maps and masks; return both as [N, H, W] CPU tensors (no copy)."""
-    maps_t, masks_t = torch.as_tensor(maps).detach().cpu(), torch.as_tensor(masks).detach().cpu()
-    # Tolerate a singleton channel axis, the usual layout of model outputs.
-    if maps_t.dim() == 4 and maps_t.shape[1] == 1:
-        maps_t = maps_t[:, 0]
-    if masks_t.dim() == 4 and masks_t.shape[1] == 1:
-        masks_t = masks_t[:, 0]
-    if maps_t.dim() != 3 or maps_t.shape != masks_t.shape:
-        raise ValueError(
-            f"{names[0]} and {names[1]} must both be [N, H, W]; got {tuple(maps.shape)} and {tuple(masks.shape)}"
-        )
-    return maps_t, masks_t
-
-
-# --------------------------------------------------------------------------
-# The exact curve from a positive table and streamed negatives
-# --------------------------------------------------------------------------
-
-
-@dataclass
-class _Curve:
-    """Vertices of the exact ROC / PRO curve, thresholds descending.
-
-    Attributes:
-        tps: [V] int64, positives with ``score >= threshold`` at each vertex.
-        fps: [V] int64, negatives with ``score >= threshold`` at each vertex.
-        pro: [V] float64 or None, sum over regions of the covered fraction of that region (divide by the
-            region count for PRO).
-        thresholds: [V] float64, the threshold of each vertex (only meaningful where ``at_positive``).
-        at_positive: [V] bool, the vertex sits at a distinct positive score (the only thresholds where F1
-            can peak: lowering the threshold past negatives alone adds false positives only).
-    """
-
-    tps: np.ndarray
-    fps: np.ndarray
-    pro: np.ndarray | None
-    thresholds: np.ndarray
-    at_positive: np.ndarray
-
-    @property
-    def n_pos(self) -> int:
-        return int(self.tps[-1]) if self.tps.size else 0
-
-    @property
-    def n_neg(self) -> int:
-        return int(self.fps[-1]) if self.fps.size else 0
-
-
-def _positive_table(scores: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Distinct positive scores (ascending) with their count and summed weight.
-
-    Args:
-        scores: [P] float scores of the positives.
-        weights: [P] float64 per-positive weight (1 / area of its region), or None.
-
-    Returns:
-        ``(values [D] ascending, counts [D] int64, weight_sums [D] float64 or None)``.
-    """
-    order = np.argsort(scores)
-    s = scores[order]
-    # "!=" (not diff) so that inf - inf = nan cannot fake a boundary; -0.0 == 0.0 form one value.
-    starts = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1]))) if s.size else np.zeros(0, dtype=np.int64)
-    counts = np.diff(np.append(starts, s.size)).astype(np.int64)
-    sums = None
-    if weights is not None:
-        sums = np.add.reduceat(weights[order], starts) if s.size else np.zeros(0)
-    return s[starts], counts, sums
-
-
-def _negative_counts(values: np.ndarray, negatives: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Where the negatives fall relative to the distinct positive scores.
-
-    Args:
-        values: [D] distinct positive scores, ascending.
-        negatives: chunks of negative scores (1-D float arrays).
-
-    Returns:
-        ``(gaps [D + 1], ties [D])`` int64 in ascending order: ``gaps[j]`` counts negatives strictly between
-        ``values[j - 1]`` and ``values[j]`` (``j = 0``: below all, ``j = D``: above all), ``ties[j]`` those equal
-        to ``values[j]``.
-    """
-    d = values.size
-    gaps = np.zeros(d + 1, dtype=np.int64)
-    ties = np.zeros(d, dtype=np.int64)
-    for chunk in negatives:
-        if not chunk.size:
-            continue
-        # Sorted needles make the binary searches cache-friendly (about 5x faster than unsorted).
-        chunk = np.sort(chunk)
-        below = np.searchsorted(values, chunk, side="left")  # distinct positive scores < each negative
-        tied = values[np.minimum(below, d - 1)] == chunk if d else np.zeros(chunk.size, dtype=bool)
-        tied &= below < d
-        gaps += np.bincount(below[~tied], minlength=d + 1)
-        ties += np.bincount(below[tied], minlength=d)
-    return gaps, ties
-
-
-def _assemble(
-    values: np.ndarray, counts: np.ndarray, sums: np.ndarray | None, gaps: np.ndarray, ties: np.ndarray
-) -> _Curve:
-    """The curve's vertices in descending-threshold order from the table and the negative counts.
-
-    Vertex sequence: end of the gap above the highest positive score, then for each distinct positive score
-    ``v_k`` (descending) the vertex at ``v_k`` (its positives and tied negatives included: a diagonal segment
-    when both are present) and the end of the gap below it (a horizontal segment).  Vertices every other
-    threshold would add lie on these segments, so areas are unchanged.
-    """
-    d = values.size
-    tp_k = np.cumsum(counts[::-1])  # [D] positives >= v_k
-    fp_gap = gaps[::-1]  # [D + 1], gap 0 lies above v_1
-    fp_at = np.cumsum(fp_gap[:-1]) + np.cumsum(ties[::-1])  # [D] negatives >= v_k
-    tps = np.zeros(2 * d + 1, dtype=np.int64)
-    fps = np.empty(2 * d + 1, dtype=np.int64)
-    fps[0] = fp_gap[0]
-    tps[1::2], fps[1::2] = tp_k, fp_at
-    tps[2::2], fps[2::2] = tp_k, fp_at + fp_gap[1:]
-    pro = None
-    if sums is not None:
-        # PRO(t) * R = sum over covered anomalous pixels of 1/area(region): each region adds its covered fraction.
-        pro = np.zeros(2 * d + 1)
-        pro[1::2] = pro[2::2] = np.cumsum(sums[::-1])
-    thresholds = np.full(2 * d + 1, math.inf)
-    thresholds[1::2] = values[::-1]
-    at_positive = np.zeros(2 * d + 1, dtype=bool)
-    at_positive[1::2] = True
-    return _Curve(tps, fps, pro, thresholds, at_positive)
-
-
-def _label_curve(scores: np.ndarray, labels: np.ndarray) -> _Curve:
-    """Exact curve of flat ``scores`` [M] with bool ``labels`` [M]."""
-    values, counts, _ = _positive_table(scores[labels], None)
-    negatives = (scores[i : i + _CHUNK][~labels[i : i + _CHUNK]] for i in range(0, scores.size, _CHUNK))
-    return _assemble(values, counts, None, *_negative_counts(values, negatives))
-
-
-def _label_regions(mask: np.ndarray) -> tuple[int, np.ndarray]:
-    """(number of regions, [H, W] int32 labels 1..n, 0 = normal) of one bool mask, 8-connected."""
-    if not mask.any():
-        return 0, np.zeros(mask.shape, dtype=np.int32)
-    # 8-connectivity, as scipy.ndimage.label with a 3x3 structure in the official MVTec AD evaluation.
-    n_labels, lab = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
-    return n_labels - 1, lab  # n_labels counts the background
-
-
-def _image_chunks(n_images: int, pixels_per_image: int) -> Iterator[range]:
-    """Consecutive image index ranges of about ``_CHUNK`` pixels (at least one image)."""
-    step = max(1, _CHUNK // max(1, pixels_per_image))
-    return (range(i, min(i + step, n_images)) for i in range(0, n_images, step))
-
-
-def _pixel_curve(maps: torch.Tensor, masks: torch.Tensor, names: tuple[str, str]) -> tuple[_Curve, int]:
-    """Exact pixel curve with per-region overlap, image chunk by image chunk.
-
-    Args:
-        maps: [N, H, W] anomaly maps.
-        masks: [N, H, W] binary masks, same shape.
-
-    Returns:
-        ``(curve, n_regions)``.
-
-    Raises:
-        ValueError: NaN in ``maps`` or non-binary ``masks``.
-    """
-    n, h, w = maps.shape
-    pos_scores: list[np.ndarray] = []
-    pos_weights: list[np.ndarray] = []
-    n_regions = 0
-    # Pass 1: the anomalous pixels, each with 1 / area of its region (per image: regions never span images).
-    for idx in _image_chunks(n, h * w):
-        chunk_scores = _scores_to_numpy(maps[idx.start : idx.stop], names[0]).reshape(-1, h, w)
-        chunk_masks = _labels_to_numpy(masks[idx.start : idx.stop], names[1]).reshape(-1, h, w)
-        for scores, mask in zip(chunk_scores, chunk_masks):
-            count, lab = _label_regions(mask)
-            if count == 0:
-                continue
-            n_regions += count
-            lab = lab[mask]  # region labels 1..count of the anomalous pixels
-            pos_scores.append(scores[mask])
-            pos_weights.append((1.0 / np.bincount(lab)[1:])[lab - 1])
-    dtype = np.float64 if maps.dtype not in _FLOAT32_EXACT else np.float32
-    scores = np.concatenate(pos_scores) if pos_scores else np.zeros(0, dtype=dtype)
-    weights = np.concatenate(pos_weights) if pos_weights else np.zeros(0)
-    del pos_scores, pos_weights
-    values, counts, sums = _positive_table(scores, weights)
-    del scores, weights
-
-    # Pass 2: the normal pixels are only counted.
-    def negatives() -> Iterator[np.ndarray]:
-        for idx in _image_chunks(n, h * w):
-            chunk_scores = _scores_to_numpy(maps[idx.start : idx.stop], names[0])
-            chunk_masks = _labels_to_numpy(masks[idx.start : idx.stop], names[1])
-            yield chunk_scores[~chunk_masks]
-
-    gaps, ties = _negative_counts(values, negatives())
-    return _assemble(values, counts, sums, gaps, ties), n_regions
-
-
-# --------------------------------------------------------------------------
 # Metrics on a curve
 # --------------------------------------------------------------------------
 
 
-def _auroc_from_curve(c: _Curve) -> float:
+def _auroc_from_curve(c: Curve) -> float:
     """Exact ROC AUC; raises ValueError unless both classes are present."""
     n_pos, n_neg = c.n_pos, c.n_neg
     if n_pos == 0 or n_neg == 0:
@@ -320,7 +76,7 @@ def _auroc_from_curve(c: _Curve) -> float:
     return twice_area / (2 * n_pos * n_neg)
 
 
-def _f1_from_curve(c: _Curve) -> tuple[float, float]:
+def _f1_from_curve(c: Curve) -> tuple[float, float]:
     """Max F1 and its threshold; raises ValueError when there is no positive."""
     n_pos = c.n_pos
     if n_pos == 0:
@@ -352,7 +108,7 @@ def _trapezoid_limited(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     return float(np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(x)) + correction)
 
 
-def _aupro_from_curve(c: _Curve, n_regions: int, fpr_limit: float) -> float | None:
+def _aupro_from_curve(c: Curve, n_regions: int, fpr_limit: float) -> float | None:
     """Normalised AUPRO; None when there is no region or no normal pixel."""
     if n_regions == 0 or c.n_neg == 0:
         return None
@@ -381,10 +137,10 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     Raises:
         ValueError: only one class present, NaN scores, non-binary labels or mismatched sizes.
     """
-    s = _scores_to_numpy(scores, "scores")
-    y = _labels_to_numpy(labels, "labels")
-    _check_same_size(s, y, "scores", "labels")
-    return _auroc_from_curve(_label_curve(s, y))
+    s = scores_to_numpy(scores, "scores")
+    y = labels_to_numpy(labels, "labels")
+    check_same_size(s, y, "scores", "labels")
+    return _auroc_from_curve(label_curve(s, y))
 
 
 def f1_max(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -404,10 +160,10 @@ def f1_max(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     Raises:
         ValueError: no positive label, NaN scores, non-binary labels or mismatched sizes.
     """
-    s = _scores_to_numpy(scores, "scores")
-    y = _labels_to_numpy(labels, "labels")
-    _check_same_size(s, y, "scores", "labels")
-    return _f1_from_curve(_label_curve(s, y))
+    s = scores_to_numpy(scores, "scores")
+    y = labels_to_numpy(labels, "labels")
+    check_same_size(s, y, "scores", "labels")
+    return _f1_from_curve(label_curve(s, y))
 
 
 def aupro(maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> float | None:
@@ -429,8 +185,8 @@ def aupro(maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> fl
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    maps_t, masks_t = _check_maps_and_masks(maps, masks, ("maps", "masks"))
-    curve, n_regions = _pixel_curve(maps_t, masks_t, ("maps", "masks"))
+    maps_t, masks_t = check_maps_and_masks(maps, masks, ("maps", "masks"))
+    curve, n_regions = pixel_curve(maps_t, masks_t, ("maps", "masks"))
     return _aupro_from_curve(curve, n_regions, fpr_limit)
 
 
@@ -454,9 +210,9 @@ def _pixel_counts(maps: torch.Tensor, masks: torch.Tensor, threshold: float) -> 
     """(tp, fp, n_pos, n_neg) of ``maps >= threshold`` against ``masks``, image chunk by image chunk."""
     n, h, w = maps.shape
     tp = fp = n_pos = n_neg = 0
-    for idx in _image_chunks(n, h * w):
-        s = _scores_to_numpy(maps[idx.start : idx.stop], "pixel_maps")
-        y = _labels_to_numpy(masks[idx.start : idx.stop], "pixel_masks")
+    for idx in image_chunks(n, h * w):
+        s = scores_to_numpy(maps[idx.start : idx.stop], "pixel_maps")
+        y = labels_to_numpy(masks[idx.start : idx.stop], "pixel_masks")
         counts = _image_counts(s, y, threshold)
         tp, fp, n_pos, n_neg = tp + counts[0], fp + counts[1], n_pos + counts[2], n_neg + counts[3]
     return tp, fp, n_pos, n_neg
@@ -498,13 +254,13 @@ def compute_metrics(
     out: dict[str, float | None] = dict.fromkeys(METRIC_KEYS)
     thresholds = thresholds or {}
 
-    img_s = _scores_to_numpy(image_scores, "image_scores")
-    img_y = _labels_to_numpy(image_labels, "image_labels")
-    _check_same_size(img_s, img_y, "image_scores", "image_labels")
+    img_s = scores_to_numpy(image_scores, "image_scores")
+    img_y = labels_to_numpy(image_labels, "image_labels")
+    check_same_size(img_s, img_y, "image_scores", "image_labels")
     if _usable(thresholds.get("image")):
         out["image_threshold"] = float(thresholds["image"])
         out.update({f"image_{k}": v for k, v in rates_at(_image_counts(img_s, img_y, out["image_threshold"])).items()})
-    img = _label_curve(img_s, img_y)
+    img = label_curve(img_s, img_y)
     if img.n_pos == 0:
         log.warning("no defective test image: image_auroc and image_f1_max are null")
     else:
@@ -517,8 +273,8 @@ def compute_metrics(
     if pixel_masks is None:
         log.warning("no ground-truth masks: pixel metrics are null")
         return out
-    maps_t, masks_t = _check_maps_and_masks(pixel_maps, pixel_masks, ("pixel_maps", "pixel_masks"))
-    pix, n_regions = _pixel_curve(maps_t, masks_t, ("pixel_maps", "pixel_masks"))
+    maps_t, masks_t = check_maps_and_masks(pixel_maps, pixel_masks, ("pixel_maps", "pixel_masks"))
+    pix, n_regions = pixel_curve(maps_t, masks_t, ("pixel_maps", "pixel_masks"))
     if pix.n_pos == 0:
         log.warning("all ground-truth masks are empty: pixel metrics are null")
         return out

@@ -16,6 +16,7 @@ import torch
 
 from task.anomaly.unsupervised.data.video.clips import Video
 from task.anomaly.unsupervised.data.video.synthetic import make_video_demo
+from task.anomaly.unsupervised.deploy.openvino import with_auto_backend
 from task.anomaly.unsupervised.engine.engine import Engine, LoadedModel
 from task.anomaly.unsupervised.engine.modes import ModeFunction, ModeOptions, mode_report, test_output_dir
 from task.anomaly.unsupervised.scoring.protocols import evaluate_scores
@@ -30,8 +31,10 @@ from task.anomaly.unsupervised.video.evaluation import (
     video_split,
 )
 from task.anomaly.unsupervised.video.export import export_video_onnx, load_calibrated, prepare_video_export
+from task.anomaly.unsupervised.video.live_source import is_live_source
 from task.anomaly.unsupervised.video.openvino import calibration_clips, export_video_openvino
-from task.anomaly.unsupervised.video.predict import mode_predict
+from task.anomaly.unsupervised.video.predict import predict_video, serving_from
+from task.anomaly.unsupervised.video.stream import predict_stream
 from task.common.errors import UserError
 from task.common.io import ensure_dir, write_text
 
@@ -217,6 +220,29 @@ def mode_export(engine: Engine, options: ModeOptions) -> None:
         export_video_onnx(prepared)
     if fmt in ("openvino", "both"):
         export_video_openvino(prepared, engine.method, loaded, engine.cfg, torch.get_num_threads(), clips)
+
+
+def mode_predict(engine: Engine, options: ModeOptions) -> None:
+    """Scores, alarms and an annotated GIF for one video (``--input``), with PyTorch, ONNX Runtime or OpenVINO."""
+    if not options.input:
+        raise UserError("--mode predict needs --input VIDEO (an .mp4/.avi file or a folder of numbered frames)")
+    if options.watch:
+        raise UserError(
+            "--watch scores images as they arrive in a folder and needs an image run; for a video run pass a stream or "
+            "camera as --input (rtsp://..., 0), or a video file or frame folder without --watch"
+        )
+    options = with_auto_backend(options, engine.run_dir, engine.device.type)
+    if is_live_source(options.input):  # live: streams and cameras (stream.py)
+        predict_stream(engine, options, serving_from(engine, options))
+        return
+    input_path = Path(options.input).expanduser()
+    if not input_path.exists():
+        raise UserError(
+            f"--input {input_path} not found; pass a video file (.mp4, .avi) or a folder of numbered frames"
+        )
+    serving = serving_from(engine, options)
+    out_dir = Path(options.output).expanduser() if options.output else serving.source.parent / "predict"
+    predict_video(engine.method, serving, input_path, out_dir, engine.cfg.TEST.batch_size)
 
 
 def mode_benchmark(engine: Engine, options: ModeOptions) -> None:

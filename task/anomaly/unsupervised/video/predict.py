@@ -42,7 +42,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from task.anomaly.unsupervised.data.video.clips import ClipDataset, Video, frames_of, video_from_path
-from task.anomaly.unsupervised.deploy.openvino import ir_source, with_auto_backend
+from task.anomaly.unsupervised.deploy.openvino import ir_source
 from task.anomaly.unsupervised.deploy.output_folder import OutputFolder
 from task.anomaly.unsupervised.engine.engine import Engine
 from task.anomaly.unsupervised.engine.modes import ModeOptions
@@ -54,7 +54,6 @@ from task.anomaly.unsupervised.scoring.settings import ProtocolParams
 from task.anomaly.unsupervised.video.evaluation import Calibration, served_protocol
 from task.anomaly.unsupervised.video.export import ExportedVideoGraph, load_calibrated, load_onnx_video_model
 from task.anomaly.unsupervised.video.inference import ClipScorer, FrameScores, MethodScorer, run_clips
-from task.anomaly.unsupervised.video.live_source import is_live_source
 from task.anomaly.unsupervised.video.plots import gif_frame_positions, write_video_gif
 from task.common.config import Config
 from task.common.errors import UserError
@@ -229,28 +228,3 @@ def predict_video(method: VideoMethod, serving: VideoServing, input_path: Path, 
         f"max score {online[peak]:.4f} at frame {int(frames[peak])}; wrote {out_dir / csv_name} and "
         f"{out_dir / gif_name}"
     )
-
-
-def mode_predict(engine: Engine, options: ModeOptions) -> None:
-    """Scores, alarms and an annotated GIF for one video (``--input``), with PyTorch, ONNX Runtime or OpenVINO."""
-    if not options.input:
-        raise UserError("--mode predict needs --input VIDEO (an .mp4/.avi file or a folder of numbered frames)")
-    if options.watch:
-        raise UserError(
-            "--watch scores images as they arrive in a folder and needs an image run; for a video run pass a stream or "
-            "camera as --input (rtsp://..., 0), or a video file or frame folder without --watch"
-        )
-    options = with_auto_backend(options, engine.run_dir, engine.device.type)
-    if is_live_source(options.input):  # live: streams and cameras (stream.py)
-        from task.anomaly.unsupervised.video.stream import predict_stream
-
-        predict_stream(engine, options, serving_from(engine, options))
-        return
-    input_path = Path(options.input).expanduser()
-    if not input_path.exists():
-        raise UserError(
-            f"--input {input_path} not found; pass a video file (.mp4, .avi) or a folder of numbered frames"
-        )
-    serving = serving_from(engine, options)
-    out_dir = Path(options.output).expanduser() if options.output else serving.source.parent / "predict"
-    predict_video(engine.method, serving, input_path, out_dir, engine.cfg.TEST.batch_size)
