@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from task.anomaly.unsupervised.data.image.formats import scan_dataset
-from task.anomaly.unsupervised.data.image.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from task.anomaly.unsupervised.deploy.ir_runner import PRECISIONS, IRRunner
 from task.anomaly.unsupervised.deploy.openvino import (
     TOLERANCES,
@@ -36,8 +35,7 @@ from task.anomaly.unsupervised.deploy.openvino import (
 )
 from task.anomaly.unsupervised.engine.engine import LoadedModel
 from task.anomaly.unsupervised.image.export import PreparedExport, compare, preprocess
-from task.anomaly.unsupervised.image.predict import ONNX_FORMAT
-from task.anomaly.unsupervised.records import InferenceOutput
+from task.anomaly.unsupervised.image.predict import ExportedImageModel
 from task.common.config import Config
 from task.common.errors import UserError
 from task.common.metrics import auroc
@@ -47,49 +45,23 @@ log = logging.getLogger("anomaly")
 TIE = 1e-4  # relative distance from the image threshold within which a changed verdict is a tie, not a change
 
 
-class OpenVinoImageModel(nn.Module):
-    """An exported IR behind the eval interface of the image methods (as ``predict.OnnxModel`` for ONNX files).
-
-    ``forward``: ImageNet-normalised [B, 3, H, W] -> ``InferenceOutput`` (anomaly_map [B, 1, H, W], score [B], extras);
-    ``run``: an array in the IR's own input format -> {output name: array}.
-    """
+class OpenVinoImageModel(ExportedImageModel):
+    """An exported IR on OpenVINO (``predict.ExportedImageModel``; the precision split of ``deploy/ir_runner.py``)."""
 
     def __init__(self, source: Path | object, name: str, threads: int) -> None:
-        super().__init__()
-        self.runner = IRRunner(source, name, threads)
-        meta = self.runner.metadata
-        if meta.get("format") != ONNX_FORMAT:
-            raise UserError(
-                f"{name} is not a model exported by this toolkit (no format={ONNX_FORMAT} metadata); re-create it "
-                "with --mode export EXPORT.format=openvino"
-            )
-        self.metadata = meta
-        try:
-            self.input_format: str = meta["input"]
-            self.image_size: tuple[int, int] = tuple(int(v) for v in json.loads(meta["image_size"]))
-            self.thresholds: dict[str, float] = {k: float(v) for k, v in json.loads(meta["thresholds"]).items()}
-        except (KeyError, ValueError, TypeError) as exc:
-            raise UserError(
-                f"{name} has incomplete metadata ({type(exc).__name__}: {str(exc)[:80]}); re-create it with --mode "
-                "export"
-            ) from None
-        if self.input_format not in ("raw", "imagenet") or self.runner.output_names[:2] != ["anomaly_map", "score"]:
-            raise UserError(
-                f"{name} has metadata this toolkit does not know; re-create it with --mode export "
-                "EXPORT.format=openvino"
-            )
-        self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+        runner = IRRunner(source, name, threads)
+        meta = runner.metadata
+        super().__init__(
+            meta,
+            name,
+            lambda: runner.output_names,
+            lambda: [int(v) for v in json.loads(meta["image_size"])],
+            "--mode export EXPORT.format=openvino",
+        )
+        self.runner = runner
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         return self.runner.run({self.runner.input_names[0]: np.ascontiguousarray(images, dtype=np.float32)})
-
-    def forward(self, images: Tensor) -> InferenceOutput:
-        x = images.detach().float().cpu()
-        if self.input_format == "raw":
-            x = x * self._std + self._mean
-        out = {k: torch.from_numpy(v) for k, v in self.run(x.numpy()).items()}
-        return InferenceOutput(out.pop("anomaly_map"), out.pop("score"), out)
 
 
 def load_ir_model(path: Path, checkpoint: Path | None, threads: int) -> OpenVinoImageModel:

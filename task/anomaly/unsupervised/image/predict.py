@@ -32,6 +32,7 @@ import io
 import json
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,28 +75,39 @@ CSV_HEADER = ["path", "score", "prediction", "verdict", "picture", "regions"]
 # --------------------------------------------------------------------------- ONNX
 
 
-class OnnxModel(nn.Module):
-    """An exported ONNX file behind the eval interface of the image methods, so ``predict_loader`` can run it.
+class ExportedImageModel(nn.Module):
+    """An exported image graph (this toolkit's metadata) behind the eval interface of the image methods, so
+    ``predict_loader`` can run it; a backend supplies ``run``.
 
     ``forward``: ImageNet-normalised [B, 3, H, W] (what the datasets yield) -> ``InferenceOutput`` with anomaly_map
-    [B, 1, H, W], score [B] and the file's extra maps; when the file was exported for raw input (normalisation inside
-    the graph) the batch is converted back to RGB in [0, 1] first. Runs on ONNX Runtime's CPU provider.
+    [B, 1, H, W], score [B] and the file's extra maps; when the graph was exported for raw input (normalisation inside
+    the graph) the batch is converted back to RGB in [0, 1] first.
+
+    Args:
+        meta: the graph's metadata; outputs: its output names in order; image_size: reads [H, W] from the metadata
+        (and checks it against the graph where the backend can); recreate: the command that writes such a file.
     """
 
-    def __init__(self, source: Path | bytes, name: str) -> None:
+    def __init__(
+        self,
+        meta: dict[str, str],
+        name: str,
+        outputs: Callable[[], Sequence[str]],
+        image_size: Callable[[], Sequence[int]],
+        recreate: str,
+    ) -> None:
         super().__init__()
-        self.session, meta = open_onnx(source, name)
         if meta.get("format") != ONNX_FORMAT:
             raise UserError(
                 f"{name} is not a model exported by this toolkit (no format={ONNX_FORMAT} metadata); re-create it "
-                "with --mode export"
+                f"with {recreate}"
             )
         self.metadata: dict[str, str] = meta
         try:
             self.input_format: str = meta["input"]
-            self.image_size: tuple[int, int] = metadata_image_size(meta, self.session, name)  # ints, limits, graph
+            self.image_size: tuple[int, ...] = tuple(image_size())
             self.thresholds: dict[str, float] = {k: float(v) for k, v in json.loads(meta["thresholds"]).items()}
-            self.outputs: tuple[str, ...] = tuple(out.name for out in self.session.get_outputs())
+            self.outputs: tuple[str, ...] = tuple(outputs())
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise UserError(
                 f"{name} has incomplete metadata ({type(exc).__name__}: {str(exc)[:80]}); re-create it with --mode "
@@ -108,15 +120,14 @@ class OnnxModel(nn.Module):
         ):
             raise UserError(
                 f"{name} has metadata this toolkit does not know (input {self.input_format!r:.40}, outputs "
-                f"{self.outputs[:3]}); re-create it with --mode export"
+                f"{self.outputs[:3]}); re-create it with {recreate}"
             )
         self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """``images`` float32 [B, 3, H, W] in the file's input format -> the named outputs as arrays."""
-        outputs = self.session.run(list(self.outputs), {ONNX_INPUT: np.ascontiguousarray(images, dtype=np.float32)})
-        return dict(zip(self.outputs, outputs))
+        """``images`` float32 [B, 3, H, W] in the graph's input format -> the named outputs as arrays."""
+        raise NotImplementedError
 
     def forward(self, images: Tensor) -> InferenceOutput:
         x = images.detach().float().cpu()
@@ -124,6 +135,25 @@ class OnnxModel(nn.Module):
             x = x * self._std + self._mean
         out = {k: torch.from_numpy(v) for k, v in self.run(x.numpy()).items()}
         return InferenceOutput(out.pop("anomaly_map"), out.pop("score"), out)
+
+
+class OnnxModel(ExportedImageModel):
+    """An exported ONNX file on ONNX Runtime's CPU provider (``ExportedImageModel``)."""
+
+    def __init__(self, source: Path | bytes, name: str) -> None:
+        session, meta = open_onnx(source, name)
+        super().__init__(
+            meta,
+            name,
+            lambda: [out.name for out in session.get_outputs()],
+            lambda: metadata_image_size(meta, session, name),  # ints, limits, graph
+            "--mode export",
+        )
+        self.session = session
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = self.session.run(list(self.outputs), {ONNX_INPUT: np.ascontiguousarray(images, dtype=np.float32)})
+        return dict(zip(self.outputs, outputs))
 
 
 def onnx_source(checkpoint: str | None, run_dir: Path) -> tuple[Path, Path | None]:
