@@ -175,7 +175,8 @@ def _require_every_key(schema: Schema, data: Any, prefix: str) -> None:
 ONLINE_BEFORE_ADAPTATION = {"adapt": "none", "memory": 0, "warmup": 0, "settle": 0, "min_range": 0.0}
 _OPTIONAL = {f"SCORE.ONLINE.{key}" for key in ONLINE_BEFORE_ADAPTATION}
 
-_NO_WINDOW = {
+# A smoothing pass that is off (methods' presets use it for the passes a dataset does not run).
+NO_WINDOW = {
     "enabled": False,
     "size": 1,
     "keep": 1,
@@ -195,9 +196,9 @@ _SHAPE: Schema = score_schema(
         "normalize": "none",
         "norm_eps": 0.0,
         "polarity": "anomaly",
-        "PRE_SMOOTH": _NO_WINDOW,
-        "SMOOTH": _NO_WINDOW,
-        "POST_SMOOTH": _NO_WINDOW,
+        "PRE_SMOOTH": NO_WINDOW,
+        "SMOOTH": NO_WINDOW,
+        "POST_SMOOTH": NO_WINDOW,
         "KALMAN": {"enabled": False, "process_var": 1e-5, "measurement_std": 0.01},
         "ONLINE": {"window": 1, "keep": 1, "threshold_quantile": 0.99, **ONLINE_BEFORE_ADAPTATION},
     }

@@ -31,22 +31,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from task.anomaly.unsupervised.scoring.settings import score_schema
+from task.anomaly.unsupervised.scoring.settings import NO_WINDOW, score_schema
 
 _NAMES = ["deformation", "prediction", "gradient"]
-
-
-_OFF = {
-    "enabled": False,
-    "size": 1,
-    "keep": 1,
-    "weights": None,
-    "scope": "video",
-    "shift": 0,
-    "edge_left": "replicate",
-    "edge_right": "replicate",
-    "fill": 0.0,
-}
 
 
 def _avenue_window() -> dict[str, Any]:
@@ -90,7 +77,7 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
         "normalize": "per_video",
         "norm_eps": 1e-8,
         "polarity": "normality",
-        "PRE_SMOOTH": dict(_OFF),
+        "PRE_SMOOTH": dict(NO_WINDOW),
         "SMOOTH": {
             "enabled": True,
             "size": 11,
@@ -102,7 +89,7 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
             "edge_right": "replicate",
             "fill": 1.0,
         },
-        "POST_SMOOTH": dict(_OFF),
+        "POST_SMOOTH": dict(NO_WINDOW),
         "KALMAN": {"enabled": False, "process_var": 1e-5, "measurement_std": 0.01},
         "ONLINE": {"window": 6, "keep": 3, "threshold_quantile": 0.99, **ONLINE_ADAPTIVE},
     },
@@ -113,7 +100,7 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
         "normalize": "global",
         "norm_eps": 0.0,
         "polarity": "anomaly",
-        "PRE_SMOOTH": dict(_OFF),
+        "PRE_SMOOTH": dict(NO_WINDOW),
         "SMOOTH": _avenue_window(),
         "POST_SMOOTH": _avenue_window(),
         "KALMAN": {"enabled": False, "process_var": 1e-5, "measurement_std": 0.01},
