@@ -55,6 +55,7 @@ from task.anomaly.unsupervised.image.predict import ONNX_FORMAT, ONNX_INPUT, Onn
 from task.common.config import Config
 from task.common.errors import UserError
 from task.common.io import atomic_write_bytes
+from task.common.spacing import spread
 
 log = logging.getLogger("anomaly")
 
@@ -107,13 +108,6 @@ def export_onnx(module: ExportModule, example: Tensor, opset: int) -> bytes:
     return buffer.getvalue()
 
 
-def _spread(items: list, count: int) -> list:
-    """``count`` items evenly spread over ``items`` (all of them when there are fewer)."""
-    if len(items) <= count:
-        return list(items)
-    return [items[round(i)] for i in np.linspace(0, len(items) - 1, count)]
-
-
 def check_image_paths(cfg: Config, input_path: str | None) -> list[Path]:
     """A few real images for the check: from ``--input``, else spread over the test split (good and defect folders)."""
     if input_path:
@@ -122,7 +116,7 @@ def check_image_paths(cfg: Config, input_path: str | None) -> list[Path]:
             raise UserError(
                 f"no images in {input_path} for the ONNX check; pass a folder with {', '.join(IMAGE_EXTENSIONS)} files"
             )
-        return _spread(paths, CHECK_IMAGES)
+        return spread(paths, CHECK_IMAGES)
     try:
         samples = scan_dataset(cfg.DATASET, "test", cfg.SEED)
     except UserError as exc:
@@ -130,7 +124,7 @@ def check_image_paths(cfg: Config, input_path: str | None) -> list[Path]:
             "the ONNX check needs a few real images: pass --input IMAGE_OR_FOLDER, or point DATASET.datadir at the "
             f"dataset ({exc})"
         ) from None
-    return [Path(s.path) for s in _spread(samples, CHECK_IMAGES)]
+    return [Path(s.path) for s in spread(samples, CHECK_IMAGES)]
 
 
 def preprocess(paths: list[Path], size: tuple[int, int]) -> tuple[Tensor, Tensor]:

@@ -39,6 +39,7 @@ from task.anomaly.unsupervised.image.predict import ExportedImageModel
 from task.common.config import Config
 from task.common.errors import UserError
 from task.common.metrics import auroc
+from task.common.spacing import spread
 
 log = logging.getLogger("anomaly")
 
@@ -73,13 +74,6 @@ def load_ir_model(path: Path, checkpoint: Path | None, threads: int) -> OpenVino
 
 
 # --------------------------------------------------------------------------------------------- export
-def spread(items: list, count: int) -> list:
-    """``count`` items evenly spread over ``items`` (all of them when there are fewer)."""
-    if len(items) <= count:
-        return list(items)
-    return [items[round(i)] for i in np.linspace(0, len(items) - 1, count)]
-
-
 def calibration_batches(cfg: Config, count: int, raw: bool) -> list[np.ndarray]:
     """``count`` normal training images of the run's dataset, one [1, 3, H, W] array each, in the graph's input
     format."""

@@ -34,6 +34,7 @@ from task.anomaly.unsupervised.drawing import (
 from task.anomaly.unsupervised.records import Predictions
 from task.anomaly.unsupervised.regions import Region, find_regions
 from task.common.io import atomic_write_bytes
+from task.common.spacing import spread
 
 __all__ = [
     "denormalize",
@@ -217,9 +218,6 @@ def select_frames(labels: Tensor, max_frames: int = 24) -> list[int]:
     n_normal = min(len(normal), (total + 1) // 2)
     n_defective = min(len(defective), total - n_normal)
     n_normal = min(len(normal), total - n_defective)
-
-    def spread(group: list[int], k: int) -> list[int]:
-        return [group[int(round(j))] for j in np.linspace(0, len(group) - 1, k)] if k else []
 
     picks_normal, picks_defective = spread(normal, n_normal), spread(defective, n_defective)
     order = []

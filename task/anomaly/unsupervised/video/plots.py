@@ -12,7 +12,6 @@ cursor as a fraction of that axis: ``cursor_x = frame_index / max(1, num_frames 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -35,6 +34,7 @@ from task.anomaly.unsupervised.drawing import (
 )
 from task.anomaly.unsupervised.plotting import STYLE, figure_rgb, new_figure
 from task.common.io import atomic_write_bytes
+from task.common.spacing import spread
 
 __all__ = [
     "abnormal_ranges",
@@ -321,13 +321,6 @@ def render_video_frame(
     return np.concatenate([title, _pad_width(panels, out_width, TITLE_BG), _pad_width(plot, out_width, _BG)], axis=0)
 
 
-def _spread(items: Sequence[int], count: int) -> list[int]:
-    """``count`` evenly spaced entries of ``items`` (first and last included when count >= 2)."""
-    if count <= 0 or not items:
-        return []
-    return [items[round(j)] for j in np.linspace(0, len(items) - 1, min(count, len(items)))]
-
-
 def gif_frame_positions(n: int, scores: np.ndarray, labels_at_frames: np.ndarray | None, max_frames: int) -> list[int]:
     """Which of ``n`` scored frames a GIF shows: at most ``max_frames`` positions, sorted (time order).
 
@@ -349,12 +342,12 @@ def gif_frame_positions(n: int, scores: np.ndarray, labels_at_frames: np.ndarray
         if labels_at_frames.size != n:
             raise ValueError(f"{labels_at_frames.size} labels for {n} frames")
         peaks = [s + int(np.argmax(scores[s : e + 1])) for s, e in abnormal_ranges(labels_at_frames)]
-        picks += _spread(peaks, max_frames - 1)
+        picks += spread(peaks, max_frames - 1)
         abnormal = np.flatnonzero(labels_at_frames == 1).tolist()
-        picks += _spread(abnormal, max_frames // 2)
+        picks += spread(abnormal, max_frames // 2)
     chosen = set(list(dict.fromkeys(picks))[:max_frames])  # in priority order: the maximum is never dropped
     rest = [i for i in range(n) if i not in chosen]
-    return sorted(chosen.union(_spread(rest, max_frames - len(chosen))))
+    return sorted(chosen.union(spread(rest, max_frames - len(chosen))))
 
 
 def write_video_gif(
