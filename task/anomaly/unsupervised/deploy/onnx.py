@@ -23,6 +23,17 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_exported_from(path: Path, metadata: dict[str, str], checkpoint: Path | None, export: str) -> None:
+    """Refuse the exported file at ``path`` when ``checkpoint`` exists and is not the file it was exported from (its
+    sha256, recorded at export), so retraining without re-exporting cannot silently serve the old model; ``export``:
+    the command that refreshes it."""
+    recorded = metadata.get("checkpoint_sha256")
+    if recorded and checkpoint is not None and checkpoint.is_file() and file_sha256(checkpoint) != recorded:
+        raise UserError(
+            f"{path} was exported from a different {checkpoint.name} than {checkpoint}; rerun {export} to refresh it"
+        )
+
+
 def open_onnx(source: Path | bytes, name: str) -> tuple[Any, dict[str, str]]:
     """(onnxruntime CPU session, its custom metadata) for an ONNX file or bytes; a bad file is a one-line error."""
     import onnxruntime as ort

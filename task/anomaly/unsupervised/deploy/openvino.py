@@ -35,7 +35,7 @@ from task.anomaly.unsupervised.deploy.ir_runner import (
     read_metadata,
     sensitive_nodes,
 )
-from task.anomaly.unsupervised.deploy.onnx import TOLERANCE, file_sha256
+from task.anomaly.unsupervised.deploy.onnx import TOLERANCE, check_exported_from
 from task.anomaly.unsupervised.engine.modes import ModeOptions
 from task.common.errors import UserError
 
@@ -46,6 +46,8 @@ log = logging.getLogger("anomaly")
 # fp32 is the ONNX tolerance; the others leave room above what was measured (README, "OpenVINO"): bf16 convolutions with
 # float32 maps 0.2-1.4 % of the range, int8 7-13 %.
 TOLERANCES = {"fp32": TOLERANCE, "fp16": 0.05, "int8": 0.25}
+
+OPENVINO_EXPORT = "--mode export EXPORT.format=openvino"  # the command that writes an IR
 
 
 def ir_filename(precision: str) -> str:
@@ -71,17 +73,6 @@ def ir_source(checkpoint: str | None, run_dir: Path, precision: str) -> tuple[Pa
     return path, source
 
 
-def check_exported_from(path: Path, metadata: dict[str, str], checkpoint: Path | None) -> None:
-    """Refuse the IR at ``path`` when ``checkpoint`` exists and is not the file it was exported from (sha256 recorded
-    at export), so a retrained run cannot silently serve its old IR."""
-    recorded = metadata.get("checkpoint_sha256")
-    if recorded and checkpoint is not None and checkpoint.is_file() and file_sha256(checkpoint) != recorded:
-        raise UserError(
-            f"{path} was exported from a different {checkpoint.name} than {checkpoint}; rerun --mode export "
-            "EXPORT.format=openvino to refresh it"
-        )
-
-
 def with_auto_backend(options: ModeOptions, run_dir: Path, device_type: str) -> ModeOptions:
     """``options`` with ``--backend auto`` replaced by the backend (and checkpoint) predict runs with.
 
@@ -103,7 +94,9 @@ def with_auto_backend(options: ModeOptions, run_dir: Path, device_type: str) -> 
             path = source.parent / ir_filename(precision)
             if path.is_file() and path.with_suffix(".bin").is_file():
                 with contextlib.suppress(UserError):
-                    check_exported_from(path, read_metadata(openvino_core().read_model(str(path))), source)
+                    check_exported_from(
+                        path, read_metadata(openvino_core().read_model(str(path))), source, OPENVINO_EXPORT
+                    )
                     log.info(
                         "--backend auto: OpenVINO %s IR %s (export-checked against this checkpoint%s); "
                         "--backend torch forces PyTorch",

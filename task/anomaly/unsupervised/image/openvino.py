@@ -23,9 +23,10 @@ from torch import Tensor
 
 from task.anomaly.unsupervised.data.image.formats import scan_dataset
 from task.anomaly.unsupervised.deploy.ir_runner import PRECISIONS, IRRunner
+from task.anomaly.unsupervised.deploy.onnx import check_exported_from
 from task.anomaly.unsupervised.deploy.openvino import (
+    OPENVINO_EXPORT,
     TOLERANCES,
-    check_exported_from,
     compress_weights_to_fp16,
     ir_filename,
     onnx_to_openvino,
@@ -68,7 +69,7 @@ class OpenVinoImageModel(ExportedImageModel):
 def load_ir_model(path: Path, checkpoint: Path | None, threads: int) -> OpenVinoImageModel:
     """The IR at ``path``; refused when ``checkpoint`` exists and is not the file it was exported from."""
     model = OpenVinoImageModel(path, str(path), threads)
-    check_exported_from(path, model.metadata, checkpoint)
+    check_exported_from(path, model.metadata, checkpoint, OPENVINO_EXPORT)
     log.info("OpenVINO: %s (%s)", path, model.runner.description)
     return model
 

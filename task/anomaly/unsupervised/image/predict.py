@@ -52,7 +52,12 @@ from task.anomaly.unsupervised.data.image.preprocess import (
     resize_image,
     to_tensor,
 )
-from task.anomaly.unsupervised.deploy.onnx import ONNX_FILENAME, file_sha256, metadata_image_size, open_onnx
+from task.anomaly.unsupervised.deploy.onnx import (
+    ONNX_FILENAME,
+    check_exported_from,
+    metadata_image_size,
+    open_onnx,
+)
 from task.anomaly.unsupervised.deploy.output_folder import OutputFolder
 from task.anomaly.unsupervised.drawing import display_bounds
 from task.anomaly.unsupervised.image.inference import predict_loader
@@ -177,12 +182,7 @@ def load_onnx_model(path: Path, checkpoint: Path | None) -> OnnxModel:
     """The ONNX model at ``path``; refused when ``checkpoint`` exists and is not the file it was exported from
     (sha256 recorded at export), so retraining without re-exporting cannot silently serve the old model."""
     model = OnnxModel(path, str(path))
-    recorded = model.metadata.get("checkpoint_sha256")
-    if recorded and checkpoint is not None and checkpoint.is_file() and file_sha256(checkpoint) != recorded:
-        raise UserError(
-            f"{path} was exported from a different {checkpoint.name} than {checkpoint}; rerun --mode export to "
-            "refresh it"
-        )
+    check_exported_from(path, model.metadata, checkpoint, "--mode export")
     return model
 
 

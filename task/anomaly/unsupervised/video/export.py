@@ -44,6 +44,7 @@ from task.anomaly.unsupervised.deploy.onnx import (
     ONNX_FILENAME,
     TOLERANCE,
     Difference,
+    check_exported_from,
     file_sha256,
     metadata_image_size,
     open_onnx,
@@ -182,12 +183,7 @@ def load_onnx_video_model(path: Path, checkpoint: Path | None) -> OnnxVideoModel
     """The video ONNX model at ``path``; refused when ``checkpoint`` exists and is not the file it was exported
     from (sha256 recorded at export), so a retrained run cannot silently serve its old graph."""
     model = OnnxVideoModel(path, str(path))
-    recorded = model.metadata.get("checkpoint_sha256")
-    if recorded and checkpoint is not None and checkpoint.is_file() and file_sha256(checkpoint) != recorded:
-        raise UserError(
-            f"{path} was exported from a different {checkpoint.name} than {checkpoint}; rerun --mode export to "
-            "refresh it"
-        )
+    check_exported_from(path, model.metadata, checkpoint, "--mode export")
     return model
 
 

@@ -28,9 +28,10 @@ from torch.utils.data import DataLoader
 from task.anomaly.unsupervised.data.video.clips import ClipDataset, Video, scan_videos
 from task.anomaly.unsupervised.data.video.labels import attach_labels, load_frame_labels
 from task.anomaly.unsupervised.deploy.ir_runner import PRECISIONS, IRRunner
+from task.anomaly.unsupervised.deploy.onnx import check_exported_from
 from task.anomaly.unsupervised.deploy.openvino import (
+    OPENVINO_EXPORT,
     TOLERANCES,
-    check_exported_from,
     compress_weights_to_fp16,
     ir_filename,
     onnx_to_openvino,
@@ -86,7 +87,7 @@ class OpenVinoVideoModel(ExportedVideoGraph):
 def load_ir_video_model(path: Path, checkpoint: Path | None, threads: int) -> OpenVinoVideoModel:
     """The video IR at ``path``; refused when ``checkpoint`` exists and is not the file it was exported from."""
     model = OpenVinoVideoModel(path, str(path), threads)
-    check_exported_from(path, model.metadata, checkpoint)
+    check_exported_from(path, model.metadata, checkpoint, OPENVINO_EXPORT)
     log.info("OpenVINO: %s (%s)", path, model.runner.description)
     return model
 
