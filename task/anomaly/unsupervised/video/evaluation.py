@@ -43,6 +43,7 @@ from task.anomaly.unsupervised.video.inference import FrameScores, score_clips
 from task.anomaly.unsupervised.video.outputs import write_plots_and_gif
 from task.common.config import Config
 from task.common.io import csv_cell, ensure_dir, save_checkpoint, write_json, write_text
+from task.common.spacing import spread
 
 log = logging.getLogger("anomaly")
 
@@ -145,7 +146,7 @@ def calibrate(
     """Statistics of the raw scores of (at most ``MAX_CALIBRATION_CLIPS``) calibration clips (a ClipDataset or a Subset
     of one over ``train_videos``), and the alarm threshold."""
     count = len(calibration_set)
-    picks = np.unique(np.linspace(0, count - 1, min(count, MAX_CALIBRATION_CLIPS)).round().astype(int)).tolist()
+    picks = spread(range(count), MAX_CALIBRATION_CLIPS)
     scored = score_clips(engine, model, Subset(calibration_set, picks), train_videos, "calibrate")
     params = ProtocolParams.from_config(engine.cfg.SCORE)
     stats = fit_train_stats(scored.scores)

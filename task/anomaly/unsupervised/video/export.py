@@ -57,6 +57,7 @@ from task.anomaly.unsupervised.video.evaluation import Calibration, served_proto
 from task.common.config import Config
 from task.common.errors import UserError
 from task.common.io import atomic_write_bytes
+from task.common.spacing import spread
 
 log = logging.getLogger("anomaly")
 
@@ -205,8 +206,7 @@ def clip_inputs(method: VideoMethod, cfg: Config, videos: list[Video], count: in
     are computed for the videos picked only)."""
     ds = cfg.DATASET
     every = ClipDataset(videos, ds.clip_length, tuple(ds.resize), ds.grayscale, False)
-    picks = np.unique(np.linspace(0, len(every) - 1, min(len(every), count)).round().astype(int))
-    items = [every[int(i)] for i in picks]
+    items = [every[i] for i in spread(range(len(every)), count)]
     inputs = [torch.stack([x["clip"] for x in items]), torch.stack([x["target"] for x in items])]
     used = sorted({int(x["video"]) for x in items})
     per_video = method.video_inputs(cfg, [videos[v] for v in used])
